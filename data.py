@@ -1,0 +1,537 @@
+"""
+Data for time-continual CLIP training: webdataset-style tar shards in the TiC-DataComp layout, a small
+synthetic benchmark with real temporal drift, the image transforms, a BPE tokenizer, and the training
+stream that gives every rank the same number of batches.
+
+    python data.py /tmp/tic_synth        # write the built-in synthetic benchmark (~10 s, 5 years)
+
+Layout (as TiC-DataComp, see PROTOCOL.md): ROOT/train/YEAR/*.tar with ROOT/train/YEAR/sizes.json
+(shard name -> samples), and held-out pairs in ROOT/eval/retrieval/YEAR/*.tar. Inside a tar the
+members of one sample share a key and sit next to each other: KEY.png (or jpg/webp), KEY.txt (caption),
+KEY.json (uid, year). Follows the webdataset conventions that OpenCLIP reads (resampled shards, a
+shuffle buffer, equal batches per rank) written from scratch without the webdataset package.
+"""
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+# tokenizers warns on every DataLoader fork once its thread pool has run; one caption batch is too small
+# to gain from threads anyway
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import tokenizers  # noqa: E402
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's per-channel image statistics
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+# -----------------------------------------------------------------------------
+# The synthetic benchmark: two coloured shapes per image, and a shape vocabulary that drifts over time
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 220, 40),
+           "purple": (150, 60, 210), "pink": (245, 130, 195), "white": (235, 235, 235), "cyan": (40, 215, 220)}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # quadrant q: row q // 2, column q % 2
+STABLE = ("circle", "square", "triangle", "cross", "diamond", "bar")  # weight 1 every year
+FADING = ("ring", "frame", "x", "pillar", "checker")  # common at first, gone in the last year
+EMERGING = ("star", "heart", "arrow", "moon", "dots")  # unseen before their debut year, then common
+SHAPES = STABLE + FADING + EMERGING
+TEMPLATES = ("a {c0} {s0} at {p0} and a {c1} {s1} at {p1}",
+             "{c0} {s0} in the {p0}, {c1} {s1} in the {p1}",
+             "a {p0} {c0} {s0} next to a {p1} {c1} {s1}")
+
+
+def debut_year_index(shape: str, n_years: int) -> int:
+    """Emerging shapes debut one after another, spread over year indices 1 .. n_years-1."""
+    return 1 + EMERGING.index(shape) * (n_years - 1) // len(EMERGING)
+
+
+def shape_weight(shape: str, i: int, n_years: int) -> float:
+    """Relative frequency of a shape in year index i (the drift schedule; also saved in benchmark.json)."""
+    if shape in STABLE:
+        return 1.0
+    if shape in FADING:  # training only on new data forgets these
+        return 3.0 * (1 - i / (n_years - 1)) ** 2 if n_years > 1 else 3.0
+    return 3.0 if n_years > 1 and i >= debut_year_index(shape, n_years) else 0.0  # emerging
+
+
+@lru_cache(maxsize=None)
+def shape_alpha(shape: str, size_px: int) -> np.ndarray:
+    """Anti-aliased mask [size_px, size_px] in [0, 1]: the shape is drawn on coordinates x, y in [-1, 1]
+    (y down) at 4x resolution and averaged, so shapes stay recognisable at 11-14 px."""
+    n = 4 * size_px
+    u = (np.arange(n) + 0.5) / n * 2 - 1
+    y, x = np.meshgrid(u, u, indexing="ij")
+    r, box = np.hypot(x, y), np.maximum(abs(x), abs(y))
+
+    def polygon(*pts):  # even-odd rule: inside iff a ray to the right crosses the boundary an odd number of times
+        inside = np.zeros_like(x, dtype=bool)
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]):
+            crosses = (y0 > y) != (y1 > y)
+            inside ^= crosses & (x < x0 + (y - y0) * (x1 - x0) / (y1 - y0 + 1e-12))
+        return inside
+
+    star = [(0.95 * (1 if k % 2 == 0 else 0.42) * math.sin(k * math.pi / 5),
+             -0.95 * (1 if k % 2 == 0 else 0.42) * math.cos(k * math.pi / 5) + 0.08) for k in range(10)]
+    mask = {
+        "circle": r <= 0.95,
+        "ring": (r <= 0.95) & (r >= 0.5),
+        "square": box <= 0.8,
+        "frame": (box <= 0.92) & (box >= 0.5),
+        "triangle": polygon((0, -0.95), (0.95, 0.8), (-0.95, 0.8)),
+        "cross": ((abs(x) <= 0.3) | (abs(y) <= 0.3)) & (box <= 0.95),
+        "x": ((abs(x - y) <= 0.4) | (abs(x + y) <= 0.4)) & (box <= 0.95),
+        "diamond": abs(x) + abs(y) <= 0.95,
+        "bar": (abs(y) <= 0.32) & (abs(x) <= 0.95),
+        "pillar": (abs(x) <= 0.32) & (abs(y) <= 0.95),
+        "checker": ((np.floor((x + 1) * 2) + np.floor((y + 1) * 2)) % 2 == 0) & (box < 1),  # 4 x 4 cells
+        "star": polygon(*star),
+        "heart": (np.hypot(x - 0.45, y + 0.4) <= 0.5) | (np.hypot(x + 0.45, y + 0.4) <= 0.5)
+        | polygon((-0.93, -0.2), (0.93, -0.2), (0, 0.95)),
+        "arrow": polygon((-0.95, -0.25), (0.1, -0.25), (0.1, -0.8), (0.95, 0), (0.1, 0.8), (0.1, 0.25), (-0.95, 0.25)),
+        "moon": (r <= 0.95) & (np.hypot(x - 0.45, y + 0.15) > 0.75),
+        "dots": np.hypot(abs(x) - 0.5, abs(y) - 0.5) <= 0.36,  # 2 x 2 dots
+    }[shape]
+    return mask.reshape(size_px, 4, size_px, 4).mean(axis=(1, 3)).astype(np.float32)
+
+
+def _render_samples(rng: np.random.Generator, n: int, shape_p: np.ndarray, image_px: int):
+    """n images (uint8 [n, px, px, 3]) with their captions and shape pairs, from the year's shape frequencies."""
+    half = image_px // 2
+    shapes = rng.choice(len(SHAPES), size=(n, 2), p=shape_p)
+    colours = rng.integers(len(COLOURS), size=(n, 2))
+    q0 = rng.integers(4, size=n)
+    quads = np.stack([q0, (q0 + rng.integers(1, 4, size=n)) % 4], axis=1)  # two distinct quadrants
+    sizes_px = np.maximum(3, np.round(rng.integers(11, 15, size=(n, 2)) * image_px / 32)).astype(int)
+    jitter_px = np.round(rng.integers(-2, 3, size=(n, 2, 2)) * image_px / 32).astype(int)
+    colour_jitter = rng.integers(-20, 21, size=(n, 2, 3))
+    templates, swap = rng.integers(len(TEMPLATES), size=n), rng.random(n) < 0.5
+    # dark background: a per-image tint plus grey noise of 4 levels (small in PNG, but no two images alike)
+    images = rng.integers(0, 40, size=(n, 1, 1, 3)) + 7 * rng.integers(0, 4, size=(n, image_px, image_px, 1))
+    images = images.astype(np.float32)
+    rgb = np.clip(np.array(list(COLOURS.values()))[colours] + colour_jitter, 0, 255).astype(np.float32)
+    colour_names = list(COLOURS)
+    captions = []
+    for k in range(n):
+        words = []
+        for j in range(2):
+            q, s = int(quads[k, j]), int(sizes_px[k, j])
+            top, left = (q // 2) * half, (q % 2) * half
+            y = min(max(top + (half - s) // 2 + int(jitter_px[k, j, 0]), top), top + half - s)  # stay in the quadrant
+            x = min(max(left + (half - s) // 2 + int(jitter_px[k, j, 1]), left), left + half - s)
+            alpha = shape_alpha(SHAPES[shapes[k, j]], s)[:, :, None]
+            patch = images[k, y:y + s, x:x + s]
+            images[k, y:y + s, x:x + s] = patch * (1 - alpha) + rgb[k, j] * alpha
+            words.append((colour_names[colours[k, j]], SHAPES[shapes[k, j]], POSITIONS[q]))
+        if swap[k]:  # the caption names the objects in random order
+            words.reverse()
+        (c0, s0, p0), (c1, s1, p1) = words
+        captions.append(TEMPLATES[templates[k]].format(c0=c0, s0=s0, p0=p0, c1=c1, s1=s1, p1=p1))
+    pairs = [[SHAPES[a], SHAPES[b]] for a, b in shapes]
+    return np.round(images).clip(0, 255).astype(np.uint8), captions, pairs
+
+
+def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: the same seed gives the same bytes
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _write_year(folder: str, rng: np.random.Generator, year: int, first_index: int, n_samples: int,
+                shape_p: np.ndarray, image_px: int, samples_per_shard: int) -> None:
+    os.makedirs(folder)
+    sizes = {}
+    for shard, start in enumerate(range(0, n_samples, samples_per_shard)):
+        n = min(samples_per_shard, n_samples - start)
+        images, captions, pairs = _render_samples(rng, n, shape_p, image_px)
+        name = f"{shard:06d}.tar"
+        with tarfile.open(os.path.join(folder, name), "w", format=tarfile.USTAR_FORMAT) as tf:
+            for k in range(n):
+                key = f"{year}_{first_index + start + k:07d}"
+                png = io.BytesIO()
+                Image.fromarray(images[k]).save(png, format="PNG", compress_level=1)  # level 1: 3x faster, ~same size
+                meta = {"uid": key, "year": year, "shapes": pairs[k]}
+                _add_member(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                _add_member(tf, f"{key}.png", png.getvalue())
+                _add_member(tf, f"{key}.txt", captions[k].encode())
+        sizes[name] = n
+    with open(os.path.join(folder, "sizes.json"), "w") as f:
+        json.dump(sizes, f, indent=1)
+
+
+def make_synthetic_benchmark(root: str, seed: int = 0, years=(2018, 2019, 2020, 2021, 2022),
+                             train_samples_per_year: int = 8000, eval_samples_per_year: int = 1000,
+                             image_px: int = 32, samples_per_shard: int = 1000) -> None:
+    """Write the synthetic time-continual benchmark to root (train/YEAR, eval/retrieval/YEAR, benchmark.json).
+    Deterministic from seed; built in a temporary folder beside root and renamed, so root is whole or absent."""
+    t0 = time.time()
+    years = [int(y) for y in years]
+    params = dict(seed=seed, years=years, train_samples_per_year=train_samples_per_year,
+                  eval_samples_per_year=eval_samples_per_year, image_px=image_px, samples_per_shard=samples_per_shard)
+    T = len(years)
+    weights = {str(y): {s: shape_weight(s, i, T) for s in SHAPES} for i, y in enumerate(years)}
+    meta = {"params": params, "chance_recall_at_1": 1 / eval_samples_per_year, "shape_weights": weights,
+            "groups": {"stable": STABLE, "fading": FADING, "emerging": EMERGING},
+            "debut_year": {s: years[debut_year_index(s, T)] for s in EMERGING if T > 1},
+            "colours": list(COLOURS), "positions": POSITIONS, "templates": TEMPLATES}
+    meta = json.loads(json.dumps(meta))  # tuples -> lists, as they read back from the file
+    root = os.path.normpath(root)
+    if os.path.exists(root):
+        return _check_existing_benchmark(root, meta)
+    tmp = f"{root}.tmp{os.getpid()}"  # same parent folder, so the final os.rename is atomic
+    shutil.rmtree(tmp, ignore_errors=True)
+    for i, year in enumerate(years):
+        p = np.array(list(weights[str(year)].values()))
+        # separate RNG streams per (seed, year, split): held-out pairs never coincide with training pairs,
+        # and changing one year's sample count leaves the other years alone
+        _write_year(os.path.join(tmp, "train", str(year)), np.random.default_rng([seed, year, 0]), year, 0,
+                    train_samples_per_year, p / p.sum(), image_px, samples_per_shard)
+        _write_year(os.path.join(tmp, "eval", "retrieval", str(year)), np.random.default_rng([seed, year, 1]), year,
+                    train_samples_per_year, eval_samples_per_year, p / p.sum(), image_px, samples_per_shard)
+    with open(os.path.join(tmp, "benchmark.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process (e.g. another rank) finished first: keep its copy if it matches ours
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _check_existing_benchmark(root, meta)
+    n = T * (train_samples_per_year + eval_samples_per_year)
+    print(f"wrote synthetic benchmark to {root}: {T} years x ({train_samples_per_year} train + "
+          f"{eval_samples_per_year} eval) = {n} samples at {image_px}px in {time.time() - t0:.1f}s; "
+          f"retrieval recall@1 chance level {1 / eval_samples_per_year:.4f}")
+
+
+def _check_existing_benchmark(root: str, meta: dict) -> None:
+    path = os.path.join(root, "benchmark.json")
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        raise SystemExit(f"{root} exists but has no readable benchmark.json; delete it or pick another root")
+    if old == meta:
+        print(f"synthetic benchmark already at {root} with the same parameters; reusing it")
+        return
+    differ = [f"{k}={old.get('params', {}).get(k)!r} (asked {v!r})" for k, v in meta["params"].items()
+              if old.get("params", {}).get(k) != v] or ["made by another version of data.py"]
+    raise SystemExit(f"{root} holds a different synthetic benchmark: {', '.join(differ)}; "
+                     f"delete {root} or pick another root")
+
+
+# -----------------------------------------------------------------------------
+# Reading shards
+
+def _split_dir(root: str, split: str) -> str:
+    if split not in ("train", "retrieval"):
+        raise ValueError(f"split must be 'train' or 'retrieval', not {split!r}")
+    return os.path.join(root, "train") if split == "train" else os.path.join(root, "eval", "retrieval")
+
+
+def years_in(root: str, split: str = "train") -> list[str]:
+    """Sorted year folder names under ROOT/train or ROOT/eval/retrieval."""
+    folder = _split_dir(root, split)
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{folder}: no such folder; point the data root at a TiC layout (ROOT/train/YEAR/*.tar) "
+                         f"or write the synthetic one with `python data.py {root}`")
+    years = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not years:
+        raise SystemExit(f"{folder}: holds no year folders; expected {folder}/YEAR/*.tar with a sizes.json")
+    return years
+
+
+def year_shards(root: str, year: str, split: str = "train") -> list[tuple[str, int]]:
+    """[(shard path, samples)] of one year, from its sizes.json."""
+    folder = os.path.join(_split_dir(root, split), str(year))
+    sizes_path = os.path.join(folder, "sizes.json")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{folder}: no such folder; check the data root and year (have: {years_in(root, split)})")
+    if not os.path.exists(sizes_path):
+        raise SystemExit(f"{sizes_path}: missing; write one mapping each shard name to its sample count")
+    try:
+        with open(sizes_path) as f:
+            sizes = json.load(f)
+    except ValueError as e:
+        raise SystemExit(f"{sizes_path}: not valid JSON ({e}); rewrite it as {{\"000000.tar\": samples, ...}}")
+    shards = [(os.path.join(folder, name), int(n)) for name, n in sorted(sizes.items())]
+    if not shards:
+        raise SystemExit(f"{sizes_path}: lists no shards; add the year's tars to it or drop the year")
+    missing = [p for p, _ in shards if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"{missing[0]}: listed in {sizes_path} but missing ({len(missing)} in all); "
+                         f"re-download the shards or fix sizes.json")
+    return shards
+
+
+def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream one tar, grouping consecutive members by key: "dir.v2/000.seg.txt" has key "dir.v2/000"
+    and extension "seg.txt". Yields (key, {ext: bytes}); reads sequentially, so it works on pipes too."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for member in tf:
+                tf.members = []  # tarfile remembers every member it has read; forget them so memory stays flat
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                dot = base.find(".")
+                if dot <= 0:  # no extension, or a hidden file: not part of a sample
+                    continue
+                this_key = f"{folder}/{base[:dot]}" if folder else base[:dot]
+                if this_key != key and sample:
+                    yield key, sample
+                    sample = {}
+                key = this_key
+                sample[base[dot + 1:].lower()] = tf.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise RuntimeError(f"{path}: unreadable tar shard ({e}); re-download or regenerate it") from e
+    if sample:
+        yield key, sample
+
+
+def split_shards(shards: list, rank: int, world_size: int, worker: int, num_workers: int) -> list:
+    """Round-robin shards over global workers (rank-major): disjoint, and together they cover every shard."""
+    return shards[rank * num_workers + worker::world_size * num_workers]
+
+
+def keep_sample(key: str, fraction: float, seed: int) -> bool:
+    """Is this sample in the replay buffer of this fraction? A hash of (seed, key) as u in [0, 1), kept iff
+    u < fraction: the same on every process and run, and a smaller buffer is a subset of a larger one."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2 ** 64 < fraction
+
+
+# -----------------------------------------------------------------------------
+# Images and text
+
+class ImageTransform:
+    """PIL image -> normalised float tensor [3, px, px], as OpenCLIP: train = random resized crop
+    (scale 0.9-1, ratio 3/4-4/3) with bicubic resize; eval = bicubic resize of the short side + centre crop."""
+
+    def __init__(self, image_px: int, train: bool):
+        self.image_px, self.train = image_px, train
+        self.mean = np.array(CLIP_MEAN, dtype=np.float32) * 255
+        self.std = np.array(CLIP_STD, dtype=np.float32) * 255
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        img = img.convert("RGB")
+        W, H = img.size
+        px = self.image_px
+        if self.train:
+            rng = rng if rng is not None else np.random.default_rng()  # the training stream passes its own
+            box = (0, 0, W, H)
+            for _ in range(10):  # torchvision's RandomResizedCrop: 10 tries, then the whole image
+                area = H * W * rng.uniform(0.9, 1.0)
+                aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+                w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if 0 < w <= W and 0 < h <= H:
+                    top, left = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
+                    box = (left, top, left + w, top + h)
+                    break
+            img = img.resize((px, px), Image.BICUBIC, box=box)
+        else:
+            scale = px / min(W, H)
+            w, h = max(px, int(W * scale)), max(px, int(H * scale))
+            if (w, h) != (W, H):
+                img = img.resize((w, h), Image.BICUBIC)
+            top, left = int(round((h - px) / 2)), int(round((w - px) / 2))
+            img = img.crop((left, top, left + px, top + px))
+        x = (np.asarray(img, dtype=np.float32) - self.mean) / self.std
+        return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
+class Tokenizer:
+    """Byte-level BPE from the `tokenizers` package, trained on the captions (or a loaded tokenizer.json).
+    Rows are [sot] + tokens + [eot] + padding, so a text model can pool at the eot position."""
+
+    def __init__(self, tok: tokenizers.Tokenizer):
+        self.tok = tok
+        vocab = tok.get_vocab()
+        self.sot_id = vocab.get("<start_of_text>", vocab.get("<|startoftext|>"))
+        self.eot_id = vocab.get("<end_of_text>", vocab.get("<|endoftext|>"))
+        if self.sot_id is None or self.eot_id is None:
+            raise SystemExit("tokenizer has no <start_of_text>/<end_of_text> (or CLIP's <|startoftext|>/"
+                             "<|endoftext|>) tokens; train one with Tokenizer.train")
+        self.pad_id = 0
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def train(cls, captions: Iterable[str], vocab_size: int = 1024) -> "Tokenizer":
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tok.normalizer = tokenizers.normalizers.Lowercase()
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size, show_progress=False,
+            special_tokens=["<pad>", "<start_of_text>", "<end_of_text>"],  # ids 0, 1, 2
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())  # all 256 bytes: any text encodes
+        tok.train_from_iterator(captions, trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str) -> "Tokenizer":
+        try:
+            return cls(tokenizers.Tokenizer.from_file(path))
+        except Exception as e:  # tokenizers raises a bare Exception for both a missing and a malformed file
+            raise SystemExit(f"{path}: not a readable tokenizer.json ({e}); point at the run's tokenizer.json")
+
+    def save(self, path: str) -> None:
+        self.tok.save(path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def __getstate__(self):  # pickle as JSON text, so DataLoader workers get a copy
+        return self.tok.to_str()
+
+    def __setstate__(self, state):
+        self.__init__(tokenizers.Tokenizer.from_str(state))
+
+    def __call__(self, texts: list[str], context_tokens: int) -> torch.Tensor:
+        """LongTensor [len(texts), context_tokens]; over-long text is cut so the row still ends with eot."""
+        rows = torch.full((len(texts), context_tokens), self.pad_id, dtype=torch.long)
+        for row, enc in zip(rows, self.tok.encode_batch(list(texts), add_special_tokens=False)):
+            ids = [self.sot_id] + enc.ids[:context_tokens - 2] + [self.eot_id]
+            row[:len(ids)] = torch.tensor(ids)
+        return rows
+
+
+# -----------------------------------------------------------------------------
+# The training stream and evaluation batches
+
+@dataclass
+class Part:
+    """One year's training data as a strategy sees it; keep_fraction < 1 makes it a replay buffer."""
+    name: str  # e.g. "2019"
+    shards: list  # [(path, samples)]
+    keep_fraction: float = 1.0  # keep a sample iff keep_sample(key, keep_fraction, seed)
+
+    @property
+    def n_samples(self) -> float:
+        return sum(n for _, n in self.shards) * self.keep_fraction  # expected samples
+
+
+def _decode(sample: dict[str, bytes]) -> tuple[Image.Image, str] | None:
+    """(image, caption) of a sample, or None if either is missing."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None or "txt" not in sample:
+        return None
+    img = Image.open(io.BytesIO(sample[ext]))
+    img.load()  # decode now, so a corrupt image fails here and not inside the transform
+    return img, sample["txt"].decode("utf-8", errors="replace").strip()
+
+
+class TrainStream(IterableDataset):
+    """Endless resampled shards cut to a budget: this rank yields exactly budget_samples // global_batch
+    local batches (images [b, 3, px, px], tokens [b, ctx]), spread over its DataLoader workers, so every
+    rank takes the same number of steps. Shards are drawn with replacement, so the mix of parts follows
+    their sizes after replay-buffer filtering."""
+
+    def __init__(self, parts: list[Part], budget_samples: int, global_batch: int, rank: int, world_size: int,
+                 seed: int, time_step: int, image_px: int, tokenizer: Tokenizer, context_tokens: int,
+                 shuffle_buffer: int = 1000, keep_seed: int = 0):
+        if global_batch % world_size:
+            raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size}; "
+                             f"pick a multiple of {world_size}")
+        # A drawn shard is read whole, giving n * keep_fraction samples, so drawing shards uniformly already
+        # makes each shard's share of samples its (buffered) size; weighting the draw by size too would
+        # count size twice and overweight big parts (share ~ size**2).
+        self.shards = [(path, p.keep_fraction) for p in parts for path, n in p.shards if n * p.keep_fraction > 0]
+        if not self.shards:
+            raise ValueError(f"no samples to train on in parts {[p.name for p in parts]}")
+        self.local_batch = global_batch // world_size
+        self.n_batches = budget_samples // global_batch
+        self.rank, self.seed, self.time_step = rank, seed, time_step
+        self.transform = ImageTransform(image_px, train=True)
+        self.tokenizer, self.context_tokens = tokenizer, context_tokens
+        self.shuffle_buffer, self.keep_seed = shuffle_buffer, keep_seed
+
+    def __len__(self):
+        return self.n_batches
+
+    def __iter__(self):
+        info = get_worker_info()  # None in the main process (num_workers=0)
+        return self.batches(info.id, info.num_workers) if info else self.batches(0, 1)
+
+    def samples(self, rng: np.random.Generator) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Endless (key, raw sample) from shards drawn with replacement, replay-buffer samples filtered out."""
+        empty_shards = 0
+        while True:
+            path, keep_fraction = self.shards[rng.integers(len(self.shards))]
+            found = False
+            for key, sample in iter_tar(path):
+                if keep_fraction < 1 and not keep_sample(key, keep_fraction, self.keep_seed):
+                    continue
+                found = True
+                yield key, sample
+            empty_shards = 0 if found else empty_shards + 1
+            if empty_shards > 1000:  # rather than spin forever on shards that hold nothing usable
+                raise RuntimeError(f"1000 shards in a row gave no samples (last {path}); check the data")
+
+    def batches(self, worker: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one DataLoader worker: n_batches // num_workers, plus one for the first few."""
+        n = self.n_batches // num_workers + (worker < self.n_batches % num_workers)
+        rng = np.random.default_rng([self.seed, self.time_step, self.rank, worker])  # own stream per rank, worker
+        buffer, images, captions = [], [], []
+        samples = self.samples(rng)
+        while n > 0:
+            # shuffle buffer: hold raw samples (small) and decode only the one drawn out
+            while len(buffer) < max(1, self.shuffle_buffer):
+                buffer.append(next(samples))
+            i = rng.integers(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            key, sample = buffer.pop()
+            try:
+                decoded = _decode(sample)
+            except Exception as e:
+                print(f"warning: skipping sample {key}: unreadable image ({e})", file=sys.stderr)
+                continue
+            if decoded is None:  # no image or no caption
+                continue
+            images.append(self.transform(decoded[0], rng))
+            captions.append(decoded[1])
+            if len(images) == self.local_batch:
+                yield torch.stack(images), self.tokenizer(captions, self.context_tokens)
+                images, captions, n = [], [], n - 1
+
+
+def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
+    """Batches come whole from the stream (batch_size=None); workers start afresh each time step."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available())
+
+
+def eval_batches(shards: list, image_px: int,
+                 batch_samples: int) -> Iterator[tuple[torch.Tensor, list[str], list[str]]]:
+    """Held-out pairs in shard order: (images [b, 3, px, px], captions, keys); deterministic, one process."""
+    transform = ImageTransform(image_px, train=False)
+    images, captions, keys = [], [], []
+    for shard in shards:
+        path = shard[0] if isinstance(shard, (tuple, list)) else shard
+        for key, sample in iter_tar(path):
+            try:
+                decoded = _decode(sample)
+            except Exception as e:  # skipping would silently shrink the gallery, so stop and say where
+                raise RuntimeError(f"{path}: sample {key} has an unreadable image ({e}); regenerate the shard")
+            if decoded is None:
+                continue
+            images.append(transform(decoded[0]))
+            captions.append(decoded[1])
+            keys.append(key)
+            if len(keys) == batch_samples:
+                yield torch.stack(images), captions, keys
+                images, captions, keys = [], [], []
+    if keys:
+        yield torch.stack(images), captions, keys
+
+
+if __name__ == "__main__":
+    make_synthetic_benchmark(sys.argv[1] if len(sys.argv) > 1 else "data/tic-synth")

@@ -1,0 +1,287 @@
+"""
+CLIP (Radford et al. 2021) as TiC-CLIP trains it: a ViT image tower, a causal Transformer text tower,
+a learned temperature, and the symmetric contrastive loss with a local-loss all-gather for N GPUs.
+
+    from model import CLIP, clip_loss, make_config
+    model = CLIP(make_config("tiny"))                       # or "ViT-B-16", as in the paper
+    image_features, text_features, scale = model(images, tokens)  # images [B,3,H,W], tokens [B,T] ids
+    loss = clip_loss(image_features, text_features, scale, rank, world_size)
+
+Follows OpenCLIP (mlfoundations/open_clip) for the CLIP details: its model shapes, its initialisation,
+pooling at the end-of-text token, the logit scale started at 1/0.07 and clamped at 100, and the "local
+loss with gathered features" that keeps memory linear in the global batch. The image tower is timm's
+VisionTransformer configured as CLIP's; the text tower is written out here, nanoGPT style. The text
+attention keeps OpenCLIP's parameter layout (one fused q,k,v projection with bias, then an output
+projection) so that OpenCLIP checkpoints map onto it name by name.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+
+@dataclass
+class CLIPConfig:
+    # image tower (a ViT)
+    image_px: int = 32              # input images are image_px x image_px
+    patch_px: int = 8               # each patch token covers patch_px x patch_px pixels
+    vision_width: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    # text tower (a causal Transformer)
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    context_tokens: int = 32        # tokens per caption, end-of-text and padding included
+    vocab_size: int = 1024
+    # shared
+    embed_dim: int = 128            # the joint image-text embedding
+    mlp_ratio: float = 4.0          # MLP hidden width = mlp_ratio x width, in both towers
+    quick_gelu: bool = False        # OpenAI's checkpoints use QuickGELU, OpenCLIP's GELU
+    eot_token_id: int = 2           # the text tower pools at the first position holding this id
+
+    def __post_init__(self):
+        if self.image_px % self.patch_px:
+            raise ValueError(f"image_px={self.image_px} is not a multiple of patch_px={self.patch_px}")
+        for tower in ("vision", "text"):
+            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
+            if width % heads:
+                raise ValueError(f"{tower}_width={width} is not a multiple of {tower}_heads={heads}")
+
+
+_VIT_B = dict(image_px=224, vision_width=768, vision_layers=12, vision_heads=12, text_width=512, text_layers=12,
+              text_heads=8, context_tokens=77, vocab_size=49408, embed_dim=512, eot_token_id=49407)
+PRESETS: dict[str, dict] = {
+    # learns the 32px synthetic benchmark on a laptop CPU in minutes: the CLIPConfig defaults
+    "tiny": {},
+    "tiny96": dict(vision_width=96, text_width=96, embed_dim=96, vision_heads=4, text_heads=4, context_tokens=24),
+    "tiny128c24": dict(context_tokens=24),
+    # OpenCLIP's shapes; 49407 is <|endoftext|> in CLIP's BPE vocabulary
+    "ViT-S-16": dict(image_px=224, patch_px=16, vision_width=384, vision_layers=12, vision_heads=6, text_width=384,
+                     text_layers=12, text_heads=6, context_tokens=77, vocab_size=49408, embed_dim=384,
+                     eot_token_id=49407),
+    "ViT-B-32": dict(_VIT_B, patch_px=32),   # the released TiC code's model at DataComp medium scale
+    "ViT-B-16": dict(_VIT_B, patch_px=16),   # the paper's model: 149.6M parameters, ~41 GFLOPs per pair
+}
+
+
+def make_config(name: str, **overrides) -> CLIPConfig:
+    """The preset called name, with some fields replaced (e.g. vocab_size to match the tokenizer)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return CLIPConfig(**{**PRESETS[name], **overrides})
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+# ----------------------------------------------------------------------------- text tower
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj = nn.Linear(width, 3 * width)  # q, k, v stacked along the output, as OpenCLIP's in_proj_weight
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        # causal, as in CLIP: a token sees only those before it, so the padding after the
+        # end-of-text token cannot change the pooled feature
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, width: int, hidden: int, act: type[nn.Module]):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.act = act()
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, hidden: int, act: type[nn.Module]):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, hidden, act)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+class CLIP(nn.Module):
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        act = QuickGELU if cfg.quick_gelu else nn.GELU
+        # image tower: timm's ViT set up as CLIP's. pre_norm=True adds CLIP's ln_pre and drops the patch conv's
+        # bias; the final norm then the class token is CLIP's ln_post on the pooled token; num_classes=0 = no head.
+        # nn.LayerNorm (eps 1e-5, as OpenCLIP) instead of timm's default eps 1e-6.
+        self.visual = VisionTransformer(
+            img_size=cfg.image_px, patch_size=cfg.patch_px, embed_dim=cfg.vision_width, depth=cfg.vision_layers,
+            num_heads=cfg.vision_heads, mlp_ratio=cfg.mlp_ratio, class_token=True, global_pool="token",
+            pre_norm=True, final_norm=True, num_classes=0, norm_layer=nn.LayerNorm, act_layer=act)
+        self.visual_proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
+        # text tower
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_tokens, cfg.text_width))
+        hidden = int(cfg.text_width * cfg.mlp_ratio)
+        self.text_blocks = nn.ModuleList(Block(cfg.text_width, cfg.text_heads, hidden, act)
+                                         for _ in range(cfg.text_layers))
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+        # the softmax temperature, learned in log space so it stays positive
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """How every parameter starts. Text tower and projections as OpenCLIP's; the ViT keeps timm's init."""
+        cfg = self.cfg
+        # vision: timm's (truncated normal std 0.02 for Linear weights and pos_embed, zero biases, class token
+        # N(0, 1e-6), PyTorch's default for the patch conv, LayerNorms 1 and 0). OpenCLIP leaves PyTorch's
+        # defaults there; either trains.
+        self.visual.init_weights()
+        nn.init.normal_(self.visual_proj.weight, std=cfg.vision_width ** -0.5)
+        # text: small embeddings; weights scaled by fan-in, and the two projections that write into the
+        # residual stream shrunk by (2 x layers)^-0.5 so its variance does not grow with depth (GPT-2's trick)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        width, layers = cfg.text_width, cfg.text_layers
+        attn_std, fc_std, proj_std = width ** -0.5, (2 * width) ** -0.5, width ** -0.5 * (2 * layers) ** -0.5
+        for block in self.text_blocks:
+            nn.init.normal_(block.attn.in_proj.weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            for linear in (block.attn.in_proj, block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+                nn.init.zeros_(linear.bias)
+        for ln in [self.ln_final, *(m for b in self.text_blocks for m in (b.ln_1, b.ln_2))]:
+            ln.reset_parameters()  # weight 1, bias 0
+        nn.init.normal_(self.text_proj.weight, std=width ** -0.5)
+        # temperature 0.07, as CLIP
+        self.logit_scale.fill_(math.log(1 / 0.07))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, image_px, image_px] -> [B, embed_dim], not normalised."""
+        return self.visual_proj(self.visual(images))  # timm returns the normed class token: [B, vision_width]
+
+    def text_hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids, T <= context_tokens -> [B, T, text_width] after the final LayerNorm."""
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]
+        for block in self.text_blocks:
+            x = block(x)
+        return self.ln_final(x)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, embed_dim], not normalised: the hidden state at the end-of-text token."""
+        x = self.text_hidden_states(tokens)
+        # pool at the first eot. OpenCLIP takes tokens.argmax(), which works only because eot is the largest id
+        # in CLIP's vocabulary; ours need not be. A caption without eot (cut by truncation) pools at its last token.
+        is_eot = tokens == self.cfg.eot_token_id
+        eot_pos = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.shape[1] - 1)
+        return self.text_proj(x[torch.arange(x.shape[0], device=x.device), eot_pos])
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image features, text features), each L2-normalised [B, embed_dim], and the scale exp(logit_scale)."""
+        image_features = F.normalize(self.encode_image(images), dim=-1)
+        text_features = F.normalize(self.encode_text(tokens), dim=-1)
+        return image_features, text_features, self.logit_scale.exp()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_pair(self) -> int:
+        """Forward FLOPs (2 x multiply-adds) of one image and one caption, counting the matmuls and the patch conv.
+
+        A transformer layer on n tokens of width w with MLP hidden width h costs
+            2n(3w^2 + w^2)   q,k,v and output projections
+          + 2n(2wh)          the MLP's two Linears
+          + 2(2n^2 w)        scores q k^T and their weighted sum of v (all heads together)
+        The image tower adds its patch conv 2 n_patches (3 p^2) w over n = n_patches + 1 tokens; each tower adds
+        its projection 2 w embed_dim on the pooled token. The text tower runs on all context_tokens and is
+        counted with the full n^2 attention (the causal mask saves no work in the math kernel; flash kernels
+        skip about half of it). Embedding lookups, norms, activations, softmax and the loss are left out, as
+        in OpenCLIP's profile. For ViT-B-16 at 224 px: 35.1G image + 6.0G text = 41.1 GFLOPs.
+        """
+        cfg = self.cfg
+
+        def tower(n_tokens: int, width: int, layers: int) -> int:
+            hidden = int(width * cfg.mlp_ratio)
+            per_layer = 2 * n_tokens * (4 * width * width + 2 * width * hidden) + 4 * n_tokens * n_tokens * width
+            return layers * per_layer + 2 * width * cfg.embed_dim
+
+        n_patches = (cfg.image_px // cfg.patch_px) ** 2
+        patch_embed = 2 * n_patches * 3 * cfg.patch_px ** 2 * cfg.vision_width
+        image = patch_embed + tower(n_patches + 1, cfg.vision_width, cfg.vision_layers)
+        text = tower(cfg.context_tokens, cfg.text_width, cfg.text_layers)
+        return image + text
+
+    def configure_optimizer(self, lr: float, weight_decay: float = 0.2, betas=(0.9, 0.98), eps: float = 1e-6,
+                            fused: bool | None = None) -> torch.optim.AdamW:
+        """AdamW with weight decay on the weight matrices of Linear and conv layers only.
+
+        Biases, norms, the embeddings (token, positional, class token, ViT pos_embed) and the logit scale are
+        not decayed: pulling them to zero does not regularise, it only shifts them (DataComp's recipe).
+        """
+        decayed = {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        decay = [p for n, p in params.items() if n in decayed and p.dim() >= 2]
+        no_decay = [p for n, p in params.items() if not (n in decayed and p.dim() >= 2)]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if fused is None:
+            fused = all(p.is_cuda for p in params.values())  # one kernel for the whole update; CUDA only
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep the scale in [1, 100] (CLIP's cap stops the temperature collapsing); call after every step."""
+        self.logit_scale.clamp_(0, math.log(100))
+
+
+# ----------------------------------------------------------------------------- loss
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+              rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """Symmetric cross-entropy over image-text similarities; pair i is the positive of row i.
+
+    With world_size > 1 each process gathers every process's features WITH their gradients and computes only
+    its own rows: its images against all texts and its texts against all images, [local, global] logits
+    instead of [global, global], so memory grows linearly with the global batch. All processes must have
+    the same local batch. The gradient of each gathered feature flows back to the process that made it, so
+    after DDP averages the gradients over processes they equal those of the single-process loss on the
+    global batch, as does the loss averaged over processes.
+    """
+    if world_size > 1:
+        all_images = torch.cat(dist_nn.all_gather(image_features))
+        all_texts = torch.cat(dist_nn.all_gather(text_features))
+    else:
+        all_images, all_texts = image_features, text_features
+    logits_per_image = logit_scale * image_features @ all_texts.T   # [local, global]
+    logits_per_text = logit_scale * text_features @ all_images.T    # [local, global]
+    local = image_features.shape[0]
+    labels = torch.arange(local, device=image_features.device) + rank * local  # where our pairs sit globally
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

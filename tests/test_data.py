@@ -1,0 +1,255 @@
+"""Tests for data.py: tar grouping, rank x worker splitting, mix proportions, replay-buffer hashing, the
+tokenizer and the synthetic benchmark. Hermetic and CPU-only: every test builds its own tiny shards.
+
+    python -m pytest -q tests/test_data.py
+"""
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+CAPTIONS = ["a red circle at top left and a blue star at bottom right", "green square in the top right",
+            "a white moon next to a pink heart", "yellow cross, cyan bar, purple dots"] * 8
+
+
+def write_tar(path, members):
+    """members: [(name, bytes)] in order."""
+    with tarfile.open(path, "w") as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+
+
+def png_bytes(value, px=8):
+    buf = io.BytesIO()
+    Image.new("RGB", (px, px), (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(path, prefix, n, px=8):
+    """A shard of n image-caption samples with keys PREFIX_000000..."""
+    members = []
+    for i in range(n):
+        key = f"{prefix}_{i:06d}"
+        members += [(f"{key}.png", png_bytes(i % 256, px)), (f"{key}.txt", CAPTIONS[i % len(CAPTIONS)].encode())]
+    write_tar(path, members)
+    return str(path), n
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.Tokenizer.train(CAPTIONS, vocab_size=300)
+
+
+def make_stream(parts, tokenizer, budget_samples, global_batch=8, rank=0, world_size=1, shuffle_buffer=16, seed=0):
+    return data.TrainStream(parts, budget_samples, global_batch, rank, world_size, seed=seed, time_step=0, image_px=8,
+                            tokenizer=tokenizer, context_tokens=16, shuffle_buffer=shuffle_buffer)
+
+
+# -----------------------------------------------------------------------------
+
+def test_iter_tar_groups_consecutive_members_by_key(tmp_path):
+    path = tmp_path / "shard.tar"
+    write_tar(path, [("a.b/000.jpg", b"i0"), ("a.b/000.txt", b"t0"), ("a.b/000.json", b"{}"),
+                     ("a.b/001.TXT", b"t1"), ("x/y.seg.txt", b"s"), ("x/y.jpg", b"i"),
+                     ("k1.txt", b"1"), ("k2.txt", b"2"), ("k1.jpg", b"3"), ("noext", b"?"), ("x/.hidden", b"?")])
+    got = list(data.iter_tar(str(path)))
+    assert got == [("a.b/000", {"jpg": b"i0", "txt": b"t0", "json": b"{}"}), ("a.b/001", {"txt": b"t1"}),
+                   ("x/y", {"seg.txt": b"s", "jpg": b"i"}),
+                   ("k1", {"txt": b"1"}), ("k2", {"txt": b"2"}), ("k1", {"jpg": b"3"})]  # consecutive only
+
+
+def test_iter_tar_names_the_bad_shard(tmp_path):
+    path = tmp_path / "bad.tar"
+    path.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(RuntimeError, match="bad.tar"):
+        list(data.iter_tar(str(path)))
+
+
+@pytest.mark.parametrize("n_shards", [10, 4])
+def test_split_shards_disjoint_and_covering(n_shards):
+    shards = [(f"s{i}.tar", i) for i in range(n_shards)]
+    splits = [data.split_shards(shards, r, 2, w, 3) for r in range(2) for w in range(3)]
+    assert sorted(s for split in splits for s in split) == sorted(shards)  # covering, and no shard twice
+    assert sum(len(split) for split in splits) == n_shards
+
+
+def test_every_rank_gets_the_same_batch_count(tmp_path, tokenizer):
+    shards = [write_shard(tmp_path / f"{i}.tar", f"s{i}", n) for i, n in enumerate([3, 17, 1, 9])]  # uneven
+    global_batch, world_size, n_batches = 8, 2, 7
+    budget = n_batches * global_batch + 5  # the remainder is dropped, the same on every rank
+    for rank in range(world_size):
+        stream = make_stream([data.Part("2020", shards)], tokenizer, budget, global_batch, rank, world_size)
+        per_worker = [sum(1 for _ in stream.batches(w, 3)) for w in range(3)]
+        assert per_worker == [3, 2, 2] and len(stream) == n_batches
+    loader = data.train_loader(stream, num_workers=2)  # real worker processes find their id by get_worker_info
+    batches = list(loader)
+    assert len(batches) == n_batches
+    for images, tokens in batches:
+        assert images.shape == (global_batch // world_size, 3, 8, 8) and tokens.shape == (4, 16)
+
+
+def test_batch_not_divisible_by_world_is_an_error(tmp_path, tokenizer):
+    shards = [write_shard(tmp_path / "0.tar", "s", 4)]
+    with pytest.raises(ValueError, match="divisible"):
+        make_stream([data.Part("2020", shards)], tokenizer, 100, global_batch=10, world_size=4)
+
+
+def test_stream_is_reproducible_and_differs_per_rank(tmp_path, tokenizer):
+    shards = [write_shard(tmp_path / f"{i}.tar", f"s{i}", 20) for i in range(3)]
+    first = [next(iter(make_stream([data.Part("y", shards)], tokenizer, 64, rank=r, world_size=2)))[0]
+             for r in (0, 0, 1)]
+    assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
+
+
+def test_mix_follows_buffered_part_sizes_and_filters_replay(tmp_path, tokenizer):
+    new = data.Part("2021", [write_shard(tmp_path / f"new{i}.tar", f"new{i}", 20) for i in range(3)])
+    old = data.Part("2020", [write_shard(tmp_path / f"old{i}.tar", f"old{i}", 20) for i in range(2)], keep_fraction=0.5)
+    assert new.n_samples == 60 and old.n_samples == 20
+    stream = make_stream([new, old], tokenizer, budget_samples=2400)
+    old_kept = sum(data.keep_sample(k, 0.5, seed=0) for p, _ in old.shards for k, _ in data.iter_tar(p))
+    expected = 60 / (60 + old_kept)  # ~0.75; weighting the shard draw by size as well would give ~0.85
+    n_draws, counts = 8000, {"new": 0, "old": 0}
+    samples = stream.samples(np.random.default_rng(0))  # the raw draw under the batches: keys say the source
+    for _ in range(n_draws):
+        key, _ = next(samples)
+        counts[key[:3]] += 1
+        if key.startswith("old"):
+            assert data.keep_sample(key, 0.5, seed=0)  # only the replay buffer's samples
+    # shards come whole (10-20 samples), so ~500 shard draws: standard deviation of the share ~0.015
+    assert abs(counts["new"] / n_draws - expected) < 0.05, (counts, expected)
+
+
+def test_keep_sample_nested_proportional_and_process_independent():
+    keys = [f"2019_{i:07d}" for i in range(20000)]
+    kept = {f: {k for k in keys if data.keep_sample(k, f, seed=3)} for f in (0.1, 0.3, 0.7)}
+    assert kept[0.1] <= kept[0.3] <= kept[0.7]  # a shrinking buffer only drops samples
+    for f, s in kept.items():
+        assert abs(len(s) / len(keys) - f) < 0.015
+    assert kept[0.3] != {k for k in keys if data.keep_sample(k, 0.3, seed=4)}  # the seed matters
+    # another interpreter with another string-hash seed must keep exactly the same samples
+    code = ("import sys; sys.path.insert(0, '.'); import data; "
+            "print(sum(data.keep_sample(f'2019_{i:07d}', 0.3, 3) << (i % 60) for i in range(2000)))")
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(data.__file__), env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert int(out) == sum(data.keep_sample(f"2019_{i:07d}", 0.3, 3) << (i % 60) for i in range(2000))
+
+
+def test_tokenizer_rows_end_with_eot_and_round_trip(tmp_path, tokenizer):
+    ctx = 12
+    texts = ["a red circle", "a red circle at top left and a blue star at bottom right " * 3]
+    tokens = tokenizer(texts, ctx)
+    assert tokens.shape == (2, ctx) and (tokens[:, 0] == tokenizer.sot_id).all()
+    n_short = len(tokenizer.tok.encode("a red circle", add_special_tokens=False).ids)
+    assert 0 < n_short < ctx - 2
+    assert tokens[0, n_short + 1] == tokenizer.eot_id and (tokens[0, n_short + 2:] == tokenizer.pad_id).all()
+    assert tokens[1, -1] == tokenizer.eot_id  # over-long text is cut, but still ends with eot
+    assert (tokens == tokenizer.eot_id).sum(1).tolist() == [1, 1]
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    loaded = data.Tokenizer.load(str(tmp_path / "tokenizer.json"))
+    assert torch.equal(loaded(texts, ctx), tokens) and loaded.vocab_size == tokenizer.vocab_size <= 300
+    assert torch.equal(pickle.loads(pickle.dumps(tokenizer))(texts, ctx), tokens)  # as DataLoader workers get it
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json"):
+        data.Tokenizer.load(str(tmp_path / "bad.json"))
+
+
+def test_image_transform_shape_and_normalisation():
+    img = Image.new("RGBA", (40, 24), (255, 0, 128, 255))  # not RGB, not square
+    for train in (False, True):
+        x = data.ImageTransform(16, train)(img)
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+        expected = (torch.tensor([255, 0, 128]) / 255 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
+        assert torch.allclose(x.mean((1, 2)), expected, atol=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# The synthetic benchmark
+
+SMALL = dict(seed=1, years=(2018, 2019, 2020, 2021, 2022), train_samples_per_year=100, eval_samples_per_year=30,
+             image_px=32, samples_per_shard=40)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bench") / "synth")
+    data.make_synthetic_benchmark(root, **SMALL)
+    return root
+
+
+def all_files(root):
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_benchmark_is_deterministic_and_reused(bench, tmp_path):
+    again = str(tmp_path / "again")
+    data.make_synthetic_benchmark(again, **SMALL)
+    assert all_files(again) == all_files(bench)
+    mtime = os.path.getmtime(os.path.join(again, "benchmark.json"))
+    data.make_synthetic_benchmark(again, **SMALL)  # same parameters: leave it alone
+    assert os.path.getmtime(os.path.join(again, "benchmark.json")) == mtime
+    with pytest.raises(SystemExit, match="image_px"):
+        data.make_synthetic_benchmark(again, **dict(SMALL, image_px=16))
+    assert sorted(os.listdir(tmp_path)) == ["again"]  # no temporary folders left behind
+
+
+def test_benchmark_sizes_match_and_eval_is_held_out(bench):
+    assert data.years_in(bench) == data.years_in(bench, "retrieval") == [str(y) for y in SMALL["years"]]
+    train_keys, eval_keys = set(), set()
+    for year in data.years_in(bench):
+        for split, keys in (("train", train_keys), ("retrieval", eval_keys)):
+            shards = data.year_shards(bench, year, split)
+            for path, n in shards:
+                samples = list(data.iter_tar(path))
+                assert len(samples) == n and all(set(s) == {"png", "txt", "json"} for _, s in samples)
+                assert all(json.loads(s["json"])["year"] == int(year) for _, s in samples)
+                keys.update(k for k, _ in samples)
+            assert sum(n for _, n in shards) == SMALL["train_samples_per_year" if split == "train" else
+                                                        "eval_samples_per_year"]
+    assert len(train_keys) == 5 * 100 and len(eval_keys) == 5 * 30 and not train_keys & eval_keys
+
+
+def test_benchmark_drift_schedule(bench):
+    meta = json.load(open(os.path.join(bench, "benchmark.json")))
+    assert meta["chance_recall_at_1"] == 1 / 30
+    debut = meta["debut_year"]
+    assert sorted(debut) == sorted(data.EMERGING) and min(debut.values()) == 2019 and max(debut.values()) == 2022
+    seen = {}  # year -> shapes named in its training captions
+    for year in data.years_in(bench):
+        words = set()
+        for path, _ in data.year_shards(bench, year):
+            for _, s in data.iter_tar(path):
+                words.update(s["txt"].decode().replace(",", " ").split())
+        seen[int(year)] = words & set(data.SHAPES)
+    for shape, year in debut.items():
+        assert all(shape not in seen[y] for y in seen if y < year), shape  # unknowable before its debut
+    assert not set(data.FADING) & seen[2022] and set(data.FADING) <= seen[2018]  # fades out
+    assert set(data.STABLE) <= seen[2018] and set(data.STABLE) <= seen[2022]
+    assert set(data.EMERGING) <= seen[2022]
+
+
+def test_missing_year_folder_is_a_clear_error(bench):
+    with pytest.raises(SystemExit, match="2030"):
+        data.year_shards(bench, "2030")
+
+
+def test_eval_batches_in_order(bench):
+    shards = data.year_shards(bench, "2019", "retrieval")
+    batches = list(data.eval_batches(shards, image_px=32, batch_samples=8))
+    keys = [k for _, _, ks in batches for k in ks]
+    assert keys == [f"2019_{100 + i:07d}" for i in range(30)] and [len(b[2]) for b in batches] == [8, 8, 8, 6]
+    assert batches[0][0].shape == (8, 3, 32, 32) and all(isinstance(c, str) and c for c in batches[0][1])

@@ -1,0 +1,321 @@
+"""
+Train a CLIP through time, TiC-CLIP style: for each time step, ask the strategy for the step's data and
+starting model, train for the step's sample budget, save a checkpoint, evaluate on every time step.
+
+On a laptop CPU, on the built-in synthetic benchmark (generated into data/tic-synth on first use):
+    torchrun --standalone --nproc_per_node=1 train.py
+    python train.py --strategy=sequential            # plain python works too (one process)
+On one node with 8 GPUs, on real TiC-DataComp shards:
+    torchrun --standalone --nproc_per_node=8 train.py --data_root=/data/tic-datacomp \
+        --steps=2014-2016,2017,2018,2019,2020,2021,2022 --model=ViT-B-16 --budget_samples=18432000 \
+        --batch_size=4096 --lr=5e-4 --warmup_iters=500 --tokenizer=clip-tokenizer.json
+On 2 nodes: the same with --nnodes=2 --node_rank=0|1 --rdzv_endpoint=HOST:PORT instead of --standalone.
+
+Config: the typed values below, overridden as --key=value (unknown keys and wrong types are errors).
+The run directory (out_dir) holds tokenizer.json, one checkpoint per step (stepNN.pt, with the full
+config), log.jsonl and eval_matrix.json. Rerunning a command skips the steps whose checkpoint exists.
+Follows nanoGPT's train.py for shape, open_clip for the CLIP details, DataComp for the hyperparameters.
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import evaluate
+import strategies
+from model import CLIP, CLIPConfig, clip_loss, make_config
+
+# ----------------------------------------------------------------------------- config
+_globals_before_config = set(globals())
+# data and run
+data_root = "data/tic-synth"   # TiC layout: train/YEAR/*.tar + sizes.json, eval/retrieval/YEAR/*.tar
+steps = ""                     # time steps as year groups, e.g. "2014-2016,2017,2018"; "" = one step per year
+out_dir = ""                   # run directory; "" = runs/STRATEGY
+tokenizer = ""                 # a tokenizer.json; "" = train a byte-level BPE on the first step's captions
+vocab_size = 1024              # of the BPE trained when tokenizer = ""
+tokenizer_samples = 100_000    # captions of the first step used to train that BPE
+# strategy and model
+strategy = "cumulative-all"    # one of strategies.STRATEGIES
+model = "tiny"                 # one of model.PRESETS
+lwf_weight = 1.0               # weight of lwf's distillation term
+# budget and optimisation (DataComp's values; lr and warmup scaled for the tiny CPU run)
+budget_samples = 12_000        # C: samples seen per time step (oracle: t x C at step t)
+batch_size = 128               # global, over all processes
+lr = 2e-3                      # peak learning rate, restarted at every step
+warmup_iters = 20              # linear warmup of the first step (DataComp medium: 500)
+warmup_iters_later = 20        # warmup of the later steps
+weight_decay = 0.2
+beta1 = 0.9
+beta2 = 0.98
+eps = 1e-6
+# system
+seed = 0
+workers = 1                    # DataLoader processes per training process
+device = "cuda" if torch.cuda.is_available() else "cpu"
+compile = torch.cuda.is_available()   # torch.compile the model (on by default on CUDA)
+log_interval = 10              # iterations between log lines
+eval_batch = 256               # pairs per evaluation batch
+CONFIG_KEYS = [k for k in globals() if k not in _globals_before_config and k != "_globals_before_config"]
+DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
+SYNTH_ROOT = "data/tic-synth"  # where the built-in benchmark is generated when data_root is left as is
+
+
+def parse_config(argv: list[str]) -> dict:
+    """--key=value overrides of the config globals above, converted to each default's type."""
+    cfg = dict(DEFAULTS)
+    for arg in argv:
+        key, sep, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not sep:
+            raise SystemExit(f"error: bad argument '{arg}': use --key=value; keys: {', '.join(CONFIG_KEYS)}")
+        if key not in cfg:
+            raise SystemExit(f"error: unknown config key '{key}'; valid keys: {', '.join(CONFIG_KEYS)}")
+        kind = type(cfg[key])
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                cfg[key] = value.lower() in ("true", "1")
+            else:
+                cfg[key] = kind(value.replace("_", "")) if kind in (int, float) else value
+        except ValueError:
+            raise SystemExit(f"error: --{key}={value} is not a {kind.__name__} (default: {cfg[key]!r})")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- data and checkpoints
+def parse_steps(root: str, spec: str) -> list[list[str]]:
+    """Year folders of each time step: '2014-2016,2017' -> [['2014', '2015', '2016'], ['2017']]."""
+    years = data.years_in(root)
+    if not spec:
+        return [[y] for y in years]
+    groups = []
+    for group in spec.split(","):
+        first, _, last = group.strip().partition("-")
+        last = last or first
+        chosen = [y for y in years if first <= y[:len(first)] <= last]  # YYYY or YYYYMM folders
+        if not chosen:
+            raise SystemExit(f"error: step '{group}' names no year folder under {root}/train "
+                             f"(found: {', '.join(years)}); fix --steps")
+        groups.append(chosen)
+    return groups
+
+
+def step_name(years: list[str]) -> str:
+    return years[0] if len(years) == 1 else f"{years[0]}-{years[-1]}"
+
+
+def eval_tasks(root: str, step_years: list[list[str]]) -> dict[str, list]:
+    """The retrieval task of each time step: the held-out pairs of its years."""
+    return {step_name(ys): [s for y in ys for s in data.year_shards(root, y, "retrieval")] for ys in step_years}
+
+
+def step_checkpoints(run: str) -> list[str]:
+    if not os.path.isdir(run):
+        return []
+    return [os.path.join(run, f) for f in sorted(os.listdir(run)) if f.startswith("step") and f.endswith(".pt")]
+
+
+def save_checkpoint(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one, never half of one
+
+
+def load_model(path: str, device) -> tuple[CLIP, dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = CLIP(CLIPConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt
+
+
+def train_tokenizer(step_years: list[str], root: str, n_captions: int) -> data.Tokenizer:
+    def captions():
+        seen = 0
+        for year in step_years:
+            for shard, _ in data.year_shards(root, year):
+                for _, sample in data.iter_tar(shard):
+                    if "txt" in sample and seen < n_captions:
+                        seen += 1
+                        yield sample["txt"].decode("utf-8")
+    return data.Tokenizer.train(captions(), vocab_size)
+
+
+def lr_at(it: int, n_iters: int, warmup: int, lr_peak: float) -> float:
+    """Linear warmup, then cosine decay to 0 over the rest of the step."""
+    if it < warmup:
+        return lr_peak * (it + 1) / warmup
+    progress = (it - warmup) / max(1, n_iters - warmup)
+    return lr_peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- the continual loop
+def main(argv):
+    cfg = parse_config(argv)
+    globals().update(cfg)
+    run_dir = out_dir or os.path.join("runs", strategy)
+    strat = strategies.get_strategy(strategy)
+
+    distributed = "RANK" in os.environ  # set by torchrun
+    if distributed:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    master = rank == 0
+    dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if batch_size % world_size:
+        raise SystemExit(f"error: batch_size={batch_size} does not divide over {world_size} processes; "
+                         f"use a multiple of {world_size}")
+    barrier = dist.barrier if distributed else (lambda: None)
+
+    # the data: generate the built-in benchmark on first use, then resolve the steps' shards
+    if master and data_root == SYNTH_ROOT:
+        data.make_synthetic_benchmark(SYNTH_ROOT)
+    barrier()
+    if not os.path.isdir(os.path.join(data_root, "train")):
+        raise SystemExit(f"error: no {data_root}/train folder; point --data_root at a TiC layout "
+                         f"(train/YEAR/*.tar with sizes.json) or leave it at {SYNTH_ROOT} for the built-in benchmark")
+    step_years = parse_steps(data_root, steps)
+    step_data = [[data.Part(y, data.year_shards(data_root, y)) for y in ys] for ys in step_years]
+    tasks = eval_tasks(data_root, step_years)
+    names = [step_name(ys) for ys in step_years]
+
+    # the tokenizer is fixed for the whole run, as CLIP's vocabulary is
+    os.makedirs(run_dir, exist_ok=True)
+    tok_path = os.path.join(run_dir, "tokenizer.json")
+    if master and not os.path.exists(tok_path):
+        tok = data.Tokenizer.load(tokenizer) if tokenizer else train_tokenizer(step_years[0], data_root, tokenizer_samples)
+        tok.save(tok_path)
+    barrier()
+    tok = data.Tokenizer.load(tok_path)
+    model_cfg = make_config(model, vocab_size=tok.vocab_size, eot_token_id=tok.eot_id)
+    log_path = os.path.join(run_dir, "log.jsonl")
+
+    def log(record: dict) -> None:
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    if master:
+        print(f"run {run_dir}: strategy {strategy}, model {model}, {len(names)} steps ({', '.join(names)}), "
+              f"{world_size} process(es) on {dev.type}, global batch {batch_size}")
+        log({"event": "config", "config": cfg, "model_config": asdict(model_cfg)})
+
+    matrix_path = os.path.join(run_dir, "eval_matrix.json")
+    rows = json.load(open(matrix_path))["results"] if os.path.exists(matrix_path) else {}
+    previous = None  # state dict of the model after the previous step (warm start, lwf's teacher)
+    for t, name in enumerate(names):
+        ckpt_path = os.path.join(run_dir, f"step{t + 1:02d}.pt")
+        if os.path.exists(ckpt_path):  # done in an earlier run of this command
+            model_now, _ = load_model(ckpt_path, dev)
+            previous = model_now.state_dict()
+            if master and name not in rows:
+                rows[name] = evaluate.evaluate_step(model_now, tasks, tok, dev, eval_batch)
+                evaluate.write_json(matrix_path, evaluate.eval_matrix(rows, list(tasks)))
+            if master:
+                print(f"step {t + 1}/{len(names)} ({name}): done already ({ckpt_path})")
+            continue
+
+        # --- what the strategy asks for: the starting model, the data, the budget
+        torch.manual_seed(seed + t)
+        raw_model = CLIP(model_cfg)
+        if strat.warm_start and previous is not None:
+            raw_model.load_state_dict(previous)  # weights and logit scale; optimizer and schedule restart
+        raw_model.to(dev)
+        teacher = None
+        if strat.distill and previous is not None:
+            teacher = CLIP(model_cfg)
+            teacher.load_state_dict(previous)
+            teacher.to(dev).eval().requires_grad_(False)
+        parts = strategies.step_parts(strat, t, step_data)
+        budget = budget_samples * strat.budget_steps(t)
+        n_iters = budget // batch_size
+        if master:
+            mix = ", ".join(f"{p.name} {p.n_samples:.0f}" + (f" ({100 * p.keep_fraction:.0f}%)" if p.keep_fraction < 1
+                                                              else "") for p in parts)
+            print(f"step {t + 1}/{len(names)} ({name}): {'warm start' if strat.warm_start and t else 'random init'}, "
+                  f"budget {n_iters * batch_size} samples ({n_iters} iters), data: {mix}")
+            log({"event": "step_start", "time_step": t + 1, "step": name,
+                 "mix": {p.name: p.n_samples for p in parts}, "budget_samples": n_iters * batch_size})
+
+        optimizer = raw_model.configure_optimizer(lr, weight_decay, (beta1, beta2), eps)
+        train_model = torch.compile(raw_model) if compile else raw_model
+        if distributed:
+            train_model = DDP(train_model, device_ids=[local_rank] if dev.type == "cuda" else None)
+        stream = data.TrainStream(parts, budget, batch_size, rank, world_size, seed, t, model_cfg.image_px, tok,
+                                  model_cfg.context_tokens)
+        loader = data.train_loader(stream, workers)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+        warmup = warmup_iters if t == 0 else warmup_iters_later
+
+        t_start = t_log = time.time()
+        it = it_log = 0
+        for it, (images, tokens) in enumerate(loader):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(it, n_iters, warmup, lr)
+            images, tokens = images.to(dev, non_blocking=True), tokens.to(dev, non_blocking=True)
+            with autocast:
+                img, txt, scale = train_model(images, tokens)
+                loss = clip_loss(img, txt, scale, rank, world_size)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_img, t_txt, t_scale = teacher(images, tokens)
+                    loss = loss + lwf_weight * strategies.distillation_loss(img, txt, scale, t_img, t_txt, t_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            raw_model.clamp_logit_scale_()
+            if master and ((it + 1) % log_interval == 0 or it + 1 == n_iters):
+                now = time.time()  # .item() syncs with the device: only once per log interval
+                seen = (it + 1) * batch_size
+                samples_per_s = (it + 1 - it_log) * batch_size / (now - t_log)
+                eta_s = (n_iters - it - 1) * batch_size / samples_per_s
+                print(f"step {t + 1}/{len(names)} ({name}) | {seen}/{n_iters * batch_size} samples | "
+                      f"loss {loss.item():.4f} | lr {lr_at(it, n_iters, warmup, lr):.2e} | "
+                      f"logit scale {raw_model.logit_scale.exp().item():.1f} | {samples_per_s:.0f} samples/s | "
+                      f"eta {eta_s:.0f}s")
+                log({"event": "train", "time_step": t + 1, "samples": seen, "loss": loss.item(),
+                     "lr": lr_at(it, n_iters, warmup, lr), "logit_scale": raw_model.logit_scale.exp().item(),
+                     "samples_per_s": samples_per_s})
+                t_log, it_log = now, it + 1
+        seen = (it + 1) * batch_size
+        train_s = time.time() - t_start
+
+        # --- checkpoint, then evaluate on every step's task
+        previous = {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()}
+        flops = seen * 3 * raw_model.flops_per_pair() + (seen * raw_model.flops_per_pair() if teacher else 0)
+        if master:
+            save_checkpoint(ckpt_path, {"model": previous, "model_config": asdict(model_cfg), "config": cfg,
+                                        "steps": step_years, "time_step": t + 1, "step_name": name,
+                                        "samples_seen": seen, "flops": flops, "strategy": strategy})
+            rows[name] = evaluate.evaluate_step(raw_model, tasks, tok, dev, eval_batch)
+            result = evaluate.eval_matrix(rows, list(tasks))
+            evaluate.write_json(matrix_path, result)
+            cells = " ".join(f"{task} {m[evaluate.METRIC]:.1f}" for task, m in rows[name].items())
+            print(f"step {t + 1}/{len(names)} ({name}): {seen} samples in {train_s:.0f}s, {flops:.3g} FLOPs; "
+                  f"{evaluate.METRIC} per task: {cells}")
+            log({"event": "step_end", "time_step": t + 1, "step": name, "samples_seen": seen, "flops": flops,
+                 "train_s": train_s, "eval": rows[name]})
+        barrier()
+
+    if master:
+        print(evaluate.format_matrix(evaluate.eval_matrix(rows, list(tasks))))
+        print(f"checkpoints, log.jsonl and eval_matrix.json in {run_dir}")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

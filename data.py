@@ -6,12 +6,17 @@ stream that gives every rank the same number of batches.
     python data.py /tmp/tic_synth        # write the built-in synthetic benchmark (~10 s, 5 years)
 
 Layout (as TiC-DataComp, see PROTOCOL.md): ROOT/train/YEAR/*.tar with ROOT/train/YEAR/sizes.json
-(shard name -> samples), and held-out pairs in ROOT/eval/retrieval/YEAR/*.tar. Inside a tar the
-members of one sample share a key and sit next to each other: KEY.png (or jpg/webp), KEY.txt (caption),
-KEY.json (uid, year). Follows the webdataset conventions that OpenCLIP reads (resampled shards, a
-shuffle buffer, equal batches per rank) written from scratch without the webdataset package.
+(shard name -> samples; counted from the shards and saved on first use if missing), held-out pairs in
+ROOT/eval/retrieval/YEAR/*.tar, and labelled images in ROOT/eval/classification/YEAR/*.tar with
+classnames.txt and templates.txt beside the year folders. YEAR is YYYY or YYYYMM. Inside a tar the
+members of one sample share a key and sit next to each other: KEY.png (or jpg/jpeg/webp), KEY.txt
+(caption; else the json's "caption"), KEY.json (uid, year), KEY.cls (class id; else the json's "cls").
+Follows the webdataset conventions that OpenCLIP reads (resampled shards, a shuffle buffer, equal batches
+per rank) written from scratch without the webdataset package. prepare.py makes this layout from
+timestamped shards.
 """
 import hashlib
+import html
 import io
 import json
 import math
@@ -20,6 +25,7 @@ import shutil
 import sys
 import tarfile
 import time
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Iterator
@@ -51,6 +57,7 @@ SHAPES = STABLE + FADING + EMERGING
 TEMPLATES = ("a {c0} {s0} at {p0} and a {c1} {s1} at {p1}",
              "{c0} {s0} in the {p0}, {c1} {s1} in the {p1}",
              "a {p0} {c0} {s0} next to a {p1} {c1} {s1}")
+CLASS_TEMPLATES = ("a {}", "a picture of a {}", "a drawing of a {}")  # zero-shot prompts; the classes are SHAPES
 
 
 def debut_year_index(shape: str, n_years: int) -> int:
@@ -107,16 +114,17 @@ def shape_alpha(shape: str, size_px: int) -> np.ndarray:
     return mask.reshape(size_px, 4, size_px, 4).mean(axis=(1, 3)).astype(np.float32)
 
 
-def _render_samples(rng: np.random.Generator, n: int, shape_p: np.ndarray, image_px: int):
-    """n images (uint8 [n, px, px, 3]) with their captions and shape pairs, from the year's shape frequencies."""
+def _render_samples(rng: np.random.Generator, n: int, shape_p: np.ndarray, image_px: int, objects: int = 2):
+    """n images (uint8 [n, px, px, 3]) with their captions and shape names, from the year's shape frequencies:
+    two objects per image (image-caption pairs) or one (the classification split, class = its shape)."""
     half = image_px // 2
-    shapes = rng.choice(len(SHAPES), size=(n, 2), p=shape_p)
-    colours = rng.integers(len(COLOURS), size=(n, 2))
+    shapes = rng.choice(len(SHAPES), size=(n, objects), p=shape_p)
+    colours = rng.integers(len(COLOURS), size=(n, objects))
     q0 = rng.integers(4, size=n)
-    quads = np.stack([q0, (q0 + rng.integers(1, 4, size=n)) % 4], axis=1)  # two distinct quadrants
-    sizes_px = np.maximum(3, np.round(rng.integers(11, 15, size=(n, 2)) * image_px / 32)).astype(int)
-    jitter_px = np.round(rng.integers(-2, 3, size=(n, 2, 2)) * image_px / 32).astype(int)
-    colour_jitter = rng.integers(-20, 21, size=(n, 2, 3))
+    quads = np.stack([q0, (q0 + rng.integers(1, 4, size=n)) % 4], axis=1)[:, :objects]  # distinct quadrants
+    sizes_px = np.maximum(3, np.round(rng.integers(11, 15, size=(n, objects)) * image_px / 32)).astype(int)
+    jitter_px = np.round(rng.integers(-2, 3, size=(n, objects, 2)) * image_px / 32).astype(int)
+    colour_jitter = rng.integers(-20, 21, size=(n, objects, 3))
     templates, swap = rng.integers(len(TEMPLATES), size=n), rng.random(n) < 0.5
     # dark background: a per-image tint plus grey noise of 4 levels (small in PNG, but no two images alike)
     images = rng.integers(0, 40, size=(n, 1, 1, 3)) + 7 * rng.integers(0, 4, size=(n, image_px, image_px, 1))
@@ -126,7 +134,7 @@ def _render_samples(rng: np.random.Generator, n: int, shape_p: np.ndarray, image
     captions = []
     for k in range(n):
         words = []
-        for j in range(2):
+        for j in range(objects):
             q, s = int(quads[k, j]), int(sizes_px[k, j])
             top, left = (q // 2) * half, (q % 2) * half
             y = min(max(top + (half - s) // 2 + int(jitter_px[k, j, 0]), top), top + half - s)  # stay in the quadrant
@@ -135,27 +143,32 @@ def _render_samples(rng: np.random.Generator, n: int, shape_p: np.ndarray, image
             patch = images[k, y:y + s, x:x + s]
             images[k, y:y + s, x:x + s] = patch * (1 - alpha) + rgb[k, j] * alpha
             words.append((colour_names[colours[k, j]], SHAPES[shapes[k, j]], POSITIONS[q]))
+        if objects == 1:
+            captions.append("a {} {} at {}".format(*words[0]))
+            continue
         if swap[k]:  # the caption names the objects in random order
             words.reverse()
         (c0, s0, p0), (c1, s1, p1) = words
         captions.append(TEMPLATES[templates[k]].format(c0=c0, s0=s0, p0=p0, c1=c1, s1=s1, p1=p1))
-    pairs = [[SHAPES[a], SHAPES[b]] for a, b in shapes]
-    return np.round(images).clip(0, 255).astype(np.uint8), captions, pairs
+    names = [[SHAPES[i] for i in row] for row in shapes]
+    return np.round(images).clip(0, 255).astype(np.uint8), captions, names
 
 
-def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: the same seed gives the same bytes
     tf.addfile(info, io.BytesIO(data))
 
 
 def _write_year(folder: str, rng: np.random.Generator, year: int, first_index: int, n_samples: int,
-                shape_p: np.ndarray, image_px: int, samples_per_shard: int) -> None:
+                shape_p: np.ndarray, image_px: int, samples_per_shard: int, classification: bool = False) -> None:
+    """Image-caption pairs (KEY.json, KEY.png, KEY.txt), or single-shape images with their class id (KEY.json,
+    KEY.png, KEY.cls) for classification."""
     os.makedirs(folder)
     sizes = {}
     for shard, start in enumerate(range(0, n_samples, samples_per_shard)):
         n = min(samples_per_shard, n_samples - start)
-        images, captions, pairs = _render_samples(rng, n, shape_p, image_px)
+        images, captions, pairs = _render_samples(rng, n, shape_p, image_px, 1 if classification else 2)
         name = f"{shard:06d}.tar"
         with tarfile.open(os.path.join(folder, name), "w", format=tarfile.USTAR_FORMAT) as tf:
             for k in range(n):
@@ -163,9 +176,14 @@ def _write_year(folder: str, rng: np.random.Generator, year: int, first_index: i
                 png = io.BytesIO()
                 Image.fromarray(images[k]).save(png, format="PNG", compress_level=1)  # level 1: 3x faster, ~same size
                 meta = {"uid": key, "year": year, "shapes": pairs[k]}
-                _add_member(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-                _add_member(tf, f"{key}.png", png.getvalue())
-                _add_member(tf, f"{key}.txt", captions[k].encode())
+                if classification:
+                    meta["cls"] = SHAPES.index(pairs[k][0])
+                add_member(tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                add_member(tf, f"{key}.png", png.getvalue())
+                if classification:
+                    add_member(tf, f"{key}.cls", str(meta["cls"]).encode())
+                else:
+                    add_member(tf, f"{key}.txt", captions[k].encode())
         sizes[name] = n
     with open(os.path.join(folder, "sizes.json"), "w") as f:
         json.dump(sizes, f, indent=1)
@@ -173,19 +191,23 @@ def _write_year(folder: str, rng: np.random.Generator, year: int, first_index: i
 
 def make_synthetic_benchmark(root: str, seed: int = 0, years=(2018, 2019, 2020, 2021, 2022),
                              train_samples_per_year: int = 8000, eval_samples_per_year: int = 1000,
-                             image_px: int = 32, samples_per_shard: int = 1000) -> None:
-    """Write the synthetic time-continual benchmark to root (train/YEAR, eval/retrieval/YEAR, benchmark.json).
+                             image_px: int = 32, samples_per_shard: int = 1000,
+                             classification_samples_per_year: int = 500) -> None:
+    """Write the synthetic time-continual benchmark to root (train/YEAR, eval/retrieval/YEAR,
+    eval/classification/YEAR with classnames.txt and templates.txt, benchmark.json).
     Deterministic from seed; built in a temporary folder beside root and renamed, so root is whole or absent."""
     t0 = time.time()
     years = [int(y) for y in years]
     params = dict(seed=seed, years=years, train_samples_per_year=train_samples_per_year,
-                  eval_samples_per_year=eval_samples_per_year, image_px=image_px, samples_per_shard=samples_per_shard)
+                  eval_samples_per_year=eval_samples_per_year, image_px=image_px, samples_per_shard=samples_per_shard,
+                  classification_samples_per_year=classification_samples_per_year)
     T = len(years)
     weights = {str(y): {s: shape_weight(s, i, T) for s in SHAPES} for i, y in enumerate(years)}
     meta = {"params": params, "chance_recall_at_1": 1 / eval_samples_per_year, "shape_weights": weights,
             "groups": {"stable": STABLE, "fading": FADING, "emerging": EMERGING},
             "debut_year": {s: years[debut_year_index(s, T)] for s in EMERGING if T > 1},
-            "colours": list(COLOURS), "positions": POSITIONS, "templates": TEMPLATES}
+            "colours": list(COLOURS), "positions": POSITIONS, "templates": TEMPLATES,
+            "classnames": SHAPES, "class_templates": CLASS_TEMPLATES}
     meta = json.loads(json.dumps(meta))  # tuples -> lists, as they read back from the file
     root = os.path.normpath(root)
     if os.path.exists(root):
@@ -200,6 +222,7 @@ def make_synthetic_benchmark(root: str, seed: int = 0, years=(2018, 2019, 2020, 
                     train_samples_per_year, p / p.sum(), image_px, samples_per_shard)
         _write_year(os.path.join(tmp, "eval", "retrieval", str(year)), np.random.default_rng([seed, year, 1]), year,
                     train_samples_per_year, eval_samples_per_year, p / p.sum(), image_px, samples_per_shard)
+    _write_classification(os.path.join(tmp, "eval", "classification"), meta)
     with open(os.path.join(tmp, "benchmark.json"), "w") as f:
         json.dump(meta, f, indent=1)
     try:
@@ -207,10 +230,27 @@ def make_synthetic_benchmark(root: str, seed: int = 0, years=(2018, 2019, 2020, 
     except OSError:  # another process (e.g. another rank) finished first: keep its copy if it matches ours
         shutil.rmtree(tmp, ignore_errors=True)
         return _check_existing_benchmark(root, meta)
-    n = T * (train_samples_per_year + eval_samples_per_year)
+    n = T * (train_samples_per_year + eval_samples_per_year + classification_samples_per_year)
     print(f"wrote synthetic benchmark to {root}: {T} years x ({train_samples_per_year} train + "
-          f"{eval_samples_per_year} eval) = {n} samples at {image_px}px in {time.time() - t0:.1f}s; "
-          f"retrieval recall@1 chance level {1 / eval_samples_per_year:.4f}")
+          f"{eval_samples_per_year} retrieval + {classification_samples_per_year} classification) = {n} samples at "
+          f"{image_px}px in {time.time() - t0:.1f}s; retrieval recall@1 chance level {1 / eval_samples_per_year:.4f}")
+
+
+def _write_classification(folder: str, meta: dict) -> None:
+    """The classification split: per year, single-shape images drawn from that year's shape frequencies, labelled
+    with the shape's index in SHAPES (all 16 shapes are classes every year), and the class names and prompts."""
+    params = meta["params"]
+    if not params["classification_samples_per_year"]:
+        return
+    first_index = params["train_samples_per_year"] + params["eval_samples_per_year"]  # keys unique over splits
+    for year in params["years"]:
+        p = np.array(list(meta["shape_weights"][str(year)].values()))
+        _write_year(os.path.join(folder, str(year)), np.random.default_rng([params["seed"], year, 2]), year,
+                    first_index, params["classification_samples_per_year"], p / p.sum(), params["image_px"],
+                    params["samples_per_shard"], classification=True)
+    for name, lines in (("classnames.txt", meta["classnames"]), ("templates.txt", meta["class_templates"])):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def _check_existing_benchmark(root: str, meta: dict) -> None:
@@ -223,6 +263,24 @@ def _check_existing_benchmark(root: str, meta: dict) -> None:
     if old == meta:
         print(f"synthetic benchmark already at {root} with the same parameters; reusing it")
         return
+    before = {k: v for k, v in meta.items() if k not in ("classnames", "class_templates")}
+    before["params"] = {k: v for k, v in meta["params"].items() if k != "classification_samples_per_year"}
+    if old == before:  # written before the classification split existed: add it, leave the rest untouched
+        folder = os.path.join(root, "eval", "classification")
+        tmp = f"{folder}.tmp{os.getpid()}"
+        if meta["params"]["classification_samples_per_year"]:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            _write_classification(tmp, meta)
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process added it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        with open(f"{path}.tmp{os.getpid()}", "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+        print(f"synthetic benchmark at {root}: added the classification split ({folder})")
+        return
     differ = [f"{k}={old.get('params', {}).get(k)!r} (asked {v!r})" for k, v in meta["params"].items()
               if old.get("params", {}).get(k) != v] or ["made by another version of data.py"]
     raise SystemExit(f"{root} holds a different synthetic benchmark: {', '.join(differ)}; "
@@ -232,14 +290,17 @@ def _check_existing_benchmark(root: str, meta: dict) -> None:
 # -----------------------------------------------------------------------------
 # Reading shards
 
+SPLITS = {"train": ("train",), "retrieval": ("eval", "retrieval"), "classification": ("eval", "classification")}
+
+
 def _split_dir(root: str, split: str) -> str:
-    if split not in ("train", "retrieval"):
-        raise ValueError(f"split must be 'train' or 'retrieval', not {split!r}")
-    return os.path.join(root, "train") if split == "train" else os.path.join(root, "eval", "retrieval")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    return os.path.join(root, *SPLITS[split])
 
 
 def years_in(root: str, split: str = "train") -> list[str]:
-    """Sorted year folder names under ROOT/train or ROOT/eval/retrieval."""
+    """Sorted year (YYYY or YYYYMM) folder names under ROOT/train, ROOT/eval/retrieval or ROOT/eval/classification."""
     folder = _split_dir(root, split)
     if not os.path.isdir(folder):
         raise SystemExit(f"{folder}: no such folder; point the data root at a TiC layout (ROOT/train/YEAR/*.tar) "
@@ -251,18 +312,20 @@ def years_in(root: str, split: str = "train") -> list[str]:
 
 
 def year_shards(root: str, year: str, split: str = "train") -> list[tuple[str, int]]:
-    """[(shard path, samples)] of one year, from its sizes.json."""
+    """[(shard path, samples)] of one year, from its sizes.json; without one, the shards are read once to count
+    their samples and the counts are saved as sizes.json beside them."""
     folder = os.path.join(_split_dir(root, split), str(year))
     sizes_path = os.path.join(folder, "sizes.json")
     if not os.path.isdir(folder):
         raise SystemExit(f"{folder}: no such folder; check the data root and year (have: {years_in(root, split)})")
     if not os.path.exists(sizes_path):
-        raise SystemExit(f"{sizes_path}: missing; write one mapping each shard name to its sample count")
-    try:
-        with open(sizes_path) as f:
-            sizes = json.load(f)
-    except ValueError as e:
-        raise SystemExit(f"{sizes_path}: not valid JSON ({e}); rewrite it as {{\"000000.tar\": samples, ...}}")
+        sizes = count_samples(folder)
+    else:
+        try:
+            with open(sizes_path) as f:
+                sizes = json.load(f)
+        except ValueError as e:
+            raise SystemExit(f"{sizes_path}: not valid JSON ({e}); delete it to have the shards counted again")
     shards = [(os.path.join(folder, name), int(n)) for name, n in sorted(sizes.items())]
     if not shards:
         raise SystemExit(f"{sizes_path}: lists no shards; add the year's tars to it or drop the year")
@@ -271,6 +334,26 @@ def year_shards(root: str, year: str, split: str = "train") -> list[tuple[str, i
         raise SystemExit(f"{missing[0]}: listed in {sizes_path} but missing ({len(missing)} in all); "
                          f"re-download the shards or fix sizes.json")
     return shards
+
+
+def count_samples(folder: str) -> dict[str, int]:
+    """{shard name: samples} of every *.tar in folder, by reading them; saved as folder/sizes.json, atomically
+    (all processes of a run may count at once: each writes its own temporary file, all with the same counts)."""
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
+    if not names:
+        raise SystemExit(f"{folder}: holds no .tar shards and no sizes.json; put the year's webdataset shards there")
+    t0 = time.time()
+    sizes = {name: sum(1 for _ in iter_tar(os.path.join(folder, name))) for name in names}
+    tmp = os.path.join(folder, f"sizes.json.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(sizes, f, indent=1)
+        os.replace(tmp, os.path.join(folder, "sizes.json"))
+        saved = "saved as sizes.json"
+    except OSError as e:  # a read-only copy of the data: count again next time
+        saved = f"could not save sizes.json ({e.strerror})"
+    print(f"{folder}: counted {sum(sizes.values())} samples in {len(names)} shards in {time.time() - t0:.1f}s; {saved}")
+    return sizes
 
 
 def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -304,7 +387,16 @@ def split_shards(shards: list, rank: int, world_size: int, worker: int, num_work
     return shards[rank * num_workers + worker::world_size * num_workers]
 
 
-def keep_sample(key: str, fraction: float, seed: int) -> bool:
+VALIDATION_FRACTION = 0.02  # of every year's training pairs: never trained on, for tuning (patching's coefficient)
+VALIDATION_SEED = 2 ** 31 - 1  # apart from the replay-buffer seeds, so the two selections are independent
+
+
+def is_validation(key: str) -> bool:
+    """Is this training pair in the validation split that no strategy trains on? (TiC-scale: a hash, no index)"""
+    return keep_sample(key, VALIDATION_FRACTION, VALIDATION_SEED)
+
+
+def keep_sample(key: str, fraction: float, seed: int | str) -> bool:
     """Is this sample in the replay buffer of this fraction? A hash of (seed, key) as u in [0, 1), kept iff
     u < fraction: the same on every process and run, and a smaller buffer is a subset of a larger one."""
     digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
@@ -350,8 +442,37 @@ class ImageTransform:
         return torch.from_numpy(x.transpose(2, 0, 1).copy())
 
 
+def _char_fixes() -> dict[int, str | None]:
+    """The character fixes of ftfy.fix_text, which CLIP runs on every caption: Latin ligatures spelled out,
+    full-width forms made normal width, curly quotes straightened, stray control characters dropped."""
+    quotes = {**{c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"}, **{c: '"' for c in "\u201c\u201d\u201e\u201f"}}
+    ligatures = dict(zip("ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ", "IJ ij ʼn DZ Dz dz DŽ Dž dž LJ Lj lj NJ Nj nj ff fi fl ffi ffl ſt st".split()))
+    fixes = {c: s.translate(str.maketrans(quotes)) for c, s in ligatures.items()}  # "ŉ" -> "'n", as ftfy's loop
+    fixes.update(quotes)
+    fixes["\u3000"] = " "  # the ideographic space
+    fixes.update({chr(i): unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
+                  if unicodedata.normalize("NFKC", chr(i)) != chr(i)})
+    controls = [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
+                *range(0xFFF9, 0xFFFD)]
+    fixes.update({chr(i): None for i in controls})
+    return str.maketrans(fixes)
+
+
+CHAR_FIXES = _char_fixes()
+
+
+def clean_text(text: str) -> str:
+    """CLIP's caption cleaning (open_clip's basic_clean, then lower case): HTML entities decoded (twice, as CLIP),
+    ftfy's character fixes, NFC, lower case. Not reproduced: ftfy's repair of mojibake (text decoded with the
+    wrong codec). Python's lower(), not the tokenizer's, since only it spells a final sigma 'ς' as CLIP does.
+    Whitespace is collapsed by the tokenizer's own normaliser."""
+    text = html.unescape(html.unescape(text)).translate(CHAR_FIXES)
+    return unicodedata.normalize("NFC", text).lower()
+
+
 class Tokenizer:
-    """Byte-level BPE from the `tokenizers` package, trained on the captions (or a loaded tokenizer.json).
+    """Byte-level BPE from the `tokenizers` package, trained on the captions, or a loaded tokenizer.json (such as
+    CLIP's, made by `python prepare.py clip-tokenizer`). Captions are cleaned first, as CLIP does (clean_text).
     Rows are [sot] + tokens + [eot] + padding, so a text model can pool at the eot position."""
 
     def __init__(self, tok: tokenizers.Tokenizer):
@@ -398,7 +519,8 @@ class Tokenizer:
     def __call__(self, texts: list[str], context_tokens: int) -> torch.Tensor:
         """LongTensor [len(texts), context_tokens]; over-long text is cut so the row still ends with eot."""
         rows = torch.full((len(texts), context_tokens), self.pad_id, dtype=torch.long)
-        for row, enc in zip(rows, self.tok.encode_batch(list(texts), add_special_tokens=False)):
+        texts = [clean_text(t) for t in texts]
+        for row, enc in zip(rows, self.tok.encode_batch(texts, add_special_tokens=False)):
             ids = [self.sot_id] + enc.ids[:context_tokens - 2] + [self.eot_id]
             row[:len(ids)] = torch.tensor(ids)
         return rows
@@ -419,14 +541,38 @@ class Part:
         return sum(n for _, n in self.shards) * self.keep_fraction  # expected samples
 
 
-def _decode(sample: dict[str, bytes]) -> tuple[Image.Image, str] | None:
-    """(image, caption) of a sample, or None if either is missing."""
+def sample_json(sample: dict[str, bytes]) -> dict:
+    """The sample's json member as a dict ({} when it has none or it does not parse)."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError:  # a broken json member: as if there were none
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def caption(sample: dict[str, bytes]) -> str | None:
+    """The caption: the .txt member, else the json's "caption" (TiC-YFCC and TiC-RedCaps shards hold only json)."""
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8", errors="replace").strip()
+    text = sample_json(sample).get("caption")
+    return text.strip() if isinstance(text, str) else None
+
+
+def class_id(sample: dict[str, bytes]) -> int | None:
+    """The class id of a classification sample: the .cls member, else the json's "cls" field."""
+    value = sample["cls"].decode().strip() if "cls" in sample else sample_json(sample).get("cls")
+    return None if value is None else int(value)
+
+
+def _decode(sample: dict[str, bytes], target: str = "caption") -> tuple[Image.Image, str | int] | None:
+    """(image, caption) or, for target="class", (image, class id) of a sample; None if either is missing."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None or "txt" not in sample:
+    label = caption(sample) if target == "caption" else class_id(sample)
+    if ext is None or label is None:
         return None
     img = Image.open(io.BytesIO(sample[ext]))
     img.load()  # decode now, so a corrupt image fails here and not inside the transform
-    return img, sample["txt"].decode("utf-8", errors="replace").strip()
+    return img, label
 
 
 class TrainStream(IterableDataset):
@@ -468,7 +614,7 @@ class TrainStream(IterableDataset):
             path, keep_fraction = self.shards[rng.integers(len(self.shards))]
             found = False
             for key, sample in iter_tar(path):
-                if keep_fraction < 1 and not keep_sample(key, keep_fraction, self.keep_seed):
+                if is_validation(key) or keep_fraction < 1 and not keep_sample(key, keep_fraction, self.keep_seed):
                     continue
                 found = True
                 yield key, sample
@@ -509,18 +655,29 @@ def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
                       pin_memory=torch.cuda.is_available())
 
 
-def eval_batches(shards: list, image_px: int,
-                 batch_samples: int) -> Iterator[tuple[torch.Tensor, list[str], list[str]]]:
-    """Held-out pairs in shard order: (images [b, 3, px, px], captions, keys); deterministic, one process."""
+def eval_batches(shards: list, image_px: int, batch_samples: int, validation_only: bool = False,
+                 max_samples: int | None = None,
+                 target: str = "caption") -> Iterator[tuple[torch.Tensor, list, list[str]]]:
+    """Held-out samples in shard order: (images [b, 3, px, px], captions, keys), or class ids instead of captions
+    for target="class"; deterministic, one process.
+    validation_only: only the training pairs of the validation split, at most max_samples of them."""
     transform = ImageTransform(image_px, train=False)
     images, captions, keys = [], [], []
+    seen = 0
     for shard in shards:
         path = shard[0] if isinstance(shard, (tuple, list)) else shard
+        if max_samples is not None and seen >= max_samples:
+            break
         for key, sample in iter_tar(path):
+            if validation_only and not is_validation(key):
+                continue
+            if max_samples is not None and seen >= max_samples:
+                break
+            seen += 1
             try:
-                decoded = _decode(sample)
+                decoded = _decode(sample, target)
             except Exception as e:  # skipping would silently shrink the gallery, so stop and say where
-                raise RuntimeError(f"{path}: sample {key} has an unreadable image ({e}); regenerate the shard")
+                raise RuntimeError(f"{path}: sample {key} is unreadable ({e}); regenerate the shard")
             if decoded is None:
                 continue
             images.append(transform(decoded[0]))

@@ -1,12 +1,16 @@
 """
-Per-time-step zero-shot retrieval and the evaluation matrix of TiC-CLIP.
+Per-time-step zero-shot retrieval and classification, and the evaluation matrices of TiC-CLIP.
 
     python evaluate.py --run=runs/cumulative-all         # re-evaluate every step checkpoint of a run
+    python evaluate.py --checkpoint=ViT-B-32.pt --tokenizer=clip-tokenizer.json --data_root=/data/tic-datacomp \
+        --steps=2014-2016,2017,2018,2019,2020,2021,2022  # an existing model (OpenAI/OpenCLIP) on every step
 
 For each task (the held-out pairs of one time step, ROOT/eval/retrieval/YEAR/*.tar) we embed the images
 and captions and report image->text and text->image recall@1/5/10 and their mean R@1, the main metric,
 together with the gallery size (recall falls as the gallery grows). Scores are computed in chunks of
 queries, so a 100k gallery needs one chunk x gallery block of memory at a time, never gallery x gallery.
+Where the benchmark has labelled images (ROOT/eval/classification/YEAR/*.tar, classnames.txt, templates.txt,
+as TiC-DataCompNet), each task also reports zero-shot top-1/top-5 classification accuracy.
 
 The evaluation matrix E[i][j] is the model after step i on the task of step j. Its summary, as in the
 paper: in-distribution (ID) = mean of the diagonal, backward transfer = mean over i > j (old tasks, how
@@ -17,11 +21,14 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+import data
 from data import Tokenizer, eval_batches
+from model import load_pretrained
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
 
@@ -46,11 +53,12 @@ def recall_at_k(queries, gallery, ks=(1, 5, 10), chunk_queries=1024) -> dict[int
 
 
 @torch.no_grad()
-def embed_pairs(model, shards, tokenizer, device, batch_samples=256):
-    """L2-normalised (image features, text features) of a task's pairs, in shard order."""
+def embed_pairs(model, shards, tokenizer, device, batch_samples=256, **select):
+    """L2-normalised (image features, text features) of a task's pairs, in shard order.
+    select: eval_batches' validation_only and max_samples, to embed the validation split instead."""
     cfg = model.cfg
     images, texts = [], []
-    for x, captions, _ in eval_batches(shards, cfg.image_px, batch_samples):
+    for x, captions, _ in eval_batches(shards, cfg.image_px, batch_samples, **select):
         tokens = tokenizer(captions, cfg.context_tokens).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             images.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1))
@@ -58,8 +66,8 @@ def embed_pairs(model, shards, tokenizer, device, batch_samples=256):
     return torch.cat(images), torch.cat(texts)
 
 
-def retrieval(model, shards, tokenizer, device, batch_samples=256) -> dict:
-    img, txt = embed_pairs(model, shards, tokenizer, device, batch_samples)
+def retrieval(model, shards, tokenizer, device, batch_samples=256, **select) -> dict:
+    img, txt = embed_pairs(model, shards, tokenizer, device, batch_samples, **select)
     i2t, t2i = recall_at_k(img, txt), recall_at_k(txt, img)
     out = {f"i2t_R@{k}": 100 * v for k, v in i2t.items()}
     out.update({f"t2i_R@{k}": 100 * v for k, v in t2i.items()})
@@ -68,11 +76,87 @@ def retrieval(model, shards, tokenizer, device, batch_samples=256) -> dict:
     return out
 
 
-def evaluate_step(model, tasks: dict[str, list], tokenizer, device, batch_samples=256) -> dict[str, dict]:
-    """One row of the evaluation matrix: {task name: metrics} for the model as it is now."""
+# ----------------------------------------------------------------------------- classification
+@torch.no_grad()
+def zero_shot_classifier(model, classnames, templates, tokenizer, device, batch_samples=256) -> torch.Tensor:
+    """[embed_dim, classes]: per class, the mean of the L2-normalised text embeddings of its prompts (each
+    template with the class name in place of "{}"), renormalised, as CLIP's zero-shot classifier."""
+    prompts = [t.format(name) for name in classnames for t in templates]
+    embeddings = []
+    for start in range(0, len(prompts), batch_samples):
+        tokens = tokenizer(prompts[start:start + batch_samples], model.cfg.context_tokens).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            embeddings.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    per_class = torch.cat(embeddings).view(len(classnames), len(templates), -1).mean(dim=1)
+    return F.normalize(per_class, dim=-1).t()
+
+
+@torch.no_grad()
+def classification(model, shards, classifier, device, batch_samples=256) -> dict:
+    """Zero-shot top-1 and top-5 accuracy (%) of the labelled images in shards; classifier from zero_shot_classifier."""
+    n_classes, hits1, hits5, n = classifier.shape[1], 0, 0, 0
+    for x, labels, keys in eval_batches(shards, model.cfg.image_px, batch_samples, target="class"):
+        labels = torch.tensor(labels)
+        if labels.max() >= n_classes or labels.min() < 0:
+            bad = keys[int(((labels >= n_classes) | (labels < 0)).nonzero()[0])]
+            raise SystemExit(f"sample {bad}: class id out of range for {n_classes} class names; fix classnames.txt")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            image_features = F.normalize(model.encode_image(x.to(device)).float(), dim=-1)
+        top = (image_features @ classifier).topk(min(5, n_classes), dim=1).indices.cpu()
+        hits1 += int((top[:, 0] == labels).sum())
+        hits5 += int((top == labels[:, None]).any(dim=1).sum())
+        n += len(labels)
+    if n == 0:
+        raise SystemExit(f"{shards[0][0]}: no images with a class id (.cls member or json \"cls\") in this task")
+    return {"top1": 100 * hits1 / n, "top5": 100 * hits5 / n, "class_samples": n, "classes": n_classes}
+
+
+# ----------------------------------------------------------------------------- the tasks of a time step
+@dataclass
+class Task:
+    """The evaluation data of one time step."""
+    retrieval: list                          # [(shard, samples)] of held-out image-caption pairs
+    classification: list | None = None       # [(shard, samples)] of labelled images, if the benchmark has them
+    classnames: list[str] | None = None      # class id i is classnames[i]
+    templates: list[str] | None = None       # prompts with "{}" for the class name
+
+
+def step_tasks(root: str, years: list[str]) -> Task:
+    """A time step's tasks: retrieval on its years' held-out pairs (ROOT/eval/retrieval/YEAR), and classification
+    where ROOT/eval/classification/YEAR exists, with classnames.txt and templates.txt beside the year folders."""
+    task = Task([s for y in years for s in data.year_shards(root, y, "retrieval")])
+    folder = os.path.join(root, *data.SPLITS["classification"])
+    labelled = [y for y in years if os.path.isdir(os.path.join(folder, y))]
+    if labelled:
+        task.classification = [s for y in labelled for s in data.year_shards(root, y, "classification")]
+        task.classnames = read_lines(os.path.join(folder, "classnames.txt"))
+        task.templates = read_lines(os.path.join(folder, "templates.txt"))
+        if not all("{}" in t for t in task.templates):
+            raise SystemExit(f"{folder}/templates.txt: every prompt template needs a {{}} for the class name")
+    return task
+
+
+def read_lines(path: str) -> list[str]:
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: missing; classification needs classnames.txt (class id i = line i, from 0) and "
+                         f"templates.txt (prompts such as 'a photo of a {{}}.'), one per line")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def evaluate_step(model, tasks: dict[str, Task], tokenizer, device, batch_samples=256, **select) -> dict[str, dict]:
+    """One row of the evaluation matrix: {task name: metrics} for the model as it is now: retrieval recalls, and
+    zero-shot top-1/top-5 for a task with classification data. select: see embed_pairs (retrieval only)."""
     was_training = model.training
     model.eval()
-    row = {name: retrieval(model, shards, tokenizer, device, batch_samples) for name, shards in tasks.items()}
+    row, classifiers = {}, {}
+    for name, task in tasks.items():
+        row[name] = retrieval(model, task.retrieval, tokenizer, device, batch_samples, **select)
+        if task.classification:
+            labels = (tuple(task.classnames), tuple(task.templates))  # one classifier for all steps that share them
+            if labels not in classifiers:
+                classifiers[labels] = zero_shot_classifier(model, *labels, tokenizer, device, batch_samples)
+            row[name].update(classification(model, task.classification, classifiers[labels], device, batch_samples))
     model.train(was_training)
     return row
 
@@ -89,26 +173,49 @@ def summarize(matrix: list[list[float]]) -> dict[str, float | None]:
             "forward_transfer": mean([v for i, j, v in cells if i < j])}
 
 
+TASK_KINDS = {"retrieval": METRIC, "classification": "top1"}  # each kind of task and its number in a matrix
+
+
 def eval_matrix(rows: dict[str, dict[str, dict]], task_names: list[str], metric=METRIC) -> dict:
-    """Assemble E from per-step rows {step name: {task name: metrics}} (steps in order)."""
+    """Assemble E from per-step rows {step name: {task name: metrics}} (steps in order). "matrix" and "summary"
+    are retrieval's (metric); result[kind] = {metric, matrix, summary} for each kind of TASK_KINDS measured
+    (a cell is None where a task lacks that kind, e.g. a year without classification data)."""
     matrix = [[rows[step][task][metric] for task in task_names] for step in rows]
-    return {"metric": metric, "steps": list(rows), "tasks": task_names, "matrix": matrix,
-            "summary": summarize(matrix), "results": rows}
+    result = {"metric": metric, "steps": list(rows), "tasks": task_names, "matrix": matrix,
+              "summary": summarize(matrix), "results": rows}
+    for kind, kind_metric in TASK_KINDS.items():
+        cells = [[rows[step][task].get(kind_metric) for task in task_names] for step in rows]
+        if any(v is not None for row in cells for v in row):
+            result[kind] = {"metric": kind_metric, "matrix": cells, "summary": summarize(cells)}
+    return result
 
 
 def format_matrix(result: dict) -> str:
+    """The matrix of each kind of task, with its summary and the size of its tasks."""
     tasks, width = result["tasks"], max(8, *(len(t) + 1 for t in result["tasks"]))
-    lines = [f"evaluation matrix: {result['metric']} (%), row = model after step, column = task"]
-    lines.append(" " * 12 + "".join(f"{t:>{width}}" for t in tasks))
-    for step, row in zip(result["steps"], result["matrix"]):
-        lines.append(f"{'after ' + step:<12}" + "".join(f"{v:>{width}.2f}" for v in row))
-    s = result["summary"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    lines.append(f"ID {fmt(s['id'])} | backward transfer {fmt(s['backward_transfer'])} | "
-                 f"forward transfer {fmt(s['forward_transfer'])}")
-    gallery = {t: result["results"][result["steps"][-1]][t]["gallery"] for t in tasks}
-    lines.append("gallery (pairs per task): " + ", ".join(f"{t} {n}" for t, n in gallery.items())
-                 + f"; chance R@1 = {100 / min(gallery.values()):.2f}% at most")
+    fmt = lambda v, w=0: f"{'n/a':>{w}}" if v is None else f"{v:>{w}.2f}"
+    last = result["results"][result["steps"][-1]]
+    lines = []
+    for kind in TASK_KINDS:
+        table = result.get(kind) or (result if kind == "retrieval" else None)  # older results: retrieval only
+        if table is None:
+            continue
+        lines.append(f"{kind} evaluation matrix: {table['metric']} (%), row = model after step, column = task")
+        lines.append(" " * 12 + "".join(f"{t:>{width}}" for t in tasks))
+        for step, row in zip(result["steps"], table["matrix"]):
+            lines.append(f"{'after ' + step:<12}" + "".join(fmt(v, width) for v in row))
+        s = table["summary"]
+        lines.append(f"ID {fmt(s['id'])} | backward transfer {fmt(s['backward_transfer'])} | "
+                     f"forward transfer {fmt(s['forward_transfer'])}")
+        if kind == "retrieval":
+            gallery = {t: last[t]["gallery"] for t in tasks}
+            lines.append("gallery (pairs per task): " + ", ".join(f"{t} {n}" for t, n in gallery.items())
+                         + f"; chance R@1 = {100 / min(gallery.values()):.2f}% at most")
+        else:
+            images = {t: last[t]["class_samples"] for t in tasks if "class_samples" in last[t]}
+            classes = next(last[t]["classes"] for t in images)
+            lines.append("images per task: " + ", ".join(f"{t} {n}" for t, n in images.items())
+                         + f"; {classes} classes, chance top-1 = {100 / classes:.2f}%")
     return "\n".join(lines)
 
 
@@ -121,11 +228,58 @@ def write_json(path: str, obj) -> None:
 
 
 # ----------------------------------------------------------------------------- standalone
+CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=clip-tokenizer.json --data_root=ROOT "
+                    "[--steps=2014-2016,2017,...] [--quick_gelu=auto|true|false] [--device=cpu|cuda] [--out=FILE.json]")
+
+
+def format_row(row: dict[str, dict]) -> str:
+    """One model's results per task, a line each: retrieval (and classification where measured)."""
+    lines = [f"{'task':<12}{'mean_R@1':>9}{'R@5':>7}{'R@10':>7}{'gallery':>9}{'top1':>8}{'top5':>8}{'images':>8}"]
+    for task, m in row.items():
+        cls = f"{m['top1']:>8.2f}{m['top5']:>8.2f}{m['class_samples']:>8}" if "top1" in m else ""
+        recalls = f"{m['mean_R@1']:>9.2f}{m['mean_R@5']:>7.2f}{m['mean_R@10']:>7.2f}{m['gallery']:>9}"
+        lines.append(f"{task:<12}{recalls}{cls}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(args: dict[str, str]) -> dict[str, dict]:
+    """An existing model (OpenAI's or OpenCLIP's CLIP, or a step checkpoint of a run) on every time step's tasks."""
+    import train  # the step grouping, shared with training
+    if set(args) - {"checkpoint", "tokenizer", "data_root", "steps", "quick_gelu", "device", "out"} or \
+            not {"checkpoint", "tokenizer", "data_root"} <= set(args):
+        raise SystemExit(CHECKPOINT_USAGE)
+    if args.get("quick_gelu", "auto") not in ("auto", "true", "false"):
+        raise SystemExit(f"--quick_gelu={args['quick_gelu']}: use auto (OpenAI's archives: true), true or false")
+    quick_gelu = {"auto": None, "true": True, "false": False}[args.get("quick_gelu", "auto")]
+    device = torch.device(args.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_pretrained(args["checkpoint"], quick_gelu).to(device)
+    tokenizer = Tokenizer.load(args["tokenizer"])
+    cfg = model.cfg
+    if tokenizer.vocab_size > cfg.vocab_size or tokenizer.eot_id != cfg.eot_token_id:
+        raise SystemExit(f"{args['tokenizer']}: {tokenizer.vocab_size} ids with end-of-text {tokenizer.eot_id}, but the "
+                         f"model has {cfg.vocab_size} with {cfg.eot_token_id}; pass the tokenizer the model was trained "
+                         f"with (CLIP's: python prepare.py clip-tokenizer)")
+    step_years = train.parse_steps(args["data_root"], args.get("steps", ""), split="retrieval")
+    tasks = train.eval_tasks(args["data_root"], step_years)
+    print(f"{args['checkpoint']}: ViT {cfg.vision_layers}x{cfg.vision_width} at {cfg.image_px}px, patch {cfg.patch_px}; "
+          f"text {cfg.text_layers}x{cfg.text_width}; {'QuickGELU' if cfg.quick_gelu else 'GELU'}; "
+          f"{model.num_params() / 1e6:.1f}M parameters; {len(tasks)} tasks")
+    t0 = time.time()
+    row = evaluate_step(model, tasks, tokenizer, device)
+    print(format_row(row))
+    print(f"evaluated in {time.time() - t0:.0f}s")
+    if "out" in args:
+        write_json(args["out"], {"checkpoint": args["checkpoint"], "steps": step_years, "results": row})
+    return row
+
+
 def main(argv):
     import train  # for the run's config, checkpoints and tasks
     args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    if "checkpoint" in args:
+        return evaluate_checkpoint(args)
     if set(args) - {"run", "device"} or "run" not in args:
-        raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda]")
+        raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda]\n   or: " + CHECKPOINT_USAGE[7:])
     run = args["run"]
     device = torch.device(args.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
     checkpoints = train.step_checkpoints(run)

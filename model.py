@@ -15,6 +15,8 @@ attention keeps OpenCLIP's parameter layout (one fused q,k,v projection with bia
 projection) so that OpenCLIP checkpoints map onto it name by name.
 """
 import math
+import os
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +38,7 @@ class CLIPConfig:
     text_width: int = 128
     text_layers: int = 3
     text_heads: int = 4
-    context_tokens: int = 32        # tokens per caption, end-of-text and padding included
+    context_tokens: int = 24        # tokens per caption, end-of-text and padding included (synthetic: <= 23)
     vocab_size: int = 1024
     # shared
     embed_dim: int = 128            # the joint image-text embedding
@@ -58,8 +60,6 @@ _VIT_B = dict(image_px=224, vision_width=768, vision_layers=12, vision_heads=12,
 PRESETS: dict[str, dict] = {
     # learns the 32px synthetic benchmark on a laptop CPU in minutes: the CLIPConfig defaults
     "tiny": {},
-    "tiny96": dict(vision_width=96, text_width=96, embed_dim=96, vision_heads=4, text_heads=4, context_tokens=24),
-    "tiny128c24": dict(context_tokens=24),
     # OpenCLIP's shapes; 49407 is <|endoftext|> in CLIP's BPE vocabulary
     "ViT-S-16": dict(image_px=224, patch_px=16, vision_width=384, vision_layers=12, vision_heads=6, text_width=384,
                      text_layers=12, text_heads=6, context_tokens=77, vocab_size=49408, embed_dim=384,
@@ -285,3 +285,141 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     local = image_features.shape[0]
     labels = torch.arange(local, device=image_features.device) + rank * local  # where our pairs sit globally
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+# ----------------------------------------------------------------------------- OpenCLIP and OpenAI checkpoints
+# OpenCLIP's ViT CLIP keeps OpenAI's parameter names, so one key map reads both. Each residual block, as
+# (OpenCLIP's name, our text tower's name, timm's name in our image tower):
+_BLOCK_KEYS = [
+    ("ln_1.weight", "ln_1.weight", "norm1.weight"),
+    ("ln_1.bias", "ln_1.bias", "norm1.bias"),
+    ("attn.in_proj_weight", "attn.in_proj.weight", "attn.qkv.weight"),  # q, k, v stacked in the same order
+    ("attn.in_proj_bias", "attn.in_proj.bias", "attn.qkv.bias"),
+    ("attn.out_proj.weight", "attn.out_proj.weight", "attn.proj.weight"),
+    ("attn.out_proj.bias", "attn.out_proj.bias", "attn.proj.bias"),
+    ("ln_2.weight", "ln_2.weight", "norm2.weight"),
+    ("ln_2.bias", "ln_2.bias", "norm2.bias"),
+    ("mlp.c_fc.weight", "mlp.c_fc.weight", "mlp.fc1.weight"),
+    ("mlp.c_fc.bias", "mlp.c_fc.bias", "mlp.fc1.bias"),
+    ("mlp.c_proj.weight", "mlp.c_proj.weight", "mlp.fc2.weight"),
+    ("mlp.c_proj.bias", "mlp.c_proj.bias", "mlp.fc2.bias"),
+]
+_TRANSPOSED = {"visual_proj.weight", "text_proj.weight"}  # OpenCLIP computes x @ proj; nn.Linear stores proj.T
+_LEADING_DIMS = {"visual.cls_token": 2, "visual.pos_embed": 1}  # timm keeps [1, 1, W] and [1, N, W]
+_NOT_WEIGHTS = {"input_resolution", "context_length", "vocab_size"}  # ints inside OpenAI's TorchScript state dicts
+
+
+def openclip_key_map(cfg: CLIPConfig) -> dict[str, str]:
+    """Our parameter name -> the OpenCLIP / OpenAI CLIP state-dict key it is read from, every key spelled out."""
+    keys = {"visual.cls_token": "visual.class_embedding", "visual.pos_embed": "visual.positional_embedding",
+            "visual.patch_embed.proj.weight": "visual.conv1.weight",  # CLIP's patch conv has no bias
+            "visual.norm_pre.weight": "visual.ln_pre.weight", "visual.norm_pre.bias": "visual.ln_pre.bias",
+            "visual.norm.weight": "visual.ln_post.weight", "visual.norm.bias": "visual.ln_post.bias",
+            "visual_proj.weight": "visual.proj", "token_embedding.weight": "token_embedding.weight",
+            "positional_embedding": "positional_embedding", "ln_final.weight": "ln_final.weight",
+            "ln_final.bias": "ln_final.bias", "text_proj.weight": "text_projection", "logit_scale": "logit_scale"}
+    for i in range(cfg.vision_layers):
+        keys.update({f"visual.blocks.{i}.{timm}": f"visual.transformer.resblocks.{i}.{theirs}"
+                     for theirs, _, timm in _BLOCK_KEYS})
+    for i in range(cfg.text_layers):
+        keys.update({f"text_blocks.{i}.{ours}": f"transformer.resblocks.{i}.{theirs}"
+                     for theirs, ours, _ in _BLOCK_KEYS})
+    return keys
+
+
+def openclip_config(state_dict: dict, quick_gelu: bool) -> CLIPConfig:
+    """The CLIPConfig of an OpenCLIP / OpenAI ViT state dict, read from its shapes (heads: width / 64, as both use).
+    quick_gelu cannot be read from weights: OpenAI's models use it, OpenCLIP's "-quickgelu" models too."""
+    sd = state_dict
+    need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
+            "positional_embedding", "token_embedding.weight", "ln_final.weight"]
+    if any(k not in sd for k in need):
+        raise SystemExit(f"not a ViT CLIP state dict (no {next(k for k in need if k not in sd)}); only OpenCLIP/OpenAI "
+                         f"ViT models load (ResNet image towers and Hugging Face text towers do not)")
+    vision_width, _, patch_px, _ = sd["visual.conv1.weight"].shape
+    grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+    text_width = sd["ln_final.weight"].shape[0]
+
+    def layers(prefix):
+        return len({k.split(".")[len(prefix.split("."))] for k in sd if k.startswith(prefix + ".")})
+
+    mlp_ratios = {sd[f"{p}resblocks.0.mlp.c_fc.weight"].shape[0] / w for p, w in
+                  (("visual.transformer.", vision_width), ("transformer.", text_width))}
+    if len(mlp_ratios) != 1:
+        raise SystemExit(f"the image and text MLPs have different width ratios {sorted(mlp_ratios)}; CLIPConfig has one")
+    vocab_size = sd["token_embedding.weight"].shape[0]
+    return CLIPConfig(image_px=grid * patch_px, patch_px=patch_px, vision_width=vision_width,
+                      vision_layers=layers("visual.transformer.resblocks"), vision_heads=vision_width // 64,
+                      text_width=text_width, text_layers=layers("transformer.resblocks"), text_heads=text_width // 64,
+                      context_tokens=sd["positional_embedding"].shape[0], vocab_size=vocab_size,
+                      embed_dim=sd["text_projection"].shape[1], mlp_ratio=mlp_ratios.pop(), quick_gelu=quick_gelu,
+                      eot_token_id=vocab_size - 1)  # <|endoftext|>, the last id of CLIP's vocabulary
+
+
+def load_openclip_state_dict(state_dict: dict, cfg: CLIPConfig) -> CLIP:
+    """Our CLIP holding the weights of an OpenCLIP or OpenAI CLIP ViT state dict (cfg: openclip_config(state_dict,
+    quick_gelu) or a preset such as make_config("ViT-B-32", quick_gelu=True)). Every key must be matched both
+    ways and every shape must agree; otherwise the error lists what is left over. Weights become float32."""
+    # the causal mask is rebuilt, not loaded (some OpenCLIP versions saved it as a buffer)
+    state_dict = {k: v for k, v in state_dict.items() if k not in _NOT_WEIGHTS and not k.endswith("attn_mask")}
+    with torch.device("meta"):  # shapes only: every parameter is overwritten below, so skip the random init
+        model = CLIP(cfg)
+    key_map = openclip_key_map(cfg)
+    ours = model.state_dict()
+    missing = sorted(theirs for theirs in key_map.values() if theirs not in state_dict)
+    unused = sorted(set(state_dict) - set(key_map.values()))
+    unmapped = sorted(set(ours) - set(key_map))  # our parameters the map forgot (a change in timm, say)
+    converted, wrong_shape = {}, []
+    for name, theirs in key_map.items():
+        if name not in ours or theirs not in state_dict:
+            continue
+        value = state_dict[theirs]
+        value = value.t() if name in _TRANSPOSED else value
+        value = value[(None,) * _LEADING_DIMS.get(name, 0)]
+        if value.shape != ours[name].shape:
+            wrong_shape.append(f"{theirs} {tuple(state_dict[theirs].shape)} -> {name} {tuple(ours[name].shape)}")
+        # a copy: the model must not share memory with the caller's state dict (OpenAI's is float16)
+        converted[name] = value.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    problems = [f"{what} ({len(keys)}): {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}" for what, keys in
+                [("checkpoint keys we do not use", unused), ("keys our model needs but the checkpoint lacks", missing),
+                 ("our parameters with no checkpoint key", unmapped), ("shapes that differ", wrong_shape)] if keys]
+    if problems:
+        raise SystemExit("cannot load the CLIP state dict: " + "; ".join(problems)
+                         + "; check the model shape (a ViT-B-32/B-16/S-16 OpenCLIP or OpenAI checkpoint)")
+    model.load_state_dict(converted, assign=True)
+    return model.eval()
+
+
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive is a zip holding constants.pkl (torch.save's zips do not); looked up without unpickling."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("/constants.pkl") for name in z.namelist())
+
+
+def load_pretrained(path: str, quick_gelu: bool | None = None) -> CLIP:
+    """A CLIP from a file: OpenAI's TorchScript archive (ViT-B-32.pt ...), an OpenCLIP state dict (.bin, .pt or
+    .safetensors) or OpenCLIP training checkpoint ({"state_dict": ...} with DDP's "module." prefix), or one
+    of train.py's step checkpoints. quick_gelu None: True for OpenAI's archives, False for OpenCLIP's."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint file; pass --checkpoint=FILE (an OpenCLIP or OpenAI CLIP)")
+    if _is_torchscript(path):
+        state_dict = torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI's releases are TorchScript
+        quick_gelu = True if quick_gelu is None else quick_gelu
+    elif path.endswith(".safetensors"):
+        from safetensors.torch import load_file  # installed with timm
+        state_dict = load_file(path)
+    else:
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]}); "
+                             f"pass an OpenCLIP/OpenAI CLIP state dict or a train.py step checkpoint")
+    if "model_config" in state_dict and "model" in state_dict:  # one of ours
+        model = CLIP(CLIPConfig(**state_dict["model_config"]))
+        model.load_state_dict(state_dict["model"])
+        return model.eval()
+    state_dict = state_dict.get("state_dict", state_dict)
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    return load_openclip_state_dict(state_dict, openclip_config(state_dict, bool(quick_gelu)))

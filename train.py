@@ -46,6 +46,8 @@ tokenizer_samples = 100_000    # captions of the first step used to train that B
 strategy = "cumulative-all"    # one of strategies.STRATEGIES
 model = "tiny"                 # one of model.PRESETS
 lwf_weight = 1.0               # weight of lwf's distillation term
+patch_alphas = "0,0.25,0.5,0.75,1"  # patching: coefficients tried, theta = (1-a) theta_prev + a theta_finetuned
+validation_samples = 1000      # patching: validation pairs per past step used to choose the coefficient
 # budget and optimisation (DataComp's values; lr and warmup scaled for the tiny CPU run)
 budget_samples = 12_000        # C: samples seen per time step (oracle: t x C at step t)
 batch_size = 128               # global, over all processes
@@ -91,9 +93,9 @@ def parse_config(argv: list[str]) -> dict:
 
 
 # ----------------------------------------------------------------------------- data and checkpoints
-def parse_steps(root: str, spec: str) -> list[list[str]]:
+def parse_steps(root: str, spec: str, split: str = "train") -> list[list[str]]:
     """Year folders of each time step: '2014-2016,2017' -> [['2014', '2015', '2016'], ['2017']]."""
-    years = data.years_in(root)
+    years = data.years_in(root, split)
     if not spec:
         return [[y] for y in years]
     groups = []
@@ -102,7 +104,8 @@ def parse_steps(root: str, spec: str) -> list[list[str]]:
         last = last or first
         chosen = [y for y in years if first <= y[:len(first)] <= last]  # YYYY or YYYYMM folders
         if not chosen:
-            raise SystemExit(f"error: step '{group}' names no year folder under {root}/train "
+            folder = os.path.join(root, *data.SPLITS[split])
+            raise SystemExit(f"error: step '{group}' names no year folder under {folder} "
                              f"(found: {', '.join(years)}); fix --steps")
         groups.append(chosen)
     return groups
@@ -112,9 +115,9 @@ def step_name(years: list[str]) -> str:
     return years[0] if len(years) == 1 else f"{years[0]}-{years[-1]}"
 
 
-def eval_tasks(root: str, step_years: list[list[str]]) -> dict[str, list]:
-    """The retrieval task of each time step: the held-out pairs of its years."""
-    return {step_name(ys): [s for y in ys for s in data.year_shards(root, y, "retrieval")] for ys in step_years}
+def eval_tasks(root: str, step_years: list[list[str]]) -> dict[str, evaluate.Task]:
+    """The tasks of each time step: retrieval on the held-out pairs of its years, and classification if any."""
+    return {step_name(ys): evaluate.step_tasks(root, ys) for ys in step_years}
 
 
 def step_checkpoints(run: str) -> list[str]:
@@ -142,9 +145,10 @@ def train_tokenizer(step_years: list[str], root: str, n_captions: int) -> data.T
         for year in step_years:
             for shard, _ in data.year_shards(root, year):
                 for _, sample in data.iter_tar(shard):
-                    if "txt" in sample and seen < n_captions:
+                    text = data.caption(sample)  # the .txt, or the json's caption (TiC-YFCC, TiC-RedCaps)
+                    if text is not None and seen < n_captions:
                         seen += 1
-                        yield sample["txt"].decode("utf-8")
+                        yield text
     return data.Tokenizer.train(captions(), vocab_size)
 
 
@@ -156,6 +160,33 @@ def lr_at(it: int, n_iters: int, warmup: int, lr_peak: float) -> float:
     return lr_peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()
+def choose_patch(model: CLIP, previous: dict, step_years: list[list[str]], tok, dev, master: bool,
+                 distributed: bool) -> float:
+    """Patching: set model to (1-a) previous + a model for the a of patch_alphas with the best mean R@1 on the
+    validation pairs of the steps seen so far (data.is_validation: never trained on, apart from the evaluation
+    sets). Rank 0 chooses and broadcasts a, so every rank holds the same weights."""
+    finetuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    previous = {k: v.to(dev) for k, v in previous.items()}
+    alphas = [float(a) for a in patch_alphas.split(",")]
+    scores = torch.zeros(len(alphas), device=dev)
+    if master:
+        tasks = {step_name(ys): evaluate.Task([s for y in ys for s in data.year_shards(data_root, y)])
+                 for ys in step_years}
+        for i, a in enumerate(alphas):
+            model.load_state_dict(strategies.interpolate(previous, finetuned, a))
+            row = evaluate.evaluate_step(model, tasks, tok, dev, eval_batch, validation_only=True,
+                                         max_samples=validation_samples)
+            scores[i] = sum(r[evaluate.METRIC] for r in row.values()) / len(row)
+        print("patching: validation mean R@1 by coefficient: "
+              + ", ".join(f"{a:g} {float(v):.2f}" for a, v in zip(alphas, scores)))
+    if distributed:
+        dist.broadcast(scores, 0)
+    best = alphas[int(scores.argmax())]
+    model.load_state_dict(strategies.interpolate(previous, finetuned, best))
+    return best
+
+
 # ----------------------------------------------------------------------------- the continual loop
 def main(argv):
     cfg = parse_config(argv)
@@ -164,6 +195,9 @@ def main(argv):
     strat = strategies.get_strategy(strategy)
 
     distributed = "RANK" in os.environ  # set by torchrun
+    if batch_size % int(os.environ.get("WORLD_SIZE", 1)):  # checked before any process waits for the others
+        raise SystemExit(f"error: batch_size={batch_size} does not divide over {os.environ['WORLD_SIZE']} processes; "
+                         f"use a multiple of {os.environ['WORLD_SIZE']}")
     if distributed:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
         rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
@@ -175,9 +209,6 @@ def main(argv):
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if batch_size % world_size:
-        raise SystemExit(f"error: batch_size={batch_size} does not divide over {world_size} processes; "
-                         f"use a multiple of {world_size}")
     barrier = dist.barrier if distributed else (lambda: None)
 
     # the data: generate the built-in benchmark on first use, then resolve the steps' shards
@@ -219,7 +250,11 @@ def main(argv):
     for t, name in enumerate(names):
         ckpt_path = os.path.join(run_dir, f"step{t + 1:02d}.pt")
         if os.path.exists(ckpt_path):  # done in an earlier run of this command
-            model_now, _ = load_model(ckpt_path, dev)
+            model_now, done = load_model(ckpt_path, dev)
+            if done["model_config"] != asdict(model_cfg):
+                raise SystemExit(f"error: {ckpt_path} holds a model of another shape than --model={model} "
+                                 f"with this tokenizer; rerun with the model it was trained with "
+                                 f"(--model={done['config']['model']}) or use a new --out_dir")
             previous = model_now.state_dict()
             if master and name not in rows:
                 rows[name] = evaluate.evaluate_step(model_now, tasks, tok, dev, eval_batch)
@@ -255,7 +290,7 @@ def main(argv):
         if distributed:
             train_model = DDP(train_model, device_ids=[local_rank] if dev.type == "cuda" else None)
         stream = data.TrainStream(parts, budget, batch_size, rank, world_size, seed, t, model_cfg.image_px, tok,
-                                  model_cfg.context_tokens)
+                                  model_cfg.context_tokens, keep_seed=seed)
         loader = data.train_loader(stream, workers)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
         warmup = warmup_iters if t == 0 else warmup_iters_later
@@ -293,13 +328,19 @@ def main(argv):
         seen = (it + 1) * batch_size
         train_s = time.time() - t_start
 
+        # --- patching: interpolate with the previous (patched) model, the coefficient chosen on validation
+        alpha = None
+        if strat.patch and previous is not None:
+            alpha = choose_patch(raw_model, previous, step_years[:t + 1], tok, dev, master, distributed)
+
         # --- checkpoint, then evaluate on every step's task
         previous = {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()}
         flops = seen * 3 * raw_model.flops_per_pair() + (seen * raw_model.flops_per_pair() if teacher else 0)
         if master:
             save_checkpoint(ckpt_path, {"model": previous, "model_config": asdict(model_cfg), "config": cfg,
                                         "steps": step_years, "time_step": t + 1, "step_name": name,
-                                        "samples_seen": seen, "flops": flops, "strategy": strategy})
+                                        "samples_seen": seen, "flops": flops, "strategy": strategy,
+                                        "patch_alpha": alpha})
             rows[name] = evaluate.evaluate_step(raw_model, tasks, tok, dev, eval_batch)
             result = evaluate.eval_matrix(rows, list(tasks))
             evaluate.write_json(matrix_path, result)
@@ -307,7 +348,7 @@ def main(argv):
             print(f"step {t + 1}/{len(names)} ({name}): {seen} samples in {train_s:.0f}s, {flops:.3g} FLOPs; "
                   f"{evaluate.METRIC} per task: {cells}")
             log({"event": "step_end", "time_step": t + 1, "step": name, "samples_seen": seen, "flops": flops,
-                 "train_s": train_s, "eval": rows[name]})
+                 "train_s": train_s, "patch_alpha": alpha, "eval": rows[name]})
         barrier()
 
     if master:

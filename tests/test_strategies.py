@@ -43,3 +43,29 @@ def test_step_parts_and_budgets():
     assert not STRATEGIES["restart"].warm_start and STRATEGIES["sequential"].warm_start
     with pytest.raises(SystemExit, match="unknown strategy 'nope'.*sequential"):
         get_strategy("nope")
+
+
+def test_distillation_is_zero_for_identical_models_and_positive_otherwise():
+    import torch
+    import torch.nn.functional as F
+    from strategies import distillation_loss
+    g = torch.Generator().manual_seed(0)
+    img, txt = F.normalize(torch.randn(16, 8, generator=g), dim=-1), F.normalize(torch.randn(16, 8, generator=g), dim=-1)
+    scale = torch.tensor(14.3)
+    assert distillation_loss(img, txt, scale, img, txt, scale).abs() < 1e-6
+    other = F.normalize(img + 0.5 * torch.randn(16, 8, generator=g), dim=-1)
+    assert distillation_loss(other, txt, scale, img, txt, scale) > 1e-3
+
+
+def test_interpolate_endpoints_and_midpoint():
+    import torch
+    from model import CLIP, make_config
+    torch.manual_seed(0)
+    prev = CLIP(make_config("tiny", vocab_size=64)).state_dict()
+    torch.manual_seed(1)
+    ft = CLIP(make_config("tiny", vocab_size=64)).state_dict()
+    from strategies import interpolate
+    at0, at1, half = interpolate(prev, ft, 0.0), interpolate(prev, ft, 1.0), interpolate(prev, ft, 0.5)
+    assert all(torch.equal(at0[k], prev[k]) for k in prev)
+    assert all(torch.equal(at1[k], ft[k]) for k in ft)
+    assert all(torch.allclose(half[k], (prev[k] + ft[k]) / 2) for k in ft)

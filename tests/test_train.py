@@ -89,3 +89,17 @@ def test_end_to_end_two_steps_writes_matrix_and_resumes(tmp_path):
     again = run_train(tiny_args(tmp_path, root, run))
     assert again.count("done already") == 2 and "evaluation matrix" in again
     assert os.path.getmtime(os.path.join(run, "step02.pt")) == mtime  # not retrained, not rewritten
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_same_protocol(tmp_path):
+    root, run = str(tmp_path / "bench"), str(tmp_path / "run")
+    data.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
+                                  samples_per_shard=64)
+    out = run_train(tiny_args(tmp_path, root, run, strategy="cumulative-all"), nproc=2)
+    assert "2 process(es) on cpu, global batch 32" in out
+    result = json.load(open(os.path.join(run, "eval_matrix.json")))
+    assert len(result["matrix"]) == 2
+    ckpt = torch.load(os.path.join(run, "step02.pt"), weights_only=True)
+    assert ckpt["samples_seen"] == 256  # the same global budget as one process: 8 iterations of 32
+

@@ -1,0 +1,157 @@
+"""
+Run several TiC strategies on the same benchmark and write the paper's Table 2 for it, with pictures.
+
+    python compare.py                                        # all eight strategies, seed 0, built-in benchmark
+    python compare.py --strategies=sequential,cumulative-all,oracle --seeds=0,1 --budget_samples=8000
+    python compare.py --nproc=8 --data_root=/data/tic-datacomp --model=ViT-B-16 ...   # every run via torchrun
+
+Every other --key=value goes to train.py unchanged. Runs live in OUT/seedS/STRATEGY (OUT = --out, default
+runs/compare); a finished run is reused, not retrained, when the command is run again, and the first time
+step, which is the same for every strategy (same seed, same data, same budget, random init), is trained
+once per seed and copied to the other strategies, as the paper's "every method starts from the same
+step-1 model". Writes OUT/table.md and table.json (per strategy: compute in samples and FLOPs, also
+relative to oracle; ID, backward and forward transfer; the final model's mean R@1 over all tasks; the
+mean over seeds), OUT/compute_vs_retrieval.png and one heatmap of the evaluation matrix per strategy.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import strategies
+from evaluate import write_json
+
+
+def run_strategy(strategy: str, seed: int, run_dir: str, shared_first: str | None, nproc: int, train_args: list):
+    """Train (or finish) one run; copy the shared first step in first when there is one."""
+    os.makedirs(run_dir, exist_ok=True)
+    if shared_first and not os.path.exists(os.path.join(run_dir, "step01.pt")):
+        for name in ("tokenizer.json", "step01.pt"):
+            shutil.copyfile(os.path.join(shared_first, name), os.path.join(run_dir, name))
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    cmd = launcher + ["train.py", f"--strategy={strategy}", f"--seed={seed}", f"--out_dir={run_dir}", *train_args]
+    print(" ".join(cmd), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"error: the {strategy} run (seed {seed}) failed; see its output above, fix it and rerun "
+                         f"this command: finished runs are kept")
+
+
+def run_record(run_dir: str) -> dict:
+    """Compute and evaluation summary of a finished run, from its checkpoints and eval_matrix.json."""
+    ckpts = [torch.load(os.path.join(run_dir, f), map_location="cpu", weights_only=True)
+             for f in sorted(os.listdir(run_dir)) if f.startswith("step") and f.endswith(".pt")]
+    result = json.load(open(os.path.join(run_dir, "eval_matrix.json")))
+    final_row = result["matrix"][-1]
+    return {"samples": sum(c["samples_seen"] for c in ckpts), "flops": sum(c["flops"] for c in ckpts),
+            **result["summary"], "final_mean": sum(final_row) / len(final_row), "matrix": result["matrix"],
+            "tasks": result["tasks"]}
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def make_table(records: dict[str, list[dict]]) -> tuple[list[dict], str]:
+    """Mean over seeds per strategy, compute relative to oracle where oracle was run."""
+    keys = ["samples", "flops", "id", "backward_transfer", "forward_transfer", "final_mean"]
+    rows = [{"strategy": name, "seeds": len(recs), **{k: mean([r[k] for r in recs]) for k in keys}}
+            for name, recs in records.items()]
+    oracle = next((r for r in rows if r["strategy"] == "oracle"), None)
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+    lines = ["| strategy | samples | FLOPs | compute vs oracle | ID | backward | forward | final model, all tasks |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        r["relative_compute"] = r["flops"] / oracle["flops"] if oracle else None
+        relative = "n/a" if oracle is None else f"{r['relative_compute']:.2f}x"
+        lines.append(f"| {r['strategy']} | {r['samples']:,.0f} | {r['flops']:.3g} | {relative} | {fmt(r['id'])} | "
+                     f"{fmt(r['backward_transfer'])} | {fmt(r['forward_transfer'])} | {fmt(r['final_mean'])} |")
+    return rows, "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- pictures (pillow only)
+def plot_compute(rows: list[dict], path: str) -> None:
+    """Each strategy's final-model mean R@1 (all tasks) against its total FLOPs."""
+    W, H, pad = 720, 480, 70
+    img = Image.new("RGB", (W, H), "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    xs, ys = [r["flops"] for r in rows], [r["final_mean"] for r in rows]
+    x_hi, y_lo, y_hi = max(xs) * 1.1, min(ys) - 2, max(ys) + 2
+    px = lambda x: pad + (W - 2 * pad) * x / x_hi
+    py = lambda y: H - pad - (H - 2 * pad) * (y - y_lo) / (y_hi - y_lo)
+    d.line([(pad, pad), (pad, H - pad), (W - pad, H - pad)], fill="black")
+    for i in range(5):
+        y = y_lo + (y_hi - y_lo) * i / 4
+        d.text((5, py(y) - 5), f"{y:.1f}", fill="black", font=font)
+        x = x_hi * i / 4
+        d.text((px(x) - 15, H - pad + 8), f"{x:.2g}", fill="black", font=font)
+    d.text((W // 2 - 60, H - 30), "total training FLOPs", fill="black", font=font)
+    d.text((5, 15), "final model: mean R@1 over all time steps (%)", fill="black", font=font)
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for i, r in enumerate(rows):
+        x, y, c = px(r["flops"]), py(r["final_mean"]), palette[i % len(palette)]
+        d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=c)
+        d.text((x + 9, y - 6 + 12 * (i % 2)), r["strategy"], fill=c, font=font)
+    img.save(path)
+
+
+def plot_heatmap(matrix: list[list[float]], tasks: list[str], title: str, path: str) -> None:
+    """E[i][j] as coloured cells with their values: rows = model after step i, columns = task j."""
+    n, cell, left, top = len(tasks), 64, 90, 50
+    img = Image.new("RGB", (left + cell * n + 20, top + cell * len(matrix) + 40), "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    lo, hi = min(min(r) for r in matrix), max(max(r) for r in matrix)
+    d.text((10, 10), title, fill="black", font=font)
+    for j, name in enumerate(tasks):
+        d.text((left + j * cell + 10, top - 15), name, fill="black", font=font)
+    for i, row in enumerate(matrix):
+        d.text((5, top + i * cell + cell // 2 - 5), f"after {tasks[i] if i < n else i}", fill="black", font=font)
+        for j, v in enumerate(row):
+            u = (v - lo) / (hi - lo) if hi > lo else 0.5  # white (low) to dark blue (high)
+            color = (int(255 - 225 * u), int(255 - 180 * u), int(255 - 80 * u))
+            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
+            d.rectangle(box, fill=color)
+            d.text((box[0] + 14, box[1] + cell // 2 - 6), f"{v:.1f}", fill="white" if u > 0.6 else "black", font=font)
+    img.save(path)
+
+
+def main(argv):
+    opts = {"strategies": ",".join(strategies.STRATEGIES), "seeds": "0", "out": "runs/compare", "nproc": "1"}
+    train_args = []
+    for arg in argv:
+        key = arg[2:].split("=", 1)[0]
+        if key in opts and "=" in arg:
+            opts[key] = arg.split("=", 1)[1]
+        else:
+            train_args.append(arg)  # train.py checks these
+    names = opts["strategies"].split(",")
+    for name in names:
+        strategies.get_strategy(name)
+    seeds, out = [int(s) for s in opts["seeds"].split(",")], opts["out"]
+    records = {name: [] for name in names}
+    for seed in seeds:
+        shared_first = None
+        for name in names:
+            run_dir = os.path.join(out, f"seed{seed}", name)
+            run_strategy(name, seed, run_dir, shared_first, int(opts["nproc"]), train_args)
+            shared_first = shared_first or run_dir
+            records[name].append(run_record(run_dir))
+    rows, table = make_table(records)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    write_json(os.path.join(out, "table.json"), {"rows": rows, "seeds": seeds, "train_args": train_args})
+    plot_compute(rows, os.path.join(out, "compute_vs_retrieval.png"))
+    for name in names:  # the heatmap of the first seed's matrix
+        rec = records[name][0]
+        plot_heatmap(rec["matrix"], rec["tasks"], f"{name}: mean R@1 (%)", os.path.join(out, f"heatmap_{name}.png"))
+    print(table)
+    print(f"table.md, table.json and PNGs in {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,233 @@
+"""
+Prepare real data for TiC training, once: split timestamped webdataset shards into the TiC layout, and turn
+CLIP's BPE vocabulary into a tokenizer.json.
+
+    python prepare.py split --src='/data/redcaps/*.tar' --dst=/data/tic-redcaps [--eval_fraction=0.01 --seed=0]
+    python prepare.py clip-tokenizer --out=clip-tokenizer.json [--bpe=bpe_simple_vocab_16e6.txt.gz]
+
+split reads every sample of the source shards once and takes its time from its json, where img2dataset
+puts the source's extra columns: the first of TIME_FIELDS present (or --time_field), a year, unix seconds
+(or milliseconds) or an ISO date. It writes the sample unchanged to DST/train/YEAR/ or, when a hash of its
+key with the seed falls below eval_fraction, to the held-out DST/eval/retrieval/YEAR/ (--by=month: YYYYMM
+folders), in shards of at most samples_per_shard with a sizes.json each. Every sample lands in exactly one
+place; the counts in and out are printed and checked. The output is built beside DST and renamed at the end,
+so DST is whole or absent. The held-out hash is independent of the replay-buffer and validation hashes
+(data.keep_sample with other seeds), so held-out pairs do not bias which training pairs a buffer keeps.
+
+clip-tokenizer writes CLIP's tokenizer (OpenAI's vocabulary, as open_clip's SimpleTokenizer) for the
+`tokenizers` package: byte-level BPE with "</w>" ending each word, split by CLIP's regex, with
+<start_of_text> = 49406 and <end_of_text> = 49407. data.Tokenizer adds CLIP's text cleaning (clean_text).
+"""
+import glob
+import gzip
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+import time
+from datetime import datetime, timezone
+
+import tokenizers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+
+import data
+
+TIME_FIELDS = ("year", "timestamp", "created_utc", "date_uploaded", "date_taken")  # tried in this order
+
+
+# ----------------------------------------------------------------------------- split
+def parse_time(value) -> tuple[int, int | None] | None:
+    """(year, month or None) of a json time value: a year (2014), unix seconds (1400000000, also as a string),
+    unix milliseconds (numbers above 1e11, year 5138 in seconds), or an ISO date ("2014-05-13 08:00:00")."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d*)?\s*", value) and len(value.strip()) > 4:
+        value = float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if 1000 <= value <= 9999:
+            return int(value), None
+        seconds = value / 1000 if value > 1e11 else value
+        when = datetime.fromtimestamp(seconds, timezone.utc)
+        return when.year, when.month
+    if isinstance(value, str):
+        m = re.match(r"\s*(\d{4})(?:[-/](\d{1,2}))?", value)
+        if m:
+            return int(m[1]), int(m[2]) if m[2] else None
+    return None
+
+
+def time_folder(meta: dict, time_field: str, by: str) -> str | None:
+    """The folder name (YYYY or YYYYMM) of a sample from its json, or None when it holds no usable time."""
+    for field in [time_field] if time_field else TIME_FIELDS:
+        when = parse_time(meta.get(field))
+        if when is not None:
+            year, month = when
+            if by == "year":
+                return f"{year:04d}"
+            return f"{year:04d}{month:02d}" if month else None
+    return None
+
+
+class ShardWriter:
+    """Samples into FOLDER/000000.tar, 000001.tar, ... at most samples_per_shard each; close() adds sizes.json."""
+
+    def __init__(self, folder: str, samples_per_shard: int):
+        self.folder, self.samples_per_shard = folder, samples_per_shard
+        self.sizes, self.tar, self.last_key = {}, None, None
+        os.makedirs(folder)
+
+    def write(self, key: str, sample: dict[str, bytes], source: str) -> None:
+        if self.tar is None or self.sizes[self.name] == self.samples_per_shard:
+            self.close_shard()
+            self.name = f"{len(self.sizes):06d}.tar"
+            self.tar = tarfile.open(os.path.join(self.folder, self.name), "w", format=tarfile.PAX_FORMAT)
+            self.sizes[self.name], self.last_key = 0, None
+        if key == self.last_key:  # readers group consecutive members by key: the two would merge into one
+            raise SystemExit(f"{source}: sample key {key} follows a sample with the same key; keys must be unique, "
+                             f"rename the duplicates in the source shards")
+        for ext, payload in sample.items():
+            data.add_member(self.tar, f"{key}.{ext}", payload)
+        self.sizes[self.name] += 1
+        self.last_key = key
+
+    def close_shard(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+    def close(self) -> int:
+        self.close_shard()
+        with open(os.path.join(self.folder, "sizes.json"), "w") as f:
+            json.dump(self.sizes, f, indent=1)
+        return sum(self.sizes.values())
+
+
+def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_field: str = "", by: str = "year",
+          samples_per_shard: int = 10_000) -> dict[str, dict[str, int]]:
+    """Timestamped shards (a folder of .tar files or a glob) -> the TiC layout at dst. Returns
+    {"train": {folder: samples}, "retrieval": {folder: samples}}."""
+    if by not in ("year", "month"):
+        raise SystemExit(f"--by={by}: use year (YYYY folders) or month (YYYYMM folders)")
+    if not 0 <= eval_fraction < 1:
+        raise SystemExit(f"--eval_fraction={eval_fraction}: use a fraction in [0, 1), e.g. 0.01")
+    paths = sorted(glob.glob(os.path.join(src, "*.tar")) if os.path.isdir(src) else glob.glob(src))
+    if not paths:
+        raise SystemExit(f"{src}: no .tar shards found; pass --src=FOLDER or --src='GLOB' (quoted) of webdataset tars")
+    dst = os.path.normpath(dst)
+    if os.path.exists(dst):
+        raise SystemExit(f"{dst}: exists already; pick a new --dst, or delete it to split again")
+    tmp = f"{dst}.tmp{os.getpid()}"
+    writers: dict[tuple[str, str], ShardWriter] = {}
+    samples_in, t0 = 0, time.time()
+    try:
+        for path in paths:
+            for key, sample in data.iter_tar(path):
+                samples_in += 1
+                folder = time_folder(data.sample_json(sample), time_field, by)
+                if folder is None:
+                    raise SystemExit(f"{path}: sample {key} has no {by} in its json (looked for "
+                                     f"{time_field or ', '.join(TIME_FIELDS)}); pass --time_field=NAME of its time")
+                # held out by a hash of the key: the same samples for the same seed, whatever the shard order
+                split_name = "retrieval" if data.keep_sample(key, eval_fraction, f"heldout{seed}") else "train"
+                if (split_name, folder) not in writers:
+                    writers[split_name, folder] = ShardWriter(os.path.join(tmp, *data.SPLITS[split_name], folder),
+                                                              samples_per_shard)
+                writers[split_name, folder].write(key, sample, path)
+        counts = {"train": {}, "retrieval": {}}
+        for (split_name, folder), writer in sorted(writers.items()):
+            counts[split_name][folder] = writer.close()
+        samples_out = sum(n for c in counts.values() for n in c.values())
+        if samples_out != samples_in:  # cannot happen; checked because losing samples silently would be worse
+            raise SystemExit(f"{dst}: read {samples_in} samples but wrote {samples_out}; nothing was written")
+        os.rename(tmp, dst)
+    except BaseException:
+        for writer in writers.values():
+            writer.close_shard()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for folder in sorted(set(counts["train"]) | set(counts["retrieval"])):
+        print(f"{folder}: {counts['train'].get(folder, 0)} train, {counts['retrieval'].get(folder, 0)} held out")
+    held_out = sum(counts["retrieval"].values())
+    print(f"read {samples_in} samples from {len(paths)} shards in {time.time() - t0:.0f}s; wrote {samples_out} = "
+          f"{samples_out - held_out} train + {held_out} held out ({100 * held_out / max(1, samples_out):.2f}%) to {dst}")
+    return counts
+
+
+# ----------------------------------------------------------------------------- CLIP's tokenizer
+def byte_characters() -> list[str]:
+    """CLIP's (GPT-2's) stand-ins for the 256 bytes, in the order of CLIP's vocabulary: the printable bytes stand
+    for themselves, the others follow as chr(256), chr(257), ..., so no byte becomes whitespace or a control
+    character. The ByteLevel pre-tokenizer maps bytes with the same table."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+
+
+def clip_tokenizer(bpe_path: str) -> tokenizers.Tokenizer:
+    """CLIP's BPE from its merges file. CLIP's vocabulary, in id order: the 256 byte characters, the same with
+    "</w>" (end of word), the merged pair of each of the first 48,894 merges, then <start_of_text> and
+    <end_of_text>: 49,408 ids."""
+    try:
+        lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    except OSError as e:
+        raise SystemExit(f"{bpe_path}: not a readable bpe_simple_vocab_16e6.txt.gz ({e}); pass --bpe=PATH to it")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # line 0 is a version header
+    chars = byte_characters()
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tok = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges, end_of_word_suffix="</w>"))
+    # whitespace as Python's str.split() sees it, collapsed to one space (clean_text has done the rest)
+    whitespace = "".join(f"\\x{{{i:x}}}" for i in range(0x110000) if chr(i).isspace())
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(f"[{whitespace}]+"), " "),
+                                           normalizers.Strip(), normalizers.Lowercase()])
+    # CLIP's regex: contractions, runs of letters, single digits, runs of anything else; spaces are dropped
+    split_re = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split_re), behavior="removed", invert=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("</w>", " ")])
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=True)  # also when written in a caption
+                            for t in ("<start_of_text>", "<end_of_text>")])
+    assert tok.get_vocab_size() == 49408 and tok.token_to_id("<end_of_text>") == 49407
+    return tok
+
+
+def default_bpe() -> str | None:
+    """The merges file that ships inside the open-clip-torch package, if it is installed (found, not imported)."""
+    spec = importlib.util.find_spec("open_clip")
+    path = spec and os.path.join(spec.submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
+    return path if path and os.path.exists(path) else None
+
+
+# ----------------------------------------------------------------------------- command line
+COMMANDS = {"split": dict(src="", dst="", eval_fraction=0.01, seed=0, time_field="", by="year",
+                          samples_per_shard=10_000),
+            "clip-tokenizer": dict(bpe="", out="clip-tokenizer.json")}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python prepare.py {'|'.join(COMMANDS)} --key=value ...; see the docstring")
+    opts = dict(COMMANDS[argv[0]])
+    for arg in argv[1:]:
+        key, sep, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not sep or key not in opts:
+            raise SystemExit(f"bad argument '{arg}' for {argv[0]}; use --key=value with keys {', '.join(opts)}")
+        try:
+            opts[key] = type(opts[key])(value.replace("_", "") if isinstance(opts[key], (int, float)) else value)
+        except ValueError:
+            raise SystemExit(f"--{key}={value} is not a {type(opts[key]).__name__}")
+    if argv[0] == "split":
+        if not opts["src"] or not opts["dst"]:
+            raise SystemExit("usage: python prepare.py split --src=FOLDER_OR_GLOB --dst=ROOT [--eval_fraction=0.01]")
+        split(**opts)
+    else:
+        bpe = opts["bpe"] or default_bpe()
+        if not bpe:
+            raise SystemExit("pass --bpe=PATH to CLIP's bpe_simple_vocab_16e6.txt.gz (it ships in the open-clip-torch "
+                             "package and in github.com/openai/CLIP, folder clip/)")
+        data.Tokenizer(clip_tokenizer(bpe)).save(opts["out"])
+        print(f"wrote CLIP's tokenizer (49408 ids, from {bpe}) to {opts['out']}; train or evaluate with "
+              f"--tokenizer={opts['out']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,59 @@
+"""compare.py end to end on a tiny benchmark: every strategy family runs, compute is accounted, reruns reuse."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import data
+from compare import make_table
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_table_relative_compute_and_means():
+    rec = lambda flops, id_: {"samples": flops / 10, "flops": flops, "id": id_, "backward_transfer": 1.0,
+                              "forward_transfer": None, "final_mean": 2.0}
+    rows, table = make_table({"sequential": [rec(100, 10.0), rec(100, 20.0)], "oracle": [rec(300, 30.0)]})
+    seq = rows[0]
+    assert seq["id"] == 15.0 and seq["seeds"] == 2 and seq["forward_transfer"] is None
+    assert seq["relative_compute"] == pytest.approx(1 / 3)
+    assert "| sequential | 10 | 100 | 0.33x | 15.00 | 1.00 | n/a | 2.00 |" in table
+
+
+@pytest.mark.slow
+def test_compare_runs_lwf_patching_oracle_and_reuses(tmp_path):
+    root, out = str(tmp_path / "bench"), str(tmp_path / "cmp")
+    data.make_synthetic_benchmark(root, years=(2018, 2019, 2020), train_samples_per_year=512,
+                                  eval_samples_per_year=64, samples_per_shard=128)
+    cmd = [sys.executable, "compare.py", "--strategies=sequential,lwf,patching,oracle", f"--out={out}",
+           f"--data_root={root}", "--budget_samples=128", "--batch_size=32", "--vocab_size=300", "--workers=0",
+           "--warmup_iters=1", "--warmup_iters_later=1", "--log_interval=100", "--eval_batch=64",
+           "--validation_samples=32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "patching: validation mean R@1 by coefficient" in first.stdout
+    table = json.load(open(os.path.join(out, "table.json")))
+    rows = {r["strategy"]: r for r in table["rows"]}
+    # oracle sees 1 + 2 + 3 budgets against 3 for the others; lwf adds a teacher forward on steps 2 and 3
+    assert rows["oracle"]["samples"] == 6 * 128 and rows["sequential"]["samples"] == 3 * 128
+    assert rows["oracle"]["relative_compute"] == 1.0
+    assert rows["sequential"]["relative_compute"] == pytest.approx(0.5)
+    assert rows["lwf"]["flops"] == pytest.approx(rows["sequential"]["flops"] * (3 + 2 * 4) / 9)  # 3F, then 3F + 1F for the teacher
+    # the first step is shared: the same weights in every run
+    import torch
+    first_steps = [torch.load(os.path.join(out, "seed0", s, "step01.pt"), weights_only=True)["model"]
+                   for s in ("sequential", "lwf", "patching", "oracle")]
+    assert all(torch.equal(first_steps[0][k], other[k]) for other in first_steps[1:] for k in first_steps[0])
+    alphas = [torch.load(os.path.join(out, "seed0", "patching", f"step0{t}.pt"), weights_only=True)["patch_alpha"]
+              for t in (1, 2, 3)]
+    assert alphas[0] is None and all(a in (0.0, 0.25, 0.5, 0.75, 1.0) for a in alphas[1:])
+    for name in ("compute_vs_retrieval.png", "heatmap_oracle.png", "table.md"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    assert Image.open(os.path.join(out, "heatmap_lwf.png")).size[0] > 100
+    # rerun: nothing is retrained
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done already") == 4 * 3 and "random init" not in again.stdout

@@ -1,0 +1,77 @@
+"""Bad input is refused before any compute, in one line that names the thing and the fix, with no traceback."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=100",
+        "--eval_batch=64"]
+
+
+def refused(args, env=None):
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert out.returncode != 0, out.stdout
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bench") / "data")
+    data.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=64, eval_samples_per_year=32,
+                                  samples_per_shard=32)
+    return root
+
+
+def test_missing_data_root(tmp_path):
+    line = refused([f"--data_root={tmp_path}/nowhere", f"--out_dir={tmp_path}/run"])
+    assert f"{tmp_path}/nowhere/train" in line and "--data_root" in line
+
+
+def test_year_without_shards(tmp_path, bench):
+    root = tmp_path / "d"
+    os.makedirs(root / "train" / "2018")
+    (root / "train" / "2018" / "sizes.json").write_text("{}")
+    line = refused([f"--data_root={root}", f"--out_dir={tmp_path}/run"])
+    assert "2018/sizes.json" in line and "lists no shards" in line
+
+
+def test_steps_naming_absent_years(tmp_path, bench):
+    line = refused([f"--data_root={bench}", "--steps=2018,2020", f"--out_dir={tmp_path}/run"])
+    assert "step '2020' names no year folder" in line and "found: 2018, 2019" in line
+
+
+def test_unknown_strategy_and_key_and_type(tmp_path, bench):
+    assert "unknown strategy 'sequentail'" in refused([f"--data_root={bench}", "--strategy=sequentail"])
+    assert "unknown config key 'budget'" in refused(["--budget=10"])
+    assert "--lr=fast is not a float" in refused(["--lr=fast"])
+
+
+def test_tokenizer_that_does_not_parse(tmp_path, bench):
+    bad = tmp_path / "tok.json"
+    bad.write_text("{not json")
+    line = refused([f"--data_root={bench}", f"--tokenizer={bad}", f"--out_dir={tmp_path}/run"])
+    assert str(bad) in line and "tokenizer.json" in line
+
+
+def test_batch_not_dividing_over_processes(tmp_path):
+    env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}
+    assert "batch_size=32 does not divide over 3 processes" in refused(["--batch_size=32"], env)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_shape(tmp_path, bench):
+    run = tmp_path / "run"
+    ok = subprocess.run([sys.executable, "train.py", f"--data_root={bench}", "--steps=2018", f"--out_dir={run}", *TINY],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    line = refused([f"--data_root={bench}", "--steps=2018", f"--out_dir={run}", "--model=ViT-S-16", *TINY])
+    assert "step01.pt" in line and "--model=tiny" in line

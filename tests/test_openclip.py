@@ -1,0 +1,194 @@
+"""Existing CLIP models: OpenCLIP and OpenAI state dicts load into our model and give open_clip's embeddings;
+our CLIP tokenizer gives open_clip's token ids; evaluate.py --checkpoint scores a model as open_clip would.
+
+Needs open-clip-torch (test-only: pip install -r requirements-openclip.txt), for random-weight models and
+CLIP's vocabulary file that ships inside it; no pretrained weights are downloaded. Nothing here skips.
+
+    python -m pytest -q tests/test_openclip.py
+"""
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import prepare  # noqa: E402
+from model import load_openclip_state_dict, load_pretrained, make_config, openclip_config  # noqa: E402
+
+
+def openclip_model(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return open_clip.create_model(name, pretrained=None).eval()
+
+
+def tiny_openclip(quick_gelu: bool = False, seed: int = 0):
+    """A small OpenCLIP ViT with CLIP's vocabulary (heads = width / 64, as OpenCLIP's configs): instant to run."""
+    torch.manual_seed(seed)
+    return open_clip.CLIP(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=2),
+                          text_cfg=dict(context_length=16, vocab_size=49408, width=128, heads=2, layers=2),
+                          quick_gelu=quick_gelu).eval()
+
+
+def assert_same_embeddings(theirs, ours, image_px, context_tokens, batch=2):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, image_px, image_px, generator=g)
+    tokens = open_clip.tokenize(["a photo of a cat", "Two dogs playing in the snow, 2021!"][:batch], context_tokens)
+    with torch.no_grad():
+        diff_image = (theirs.encode_image(images) - ours.encode_image(images)).abs().max().item()
+        diff_text = (theirs.encode_text(tokens) - ours.encode_text(tokens)).abs().max().item()
+        scale = ours.encode_image(images).abs().max().item()
+    assert scale > 0.1  # a real signal, not two zeros
+    assert diff_image < 1e-5 and diff_text < 1e-5, (diff_image, diff_text)
+    assert torch.equal(theirs.logit_scale, ours.logit_scale)
+    return images
+
+
+# ----------------------------------------------------------------------------- the model
+@pytest.mark.parametrize("name, quick_gelu, preset", [("ViT-B-32", False, "ViT-B-32"),
+                                                       ("ViT-B-32-quickgelu", True, "ViT-B-32"),  # OpenAI's
+                                                       ("ViT-S-16", False, "ViT-S-16")])
+def test_openclip_state_dict_gives_the_same_embeddings(name, quick_gelu, preset):
+    theirs = openclip_model(name)
+    state_dict = theirs.state_dict()
+    cfg = openclip_config(state_dict, quick_gelu)
+    assert cfg == make_config(preset, quick_gelu=quick_gelu)  # the shapes read back are our preset's
+    if quick_gelu:  # OpenAI's TorchScript state dicts also hold these ints
+        state_dict = {**state_dict, "input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+                      "vocab_size": torch.tensor(49408)}
+    ours = load_openclip_state_dict(state_dict, cfg)
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in ours.parameters())
+    images = assert_same_embeddings(theirs, ours, 224, 77)
+    if preset == "ViT-S-16":  # the activation matters: the other one gives other embeddings
+        other = load_openclip_state_dict(state_dict, openclip_config(state_dict, not quick_gelu))
+        with torch.no_grad():
+            assert (other.encode_image(images) - theirs.encode_image(images)).abs().max() > 1e-3
+
+
+def test_unmatched_keys_and_shapes_are_listed_both_ways():
+    state_dict = tiny_openclip().state_dict()
+    cfg = openclip_config(state_dict, False)
+    broken = {k: v for k, v in state_dict.items() if k != "visual.ln_post.bias"}
+    broken["visual.extra.weight"] = torch.zeros(3)
+    broken["ln_final.weight"] = torch.ones(7)
+    with pytest.raises(SystemExit) as e:
+        load_openclip_state_dict(broken, cfg)
+    message = str(e.value)
+    assert "checkpoint keys we do not use (1): visual.extra.weight" in message
+    assert "keys our model needs but the checkpoint lacks (1): visual.ln_post.bias" in message
+    assert "ln_final.weight (7,) -> ln_final.weight (128,)" in message
+    with pytest.raises(SystemExit, match="not a ViT CLIP state dict"):
+        openclip_config({"visual.layer1.0.conv1.weight": torch.zeros(1)}, False)  # a ResNet CLIP
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")  # from tracing OpenAI-style
+def test_checkpoint_files_of_every_kind(tmp_path):
+    theirs = tiny_openclip(quick_gelu=True)
+    state_dict = theirs.state_dict()
+    training = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}  # OpenCLIP's training
+    torch.save(state_dict, tmp_path / "plain.pt")
+    torch.save(training, tmp_path / "epoch_3.pt")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state_dict.items() if k != "attn_mask"}, str(tmp_path / "m.safetensors"))
+    for path in ("plain.pt", "epoch_3.pt", "m.safetensors"):
+        assert_same_embeddings(theirs, load_pretrained(str(tmp_path / path), quick_gelu=True), 32, 16)
+    # OpenAI ships TorchScript archives: QuickGELU is then the default
+    traced = torch.jit.trace(theirs, (torch.zeros(1, 3, 32, 32), open_clip.tokenize(["a"], 16)), check_trace=False)
+    traced.save(str(tmp_path / "openai.pt"))
+    ours = load_pretrained(str(tmp_path / "openai.pt"))
+    assert ours.cfg.quick_gelu
+    assert_same_embeddings(theirs, ours, 32, 16)
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        load_pretrained(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="junk.pt: not a readable torch checkpoint"):
+        load_pretrained(str(tmp_path / "junk.pt"))
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+CAPTIONS = [
+    "A photo of a cat.", "  Two   dogs\tplaying\n in the   snow!!!  ", "It's 2021: what's 3.14 + 42?",
+    "don't won't I'll we've they're I'm he'd", "DON'T SHOUT", "Café naïve Zürich résumé", "e\u0301cole (decomposed)",
+    "東京タワー at night", "नमस्ते दुनिया", "مرحبا بالعالم", "ΟΔΥΣΣΕΥΣ σοφός", "İstanbul",
+    "🐱🐶 emoji party 🎉🎉 👍🏽",
+    "ＬＯＵＤ　ＮＯＩＳＥＳ", "ﬂuﬃest ﬁsh", "“curly” ‘quotes’ ʼn",
+    "AT&amp;T &lt;3 &quot;quoted&quot; &amp;amp;",
+    "\x00\x07control\x7f chars\u200b", "hello-world_foo/bar\\baz @user #hashtag", "12345678901234567890",
+    "price: $1,299.99 (50% off!)", "e-mail: someone@example.com; url: https://example.com/a?b=c",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "!!!!!!!!!!????....", "a<start_of_text>b<end_of_text>", "",
+    "   ", "x" * 300, "word " * 100, "The quick brown fox jumps over the lazy dog " * 8,
+    "naïve\u00a0nbsp\u2003em space",
+    "tab\tnew\nline\r\ncarriage", "Ǆemal Ĳssel", "½ ¼ ² ³ ™ © ®", "ÆØÅ æøå ß", "a photo of a {}.",
+]
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer():
+    return data.Tokenizer(prepare.clip_tokenizer(prepare.default_bpe()))
+
+
+def test_clip_tokenizer_gives_open_clips_ids(clip_tokenizer):
+    assert clip_tokenizer.vocab_size == 49408 and (clip_tokenizer.sot_id, clip_tokenizer.eot_id) == (49406, 49407)
+    for context in (77, 16):  # 16: many captions are cut, keeping eot last
+        expected = open_clip.tokenize(CAPTIONS, context_length=context)
+        got = clip_tokenizer(CAPTIONS, context)
+        bad = [c for c, a, b in zip(CAPTIONS, expected, got) if not torch.equal(a, b)]
+        assert not bad, bad
+    assert (got[:, -1] == 49407).sum() > 5  # truncation happened
+
+
+def test_char_fixes_are_ftfys():
+    import ftfy.chardata as chardata  # installed with open_clip
+    ours = {k: v for k, v in data.CHAR_FIXES.items()}
+    quotes = {ord(c): "'" for c in "\u02bc\u2018\u2019\u201a\u201b"} | {ord(c): '"' for c in "\u201c\u201d\u201e\u201f"}
+    theirs = {**chardata.WIDTH_MAP, **chardata.CONTROL_CHARS, **quotes,
+              **{k: v.translate(quotes) for k, v in chardata.LIGATURES.items()}}
+    assert ours == theirs
+
+
+def test_clip_tokenizer_command_writes_a_loadable_file(tmp_path, clip_tokenizer):
+    out = tmp_path / "clip-tokenizer.json"
+    run = subprocess.run([sys.executable, "prepare.py", "clip-tokenizer", f"--out={out}"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    loaded = data.Tokenizer.load(str(out))
+    assert torch.equal(loaded(CAPTIONS, 77), clip_tokenizer(CAPTIONS, 77))
+    assert sorted(os.listdir(tmp_path)) == ["clip-tokenizer.json"]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------- evaluate.py --checkpoint
+def test_evaluate_checkpoint_scores_as_open_clip(tmp_path, clip_tokenizer, capsys):
+    root = str(tmp_path / "bench")
+    data.make_synthetic_benchmark(root, years=(2020, 2021), train_samples_per_year=4, eval_samples_per_year=24,
+                                  classification_samples_per_year=40, samples_per_shard=16)
+    theirs = tiny_openclip()
+    torch.save(theirs.state_dict(), tmp_path / "model.pt")
+    clip_tokenizer.save(str(tmp_path / "tok.json"))
+    row = evaluate.main([f"--checkpoint={tmp_path / 'model.pt'}", f"--tokenizer={tmp_path / 'tok.json'}",
+                         f"--data_root={root}", "--steps=2020,2021", "--device=cpu", f"--out={tmp_path / 'r.json'}"])
+    printed = capsys.readouterr().out
+    assert "mean_R@1" in printed and "top1" in printed and (tmp_path / "r.json").exists()
+    # the same numbers straight from open_clip: its tokenizer, its encoders, a brute-force argmax
+    names = open(os.path.join(root, "eval", "classification", "classnames.txt")).read().split()
+    templates = open(os.path.join(root, "eval", "classification", "templates.txt")).read().splitlines()
+    with torch.no_grad():
+        prompts = open_clip.tokenize([t.format(n) for n in names for t in templates], 16)
+        prompts = F.normalize(theirs.encode_text(prompts), dim=-1)
+        classifier = F.normalize(prompts.view(len(names), len(templates), -1).mean(1), dim=-1)
+        for year in ("2020", "2021"):
+            images, captions, _ = next(data.eval_batches(data.year_shards(root, year, "retrieval"), 32, 1000))
+            img = F.normalize(theirs.encode_image(images), dim=-1)
+            txt = F.normalize(theirs.encode_text(open_clip.tokenize(captions, 16)), dim=-1)
+            i2t, t2i = evaluate.recall_at_k(img, txt, ks=(1,)), evaluate.recall_at_k(txt, img, ks=(1,))
+            assert row[year]["mean_R@1"] == pytest.approx(100 * (i2t[1] + t2i[1]) / 2)
+            images, labels, _ = next(data.eval_batches(data.year_shards(root, year, "classification"), 32, 1000,
+                                                       target="class"))
+            predicted = (F.normalize(theirs.encode_image(images), dim=-1) @ classifier.t()).argmax(1)
+            assert row[year]["top1"] == pytest.approx(100 * (predicted == torch.tensor(labels)).float().mean().item())
+            assert row[year]["gallery"] == 24 and row[year]["class_samples"] == 40

@@ -1,0 +1,254 @@
+"""Real TiC data: counting shards without sizes.json, the image and caption variants of real shards, prepare.py
+split (every sample exactly once, a seeded held-out split), the classification split of the synthetic benchmark,
+zero-shot classification against a brute-force reference, and the evaluation matrix of both kinds of task.
+
+    python -m pytest -q tests/test_realdata.py
+"""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import prepare  # noqa: E402
+from model import CLIP, make_config  # noqa: E402
+from test_data import all_files, write_tar  # noqa: E402
+
+
+def image_bytes(fmt: str, value: int = 100, px: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (px, px), (value, 255 - value, 0)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- reading real shards
+def test_year_shards_counts_once_and_caches_sizes(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "train" / "201505"
+    folder.mkdir(parents=True)
+    for name, n in (("b.tar", 3), ("a.tar", 5)):
+        write_tar(folder / name, [(f"{name[0]}{i}.{ext}", b"x") for i in range(n) for ext in ("jpg", "txt")])
+    shards = data.year_shards(str(tmp_path), "201505")
+    assert shards == [(str(folder / "a.tar"), 5), (str(folder / "b.tar"), 3)]
+    assert json.load(open(folder / "sizes.json")) == {"a.tar": 5, "b.tar": 3}
+    assert sorted(os.listdir(folder)) == ["a.tar", "b.tar", "sizes.json"]  # no temporary file left
+    assert "counted 8 samples in 2 shards" in capsys.readouterr().out
+    monkeypatch.setattr(data, "iter_tar", lambda path: pytest.fail("read a shard although sizes.json exists"))
+    assert data.year_shards(str(tmp_path), "201505") == shards
+    (tmp_path / "train" / "2016").mkdir()
+    with pytest.raises(SystemExit, match="2016: holds no .tar shards"):
+        data.year_shards(str(tmp_path), "2016")
+
+
+def test_image_kinds_json_captions_and_class_ids(tmp_path):
+    path = tmp_path / "0.tar"
+    write_tar(path, [("k0.jpg", image_bytes("JPEG")), ("k0.txt", b" from txt \n"),
+                     ("k1.jpeg", image_bytes("JPEG")), ("k1.json", b'{"caption": "from json", "cls": 3}'),
+                     ("k2.webp", image_bytes("WEBP")), ("k2.json", b'{"caption": "webp", "cls": 1}'), ("k2.cls", b"2"),
+                     ("k3.png", image_bytes("PNG")), ("k3.json", b'{"uid": "no caption"}'),  # skipped
+                     ("k4.json", b'{"caption": "no image"}')])  # skipped
+    batches = list(data.eval_batches([str(path)], 8, 10))
+    assert batches[0][1:] == (["from txt", "from json", "webp"], ["k0", "k1", "k2"])
+    images, labels, keys = next(data.eval_batches([str(path)], 8, 10, target="class"))
+    assert labels == [3, 2] and keys == ["k1", "k2"]  # the .cls member wins over the json's
+    assert images.shape == (2, 3, 8, 8)
+
+
+# ----------------------------------------------------------------------------- prepare.py split
+@pytest.mark.parametrize("value, expected", [
+    (2014, (2014, None)), ("2016", (2016, None)), (1400000000, (2014, 5)), ("1400000000", (2014, 5)),
+    (1400000000123, (2014, 5)), (1.4e9, (2014, 5)), ("2012-04-14 13:08:06.0", (2012, 4)),
+    ("2019-11-02T00:00:00Z", (2019, 11)),
+    ("2020/1/5", (2020, 1)), (None, None), ("yesterday", None), (True, None)])
+def test_parse_time(value, expected):
+    assert prepare.parse_time(value) == expected
+
+
+def source_shards(folder, n_shards=3, per_shard=40):
+    """Timestamped shards as img2dataset writes them, times in the formats real sources use."""
+    folder.mkdir()
+    samples = {}
+    formats = [lambda y: {"year": y}, lambda y: {"timestamp": (y - 1970) * 31557600 + 86400 * 40},
+               lambda y: {"created_utc": float((y - 1970) * 31557600 + 86400 * 200)},
+               lambda y: {"date_taken": f"{y}-07-01 10:00:00.0"}]
+    for s in range(n_shards):
+        members = []
+        for i in range(per_shard):
+            key, year = f"{s:05d}{i:04d}", 2014 + (s * per_shard + i) % 3
+            meta = {"key": key, "caption": f"caption {key}", **formats[i % 4](year)}
+            sample = {"jpg": image_bytes("JPEG", i), "json": json.dumps(meta).encode(),
+                      "txt": f"caption {key}".encode()}
+            members += [(f"{key}.{ext}", payload) for ext, payload in sample.items()]
+            samples[key] = (year, sample)
+        write_tar(folder / f"{s:05d}.tar", members)
+    return samples
+
+
+def read_layout(root):
+    """{key: (split, folder, sample)} of every sample under root, checking each sizes.json on the way."""
+    found = {}
+    for split in ("train", "retrieval"):
+        for year in data.years_in(root, split):
+            for path, n in data.year_shards(root, year, split):
+                samples = list(data.iter_tar(path))
+                assert len(samples) == n
+                for key, sample in samples:
+                    assert key not in found, f"{key} written twice"
+                    found[key] = (split, year, sample)
+    return found
+
+
+def test_split_writes_every_sample_once_with_a_seeded_held_out_split(tmp_path, capsys):
+    samples = source_shards(tmp_path / "src")
+    dst = str(tmp_path / "tic")
+    counts = prepare.split(str(tmp_path / "src"), dst, eval_fraction=0.2, seed=0, samples_per_shard=7)
+    assert f"read {len(samples)} samples from 3 shards" in capsys.readouterr().out
+    found = read_layout(dst)
+    assert set(found) == set(samples)  # nothing dropped, nothing added (and nothing twice: read_layout)
+    for key, (split, year, sample) in found.items():
+        assert year == str(samples[key][0]) and sample == samples[key][1]  # right year, bytes unchanged
+        assert (split == "retrieval") == data.keep_sample(key, 0.2, "heldout0")
+    held_out = sum(counts["retrieval"].values())
+    assert 0.1 < held_out / len(samples) < 0.3 and sum(counts["train"].values()) + held_out == len(samples)
+    # the same seed gives the same files; another seed another held-out set
+    prepare.split(str(tmp_path / "src" / "*.tar"), str(tmp_path / "again"), eval_fraction=0.2, samples_per_shard=7)
+    assert all_files(str(tmp_path / "again")) == all_files(dst)
+    prepare.split(str(tmp_path / "src"), str(tmp_path / "seed1"), eval_fraction=0.2, seed=1, samples_per_shard=7)
+    other = read_layout(str(tmp_path / "seed1"))
+    assert {k for k, v in other.items() if v[0] == "retrieval"} != {k for k, v in found.items() if v[0] == "retrieval"}
+    with pytest.raises(SystemExit, match="exists already"):
+        prepare.split(str(tmp_path / "src"), dst)
+
+
+def test_split_by_month_and_errors_leave_nothing_behind(tmp_path):
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    source_shards(src, n_shards=1, per_shard=8)
+    with pytest.raises(SystemExit, match="has no month in its json"):  # a bare year has no month
+        prepare.split(str(src), out, by="month")
+    write_tar(src / "00001.tar", [("undated.jpg", b"x"), ("undated.json", b'{"caption": "?"}')])
+    with pytest.raises(SystemExit, match=r"00001.tar: sample undated has no year in its json.*--time_field"):
+        prepare.split(str(src), out)
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # no output and no temporary folder
+    shutil.rmtree(src)
+    src.mkdir()
+    times = [1388534400 + 40 * 86400 * i for i in range(12)]  # from 2014-01-01, every 40 days
+    write_tar(src / "0.tar", [(f"m{i}.json", json.dumps({"date_uploaded": t}).encode()) for i, t in enumerate(times)])
+    counts = prepare.split(str(src), out, by="month", eval_fraction=0)
+    months = sorted({datetime.fromtimestamp(t, timezone.utc).strftime("%Y%m") for t in times})
+    assert counts["retrieval"] == {} and sum(counts["train"].values()) == 12 and data.years_in(out) == months
+
+
+def test_split_command_line(tmp_path):
+    source_shards(tmp_path / "src", n_shards=2, per_shard=10)
+    cmd = [sys.executable, "prepare.py", "split", f"--src={tmp_path / 'src'}", f"--dst={tmp_path / 'tic'}",
+           "--eval_fraction=0.1", "--seed=3"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "read 20 samples from 2 shards" in out.stdout and "wrote 20 = " in out.stdout
+    bad = subprocess.run([sys.executable, "prepare.py", "split", "--sorce=x"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode != 0 and "bad argument '--sorce=x'" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- the synthetic classification split
+SMALL = dict(seed=2, years=(2018, 2019, 2020), train_samples_per_year=8, eval_samples_per_year=8,
+             classification_samples_per_year=300, samples_per_shard=100)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bench") / "synth")
+    data.make_synthetic_benchmark(root, **SMALL)
+    return root
+
+
+def test_classification_split_follows_each_years_shapes(bench):
+    folder = os.path.join(bench, "eval", "classification")
+    assert evaluate.read_lines(os.path.join(folder, "classnames.txt")) == list(data.SHAPES)
+    assert evaluate.read_lines(os.path.join(folder, "templates.txt")) == list(data.CLASS_TEMPLATES)
+    meta = json.load(open(os.path.join(bench, "benchmark.json")))
+    for year in data.years_in(bench, "classification"):
+        classes = []
+        for path, n in data.year_shards(bench, year, "classification"):
+            samples = list(data.iter_tar(path))
+            assert len(samples) == n and all(set(s) == {"json", "png", "cls"} for _, s in samples)
+            classes += [data.class_id(s) for _, s in samples]
+            assert all(json.loads(s["json"])["cls"] == data.class_id(s) for _, s in samples)
+        seen = {data.SHAPES[c] for c in classes}
+        assert len(classes) == 300 and seen == {s for s, w in meta["shape_weights"][year].items() if w > 0}
+
+
+def test_an_older_benchmark_gains_the_classification_split(bench, tmp_path):
+    old = str(tmp_path / "old")
+    shutil.copytree(bench, old)
+    shutil.rmtree(os.path.join(old, "eval", "classification"))
+    meta = json.load(open(os.path.join(old, "benchmark.json")))
+    del meta["classnames"], meta["class_templates"], meta["params"]["classification_samples_per_year"]
+    json.dump(meta, open(os.path.join(old, "benchmark.json"), "w"), indent=1)
+    data.make_synthetic_benchmark(old, **SMALL)  # written before the split existed: add it, as a fresh build has it
+    assert all_files(old) == all_files(bench)
+    with pytest.raises(SystemExit, match="different synthetic benchmark"):
+        data.make_synthetic_benchmark(old, **dict(SMALL, classification_samples_per_year=10))
+
+
+# ----------------------------------------------------------------------------- zero-shot classification
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    tok = data.Tokenizer.train(["a red circle at top left and a blue star", "a picture of a moon"] * 4, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = make_config("tiny", vocab_size=tok.vocab_size, eot_token_id=tok.eot_id, vision_layers=1, text_layers=1)
+    return CLIP(cfg).eval(), tok
+
+
+def test_classifier_and_accuracy_match_a_brute_force_reference(bench, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    names, templates = list(data.SHAPES), list(data.CLASS_TEMPLATES)
+    classifier = evaluate.zero_shot_classifier(model, names, templates, tok, torch.device("cpu"), batch_samples=7)
+    with torch.no_grad():
+        for c, name in enumerate(names):  # one class at a time, the definition spelled out
+            tokens = tok([t.format(name) for t in templates], model.cfg.context_tokens)
+            prompts = F.normalize(model.encode_text(tokens), dim=-1)
+            mean = prompts.mean(0)
+            torch.testing.assert_close(classifier[:, c], mean / mean.norm(), rtol=0, atol=1e-5)
+        shards = data.year_shards(bench, "2020", "classification")
+        got = evaluate.classification(model, shards, classifier, torch.device("cpu"), batch_samples=64)
+        decoded = [data._decode(sample, "class") for path, _ in shards for _, sample in data.iter_tar(path)]
+        images = torch.stack([data.ImageTransform(32, False)(image) for image, _ in decoded])
+        all_scores = F.normalize(model.encode_image(images), dim=-1) @ classifier
+        hits1 = hits5 = 0
+        for scores, (_, label) in zip(all_scores, decoded):
+            rank = int((scores > scores[label]).sum())  # classes scoring strictly higher than the true one
+            hits1, hits5 = hits1 + (rank == 0), hits5 + (rank < 5)
+    assert got["class_samples"] == 300 and got["classes"] == 16
+    assert got["top1"] == pytest.approx(100 * hits1 / 300) and got["top5"] == pytest.approx(100 * hits5 / 300)
+    assert got["top1"] <= got["top5"]
+
+
+def test_evaluation_rows_and_matrix_hold_both_kinds(bench, model_and_tokenizer, tmp_path):
+    model, tok = model_and_tokenizer
+    tasks = {y: evaluate.step_tasks(bench, [y]) for y in ("2018", "2019")}
+    row = evaluate.evaluate_step(model, tasks, tok, torch.device("cpu"), batch_samples=128)
+    assert set(row["2018"]) >= {"mean_R@1", "gallery", "top1", "top5", "class_samples"}
+    # a root without classification data: retrieval only
+    no_cls = str(tmp_path / "no_cls")
+    shutil.copytree(bench, no_cls, ignore=shutil.ignore_patterns("classification"))
+    assert evaluate.step_tasks(no_cls, ["2018"]).classification is None
+    rows = {"2018": row, "2019": {"2018": dict(row["2018"]), "2019": {k: v for k, v in row["2019"].items()
+                                                                       if k in ("mean_R@1", "gallery")}}}
+    result = evaluate.eval_matrix(rows, ["2018", "2019"])
+    assert result["matrix"] == result["retrieval"]["matrix"] and result["summary"] == result["retrieval"]["summary"]
+    cls = result["classification"]
+    assert cls["metric"] == "top1" and cls["matrix"][1][1] is None  # that task had no classification
+    assert cls["summary"]["id"] == row["2018"]["top1"] and cls["summary"]["forward_transfer"] == row["2019"]["top1"]
+    text = evaluate.format_matrix(result)
+    assert "retrieval evaluation matrix" in text and "classification evaluation matrix: top1" in text
+    assert "n/a" in text and "16 classes" in text

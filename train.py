@@ -49,9 +49,9 @@ lwf_weight = 1.0               # weight of lwf's distillation term
 patch_alphas = "0,0.25,0.5,0.75,1"  # patching: coefficients tried, theta = (1-a) theta_prev + a theta_finetuned
 validation_samples = 1000      # patching: validation pairs per past step used to choose the coefficient
 # budget and optimisation (DataComp's values; lr and warmup scaled for the tiny CPU run)
-budget_samples = 12_000        # C: samples seen per time step (oracle: t x C at step t)
+budget_samples = 40_000        # C: samples seen per time step (oracle: t x C at step t); 5 epochs of a synthetic year
 batch_size = 128               # global, over all processes
-lr = 2e-3                      # peak learning rate, restarted at every step
+lr = 1e-3                      # peak learning rate, restarted at every step (tiny: 2e-3 learns slower, 5e-3 diverges)
 warmup_iters = 20              # linear warmup of the first step (DataComp medium: 500)
 warmup_iters_later = 20        # warmup of the later steps
 weight_decay = 0.2

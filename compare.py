@@ -4,6 +4,7 @@ Run several TiC strategies on the same benchmark and write the paper's Table 2 f
     python compare.py                                        # all eight strategies, seed 0, built-in benchmark
     python compare.py --strategies=sequential,cumulative-all,oracle --seeds=0,1 --budget_samples=8000
     python compare.py --nproc=8 --data_root=/data/tic-datacomp --model=ViT-B-16 ...   # every run via torchrun
+    python compare.py --seeds=0,1 --table_only=true     # tabulate the finished runs only, whatever seeds they have
 
 Every other --key=value goes to train.py unchanged. Runs live in OUT/seedS/STRATEGY (OUT = --out, default
 runs/compare); a finished run is reused, not retrained, when the command is run again, and the first time
@@ -41,6 +42,15 @@ def run_strategy(strategy: str, seed: int, run_dir: str, shared_first: str | Non
                          f"this command: finished runs are kept")
 
 
+def finished(run_dir: str) -> bool:
+    """A run whose evaluation matrix has a row for every time step."""
+    path = os.path.join(run_dir, "eval_matrix.json")
+    if not os.path.exists(path):
+        return False
+    result = json.load(open(path))
+    return len(result["steps"]) == len(result["tasks"])
+
+
 def run_record(run_dir: str) -> dict:
     """Compute and evaluation summary of a finished run, from its checkpoints and eval_matrix.json."""
     ckpts = [torch.load(os.path.join(run_dir, f), map_location="cpu", weights_only=True)
@@ -60,17 +70,24 @@ def mean(xs):
 def make_table(records: dict[str, list[dict]]) -> tuple[list[dict], str]:
     """Mean over seeds per strategy, compute relative to oracle where oracle was run."""
     keys = ["samples", "flops", "id", "backward_transfer", "forward_transfer", "final_mean"]
-    rows = [{"strategy": name, "seeds": len(recs), **{k: mean([r[k] for r in recs]) for k in keys}}
-            for name, recs in records.items()]
+    rows = [{"strategy": name, "seeds": len(recs), **{k: mean([r[k] for r in recs]) for k in keys},
+             "per_seed": {k: [r[k] for r in recs] for k in keys[2:]}} for name, recs in records.items()]
     oracle = next((r for r in rows if r["strategy"] == "oracle"), None)
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    lines = ["| strategy | samples | FLOPs | compute vs oracle | ID | backward | forward | final model, all tasks |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def fmt(r, key):  # the mean, and the spread over seeds (half the range) where there are several
+        values = [v for v in r["per_seed"][key] if v is not None]
+        if not values:
+            return "n/a"
+        spread = (max(values) - min(values)) / 2
+        return f"{r[key]:.2f}" + (f" ± {spread:.2f}" if len(values) > 1 else "")
+    lines = ["| strategy | seeds | samples | FLOPs | compute vs oracle | ID | backward | forward | final model, all tasks |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         r["relative_compute"] = r["flops"] / oracle["flops"] if oracle else None
         relative = "n/a" if oracle is None else f"{r['relative_compute']:.2f}x"
-        lines.append(f"| {r['strategy']} | {r['samples']:,.0f} | {r['flops']:.3g} | {relative} | {fmt(r['id'])} | "
-                     f"{fmt(r['backward_transfer'])} | {fmt(r['forward_transfer'])} | {fmt(r['final_mean'])} |")
+        lines.append(f"| {r['strategy']} | {r['seeds']} | {r['samples']:,.0f} | {r['flops']:.3g} | {relative} | "
+                     f"{fmt(r, 'id')} | {fmt(r, 'backward_transfer')} | {fmt(r, 'forward_transfer')} | "
+                     f"{fmt(r, 'final_mean')} |")
     return rows, "\n".join(lines)
 
 
@@ -121,7 +138,8 @@ def plot_heatmap(matrix: list[list[float]], tasks: list[str], title: str, path: 
 
 
 def main(argv):
-    opts = {"strategies": ",".join(strategies.STRATEGIES), "seeds": "0", "out": "runs/compare", "nproc": "1"}
+    opts = {"strategies": ",".join(strategies.STRATEGIES), "seeds": "0", "out": "runs/compare", "nproc": "1",
+            "table_only": "false"}
     train_args = []
     for arg in argv:
         key = arg[2:].split("=", 1)[0]
@@ -134,13 +152,22 @@ def main(argv):
         strategies.get_strategy(name)
     seeds, out = [int(s) for s in opts["seeds"].split(",")], opts["out"]
     records = {name: [] for name in names}
+    table_only = opts["table_only"].lower() in ("true", "1")  # tabulate the finished runs, train nothing
     for seed in seeds:
         shared_first = None
         for name in names:
             run_dir = os.path.join(out, f"seed{seed}", name)
+            if table_only:
+                if finished(run_dir):
+                    records[name].append(run_record(run_dir))
+                continue
             run_strategy(name, seed, run_dir, shared_first, int(opts["nproc"]), train_args)
             shared_first = shared_first or run_dir
             records[name].append(run_record(run_dir))
+    records = {name: recs for name, recs in records.items() if recs}
+    if not records:
+        raise SystemExit(f"error: no finished runs under {out} for these strategies and seeds; run without --table_only")
+    names = list(records)
     rows, table = make_table(records)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")

@@ -23,6 +23,7 @@ import torch
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 
 
@@ -155,6 +156,7 @@ class CLIP(nn.Module):
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         # the softmax temperature, learned in log space so it stays positive
         self.logit_scale = nn.Parameter(torch.empty(()))
+        self.grad_checkpointing = False  # see set_grad_checkpointing
         self.init_weights()
 
     @torch.no_grad()
@@ -193,7 +195,7 @@ class CLIP(nn.Module):
         """[B, T] token ids, T <= context_tokens -> [B, T, text_width] after the final LayerNorm."""
         x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]
         for block in self.text_blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
         return self.ln_final(x)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -210,6 +212,12 @@ class CLIP(nn.Module):
         image_features = F.normalize(self.encode_image(images), dim=-1)
         text_features = F.normalize(self.encode_text(tokens), dim=-1)
         return image_features, text_features, self.logit_scale.exp()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing in both towers: keep only each block's input in the forward pass and recompute
+        the block in the backward pass; one more forward of compute for a larger batch per GPU (bench.py memory)."""
+        self.grad_checkpointing = enable
+        self.visual.set_grad_checkpointing(enable)  # timm's switch for the image tower
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -20,7 +20,8 @@ def test_table_relative_compute_and_means():
     seq = rows[0]
     assert seq["id"] == 15.0 and seq["seeds"] == 2 and seq["forward_transfer"] is None
     assert seq["relative_compute"] == pytest.approx(1 / 3)
-    assert "| sequential | 10 | 100 | 0.33x | 15.00 | 1.00 | n/a | 2.00 |" in table
+    assert "| sequential | 2 | 10 | 100 | 0.33x | 15.00 ± 5.00 | 1.00 ± 0.00 | n/a | 2.00 ± 0.00 |" in table
+    assert "| oracle | 1 | 30 | 300 | 1.00x | 30.00 | 1.00 | n/a | 2.00 |" in table
 
 
 @pytest.mark.slow
@@ -57,3 +58,8 @@ def test_compare_runs_lwf_patching_oracle_and_reuses(tmp_path):
     # rerun: nothing is retrained
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done already") == 4 * 3 and "random init" not in again.stdout
+    # tabulating only: seed 1 was never run, so the table holds seed 0 alone and nothing trains
+    only = subprocess.run([sys.executable, "compare.py", "--strategies=sequential,oracle", "--seeds=0,1",
+                           f"--out={out}", "--table_only=true"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert only.returncode == 0 and "train.py" not in only.stdout, only.stderr
+    assert [r["seeds"] for r in json.load(open(os.path.join(out, "table.json")))["rows"]] == [1, 1]

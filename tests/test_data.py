@@ -97,7 +97,7 @@ def test_every_rank_gets_the_same_batch_count(tmp_path, tokenizer):
     loader = data.train_loader(stream, num_workers=2)  # real worker processes find their id by get_worker_info
     batches = list(loader)
     assert len(batches) == n_batches
-    for images, tokens in batches:
+    for images, tokens, _ in batches:
         assert images.shape == (global_batch // world_size, 3, 8, 8) and tokens.shape == (4, 16)
 
 
@@ -124,7 +124,7 @@ def test_mix_follows_buffered_part_sizes_and_filters_replay(tmp_path, tokenizer)
     n_draws, counts = 8000, {"new": 0, "old": 0}
     samples = stream.samples(np.random.default_rng(0))  # the raw draw under the batches: keys say the source
     for _ in range(n_draws):
-        key, _ = next(samples)
+        _, key, _ = next(samples)
         counts[key[:3]] += 1
         if key.startswith("old"):
             assert data.keep_sample(key, 0.5, seed=0)  # only the replay buffer's samples

@@ -75,3 +75,19 @@ def test_checkpoint_of_another_model_shape(tmp_path, bench):
     assert ok.returncode == 0, ok.stderr
     line = refused([f"--data_root={bench}", "--steps=2018", f"--out_dir={run}", "--model=ViT-S-16", *TINY])
     assert "step01.pt" in line and "--model=tiny" in line
+
+
+def test_unknown_model(tmp_path, bench):
+    line = refused([f"--data_root={bench}", "--model=ViT-Z-99", f"--out_dir={tmp_path}/run"])
+    assert "unknown model 'ViT-Z-99'" in line and "ViT-B-16" in line
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was written or computed
+
+
+@pytest.mark.parametrize("arg, message", [("--budget_samples=16", "--budget_samples=16 is too small; use at least 32"),
+                                          ("--max_bad_fraction=2", "is not a fraction"),
+                                          ("--keep_checkpoints=0", "--keep_checkpoints=0 is too small"),
+                                          ("--patch_alphas=0,half", "--patch_alphas=0,half is not a list of numbers")])
+def test_values_that_cannot_work(arg, message):
+    import train
+    with pytest.raises(SystemExit, match=message):
+        train.check_config(train.parse_config(["--batch_size=32", arg]))

@@ -1,7 +1,7 @@
 """Existing CLIP models: OpenCLIP and OpenAI state dicts load into our model and give open_clip's embeddings;
 our CLIP tokenizer gives open_clip's token ids; evaluate.py --checkpoint scores a model as open_clip would.
 
-Needs open-clip-torch (test-only: pip install -r requirements-openclip.txt), for random-weight models and
+Needs open-clip-torch (test-only: pip install -r requirements-test.txt), for random-weight models and
 CLIP's vocabulary file that ships inside it; no pretrained weights are downloaded. Nothing here skips.
 
     python -m pytest -q tests/test_openclip.py

@@ -1,0 +1,452 @@
+"""
+Speed benchmarks, each a ratio against the baseline people would otherwise use, measured in the same run on
+the same machine. One command each:
+
+    python bench.py train                      # training step, ours vs open_clip: samples/s per device, step time,
+                                               # peak memory, MFU (CUDA: ViT-B-16 and ViT-B-32, 256 pairs per GPU)
+    python bench.py memory                     # CUDA: the largest ViT-B-16 batch per GPU, with and without
+                                               # gradient checkpointing (binary search on out-of-memory)
+    OMP_NUM_THREADS=1 python bench.py loader   # decode + augment samples/s per CPU core: data.py vs webdataset
+    python bench.py e2e                        # CUDA: training on generated JPEG shards vs in-memory batches
+
+On CUDA the training step runs in bf16 autocast with torch.compile of forward + loss and fused AdamW; on a CPU
+every command runs at the tiny preset in seconds (tests/test_bench.py runs them), and memory and e2e say that
+they need a GPU. Every speed trick is a flag, so its gain is measured by turning it off, e.g.
+    python bench.py train --compile=0 --fused_adamw=0 --flash=0 --grad_checkpointing=1
+The baselines are benchmark-only packages: pip install -r requirements-test.txt. open_clip gets the settings
+of its trainer at their best (bf16 autocast, torch.compile, ClipLoss with local loss and gather-with-grad) and
+the same optimizer flags as ours; the loader benchmark writes its own JPEG shards to a temporary folder.
+"""
+import argparse
+import gc
+import io
+import itertools
+import json
+import math
+import os
+import tarfile
+import tempfile
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import data
+from model import CLIP, clip_loss, make_config
+
+# Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets; the first key found in the device's
+# name wins, so the PCIe H100 is listed before the SXM one
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's peak bf16 FLOP/s, or None (a CPU, or a GPU missing from the table: MFU is then n/a)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- training step
+def build_ours(cfg, device, args):
+    """(model, forward_loss(images, tokens) -> loss, optimizer, after_step) as train.py trains."""
+    with device:  # initialised where it runs: seconds faster for ViT-B on a GPU
+        model = CLIP(cfg)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    optimizer = model.configure_optimizer(lr=5e-4, fused=args.fused_adamw)
+    return model, lambda images, tokens: clip_loss(*model(images, tokens)), optimizer, model.clamp_logit_scale_
+
+
+def build_openclip(cfg, device, args):
+    """open_clip's CLIP at our config's shapes (for ViT-B-16 and ViT-B-32 the same as its own model configs),
+    its ClipLoss, and AdamW with the weight-decay split of its trainer (open_clip_train/main.py)."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+    with device:
+        model = open_clip.CLIP(
+            embed_dim=cfg.embed_dim, quick_gelu=cfg.quick_gelu,
+            vision_cfg=dict(image_size=cfg.image_px, patch_size=cfg.patch_px, width=cfg.vision_width,
+                            layers=cfg.vision_layers, head_width=cfg.vision_width // cfg.vision_heads,
+                            mlp_ratio=cfg.mlp_ratio),
+            text_cfg=dict(context_length=cfg.context_tokens, vocab_size=cfg.vocab_size, width=cfg.text_width,
+                          heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=cfg.mlp_ratio))
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True)  # its multi-GPU settings
+    no_decay = {n for n, p in model.named_parameters()
+                if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n}
+    groups = [{"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0},
+              {"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": 0.2}]
+    optimizer = torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, fused=args.fused_adamw)
+
+    def clamp():  # as its trainer does after every step
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+    return model, lambda images, tokens: loss(*model(images, tokens)), optimizer, clamp
+
+
+IMPLEMENTATIONS = {"ours": build_ours, "open_clip": build_openclip}
+
+
+def make_step(build, cfg, device, args):
+    """step(images, tokens) -> loss: one optimizer step, with no host synchronisation in it."""
+    model, forward_loss, optimizer, after_step = build(cfg, device, args)
+    forward_loss = torch.compile(forward_loss) if args.compile else forward_loss
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def step(images, tokens):
+        with autocast:
+            loss = forward_loss(images, tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        after_step()
+        return loss
+    return step
+
+
+def run_steps(step, batches, warmup: int, device: torch.device) -> dict:
+    """Take warmup steps (compilation, allocator), then time the rest of batches. The time spent waiting for the
+    next batch is the loader's time per step (zero for in-memory batches)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batches = iter(batches)
+    for images, tokens, *_ in itertools.islice(batches, warmup):  # data.py's batches also carry fault counts
+        step(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
+    sync(device)
+    t0, wait_s, n_steps, n_samples, loss = time.perf_counter(), 0.0, 0, 0, None
+    while True:
+        t = time.perf_counter()
+        batch = next(batches, None)
+        wait_s += time.perf_counter() - t
+        if batch is None:
+            break
+        loss = step(batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
+        n_steps, n_samples = n_steps + 1, n_samples + len(batch[0])
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    return {"samples_per_s": n_samples / elapsed, "step_ms": 1e3 * elapsed / n_steps,
+            "loader_ms_per_step": 1e3 * wait_s / n_steps, "loss": loss.item(),  # .item() after timing, never inside
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
+
+
+def fixed_batch(cfg, batch: int, device: torch.device):
+    """Random images and tokens of the model's shapes, made once and kept on the device."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, cfg.image_px, cfg.image_px, generator=g)
+    tokens = torch.randint(3, cfg.vocab_size - 1, (batch, cfg.context_tokens), generator=g)
+    tokens[:, -1] = cfg.eot_token_id
+    return images.to(device), tokens.to(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def train_step(cfg, implementation: str, args, device: torch.device) -> dict:
+    """Samples/s, step time, peak memory and MFU of one implementation on in-memory batches."""
+    torch.manual_seed(0)
+    step = make_step(IMPLEMENTATIONS[implementation], cfg, device, args)
+    images, tokens = fixed_batch(cfg, args.batch_size, device)
+    with nullcontext() if args.flash else sdpa_kernel(SDPBackend.MATH):  # flash=0: SDPA's math kernel only
+        result = run_steps(step, itertools.repeat((images, tokens), args.warmup + args.steps), args.warmup, device)
+    del step
+    free_memory(device)
+    with torch.device("meta"):  # FLOPs from the shapes alone: open_clip's model has the same shapes
+        flops = CLIP(cfg).flops_per_pair()
+    peak = peak_flops(device)
+    result["mfu"] = 3 * flops * result["samples_per_s"] / peak if peak else None  # forward + 2x for backward
+    return result
+
+
+def bench_train(args, device) -> dict:
+    results = {}
+    for name in args.model.split(","):
+        cfg = make_config(name)
+        print(f"train step: {name}, {args.batch_size} pairs per device on {device.type} ({device_name(device)}), "
+              f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile {args.compile:d}, fused AdamW "
+              f"{args.fused_adamw:d}, flash SDPA {args.flash:d}, grad checkpointing {args.grad_checkpointing:d}, "
+              f"{args.steps} steps timed after {args.warmup}")
+        rows = {impl: train_step(cfg, impl, args, device) for impl in (["ours", "open_clip"] if args.openclip
+                                                                        else ["ours"])}
+        print(f"  {'':10} {'samples/s':>10} {'step ms':>9} {'peak GiB':>9} {'MFU':>7} {'loss':>7}")
+        for impl, r in rows.items():
+            mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            print(f"  {impl:10} {r['samples_per_s']:10.1f} {r['step_ms']:9.1f} {mem:>9} {mfu:>7} {r['loss']:7.3f}")
+        if "open_clip" in rows:
+            rows["ratio"] = rows["ours"]["samples_per_s"] / rows["open_clip"]["samples_per_s"]
+            print(f"  ours / open_clip: {rows['ratio']:.2f}x samples/s")
+        results[name] = rows
+    return results
+
+
+# ----------------------------------------------------------------------------- memory
+def fits(cfg, batch: int, args, device: torch.device) -> bool:
+    """Do two training steps at this batch per GPU run without running out of memory? (eager: no recompiling)"""
+    try:
+        step = make_step(build_ours, cfg, device, argparse.Namespace(**{**vars(args), "compile": False}))
+        images, tokens = fixed_batch(cfg, batch, device)
+        for _ in range(2):
+            step(images, tokens)
+        sync(device)
+        return True
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or a CUDA library failing to allocate its workspace
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "ALLOC_FAILED" not in str(e):
+            raise
+        return False
+    finally:
+        step = images = tokens = None
+        free_memory(device)
+
+
+def largest_batch(cfg, args, device: torch.device, granularity: int = 32) -> int:
+    """Double the batch until it does not fit, then bisect to a multiple of granularity."""
+    fit, fail = 0, granularity
+    while fits(cfg, fail, args, device):
+        fit, fail = fail, 2 * fail
+    while fail - fit > granularity:
+        middle = (fit + fail) // 2 // granularity * granularity
+        fit, fail = (middle, fail) if fits(cfg, middle, args, device) else (fit, middle)
+    return fit
+
+
+def bench_memory(args, device) -> dict:
+    if device.type != "cuda":
+        print("memory: needs a CUDA GPU (it searches for the batch that runs out of GPU memory); skipped on CPU")
+        return {}
+    name = args.model.split(",")[0]
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    results = {}
+    for checkpointing in (False, True):
+        run_args = argparse.Namespace(**{**vars(args), "grad_checkpointing": checkpointing})
+        results[f"grad_checkpointing={checkpointing:d}"] = batch = largest_batch(make_config(name), run_args, device)
+        print(f"memory: {name} on {device_name(device)} ({total_gib:.0f} GiB), bf16 autocast, eager, fused AdamW "
+              f"{args.fused_adamw:d}: grad checkpointing {checkpointing:d}: largest batch per GPU {batch} (to 32)")
+    return results
+
+
+# ----------------------------------------------------------------------------- loader
+def synthetic_jpeg(rng: np.random.Generator, width: int, height: int, noise: np.ndarray) -> bytes:
+    """A photo-sized JPEG: a smooth random picture plus fine texture (~2 bits per pixel at quality 95,
+    img2dataset's default, with which DataComp's shards were written)."""
+    low = rng.integers(0, 256, (height // 32 + 1, width // 32 + 1, 3), dtype=np.uint8)
+    picture = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    out = io.BytesIO()
+    Image.fromarray((picture + noise).clip(0, 255).astype(np.uint8)).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def write_jpeg_shards(folder: str, n_samples: int, width: int, height: int, samples_per_shard: int = 100,
+                      seed: int = 0) -> tuple[list[tuple[str, int]], list[str]]:
+    """Webdataset shards of KEY.jpg + KEY.txt in folder: ([(path, samples)], captions)."""
+    rng = np.random.default_rng(seed)
+    noise = [rng.integers(-3, 4, (height, width, 3), dtype=np.int16) for _ in range(4)]  # 4 textures, reused
+    shards, captions = [], []
+    for shard, start in enumerate(range(0, n_samples, samples_per_shard)):
+        path, n = os.path.join(folder, f"{shard:06d}.tar"), min(samples_per_shard, n_samples - start)
+        with tarfile.open(path, "w") as tf:
+            for i in range(start, start + n):
+                colour, shape = rng.choice(list(data.COLOURS)), rng.choice(data.SHAPES)
+                captions.append(f"a photo of a {colour} {shape}, number {i}")
+                data.add_member(tf, f"{i:07d}.jpg", synthetic_jpeg(rng, width, height, noise[i % len(noise)]))
+                data.add_member(tf, f"{i:07d}.txt", captions[-1].encode())
+        shards.append((path, n))
+    return shards, captions
+
+
+def ours_loader(shards, tok, args, draft: bool = True):
+    """data.py's training stream, as train.py uses it (shuffle buffer, resampled shards, per-batch tokens)."""
+    stream = data.TrainStream([data.Part("bench", shards)], args.loader_batches * args.loader_batch,
+                              args.loader_batch, 0, 1, seed=0, time_step=0, image_px=args.image_px, tokenizer=tok,
+                              context_tokens=77, shuffle_buffer=args.loader_batch * 4)
+    if not draft:
+        stream.draft_px = None  # decode every JPEG at full size, as before draft mode
+    return data.train_loader(stream, args.workers)
+
+
+def webdataset_loader(shards, tok, args, transform):
+    """webdataset's pipeline as open_clip builds it (resampled shards, shuffle, decode to RGB PIL images, the
+    image transform in a map, batches), with the same shuffle buffer and the same per-batch tokenizer as ours."""
+    import webdataset as wds
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards([path for path, _ in shards]), wds.tarfile_to_samples(),
+        wds.shuffle(args.loader_batch * 4), wds.decode("pilrgb"), wds.to_tuple("jpg", "txt"),
+        wds.map_tuple(transform, str.strip),
+        wds.batched(args.loader_batch, partial=False,
+                    collation_fn=lambda s: (torch.stack([x for x, _ in s]), tok([t for _, t in s], 77))),
+    ).with_epoch(nbatches=args.loader_batches)
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=args.workers)
+
+
+def same_transform(args):
+    transform, rng = data.ImageTransform(args.image_px, train=True), np.random.default_rng(0)
+    return lambda img: transform(img, rng)
+
+
+def openclip_transform(args):
+    import open_clip
+    return open_clip.image_transform(args.image_px, is_train=True)  # torchvision: crop, resize, to tensor, normalise
+
+
+LOADERS = {  # name -> loader(shards, tokenizer, args)
+    "data.py": ours_loader,
+    "data.py without draft": lambda shards, tok, args: ours_loader(shards, tok, args, draft=False),
+    "webdataset + the same transform": lambda shards, tok, args: webdataset_loader(shards, tok, args,
+                                                                                    same_transform(args)),
+    "webdataset + open_clip's transform": lambda shards, tok, args: webdataset_loader(shards, tok, args,
+                                                                                      openclip_transform(args)),
+}
+
+
+def loader_samples_per_s(loader) -> float:
+    """Samples/s after the first batch, which pays for starting the worker and filling the shuffle buffer."""
+    batches = iter(loader)
+    next(batches)
+    t0, n = time.perf_counter(), 0
+    for images, *_ in batches:
+        n += len(images)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_loader(args, device) -> dict:
+    results = {}
+    for source in args.source_px.split(","):
+        width, height = (int(v) for v in source.split("x"))
+        with tempfile.TemporaryDirectory() as folder:
+            shards, captions = write_jpeg_shards(folder, args.loader_samples, width, height)
+            kb = sum(os.path.getsize(p) for p, _ in shards) / args.loader_samples / 1e3
+            tok = data.Tokenizer.train(captions, vocab_size=1024)
+            best = {name: 0.0 for name in LOADERS}
+            for _ in range(args.repeats):  # interleaved, best of: the machine's other load only slows a run down
+                for name, make_loader in LOADERS.items():
+                    best[name] = max(best[name], loader_samples_per_s(make_loader(shards, tok, args)))
+        print(f"loader: {args.loader_samples} JPEGs of {width}x{height} px (~{kb:.0f} kB) -> {args.image_px} px "
+              f"train augmentation, {args.workers} worker, {args.loader_batch}-sample batches, best of {args.repeats}")
+        for name, samples_per_s in best.items():
+            print(f"  {name:36} {samples_per_s:8.1f} samples/s per core")
+        ratio = best["data.py"] / best["webdataset + the same transform"]
+        print(f"  data.py / webdataset + the same transform: {ratio:.2f}x; / webdataset + open_clip's transform: "
+              f"{best['data.py'] / best[list(LOADERS)[-1]]:.2f}x; draft mode: "
+              f"{best['data.py'] / best['data.py without draft']:.2f}x")
+        results[source] = {**best, "ratio": ratio}
+    return results
+
+
+# ----------------------------------------------------------------------------- end to end
+def end_to_end(args, device) -> dict:
+    """Train on data.py's loader over generated JPEG shards, and on in-memory batches of the same shapes."""
+    name = args.model.split(",")[0]
+    width, height = (int(v) for v in args.source_px.split(",")[0].split("x"))
+    with tempfile.TemporaryDirectory() as folder:
+        shards, captions = write_jpeg_shards(folder, args.e2e_images, width, height)
+        tok = data.Tokenizer.train(captions, vocab_size=1024)
+        cfg = make_config(name, eot_token_id=tok.eot_id)  # the preset's vocabulary size: our ids fit in it
+        in_memory = train_step(cfg, "ours", args, device)
+        warmup = max(args.warmup, 2 * args.workers)  # also drains the 2 batches per worker prefetched meanwhile
+        stream = data.TrainStream([data.Part("bench", shards)], (warmup + args.e2e_steps) * args.batch_size,
+                                  args.batch_size, 0, 1, seed=0, time_step=0, image_px=cfg.image_px, tokenizer=tok,
+                                  context_tokens=cfg.context_tokens)
+        torch.manual_seed(0)
+        step = make_step(build_ours, cfg, device, args)
+        with nullcontext() if args.flash else sdpa_kernel(SDPBackend.MATH):
+            from_shards = run_steps(step, data.train_loader(stream, args.workers), warmup, device)
+    ratio = from_shards["samples_per_s"] / in_memory["samples_per_s"]
+    print(f"e2e: {name}, {args.batch_size} pairs per device on {device_name(device)}, {args.workers} loader workers, "
+          f"{width}x{height} px JPEGs: in memory {in_memory['samples_per_s']:.1f} samples/s; from shards "
+          f"{from_shards['samples_per_s']:.1f} samples/s ({100 * ratio:.0f}%), waiting "
+          f"{from_shards['loader_ms_per_step']:.1f} ms per step of {from_shards['step_ms']:.1f} ms for the loader")
+    return {"in_memory": in_memory, "from_shards": from_shards, "ratio": ratio}
+
+
+def bench_e2e(args, device) -> dict:
+    if device.type != "cuda":
+        print("e2e: needs a CUDA GPU (it asks whether the loader keeps a GPU fed); skipped on CPU")
+        return {}
+    return end_to_end(args, device)
+
+
+BENCHMARKS = {"train": bench_train, "memory": bench_memory, "loader": bench_loader, "e2e": bench_e2e}
+
+
+# ----------------------------------------------------------------------------- command line
+def flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0 or 1, not {value!r}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark to run")
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda or cpu")
+    p.add_argument("--model", default="ViT-B-16,ViT-B-32" if cuda else "tiny",
+                   help="model.PRESETS names, comma-separated (memory and e2e use the first)")
+    p.add_argument("--batch_size", type=int, default=256 if cuda else 64, help="pairs per device per step")
+    p.add_argument("--steps", type=int, default=20 if cuda else 5, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=5 if cuda else 2, help="untimed steps first (compilation)")
+    p.add_argument("--compile", type=flag, default=cuda, help="torch.compile the forward and the loss (0 or 1)")
+    p.add_argument("--fused_adamw", type=flag, default=cuda, help="AdamW's update as one kernel (0 or 1)")
+    p.add_argument("--flash", type=flag, default=True, help="let SDPA use flash attention; 0: its math kernel only")
+    p.add_argument("--grad_checkpointing", type=flag, default=False, help="recompute activations in backward")
+    p.add_argument("--openclip", type=flag, default=True, help="also measure open_clip (train)")
+    p.add_argument("--source_px", default="512x384,1024x768",
+                   help="WxH of the generated JPEGs, comma-separated (loader; e2e uses the first). DataComp's "
+                        "shards are at most 512 px on the long side")
+    p.add_argument("--image_px", type=int, default=224, help="loader: the model's input size")
+    p.add_argument("--loader_samples", type=int, default=400, help="loader: JPEGs written to the shards")
+    p.add_argument("--loader_batch", type=int, default=32, help="loader: samples per batch")
+    p.add_argument("--loader_batches", type=int, default=12, help="loader: batches read per measurement")
+    p.add_argument("--repeats", type=int, default=2, help="loader: measurements per loader, the best kept")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default: loader 1, for a per-core figure; e2e all cores but one)")
+    p.add_argument("--e2e_steps", type=int, default=100, help="e2e: timed steps on the loader's batches")
+    p.add_argument("--e2e_images", type=int, default=2048, help="e2e: JPEGs written (the loader cycles over them)")
+    p.add_argument("--threads", type=int, default=0 if cuda else 1,
+                   help="CPU threads of this process (0: torch's default); on CPU 1 gives a per-core figure that "
+                        "other load on the machine disturbs least")
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.workers is None:
+        args.workers = 1 if args.benchmark == "loader" else max(1, (os.cpu_count() or 2) - 1)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py and open_clip's trainer
+        torch.backends.cudnn.allow_tf32 = True
+    results = BENCHMARKS[args.benchmark](args, device)
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump({"benchmark": args.benchmark, "args": vars(args), "device": device_name(device),
+                       "results": results}, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+    torch.set_num_threads(threads)
+    return results
+
+
+if __name__ == "__main__":
+    main()

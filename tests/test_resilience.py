@@ -1,0 +1,300 @@
+"""Surviving kills, bad data and numerical faults: a run killed mid-step (SIGKILL, or SIGTERM that saves first)
+and rerun ends with bitwise the same weights as a run never stopped, on one process and on two (gloo);
+corrupt or missing data is skipped, counted and reported, or stops the run past max_bad_fraction; a
+non-finite loss skips its update exactly, and several in a row stop the run. Hermetic and CPU-only.
+
+    python -m pytest -q tests/test_resilience.py
+"""
+import glob
+import io
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+
+import data
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 8 iterations per step, a resume checkpoint every 2
+TINY = ["--strategy=sequential", "--budget_samples=256", "--batch_size=32", "--vocab_size=300", "--log_interval=4",
+        "--warmup_iters=2", "--warmup_iters_later=2", "--eval_batch=64", "--ckpt_interval_samples=64"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bench") / "data")
+    data.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
+                                  samples_per_shard=64, classification_samples_per_year=0)
+    return root
+
+
+def command(args, nproc=None):
+    launcher = [sys.executable] if not nproc else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc_per_node={nproc}"]
+    return launcher + ["train.py", *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(args, nproc=None):
+    out = subprocess.run(command(args, nproc), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def descendants(pid):
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    return [p for c in children for p in [int(c), *descendants(int(c))]]
+
+
+def kill_mid_step(args, run_dir, sig, nproc=None):
+    """Start the run; once step 2 has a resume checkpoint, send sig to all its processes (torchrun starts each
+    worker in a session of its own, so the process group alone would miss them)."""
+    proc = subprocess.Popen(command(args, nproc), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(run_dir, "resume", "step02-*.pt")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.005)
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        os.kill(pid, sig)
+    out, err = proc.communicate(timeout=120)
+    assert not os.path.exists(os.path.join(run_dir, "step02.pt")), "the kill came after the step ended"
+    return proc.returncode, out, err
+
+
+def weights(run_dir, step=2):
+    return torch.load(os.path.join(run_dir, f"step{step:02d}.pt"), weights_only=True)["model"]
+
+
+def assert_same_weights(run_a, run_b):
+    for step in (1, 2):
+        a, b = weights(run_a, step), weights(run_b, step)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"step {step} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(bench, tmp_path_factory):
+    """An uninterrupted one-process run: what every killed and resumed run must reproduce bit for bit."""
+    run_dir = str(tmp_path_factory.mktemp("ref") / "run")
+    run([f"--data_root={bench}", f"--out_dir={run_dir}", "--workers=0", *TINY])
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+@pytest.mark.slow
+def test_sigkill_mid_step_then_rerun_is_bitwise_an_uninterrupted_run(bench, reference, tmp_path):
+    run_dir = str(tmp_path / "run")
+    args = [f"--data_root={bench}", f"--out_dir={run_dir}", "--workers=0", *TINY]
+    rc, _, _ = kill_mid_step(args, run_dir, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    # a kill during a checkpoint write leaves a temporary file; a checkpoint damaged later does not load
+    resume = os.path.join(run_dir, "resume")
+    open(os.path.join(resume, "step02-0000099.pt.tmp4242"), "wb").write(b"half a checkpoint")
+    open(os.path.join(resume, "step02-0000007.pt"), "wb").write(b"bit rot")  # newest by name: skipped with a warning
+    out = subprocess.run(command(args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step02-0000007.pt does not load" in out.stderr
+    samples = int(out.stdout.split("resuming at sample ")[1].split()[0])
+    assert 0 < samples < 256 and "step 1/2 (2018): done already" in out.stdout
+    assert_same_weights(run_dir, reference)
+    assert os.listdir(resume) == []  # the step's resume checkpoints (and the stray files) are gone once it ends
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly_then_rerun_is_bitwise_the_same(bench, reference, tmp_path):
+    run_dir = str(tmp_path / "run")
+    # workers=1: the DataLoader worker gets the SIGTERM too (sent to the group) and must outlive the save
+    args = [f"--data_root={bench}", f"--out_dir={run_dir}", "--workers=1", *TINY]
+    rc, out, err = kill_mid_step(args, run_dir, signal.SIGTERM)
+    assert rc == 0, err[-3000:]
+    saved = out.split("SIGTERM: saved ")[1].split()[0]
+    assert os.path.exists(saved) and "rerun the same command" in out
+    again = run(args)
+    assert f"from {saved}" in again  # the checkpoint SIGTERM wrote is the one resumed from
+    assert_same_weights(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_two_process_kill_mid_step_resumes_both_ranks_from_one_checkpoint(bench, tmp_path):
+    ref, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    args = [f"--data_root={bench}", "--workers=0", *TINY]
+    run([f"--out_dir={ref}", *args], nproc=2)
+    rc, _, _ = kill_mid_step([f"--out_dir={run_dir}", *args], run_dir, signal.SIGKILL, nproc=2)
+    assert rc != 0
+    out = run([f"--out_dir={run_dir}", *args], nproc=2)
+    resumed = sorted(line.split(": ", 1)[1] for line in out.splitlines() if "resuming at sample" in line)
+    assert len(resumed) == 2 and resumed[0] == resumed[1], out  # rank 0 and rank 1: the same sample, the same file
+    assert_same_weights(run_dir, ref)
+
+
+# ----------------------------------------------------------------------------- the loader's position
+
+def png(value, px=8):
+    buf = io.BytesIO()
+    from PIL import Image
+    Image.new("RGB", (px, px), (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+def good_shard(path, prefix, n):
+    members = [m for i in range(n) for m in ((f"{prefix}_{i:04d}.png", png(4 * i % 100)),
+                                             (f"{prefix}_{i:04d}.txt", b"a good caption"))]
+    return write_tar(path, members), n
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.Tokenizer.train(["a good caption", "a bad caption"] * 20, vocab_size=280)
+
+
+def in_loader_order(stream, workers):
+    """What a DataLoader with this many workers yields: one batch from each worker in turn."""
+    per_worker = [stream.batches(w, workers) for w in range(workers)]
+    return [b for group in itertools.zip_longest(*per_worker) for b in group if b is not None]
+
+
+def test_stream_from_any_batch_is_the_tail_of_the_whole_stream(tmp_path, tokenizer):
+    part = data.Part("2020", [good_shard(tmp_path / f"{i}.tar", f"s{i}", 10 + 3 * i) for i in range(4)])
+    make = lambda start: data.TrainStream([part], 8 * 13, 8, 0, 1, seed=1, time_step=2, image_px=8,  # noqa: E731
+                                          tokenizer=tokenizer, context_tokens=8, shuffle_buffer=12,
+                                          start_batch=start, chunk_samples=24)  # 3 batches a chunk
+    for workers in (1, 2):
+        whole = in_loader_order(make(0), workers)
+        assert len(whole) == 13
+        for start in (1, 3, 4, 8, 12, 13):
+            tail = in_loader_order(make(start), workers)
+            assert len(tail) == 13 - start
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(tail, whole[start:]))
+    # the real DataLoader takes its workers in turn as assumed above, also when resuming mid-way
+    tail = [b[0] for b in data.train_loader(make(5), num_workers=2)]
+    assert all(torch.equal(a, b[0]) for a, b in zip(tail, in_loader_order(make(0), 2)[5:], strict=True))
+
+
+# ----------------------------------------------------------------------------- faults in data
+
+def bad_shards(folder):
+    """One shard per fault, each (but the empty one) also holding good samples so a batch can fill."""
+    ok = lambda i: [(f"ok{i}.png", png(10)), (f"ok{i}.txt", b"a good caption")]  # noqa: E731
+    tar = lambda name, members: (write_tar(os.path.join(folder, name), members), 4)  # noqa: E731
+    whole = open(write_tar(os.path.join(folder, "full.tar"), [m for i in range(4) for m in ok(f"t{i}")]), "rb").read()
+    os.remove(os.path.join(folder, "full.tar"))
+    with open(os.path.join(folder, "truncated.tar"), "wb") as f:
+        f.write(whole[:2 * 2048 + 700])  # two samples (two 1 kB members each), then the break
+    return [
+        tar("corrupt.tar", [*ok("c"), ("bad_c.png", b"\x89PNG not really"), ("bad_c.txt", b"a bad caption")]),
+        tar("nocaption.tar", [*ok("n"), ("bad_n.png", png(255)), ("bad_n.json", b"{}")]),  # white: easy to spot
+        tar("noimage.tar", [*ok("i"), ("bad_i.txt", b"a bad caption")]),
+        tar("duplicate.tar", [*ok("d"), ("ok_d.png", png(10)), ("ok_d.txt", b"a good caption"),
+                              ("ok_d.png", png(20)), ("ok_d.txt", b"a bad caption")]),
+        tar("empty.tar", []),
+        (os.path.join(folder, "truncated.tar"), 4),
+    ]
+
+
+FAULT_SHARDS = {"corrupt_image": "corrupt.tar", "missing_caption": "nocaption.tar", "missing_image": "noimage.tar",
+                "duplicate_key": "duplicate.tar", "empty_shard": "empty.tar", "truncated_tar": "truncated.tar"}
+
+
+def test_loader_skips_counts_and_logs_every_fault_in_workers_too(tmp_path, tokenizer, capfd):
+    part = data.Part("2020", bad_shards(tmp_path) + [good_shard(tmp_path / f"{i}.tar", f"g{i}", 16) for i in (0, 1)])
+    make = lambda: data.TrainStream([part], 8 * 40, 8, 0, 1, seed=0, time_step=0, image_px=8,  # noqa: E731
+                                    tokenizer=tokenizer, context_tokens=8, shuffle_buffer=4)
+    batches = list(make().batches(0, 1))
+    faults = sum((data.Counter(f) for *_, f in batches), data.Counter())
+    assert all(faults[kind] > 0 for kind in data.FAULTS), faults
+    bad_token = tokenizer.tok.encode("bad").ids[0]
+    for images, tokens, _ in batches:  # nothing bad is trained on: no bad caption, no white image
+        assert images.shape == (8, 3, 8, 8) and not (tokens == bad_token).any() and images.amax() < 1
+    err = capfd.readouterr().err
+    for kind, shard in FAULT_SHARDS.items():  # one line naming the shard (and the sample) per fault
+        assert any(shard in line and kind.replace("_", " ") in line for line in err.splitlines()), (kind, err)
+    assert "sample bad_c: corrupt image" in err and "sample ok_d: duplicate key" in err
+    # a worker process counts the same, and its counts reach the main process with the batches
+    from_worker = sum((data.Counter(f) for *_, f in data.train_loader(make(), num_workers=1)), data.Counter())
+    assert from_worker == faults
+
+
+@pytest.fixture(scope="module")
+def bad_bench(tmp_path_factory):
+    """A one-year benchmark whose training folder also holds one shard of each fault."""
+    root = str(tmp_path_factory.mktemp("bad") / "data")
+    data.make_synthetic_benchmark(root, years=(2018,), train_samples_per_year=128, eval_samples_per_year=32,
+                                  samples_per_shard=32, classification_samples_per_year=0)
+    folder = os.path.join(root, "train", "2018")
+    sizes = json.load(open(os.path.join(folder, "sizes.json")))
+    sizes.update({os.path.basename(path): n for path, n in bad_shards(folder)})
+    json.dump(sizes, open(os.path.join(folder, "sizes.json"), "w"))
+    return root
+
+
+@pytest.mark.slow
+def test_step_reports_fault_counts_in_its_line_and_the_log(bad_bench, tmp_path):
+    run_dir = str(tmp_path / "run")
+    out = run([f"--data_root={bad_bench}", f"--out_dir={run_dir}", "--workers=1", *TINY, "--budget_samples=128",
+               "--max_bad_fraction=1"])
+    assert "step 1/1 (2018): 128 samples" in out and "; skipped " in out and "corrupt_image" in out
+    end = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))][-1]
+    assert end["event"] == "step_end" and all(end["faults"][kind] > 0 for kind in data.FAULTS), end["faults"]
+    assert 0 < end["faults"]["bad_samples"] <= 128 and end["nonfinite"] == 0
+
+
+@pytest.mark.slow
+def test_too_much_bad_data_stops_with_one_clear_line(bad_bench, tmp_path):
+    args = [f"--data_root={bad_bench}", f"--out_dir={tmp_path}/run", "--workers=0", *TINY, "--budget_samples=128",
+            "--max_bad_fraction=0.01"]
+    out = subprocess.run(command(args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step 1 (2018): ") and "--max_bad_fraction=0.01" in last, out.stderr
+    assert not os.path.exists(f"{tmp_path}/run/step01.pt")
+
+
+# ----------------------------------------------------------------------------- numerical faults
+
+def test_nonfinite_loss_skips_its_update_and_a_run_of_them_stops(bench, tmp_path, monkeypatch):
+    real_loss, calls = train.clip_loss, itertools.count()
+    poisoned = {3, 5, 6, 7}  # iterations (of 8) whose loss is NaN: one alone, then three in a row
+
+    def clip_loss(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if next(calls) in poisoned else loss
+
+    monkeypatch.setattr(train, "clip_loss", clip_loss)
+    run_dir = str(tmp_path / "run")
+    args = [f"--data_root={bench}", f"--out_dir={run_dir}", "--steps=2018", "--workers=0", *TINY,
+            "--ckpt_interval_samples=32", "--keep_checkpoints=10", "--max_nonfinite_in_row=3", "--compile=false",
+            "--device=cpu"]
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit, match=r"3 non-finite losses in a row by sample 256; .*step01-0000007.pt"):
+            train.main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    assert not os.path.exists(os.path.join(run_dir, "step01.pt"))
+    ckpt = {it: torch.load(os.path.join(run_dir, "resume", f"step01-{it:07d}.pt"), weights_only=True)
+            for it in range(1, 8)}
+    same = lambda a, b: all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # noqa: E731
+    assert same(ckpt[3], ckpt[4]) and not same(ckpt[4], ckpt[5])  # iteration 3 (NaN) left weights untouched
+    assert ckpt[3]["optimizer"]["state"][0]["step"] == ckpt[4]["optimizer"]["state"][0]["step"] == 3  # and Adam
+    assert ckpt[7]["nonfinite"] == 3 and ckpt[7]["nonfinite_in_row"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt[7]["model"].values())  # the last good checkpoint, intact

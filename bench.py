@@ -35,6 +35,7 @@ from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
+import synthetic
 from model import CLIP, clip_loss, make_config
 
 # Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets; the first key found in the device's
@@ -260,7 +261,7 @@ def write_jpeg_shards(folder: str, n_samples: int, width: int, height: int, samp
         path, n = os.path.join(folder, f"{shard:06d}.tar"), min(samples_per_shard, n_samples - start)
         with tarfile.open(path, "w") as tf:
             for i in range(start, start + n):
-                colour, shape = rng.choice(list(data.COLOURS)), rng.choice(data.SHAPES)
+                colour, shape = rng.choice(list(synthetic.COLOURS)), rng.choice(synthetic.SHAPES)
                 captions.append(f"a photo of a {colour} {shape}, number {i}")
                 data.add_member(tf, f"{i:07d}.jpg", synthetic_jpeg(rng, width, height, noise[i % len(noise)]))
                 data.add_member(tf, f"{i:07d}.txt", captions[-1].encode())

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import synthetic
 import evaluate
 import strategies
 from model import CLIP, PRESETS, CLIPConfig, clip_loss, make_config
@@ -319,7 +320,7 @@ def main(argv):
 
     # the data: generate the built-in benchmark on first use, then resolve the steps' shards
     if master and data_root == SYNTH_ROOT:
-        data.make_synthetic_benchmark(SYNTH_ROOT)
+        synthetic.make_synthetic_benchmark(SYNTH_ROOT)
     barrier()
     if not os.path.isdir(os.path.join(data_root, "train")):
         raise SystemExit(f"error: no {data_root}/train folder; point --data_root at a TiC layout "

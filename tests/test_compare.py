@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import data
+import synthetic
 from compare import make_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def test_table_relative_compute_and_means():
 @pytest.mark.slow
 def test_compare_runs_lwf_patching_oracle_and_reuses(tmp_path):
     root, out = str(tmp_path / "bench"), str(tmp_path / "cmp")
-    data.make_synthetic_benchmark(root, years=(2018, 2019, 2020), train_samples_per_year=512,
+    synthetic.make_synthetic_benchmark(root, years=(2018, 2019, 2020), train_samples_per_year=512,
                                   eval_samples_per_year=64, samples_per_shard=128)
     cmd = [sys.executable, "compare.py", "--strategies=sequential,lwf,patching,oracle", f"--out={out}",
            f"--data_root={root}", "--budget_samples=128", "--batch_size=32", "--vocab_size=300", "--workers=0",

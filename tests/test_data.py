@@ -18,6 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import synthetic  # noqa: E402
 
 CAPTIONS = ["a red circle at top left and a blue star at bottom right", "green square in the top right",
             "a white moon next to a pink heart", "yellow cross, cyan bar, purple dots"] * 8
@@ -186,7 +187,7 @@ SMALL = dict(seed=1, years=(2018, 2019, 2020, 2021, 2022), train_samples_per_yea
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("bench") / "synth")
-    data.make_synthetic_benchmark(root, **SMALL)
+    synthetic.make_synthetic_benchmark(root, **SMALL)
     return root
 
 
@@ -197,13 +198,13 @@ def all_files(root):
 
 def test_benchmark_is_deterministic_and_reused(bench, tmp_path):
     again = str(tmp_path / "again")
-    data.make_synthetic_benchmark(again, **SMALL)
+    synthetic.make_synthetic_benchmark(again, **SMALL)
     assert all_files(again) == all_files(bench)
     mtime = os.path.getmtime(os.path.join(again, "benchmark.json"))
-    data.make_synthetic_benchmark(again, **SMALL)  # same parameters: leave it alone
+    synthetic.make_synthetic_benchmark(again, **SMALL)  # same parameters: leave it alone
     assert os.path.getmtime(os.path.join(again, "benchmark.json")) == mtime
     with pytest.raises(SystemExit, match="image_px"):
-        data.make_synthetic_benchmark(again, **dict(SMALL, image_px=16))
+        synthetic.make_synthetic_benchmark(again, **dict(SMALL, image_px=16))
     assert sorted(os.listdir(tmp_path)) == ["again"]  # no temporary folders left behind
 
 
@@ -227,19 +228,19 @@ def test_benchmark_drift_schedule(bench):
     meta = json.load(open(os.path.join(bench, "benchmark.json")))
     assert meta["chance_recall_at_1"] == 1 / 30
     debut = meta["debut_year"]
-    assert sorted(debut) == sorted(data.EMERGING) and min(debut.values()) == 2019 and max(debut.values()) == 2022
+    assert sorted(debut) == sorted(synthetic.EMERGING) and min(debut.values()) == 2019 and max(debut.values()) == 2022
     seen = {}  # year -> shapes named in its training captions
     for year in data.years_in(bench):
         words = set()
         for path, _ in data.year_shards(bench, year):
             for _, s in data.iter_tar(path):
                 words.update(s["txt"].decode().replace(",", " ").split())
-        seen[int(year)] = words & set(data.SHAPES)
+        seen[int(year)] = words & set(synthetic.SHAPES)
     for shape, year in debut.items():
         assert all(shape not in seen[y] for y in seen if y < year), shape  # unknowable before its debut
-    assert not set(data.FADING) & seen[2022] and set(data.FADING) <= seen[2018]  # fades out
-    assert set(data.STABLE) <= seen[2018] and set(data.STABLE) <= seen[2022]
-    assert set(data.EMERGING) <= seen[2022]
+    assert not set(synthetic.FADING) & seen[2022] and set(synthetic.FADING) <= seen[2018]  # fades out
+    assert set(synthetic.STABLE) <= seen[2018] and set(synthetic.STABLE) <= seen[2022]
+    assert set(synthetic.EMERGING) <= seen[2022]
 
 
 def test_missing_year_folder_is_a_clear_error(bench):

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import data
+import synthetic  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=100",
@@ -26,7 +27,7 @@ def refused(args, env=None):
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("bench") / "data")
-    data.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=64, eval_samples_per_year=32,
+    synthetic.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=64, eval_samples_per_year=32,
                                   samples_per_shard=32)
     return root
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import data  # noqa: E402
+import synthetic  # noqa: E402
 import evaluate  # noqa: E402
 import prepare  # noqa: E402
 from model import load_openclip_state_dict, load_pretrained, make_config, openclip_config  # noqa: E402
@@ -165,7 +166,7 @@ def test_clip_tokenizer_command_writes_a_loadable_file(tmp_path, clip_tokenizer)
 # ----------------------------------------------------------------------------- evaluate.py --checkpoint
 def test_evaluate_checkpoint_scores_as_open_clip(tmp_path, clip_tokenizer, capsys):
     root = str(tmp_path / "bench")
-    data.make_synthetic_benchmark(root, years=(2020, 2021), train_samples_per_year=4, eval_samples_per_year=24,
+    synthetic.make_synthetic_benchmark(root, years=(2020, 2021), train_samples_per_year=4, eval_samples_per_year=24,
                                   classification_samples_per_year=40, samples_per_shard=16)
     theirs = tiny_openclip()
     torch.save(theirs.state_dict(), tmp_path / "model.pt")

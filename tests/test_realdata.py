@@ -20,6 +20,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import data  # noqa: E402
+import synthetic  # noqa: E402
 import evaluate  # noqa: E402
 import prepare  # noqa: E402
 from model import CLIP, make_config  # noqa: E402
@@ -167,14 +168,14 @@ SMALL = dict(seed=2, years=(2018, 2019, 2020), train_samples_per_year=8, eval_sa
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("bench") / "synth")
-    data.make_synthetic_benchmark(root, **SMALL)
+    synthetic.make_synthetic_benchmark(root, **SMALL)
     return root
 
 
 def test_classification_split_follows_each_years_shapes(bench):
     folder = os.path.join(bench, "eval", "classification")
-    assert evaluate.read_lines(os.path.join(folder, "classnames.txt")) == list(data.SHAPES)
-    assert evaluate.read_lines(os.path.join(folder, "templates.txt")) == list(data.CLASS_TEMPLATES)
+    assert evaluate.read_lines(os.path.join(folder, "classnames.txt")) == list(synthetic.SHAPES)
+    assert evaluate.read_lines(os.path.join(folder, "templates.txt")) == list(synthetic.CLASS_TEMPLATES)
     meta = json.load(open(os.path.join(bench, "benchmark.json")))
     for year in data.years_in(bench, "classification"):
         classes = []
@@ -183,7 +184,7 @@ def test_classification_split_follows_each_years_shapes(bench):
             assert len(samples) == n and all(set(s) == {"json", "png", "cls"} for _, s in samples)
             classes += [data.class_id(s) for _, s in samples]
             assert all(json.loads(s["json"])["cls"] == data.class_id(s) for _, s in samples)
-        seen = {data.SHAPES[c] for c in classes}
+        seen = {synthetic.SHAPES[c] for c in classes}
         assert len(classes) == 300 and seen == {s for s, w in meta["shape_weights"][year].items() if w > 0}
 
 
@@ -194,10 +195,10 @@ def test_an_older_benchmark_gains_the_classification_split(bench, tmp_path):
     meta = json.load(open(os.path.join(old, "benchmark.json")))
     del meta["classnames"], meta["class_templates"], meta["params"]["classification_samples_per_year"]
     json.dump(meta, open(os.path.join(old, "benchmark.json"), "w"), indent=1)
-    data.make_synthetic_benchmark(old, **SMALL)  # written before the split existed: add it, as a fresh build has it
+    synthetic.make_synthetic_benchmark(old, **SMALL)  # written before the split existed: add it, as a fresh build has it
     assert all_files(old) == all_files(bench)
     with pytest.raises(SystemExit, match="different synthetic benchmark"):
-        data.make_synthetic_benchmark(old, **dict(SMALL, classification_samples_per_year=10))
+        synthetic.make_synthetic_benchmark(old, **dict(SMALL, classification_samples_per_year=10))
 
 
 # ----------------------------------------------------------------------------- zero-shot classification
@@ -211,7 +212,7 @@ def model_and_tokenizer():
 
 def test_classifier_and_accuracy_match_a_brute_force_reference(bench, model_and_tokenizer):
     model, tok = model_and_tokenizer
-    names, templates = list(data.SHAPES), list(data.CLASS_TEMPLATES)
+    names, templates = list(synthetic.SHAPES), list(synthetic.CLASS_TEMPLATES)
     classifier = evaluate.zero_shot_classifier(model, names, templates, tok, torch.device("cpu"), batch_samples=7)
     with torch.no_grad():
         for c, name in enumerate(names):  # one class at a time, the definition spelled out

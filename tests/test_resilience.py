@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import data
+import synthetic  # noqa: E402
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +32,7 @@ TINY = ["--strategy=sequential", "--budget_samples=256", "--batch_size=32", "--v
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("bench") / "data")
-    data.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
+    synthetic.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
                                   samples_per_shard=64, classification_samples_per_year=0)
     return root
 
@@ -238,7 +239,7 @@ def test_loader_skips_counts_and_logs_every_fault_in_workers_too(tmp_path, token
 def bad_bench(tmp_path_factory):
     """A one-year benchmark whose training folder also holds one shard of each fault."""
     root = str(tmp_path_factory.mktemp("bad") / "data")
-    data.make_synthetic_benchmark(root, years=(2018,), train_samples_per_year=128, eval_samples_per_year=32,
+    synthetic.make_synthetic_benchmark(root, years=(2018,), train_samples_per_year=128, eval_samples_per_year=32,
                                   samples_per_shard=32, classification_samples_per_year=0)
     folder = os.path.join(root, "train", "2018")
     sizes = json.load(open(os.path.join(folder, "sizes.json")))

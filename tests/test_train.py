@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import synthetic  # noqa: E402
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +67,7 @@ def tiny_args(tmp_path, root, run, strategy="sequential"):
 @pytest.mark.slow
 def test_end_to_end_two_steps_writes_matrix_and_resumes(tmp_path):
     root, run = str(tmp_path / "bench"), str(tmp_path / "run")
-    data.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
+    synthetic.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
                                   samples_per_shard=64)
     out = run_train(tiny_args(tmp_path, root, run))
     assert "evaluation matrix" in out
@@ -94,7 +95,7 @@ def test_end_to_end_two_steps_writes_matrix_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_run_same_protocol(tmp_path):
     root, run = str(tmp_path / "bench"), str(tmp_path / "run")
-    data.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
+    synthetic.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
                                   samples_per_shard=64)
     out = run_train(tiny_args(tmp_path, root, run, strategy="cumulative-all"), nproc=2)
     assert "2 process(es) on cpu, global batch 32" in out

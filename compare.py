@@ -110,10 +110,13 @@ def plot_compute(rows: list[dict], path: str) -> None:
     d.text((W // 2 - 60, H - 30), "total training FLOPs", fill="black", font=font)
     d.text((5, 15), "final model: mean R@1 over all time steps (%)", fill="black", font=font)
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    placed = []
     for i, r in enumerate(rows):
         x, y, c = px(r["flops"]), py(r["final_mean"]), palette[i % len(palette)]
         d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=c)
-        d.text((x + 9, y - 6 + 12 * (i % 2)), r["strategy"], fill=c, font=font)
+        near = sum(abs(x - x0) < 20 and abs(y - y0) < 14 for x0, y0 in placed)  # stack labels of close points
+        d.text((x + 9, y - 6 + 13 * near), r["strategy"], fill=c, font=font)
+        placed.append((x, y))
     img.save(path)
 
 

@@ -25,12 +25,13 @@ CAPTIONS = ["a red circle at top left and a blue star at bottom right", "green s
 
 
 def write_tar(path, members):
-    """members: [(name, bytes)] in order."""
+    """members: [(name, bytes)] in order; returns the tar's path."""
     with tarfile.open(path, "w") as tf:
         for name, payload in members:
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tf.addfile(info, io.BytesIO(payload))
+    return str(path)
 
 
 def png_bytes(value, px=8):

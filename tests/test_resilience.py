@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import pytest
@@ -22,6 +21,7 @@ import torch
 import data
 import synthetic  # noqa: E402
 import train
+from test_data import write_tar  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 8 iterations per step, a resume checkpoint every 2
@@ -146,15 +146,6 @@ def png(value, px=8):
     from PIL import Image
     Image.new("RGB", (px, px), (value, value, value)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
-    return str(path)
 
 
 def good_shard(path, prefix, n):

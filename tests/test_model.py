@@ -108,6 +108,14 @@ def test_init_weights_stds():
     for p, std in checks.items():
         assert p.std().item() == pytest.approx(std, rel=0.05)
     assert block.attn.in_proj.bias.abs().max() == 0 and block.ln_1.weight.eq(1).all()
+    # the image tower as OpenCLIP's ViT: class token and positions N(0, width^-0.5), q,k,v Xavier-uniform,
+    # the other Linears PyTorch's default (uniform, std 1/sqrt(3 fan_in)), not timm's trunc-normal 0.02
+    vision, vb = model.cfg.vision_width, model.visual.blocks[0]
+    checks = {model.visual.pos_embed: vision ** -0.5, vb.attn.qkv.weight: (2 / (4 * vision)) ** 0.5,
+              vb.mlp.fc1.weight: (3 * vision) ** -0.5, vb.mlp.fc2.weight: (3 * 4 * vision) ** -0.5}
+    for p, std in checks.items():
+        assert p.std().item() == pytest.approx(std, rel=0.1)
+    assert model.visual.cls_token.abs().max() > 0.05 and vb.attn.qkv.bias.abs().max() == 0
 
 
 def test_optimizer_groups():

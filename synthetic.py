@@ -2,9 +2,9 @@
 The built-in synthetic time-continual benchmark: 32 px images of two coloured shapes with captions, written
 in the TiC-DataComp layout (data.py reads it like any real TiC data), with real temporal drift.
 
-    python synthetic.py data/tic-synth     # write it (~15 s, 5 years); train.py does this on first use
+    python synthetic.py data/tic-synth     # write it (~10 s, 5 years); train.py does this on first use
 
-Shapes come in three groups: stable (the same every year), fading (common at first, gone in the last year:
+Shapes come in three groups: stable (the same every year), fading (common at first, gone in the last three years:
 training only on new data forgets them) and emerging (unseen before their debut year: a model trained on
 earlier years cannot know them). Captions name colour, shape and quadrant of both objects, so recall@1 on a
 year's 1,000 held-out pairs is meaningful (chance 0.1%). Per year it also writes labelled single-shape images
@@ -29,7 +29,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), 
            "purple": (150, 60, 210), "pink": (245, 130, 195), "white": (235, 235, 235), "cyan": (40, 215, 220)}
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # quadrant q: row q // 2, column q % 2
 STABLE = ("circle", "square", "triangle", "cross", "diamond", "bar")  # weight 1 every year
-FADING = ("ring", "frame", "x", "pillar", "checker")  # common at first, gone in the last year
+FADING = ("ring", "frame", "x", "pillar", "checker")  # common at first, gone in the last three years
 EMERGING = ("star", "heart", "arrow", "moon", "dots")  # unseen before their debut year, then common
 SHAPES = STABLE + FADING + EMERGING
 TEMPLATES = ("a {c0} {s0} at {p0} and a {c1} {s1} at {p1}",
@@ -47,8 +47,8 @@ def shape_weight(shape: str, i: int, n_years: int) -> float:
     """Relative frequency of a shape in year index i (the drift schedule; also saved in benchmark.json)."""
     if shape in STABLE:
         return 1.0
-    if shape in FADING:  # training only on new data forgets these
-        return 3.0 * (1 - i / (n_years - 1)) ** 2 if n_years > 1 else 3.0
+    if shape in FADING:  # 3, 0.75, 0, 0, 0 over 5 years: gone for the last three, which forget them (sequential)
+        return 3.0 * max(0.0, 1 - i / max(1, n_years - 3)) ** 2
     return 3.0 if n_years > 1 and i >= debut_year_index(shape, n_years) else 0.0  # emerging
 
 

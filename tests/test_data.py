@@ -239,7 +239,9 @@ def test_benchmark_drift_schedule(bench):
         seen[int(year)] = words & set(synthetic.SHAPES)
     for shape, year in debut.items():
         assert all(shape not in seen[y] for y in seen if y < year), shape  # unknowable before its debut
-    assert not set(synthetic.FADING) & seen[2022] and set(synthetic.FADING) <= seen[2018]  # fades out
+    assert set(synthetic.FADING) <= seen[2018] and not set(synthetic.FADING) & (seen[2020] | seen[2021] | seen[2022])
+    fading = [meta["shape_weights"][str(y)]["ring"] for y in range(2018, 2023)]
+    assert fading == [3, 0.75, 0, 0, 0]  # fades out, then stays gone for three years
     assert set(synthetic.STABLE) <= seen[2018] and set(synthetic.STABLE) <= seen[2022]
     assert set(synthetic.EMERGING) <= seen[2022]
 

@@ -12,7 +12,8 @@ step, which is the same for every strategy (same seed, same data, same budget, r
 once per seed and copied to the other strategies, as the paper's "every method starts from the same
 step-1 model". Writes OUT/table.md and table.json (per strategy: compute in samples and FLOPs, also
 relative to oracle; ID, backward and forward transfer; the final model's mean R@1 over all tasks; the
-mean over seeds), OUT/compute_vs_retrieval.png and one heatmap of the evaluation matrix per strategy.
+mean over seeds), OUT/compute_vs_retrieval.png, one heatmap of the evaluation matrix per strategy (mean over
+seeds, heatmap_STRATEGY.png) and all of them on one sheet (heatmaps.png).
 """
 import json
 import os
@@ -110,22 +111,26 @@ def plot_compute(rows: list[dict], path: str) -> None:
     d.text((W // 2 - 60, H - 30), "total training FLOPs", fill="black", font=font)
     d.text((5, 15), "final model: mean R@1 over all time steps (%)", fill="black", font=font)
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    placed = []
-    for i, r in enumerate(rows):
-        x, y, c = px(r["flops"]), py(r["final_mean"]), palette[i % len(palette)]
+    points = [(px(r["flops"]), py(r["final_mean"]), palette[i % len(palette)], r["strategy"])
+              for i, r in enumerate(rows)]
+    labels = []  # (x, y) of the labels drawn so far: close points get their labels stacked top to bottom
+    for x, y, c, name in sorted(points, key=lambda p: p[1]):
         d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=c)
-        near = sum(abs(x - x0) < 20 and abs(y - y0) < 14 for x0, y0 in placed)  # stack labels of close points
-        d.text((x + 9, y - 6 + 13 * near), r["strategy"], fill=c, font=font)
-        placed.append((x, y))
+        ly = max([y - 6] + [y0 + 13 for x0, y0 in labels if abs(x - x0) < 20])
+        d.text((x + 9, ly), name, fill=c, font=font)
+        labels.append((x, ly))
     img.save(path)
 
 
-def plot_heatmap(matrix: list[list[float]], tasks: list[str], title: str, path: str) -> None:
-    """E[i][j] as coloured cells with their values: rows = model after step i, columns = task j."""
+def plot_heatmap(matrix: list[list[float]], tasks: list[str], title: str, path: str,
+                 lo: float | None = None, hi: float | None = None) -> None:
+    """E[i][j] as coloured cells with their values: rows = model after step i, columns = task j. The colour runs
+    from white at lo to dark blue at hi (default: this matrix's range; one range for all strategies compares them)."""
     n, cell, left, top = len(tasks), 64, 90, 50
     img = Image.new("RGB", (left + cell * n + 20, top + cell * len(matrix) + 40), "white")
     d, font = ImageDraw.Draw(img), ImageFont.load_default()
-    lo, hi = min(min(r) for r in matrix), max(max(r) for r in matrix)
+    lo = min(min(r) for r in matrix) if lo is None else lo
+    hi = max(max(r) for r in matrix) if hi is None else hi
     d.text((10, 10), title, fill="black", font=font)
     for j, name in enumerate(tasks):
         d.text((left + j * cell + 10, top - 15), name, fill="black", font=font)
@@ -138,6 +143,17 @@ def plot_heatmap(matrix: list[list[float]], tasks: list[str], title: str, path: 
             d.rectangle(box, fill=color)
             d.text((box[0] + 14, box[1] + cell // 2 - 6), f"{v:.1f}", fill="white" if u > 0.6 else "black", font=font)
     img.save(path)
+
+
+def tile(paths: list[str], path: str, columns: int = 4) -> None:
+    """The pictures at paths on one sheet, columns per row."""
+    images = [Image.open(p) for p in paths]
+    w, h = max(i.size[0] for i in images), max(i.size[1] for i in images)
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (w * min(columns, len(images)), h * rows), "white")
+    for k, image in enumerate(images):
+        sheet.paste(image, ((k % columns) * w, (k // columns) * h))
+    sheet.save(path)
 
 
 def main(argv):
@@ -176,9 +192,16 @@ def main(argv):
         f.write(table + "\n")
     write_json(os.path.join(out, "table.json"), {"rows": rows, "seeds": seeds, "train_args": train_args})
     plot_compute(rows, os.path.join(out, "compute_vs_retrieval.png"))
-    for name in names:  # the heatmap of the first seed's matrix
-        rec = records[name][0]
-        plot_heatmap(rec["matrix"], rec["tasks"], f"{name}: mean R@1 (%)", os.path.join(out, f"heatmap_{name}.png"))
+    # the evaluation matrix of each strategy, averaged over its seeds, on one colour scale for all strategies
+    matrices = {name: [[mean(cells) for cells in zip(*rows)] for rows in zip(*(r["matrix"] for r in recs))]
+                for name, recs in records.items()}
+    cells = [v for m in matrices.values() for row in m for v in row]
+    for name in names:
+        seeds_run = len(records[name])
+        plot_heatmap(matrices[name], records[name][0]["tasks"], f"{name}: mean R@1 (%)"
+                     + (f", mean of {seeds_run} seeds" if seeds_run > 1 else ""),
+                     os.path.join(out, f"heatmap_{name}.png"), min(cells), max(cells))
+    tile([os.path.join(out, f"heatmap_{name}.png") for name in names], os.path.join(out, "heatmaps.png"))
     print(table)
     print(f"table.md, table.json and PNGs in {out}")
 

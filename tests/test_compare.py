@@ -56,6 +56,8 @@ def test_compare_runs_lwf_patching_oracle_and_reuses(tmp_path):
     for name in ("compute_vs_retrieval.png", "heatmap_oracle.png", "table.md"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     assert Image.open(os.path.join(out, "heatmap_lwf.png")).size[0] > 100
+    one = Image.open(os.path.join(out, "heatmap_lwf.png")).size
+    assert Image.open(os.path.join(out, "heatmaps.png")).size == (4 * one[0], one[1])  # the four side by side
     # rerun: nothing is retrained
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done already") == 4 * 3 and "random init" not in again.stdout

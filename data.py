@@ -102,20 +102,33 @@ def year_shards(root: str, year: str, split: str = "train") -> list[tuple[str, i
 
 def count_samples(folder: str) -> dict[str, int]:
     """{shard name: samples} of every *.tar in folder, by reading them; saved as folder/sizes.json, atomically
-    (all processes of a run may count at once: each writes its own temporary file, all with the same counts)."""
+    (all processes of a run may count at once: each writes its own temporary file, all with the same counts).
+    A shard that breaks off counts the samples before the break (the loader skips the rest and reports it);
+    then sizes.json is not saved, so the folder is counted again once the shard is fixed."""
     names = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
     if not names:
         raise SystemExit(f"{folder}: holds no .tar shards and no sizes.json; put the year's webdataset shards there")
     t0 = time.time()
-    sizes = {name: sum(1 for _ in iter_tar(os.path.join(folder, name))) for name in names}
-    tmp = os.path.join(folder, f"sizes.json.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(sizes, f, indent=1)
-        os.replace(tmp, os.path.join(folder, "sizes.json"))
-        saved = "saved as sizes.json"
-    except OSError as e:  # a read-only copy of the data: count again next time
-        saved = f"could not save sizes.json ({e.strerror})"
+    sizes, broken = {}, []
+    for name in names:
+        sizes[name] = 0
+        try:
+            for _ in iter_tar(os.path.join(folder, name)):
+                sizes[name] += 1
+        except ShardError as e:
+            broken.append(name)
+            print(f"warning: {e}; counted the {sizes[name]} samples before the break", file=sys.stderr)
+    if broken:
+        saved = f"sizes.json not saved because of {len(broken)} broken shard(s) ({', '.join(broken[:3])})"
+    else:
+        tmp = os.path.join(folder, f"sizes.json.tmp{os.getpid()}")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(sizes, f, indent=1)
+            os.replace(tmp, os.path.join(folder, "sizes.json"))
+            saved = "saved as sizes.json"
+        except OSError as e:  # a read-only copy of the data: count again next time
+            saved = f"could not save sizes.json ({e.strerror})"
     print(f"{folder}: counted {sum(sizes.values())} samples in {len(names)} shards in {time.time() - t0:.1f}s; {saved}")
     return sizes
 

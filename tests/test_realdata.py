@@ -51,6 +51,21 @@ def test_year_shards_counts_once_and_caches_sizes(tmp_path, monkeypatch, capsys)
         data.year_shards(str(tmp_path), "2016")
 
 
+def test_counting_a_truncated_shard_warns_and_saves_nothing(tmp_path, capsys):
+    folder = tmp_path / "train" / "2017"
+    folder.mkdir(parents=True)
+    members = [(f"k{i}.{ext}", b"x") for i in range(4) for ext in ("jpg", "txt")]  # 1 kB per member
+    write_tar(folder / "a.tar", members)
+    whole = open(write_tar(folder / "b.tar", members), "rb").read()
+    (folder / "b.tar").write_bytes(whole[:2 * 2048 + 700])  # two whole samples, then the break
+    shards = data.year_shards(str(tmp_path), "2017")  # no traceback: the readable samples are counted
+    assert shards == [(str(folder / "a.tar"), 4), (str(folder / "b.tar"), 2)]
+    out, err = capsys.readouterr()
+    assert "b.tar: unreadable tar shard" in err and "counted the 2 samples before the break" in err
+    assert "sizes.json not saved because of 1 broken shard(s) (b.tar)" in out
+    assert sorted(os.listdir(folder)) == ["a.tar", "b.tar"]  # nothing saved, no temporary file: counted again later
+
+
 def test_image_kinds_json_captions_and_class_ids(tmp_path):
     path = tmp_path / "0.tar"
     write_tar(path, [("k0.jpg", image_bytes("JPEG")), ("k0.txt", b" from txt \n"),

@@ -193,7 +193,7 @@ def main(argv):
     write_json(os.path.join(out, "table.json"), {"rows": rows, "seeds": seeds, "train_args": train_args})
     plot_compute(rows, os.path.join(out, "compute_vs_retrieval.png"))
     # the evaluation matrix of each strategy, averaged over its seeds, on one colour scale for all strategies
-    matrices = {name: [[mean(cells) for cells in zip(*rows)] for rows in zip(*(r["matrix"] for r in recs))]
+    matrices = {name: [[mean(cells) for cells in zip(*seed_rows)] for seed_rows in zip(*(r["matrix"] for r in recs))]
                 for name, recs in records.items()}
     cells = [v for m in matrices.values() for row in m for v in row]
     for name in names:

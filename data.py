@@ -3,14 +3,14 @@ Data for time-continual CLIP training: webdataset-style tar shards in the TiC-Da
 transforms, a BPE tokenizer, and the training stream that gives every rank the same number of batches.
 (The built-in synthetic benchmark that writes such shards is synthetic.py.)
 
-Layout (as TiC-DataComp, see PROTOCOL.md): ROOT/train/YEAR/*.tar with ROOT/train/YEAR/sizes.json
+Layout (as TiC-DataComp): ROOT/train/YEAR/*.tar with ROOT/train/YEAR/sizes.json
 (shard name -> samples; counted from the shards and saved on first use if missing), held-out pairs in
 ROOT/eval/retrieval/YEAR/*.tar, and labelled images in ROOT/eval/classification/YEAR/*.tar with
 classnames.txt and templates.txt beside the year folders. YEAR is YYYY or YYYYMM. Inside a tar the
 members of one sample share a key and sit next to each other: KEY.png (or jpg/jpeg/webp), KEY.txt
 (caption; else the json's "caption"), KEY.json (uid, year), KEY.cls (class id; else the json's "cls").
 Follows the webdataset conventions that OpenCLIP reads (resampled shards, a shuffle buffer, equal batches
-per rank) written from scratch without the webdataset package. prepare.py makes this layout from
+per rank) written from scratch without the webdataset package. tools/prepare.py makes this layout from
 timestamped shards.
 """
 import hashlib
@@ -26,7 +26,7 @@ import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -43,7 +43,26 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 # -----------------------------------------------------------------------------
-# Writing shards
+# Writing files
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) to a temporary file beside path, then rename it over path: a reader (or a rerun after a kill)
+    sees the old file or the new one, never half of one. Checkpoints, tokenizers and JSON results are written so."""
+    tmp = f"{path}.tmp{os.getpid()}"  # one per process: ranks that write the same file do not collide
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # write failed: leave no partial file behind
+            os.remove(tmp)
+
+
+def write_json(path: str, obj) -> None:
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    write_atomic(path, dump)
+
 
 def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
@@ -75,6 +94,28 @@ def years_in(root: str, split: str = "train") -> list[str]:
     return years
 
 
+def parse_steps(root: str, spec: str, split: str = "train") -> list[list[str]]:
+    """Year folders of each time step: '2014-2016,2017' -> [['2014', '2015', '2016'], ['2017']]; '': one per year."""
+    years = years_in(root, split)
+    if not spec:
+        return [[y] for y in years]
+    groups = []
+    for group in spec.split(","):
+        first, _, last = group.strip().partition("-")
+        last = last or first
+        chosen = [y for y in years if first <= y[:len(first)] <= last]  # YYYY or YYYYMM folders
+        if not chosen:
+            raise SystemExit(f"error: step '{group}' names no year folder under {_split_dir(root, split)} "
+                             f"(found: {', '.join(years)}); fix --steps")
+        groups.append(chosen)
+    return groups
+
+
+def step_name(years: list[str]) -> str:
+    """A time step's name: its year, or its first and last year ('2014-2016')."""
+    return years[0] if len(years) == 1 else f"{years[0]}-{years[-1]}"
+
+
 def year_shards(root: str, year: str, split: str = "train") -> list[tuple[str, int]]:
     """[(shard path, samples)] of one year, from its sizes.json; without one, the shards are read once to count
     their samples and the counts are saved as sizes.json beside them."""
@@ -101,8 +142,8 @@ def year_shards(root: str, year: str, split: str = "train") -> list[tuple[str, i
 
 
 def count_samples(folder: str) -> dict[str, int]:
-    """{shard name: samples} of every *.tar in folder, by reading them; saved as folder/sizes.json, atomically
-    (all processes of a run may count at once: each writes its own temporary file, all with the same counts).
+    """{shard name: samples} of every *.tar in folder, by reading them; saved as folder/sizes.json (all processes
+    of a run may count at once: each writes its own temporary file, all with the same counts).
     A shard that breaks off counts the samples before the break (the loader skips the rest and reports it);
     then sizes.json is not saved, so the folder is counted again once the shard is fixed."""
     names = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
@@ -121,11 +162,8 @@ def count_samples(folder: str) -> dict[str, int]:
     if broken:
         saved = f"sizes.json not saved because of {len(broken)} broken shard(s) ({', '.join(broken[:3])})"
     else:
-        tmp = os.path.join(folder, f"sizes.json.tmp{os.getpid()}")
         try:
-            with open(tmp, "w") as f:
-                json.dump(sizes, f, indent=1)
-            os.replace(tmp, os.path.join(folder, "sizes.json"))
+            write_json(os.path.join(folder, "sizes.json"), sizes)
             saved = "saved as sizes.json"
         except OSError as e:  # a read-only copy of the data: count again next time
             saved = f"could not save sizes.json ({e.strerror})"
@@ -161,11 +199,6 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         raise ShardError(f"{path}: unreadable tar shard ({e}); re-download or regenerate it") from e
     if sample:
         yield key, sample
-
-
-def split_shards(shards: list, rank: int, world_size: int, worker: int, num_workers: int) -> list:
-    """Round-robin shards over global workers (rank-major): disjoint, and together they cover every shard."""
-    return shards[rank * num_workers + worker::world_size * num_workers]
 
 
 VALIDATION_FRACTION = 0.02  # of every year's training pairs: never trained on, for tuning (patching's coefficient)
@@ -219,7 +252,7 @@ class ImageTransform:
                 img = img.resize((w, h), Image.BICUBIC)
             top, left = int(round((h - px) / 2)), int(round((w - px) / 2))
             img = img.crop((left, top, left + px, top + px))
-        # to CHW while still uint8, then normalise in place: the same floats, 0.16 ms instead of numpy's 0.56 at 224 px
+        # to CHW while still uint8, then normalise in place: the same floats as numpy's float path, faster
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous().float().sub_(self.mean).div_(self.std)
 
 
@@ -253,7 +286,7 @@ def clean_text(text: str) -> str:
 
 class Tokenizer:
     """Byte-level BPE from the `tokenizers` package, trained on the captions, or a loaded tokenizer.json (such as
-    CLIP's, made by `python prepare.py clip-tokenizer`). Captions are cleaned first, as CLIP does (clean_text).
+    CLIP's, made by `python tools/prepare.py clip-tokenizer`). Captions are cleaned first, as CLIP does (clean_text).
     Rows are [sot] + tokens + [eot] + padding, so a text model can pool at the eot position."""
 
     def __init__(self, tok: tokenizers.Tokenizer):
@@ -288,8 +321,7 @@ class Tokenizer:
             raise SystemExit(f"{path}: not a readable tokenizer.json ({e}); point at the run's tokenizer.json")
 
     def save(self, path: str) -> None:
-        self.tok.save(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_atomic(path, self.tok.save)
 
     def __getstate__(self):  # pickle as JSON text, so DataLoader workers get a copy
         return self.tok.to_str()
@@ -339,6 +371,22 @@ def caption(sample: dict[str, bytes]) -> str | None:
     return text.strip() if isinstance(text, str) else None
 
 
+def first_captions(root: str, years: list[str], n_captions: int) -> Iterator[str]:
+    """The first n_captions captions of these years' training shards, in order (to train a tokenizer on)."""
+    seen = 0
+    for shard, _ in (s for year in years for s in year_shards(root, year)):
+        try:
+            for _, sample in iter_tar(shard):
+                if seen >= n_captions:
+                    return
+                text = caption(sample)
+                if text is not None:
+                    seen += 1
+                    yield text
+        except ShardError as e:  # counted and reported by the training stream
+            print(f"warning: {e}", file=sys.stderr)
+
+
 def class_id(sample: dict[str, bytes]) -> int | None:
     """The class id of a classification sample: the .cls member, else the json's "cls" field."""
     value = sample["cls"].decode().strip() if "cls" in sample else sample_json(sample).get("cls")
@@ -354,8 +402,8 @@ def _decode(sample: dict[str, bytes], target: str = "caption",
     if ext is None or label is None:
         return None
     img = Image.open(io.BytesIO(sample[ext]))
-    if draft_px:  # libjpeg's scaled IDCT; a no-op for PNGs and smaller JPEGs. bench.py loader, per core at 224 px:
-        img.draft("RGB", (draft_px, draft_px))  # 1.8x samples/s from 1024x768 JPEGs, none from 512x384 (DataComp's)
+    if draft_px:  # libjpeg's scaled IDCT: far less decoding for big JPEGs (README, Performance); a no-op for PNGs
+        img.draft("RGB", (draft_px, draft_px))
     img.load()  # decode now, so a corrupt image fails here and not inside the transform
     return img, label
 
@@ -492,7 +540,8 @@ class TrainStream(IterableDataset):
         faults, bad = Counter(), 0  # faults since the last batch; bad samples before them
         too_bad = lambda: bad + faults["bad_samples"] > self.max_bad_fraction * n * self.local_batch  # noqa: E731
         for chunk in range(done // per_chunk, -(-n // per_chunk) if done < n else 0):
-            # chunk 0 is seeded as the whole stream was before chunks existed, so earlier runs reproduce
+            # the first chunk is seeded by (seed, step, rank, role) alone, later ones add their index: a step that
+            # fits in one chunk (every default one does) draws one plain stream per rank and worker
             rng = np.random.default_rng([self.seed, self.time_step, self.rank, role] + [chunk] * (chunk > 0))
             first = chunk * per_chunk
             for i, batch in enumerate(self.chunk(rng, min(per_chunk, n - first), faults, too_bad), first):

@@ -15,10 +15,11 @@ as TiC-DataCompNet), each task also reports zero-shot top-1/top-5 classification
 The evaluation matrix E[i][j] is the model after step i on the task of step j. Its summary, as in the
 paper: in-distribution (ID) = mean of the diagonal, backward transfer = mean over i > j (old tasks, how
 much is remembered), forward transfer = mean over i < j (future tasks, how well it generalises ahead).
-train.py calls evaluate_step after every step; this file also runs standalone on a run's checkpoints.
+train.py calls evaluate_step after every step; this file also runs standalone on a run's checkpoints, whose
+names it owns (step_checkpoint), and holds the --key=value parser that train.py and tools/ share.
 """
-import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 import data
 from data import Tokenizer, eval_batches
-from model import load_pretrained
+from model import load_checkpoint
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
 
@@ -136,6 +137,11 @@ def step_tasks(root: str, years: list[str]) -> Task:
     return task
 
 
+def tasks_of(root: str, step_years: list[list[str]]) -> dict[str, Task]:
+    """{step name: its tasks} for every time step (step_years: data.parse_steps)."""
+    return {data.step_name(ys): step_tasks(root, ys) for ys in step_years}
+
+
 def read_lines(path: str) -> list[str]:
     if not os.path.exists(path):
         raise SystemExit(f"{path}: missing; classification needs classnames.txt (class id i = line i, from 0) and "
@@ -197,7 +203,7 @@ def format_matrix(result: dict) -> str:
     last = result["results"][result["steps"][-1]]
     lines = []
     for kind in TASK_KINDS:
-        table = result.get(kind) or (result if kind == "retrieval" else None)  # older results: retrieval only
+        table = result.get(kind)
         if table is None:
             continue
         lines.append(f"{kind} evaluation matrix: {table['metric']} (%), row = model after step, column = task")
@@ -219,17 +225,45 @@ def format_matrix(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, obj) -> None:
-    """Atomic: a reader sees the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------- a run's files, the command line
+def step_checkpoint(run: str, t: int) -> str:
+    """RUN/stepNN.pt: the model after time step t (t from 0, NN from 01), as train.py writes it."""
+    return os.path.join(run, f"step{t + 1:02d}.pt")
 
 
-# ----------------------------------------------------------------------------- standalone
+def step_checkpoints(run: str) -> list[str]:
+    """A run's step checkpoints, in step order."""
+    names = sorted(os.listdir(run)) if os.path.isdir(run) else []
+    return [os.path.join(run, f) for f in names if re.fullmatch(r"step\d+\.pt", f)]
+
+
+def parse_flags(argv: list[str], defaults: dict) -> dict:
+    """--key=value overrides of defaults, each converted to its default's type (bool: true/false/1/0; numbers
+    may hold _). Unknown keys and values of the wrong type are one-line errors that list what is valid."""
+    flags = dict(defaults)
+    for arg in argv:
+        key, sep, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not sep:
+            raise SystemExit(f"error: bad argument '{arg}': use --key=value; keys: {', '.join(defaults)}")
+        if key not in flags:
+            raise SystemExit(f"error: unknown config key '{key}'; valid keys: {', '.join(defaults)}")
+        kind = type(defaults[key])
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                flags[key] = value.lower() in ("true", "1")
+            else:
+                flags[key] = kind(value.replace("_", "")) if kind in (int, float) else value
+        except ValueError:
+            raise SystemExit(f"error: --{key}={value} is not a {kind.__name__} (default: {defaults[key]!r})")
+    return flags
+
+
 CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=clip-tokenizer.json --data_root=ROOT "
                     "[--steps=2014-2016,2017,...] [--quick_gelu=auto|true|false] [--device=cpu|cuda] [--out=FILE.json]")
+FLAGS = {"run": "", "checkpoint": "", "tokenizer": "", "data_root": "", "steps": "", "quick_gelu": "auto",
+         "device": "cuda" if torch.cuda.is_available() else "cpu", "out": ""}
 
 
 def format_row(row: dict[str, dict]) -> str:
@@ -242,25 +276,23 @@ def format_row(row: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(args: dict[str, str]) -> dict[str, dict]:
+def evaluate_checkpoint(args: dict) -> dict[str, dict]:
     """An existing model (OpenAI's or OpenCLIP's CLIP, or a step checkpoint of a run) on every time step's tasks."""
-    import train  # the step grouping, shared with training
-    if set(args) - {"checkpoint", "tokenizer", "data_root", "steps", "quick_gelu", "device", "out"} or \
-            not {"checkpoint", "tokenizer", "data_root"} <= set(args):
+    if args["run"] or not (args["checkpoint"] and args["tokenizer"] and args["data_root"]):
         raise SystemExit(CHECKPOINT_USAGE)
-    if args.get("quick_gelu", "auto") not in ("auto", "true", "false"):
+    if args["quick_gelu"] not in ("auto", "true", "false"):
         raise SystemExit(f"--quick_gelu={args['quick_gelu']}: use auto (OpenAI's archives: true), true or false")
-    quick_gelu = {"auto": None, "true": True, "false": False}[args.get("quick_gelu", "auto")]
-    device = torch.device(args.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_pretrained(args["checkpoint"], quick_gelu).to(device)
+    quick_gelu = {"auto": None, "true": True, "false": False}[args["quick_gelu"]]
+    device = torch.device(args["device"])
+    model = load_checkpoint(args["checkpoint"], quick_gelu)[0].to(device)
     tokenizer = Tokenizer.load(args["tokenizer"])
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size or tokenizer.eot_id != cfg.eot_token_id:
         raise SystemExit(f"{args['tokenizer']}: {tokenizer.vocab_size} ids with end-of-text {tokenizer.eot_id}, but the "
                          f"model has {cfg.vocab_size} with {cfg.eot_token_id}; pass the tokenizer the model was trained "
-                         f"with (CLIP's: python prepare.py clip-tokenizer)")
-    step_years = train.parse_steps(args["data_root"], args.get("steps", ""), split="retrieval")
-    tasks = train.eval_tasks(args["data_root"], step_years)
+                         f"with (CLIP's: python tools/prepare.py clip-tokenizer)")
+    step_years = data.parse_steps(args["data_root"], args["steps"], split="retrieval")
+    tasks = tasks_of(args["data_root"], step_years)
     print(f"{args['checkpoint']}: ViT {cfg.vision_layers}x{cfg.vision_width} at {cfg.image_px}px, patch {cfg.patch_px}; "
           f"text {cfg.text_layers}x{cfg.text_width}; {'QuickGELU' if cfg.quick_gelu else 'GELU'}; "
           f"{model.num_params() / 1e6:.1f}M parameters; {len(tasks)} tasks")
@@ -268,33 +300,31 @@ def evaluate_checkpoint(args: dict[str, str]) -> dict[str, dict]:
     row = evaluate_step(model, tasks, tokenizer, device)
     print(format_row(row))
     print(f"evaluated in {time.time() - t0:.0f}s")
-    if "out" in args:
-        write_json(args["out"], {"checkpoint": args["checkpoint"], "steps": step_years, "results": row})
+    if args["out"]:
+        data.write_json(args["out"], {"checkpoint": args["checkpoint"], "steps": step_years, "results": row})
     return row
 
 
 def main(argv):
-    import train  # for the run's config, checkpoints and tasks
-    args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-    if "checkpoint" in args:
+    args = parse_flags(argv, FLAGS)
+    if args["checkpoint"]:
         return evaluate_checkpoint(args)
-    if set(args) - {"run", "device"} or "run" not in args:
+    if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS if k not in ("run", "device")):
         raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda]\n   or: " + CHECKPOINT_USAGE[7:])
-    run = args["run"]
-    device = torch.device(args.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
-    checkpoints = train.step_checkpoints(run)
+    run, device = args["run"], torch.device(args["device"])
+    checkpoints = step_checkpoints(run)
     if not checkpoints:
         raise SystemExit(f"error: no step checkpoints (step*.pt) in {run}; train first with train.py --out_dir={run}")
     tokenizer = Tokenizer.load(os.path.join(run, "tokenizer.json"))
     rows = {}
     for path in checkpoints:
         t0 = time.time()
-        model, ckpt = train.load_model(path, device)
-        tasks = train.eval_tasks(ckpt["config"]["data_root"], ckpt["steps"])
-        rows[ckpt["step_name"]] = evaluate_step(model, tasks, tokenizer, device)
+        model, record = load_checkpoint(path)
+        tasks = tasks_of(record["config"]["data_root"], record["steps"])
+        rows[record["step_name"]] = evaluate_step(model.to(device), tasks, tokenizer, device)
         print(f"evaluated {path} in {time.time() - t0:.1f}s")
     result = eval_matrix(rows, list(tasks))
-    write_json(os.path.join(run, "eval_matrix.json"), result)
+    data.write_json(os.path.join(run, "eval_matrix.json"), result)
     print(format_matrix(result))
 
 

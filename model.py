@@ -166,9 +166,7 @@ class CLIP(nn.Module):
         # vision, as OpenCLIP's ViT (not timm's init, which it replaces): PyTorch's defaults for the patch conv,
         # the Linears and the LayerNorms, q,k,v Xavier-uniform with zero bias (nn.MultiheadAttention's), and the
         # class token and positional embedding N(0, width^-0.5), large enough that the quadrants of an image
-        # differ from the start. On the tiny benchmark this learns far faster than timm's init (trunc-normal
-        # 0.02 weights and positions, class token 1e-6): after one 40k-sample step on 2018 (batch 128, lr 1e-3)
-        # its mean R@1 is 49.7/38.3/53.4 against 20.8/21.2/22.2 over seeds 0-2.
+        # differ from the start (timm's 0.02 and 1e-6 learn the tiny benchmark far slower: README, "Choosing")
         for m in self.visual.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
                 m.reset_parameters()
@@ -226,7 +224,8 @@ class CLIP(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing in both towers: keep only each block's input in the forward pass and recompute
-        the block in the backward pass; one more forward of compute for a larger batch per GPU (bench.py memory)."""
+        the block in the backward pass; one more forward of compute for a larger batch per GPU (see tools/bench.py
+        memory)."""
         self.grad_checkpointing = enable
         self.visual.set_grad_checkpointing(enable)  # timm's switch for the image tower
 
@@ -417,10 +416,12 @@ def _is_torchscript(path: str) -> bool:
         return any(name.endswith("/constants.pkl") for name in z.namelist())
 
 
-def load_pretrained(path: str, quick_gelu: bool | None = None) -> CLIP:
-    """A CLIP from a file: OpenAI's TorchScript archive (ViT-B-32.pt ...), an OpenCLIP state dict (.bin, .pt or
-    .safetensors) or OpenCLIP training checkpoint ({"state_dict": ...} with DDP's "module." prefix), or one
-    of train.py's step checkpoints. quick_gelu None: True for OpenAI's archives, False for OpenCLIP's."""
+def load_checkpoint(path: str, quick_gelu: bool | None = None) -> tuple[CLIP, dict]:
+    """(model, what else the file holds) from one of train.py's checkpoints (stepNN.pt: the rest is its record:
+    config, steps, samples seen, ...) or an existing CLIP ({} beside it): OpenAI's TorchScript archive
+    (ViT-B-32.pt ...), an OpenCLIP state dict (.bin, .pt or .safetensors) or OpenCLIP training checkpoint
+    ({"state_dict": ...} with DDP's "module." prefix). quick_gelu None: True for OpenAI's archives, else False.
+    The one way this project reads a model from a file; the model comes in eval mode, on the CPU."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such checkpoint file; pass --checkpoint=FILE (an OpenCLIP or OpenAI CLIP)")
     if _is_torchscript(path):
@@ -433,12 +434,14 @@ def load_pretrained(path: str, quick_gelu: bool | None = None) -> CLIP:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise SystemExit(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]}); "
-                             f"pass an OpenCLIP/OpenAI CLIP state dict or a train.py step checkpoint")
+            raise SystemExit(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]}); pass an OpenCLIP/"
+                             f"OpenAI CLIP state dict or a train.py step checkpoint (a damaged RUN/stepNN.pt: delete "
+                             f"it, and rerun to train that step again)")
     if "model_config" in state_dict and "model" in state_dict:  # one of ours
-        model = CLIP(CLIPConfig(**state_dict["model_config"]))
-        model.load_state_dict(state_dict["model"])
-        return model.eval()
+        with torch.device("meta"):  # shapes only: every parameter is overwritten, so skip the random init
+            model = CLIP(CLIPConfig(**state_dict["model_config"]))
+        model.load_state_dict(state_dict["model"], assign=True)
+        return model.eval(), {k: v for k, v in state_dict.items() if k != "model"}
     state_dict = state_dict.get("state_dict", state_dict)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    return load_openclip_state_dict(state_dict, openclip_config(state_dict, bool(quick_gelu)))
+    return load_openclip_state_dict(state_dict, openclip_config(state_dict, bool(quick_gelu))), {}

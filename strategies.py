@@ -1,12 +1,27 @@
 """
-The continual-learning strategies of TiC-CLIP, as one table.
+The continual-learning strategies of TiC-CLIP: the paper's eight as one table, and everything that makes each
+one different. At every time step t, train.py asks the strategy five questions and nothing else (it never
+tests a strategy's name):
 
-At every time step t a strategy answers three questions (PROTOCOL.md, "Strategies"):
   1. which model does step t start from?   warm_start: the model after step t-1, or a fresh random init;
-  2. which data does step t train on?      replay(t): {past step s: fraction of s's data kept in the buffer};
-  3. how many samples may it see?          budget_steps(t) x C, C = budget_samples per step.
+  2. which data does step t train on?      replay(t): {step s <= t: fraction of s's data kept in the buffer};
+  3. how many samples may it see?          budget_steps(t) x C, C = budget_samples per step;
+  4. is anything added to the loss?        batch_loss(model, step): a term on every batch (LwF's distillation);
+  5. is anything done after training?     end_of_step(model, step): an action on the trained model (patching).
+Questions 4 and 5 relate the model to the one before it, so they are asked from the second step on. Both
+report the compute they add (flops_per_sample, "flops"), so the FLOPs ledger counts it.
 
     python train.py --strategy=sequential        # any name of STRATEGIES
+
+To add a strategy: write what differs (a replay rule, a batch loss, an end-of-step action) and add a row to
+STRATEGIES below; a setting it reads goes into SETTINGS beside its code (and a check into check_settings), and
+becomes a --key=value setting of train.py like any other, read as step.config.KEY. Or, without touching this
+file, register it from a script of your own that then runs train.py's main, e.g. training on the last two
+steps only (tests/test_strategies.py does this; tools/compare.py runs train.py afresh, so it needs the row here):
+    import sys, strategies, train
+    last_two = lambda t: {s: 1.0 for s in range(max(0, t - 1), t + 1)}
+    strategies.STRATEGIES["recent"] = strategies.Strategy("recent", True, last_two)
+    train.main(sys.argv[1:])                      # python my_strategy.py --strategy=recent
 
 Replay buffers are never materialised: a sample of step s is in the buffer at step t iff
 keep_sample(key, fraction, seed) holds, a hash of its key compared with the fraction (data.py). So the
@@ -14,12 +29,18 @@ selection needs no index file at any scale, is identical on every rank, and buff
 shrink: a sample dropped once never comes back, because its hash stays above every smaller fraction.
 """
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import Part
+import evaluate
+from data import Part, Tokenizer
+from model import CLIP
+
+SETTINGS = {}  # --key=value settings of train.py that strategies read (as step.config.KEY); declared with their code
 
 
 # ----------------------------------------------------------------------------- which data, per step
@@ -42,26 +63,130 @@ def equal_buffer(t: int) -> dict[int, float]:
     return {**{s: min(1.0, 2.0 / t) for s in range(t)}, t: 1.0}
 
 
+# ----------------------------------------------------------------------------- the interface
+@dataclass
+class TimeStep:
+    """What train.py tells a strategy about the time step it acts on."""
+    t: int                         # this step's index, from 0
+    step_names: list[str]          # every step's name, e.g. ["2018", "2019", "2020"]
+    step_data: list[list[Part]]    # every step's training data, one Part per year, all of it (keep_fraction 1)
+    previous: dict | None          # state dict of the model the step before ended with (None at the first step)
+    config: SimpleNamespace        # the run's settings: train.py's config and SETTINGS
+    tokenizer: Tokenizer
+    device: torch.device
+    master: bool                   # rank 0, or the only process: the one that evaluates and writes
+    distributed: bool              # under torchrun: every rank must end the step with the same weights
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    warm_start: bool                              # start from the previous step's model (else random init)
-    replay: Callable[[int], dict[int, float]]     # step -> {step: fraction of its data kept}
+    warm_start: bool                                  # start from the model after step t-1 (else random init)
+    replay: Callable[[int], dict[int, float]]         # t -> {step: fraction of its data trained on}
     budget_steps: Callable[[int], int] = lambda t: 1  # the step's budget in units of C
-    distill: bool = False                         # lwf: KL to the frozen previous model on every batch
-    patch: bool = False                           # patching: interpolate with the previous model after the step
+    batch_loss: Callable | None = None   # (model, step) -> loss_fn(images, tokens, image_f, text_f, scale), with
+                                         # loss_fn.flops_per_sample: a term added to every batch's loss
+    end_of_step: Callable | None = None  # (model, step) -> {what it did, "flops": compute}: may change model
+
+    def first_step(self) -> tuple:
+        """What the first step is made of. With no model before it, every strategy starts it from random init
+        without a batch loss or end-of-step action, so data and budget decide it: strategies whose first steps
+        are equal train the same step-1 model (tools/compare.py trains it once for all of them)."""
+        return tuple(sorted(self.replay(0).items())), self.budget_steps(0)
 
 
+# ----------------------------------------------------------------------------- lwf
+SETTINGS["lwf_weight"] = 1.0  # weight of lwf's distillation term
+
+
+def distillation_loss(student_img, student_txt, student_scale, teacher_img, teacher_txt, teacher_scale):
+    """LwF's extra term: KL(teacher || student) between the image->text and the text->image similarity
+    distributions of the batch, averaged over both directions. Zero when student equals teacher."""
+    s_logits = student_scale * student_img @ student_txt.t()
+    t_logits = teacher_scale * teacher_img @ teacher_txt.t()
+    kl_i2t = F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1), log_target=True, reduction="batchmean")
+    kl_t2i = F.kl_div(F.log_softmax(s_logits.t(), 1), F.log_softmax(t_logits.t(), 1), log_target=True,
+                      reduction="batchmean")
+    return (kl_i2t + kl_t2i) / 2
+
+
+class Distillation:
+    """LwF's batch loss: lwf_weight x distillation_loss to the frozen model of the step before, whose forward
+    pass on every batch is the compute it adds."""
+
+    def __init__(self, model: CLIP, step: TimeStep):
+        self.teacher = CLIP(model.cfg)  # its random init is overwritten, but drawn after the student's, as always
+        self.teacher.load_state_dict(step.previous)
+        self.teacher.to(step.device).eval().requires_grad_(False)
+        self.weight = step.config.lwf_weight
+        self.flops_per_sample = self.teacher.flops_per_pair()
+
+    def __call__(self, images, tokens, image_features, text_features, scale):
+        with torch.no_grad():
+            t_img, t_txt, t_scale = self.teacher(images, tokens)
+        return self.weight * distillation_loss(image_features, text_features, scale, t_img, t_txt, t_scale)
+
+
+# ----------------------------------------------------------------------------- patching
+SETTINGS["patch_alphas"] = "0,0.25,0.5,0.75,1"  # coefficients tried, theta = (1-a) theta_prev + a theta_finetuned
+SETTINGS["validation_samples"] = 1000           # validation pairs per past step used to choose the coefficient
+
+
+@torch.no_grad()
+def interpolate(previous: dict, finetuned: dict, alpha: float) -> dict:
+    """Patching: theta = (1 - alpha) theta_previous + alpha theta_finetuned, parameter by parameter."""
+    return {k: torch.lerp(previous[k].float(), finetuned[k].float(), alpha).to(finetuned[k].dtype)
+            if finetuned[k].is_floating_point() else finetuned[k] for k in finetuned}
+
+
+@torch.no_grad()
+def patch(model: CLIP, step: TimeStep) -> dict:
+    """Patching's end of step: set model to (1-a) previous + a model for the a of patch_alphas with the best mean
+    R@1 on the validation pairs of the steps seen so far (data.is_validation: training pairs no strategy trains
+    on). Rank 0 chooses and broadcasts a, so every rank holds the same weights. The search costs one forward
+    pass per validation pair and coefficient."""
+    finetuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    previous = {k: v.to(step.device) for k, v in step.previous.items()}
+    alphas = [float(a) for a in step.config.patch_alphas.split(",")]
+    scores = torch.zeros(len(alphas), device=step.device)
+    pairs = 0  # validation pairs embedded, over all coefficients
+    if step.master:
+        tasks = {step.step_names[s]: evaluate.Task([shard for part in step.step_data[s] for shard in part.shards])
+                 for s in range(step.t + 1)}  # the steps trained on so far
+        for i, a in enumerate(alphas):
+            model.load_state_dict(interpolate(previous, finetuned, a))
+            row = evaluate.evaluate_step(model, tasks, step.tokenizer, step.device, step.config.eval_batch,
+                                         validation_only=True, max_samples=step.config.validation_samples)
+            scores[i] = sum(r[evaluate.METRIC] for r in row.values()) / len(row)
+            pairs += sum(r["gallery"] for r in row.values())
+        print("patching: validation mean R@1 by coefficient: "
+              + ", ".join(f"{a:g} {float(v):.2f}" for a, v in zip(alphas, scores)))
+    if step.distributed:
+        dist.broadcast(scores, 0)
+    best = alphas[int(scores.argmax())]
+    model.load_state_dict(interpolate(previous, finetuned, best))
+    return {"patch_alpha": best, "flops": pairs * model.flops_per_pair()}
+
+
+def check_settings(config: SimpleNamespace) -> None:
+    """Strategy settings that parse but cannot work, refused before any compute is spent."""
+    try:
+        [float(a) for a in config.patch_alphas.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --patch_alphas={config.patch_alphas} is not a list of numbers; e.g. 0,0.5,1")
+
+
+# ----------------------------------------------------------------------------- the table
 STRATEGIES = {s.name: s for s in [
-    #        name                warm   data           budget
+    #        name                warm   data           budget, extra loss, end of step
     Strategy("sequential",       True,  new_only),
     Strategy("cumulative-all",   True,  everything),
     Strategy("cumulative-exp",   True,  exp_buffer),
     Strategy("cumulative-equal", True,  equal_buffer),
     Strategy("restart",          False, everything),
     Strategy("oracle",           False, everything, budget_steps=lambda t: t + 1),
-    Strategy("lwf",              True,  new_only, distill=True),
-    Strategy("patching",         True,  new_only, patch=True),
+    Strategy("lwf",              True,  new_only, batch_loss=Distillation),
+    Strategy("patching",         True,  new_only, end_of_step=patch),
 ]}
 
 
@@ -76,22 +201,3 @@ def step_parts(strategy: Strategy, t: int, step_data: list[list[Part]]) -> list[
     step_data[s] holds the Parts (keep_fraction 1) of time step s."""
     return [Part(p.name, p.shards, keep_fraction=fraction)
             for s, fraction in sorted(strategy.replay(t).items()) for p in step_data[s]]
-
-
-# ----------------------------------------------------------------------------- lwf and patching
-def distillation_loss(student_img, student_txt, student_scale, teacher_img, teacher_txt, teacher_scale):
-    """LwF's extra term: KL(teacher || student) between the image->text and the text->image similarity
-    distributions of the batch, averaged over both directions. Zero when student equals teacher."""
-    s_logits = student_scale * student_img @ student_txt.t()
-    t_logits = teacher_scale * teacher_img @ teacher_txt.t()
-    kl_i2t = F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1), log_target=True, reduction="batchmean")
-    kl_t2i = F.kl_div(F.log_softmax(s_logits.t(), 1), F.log_softmax(t_logits.t(), 1), log_target=True,
-                      reduction="batchmean")
-    return (kl_i2t + kl_t2i) / 2
-
-
-@torch.no_grad()
-def interpolate(previous: dict, finetuned: dict, alpha: float) -> dict:
-    """Patching: theta = (1 - alpha) theta_previous + alpha theta_finetuned, parameter by parameter."""
-    return {k: torch.lerp(previous[k].float(), finetuned[k].float(), alpha).to(finetuned[k].dtype)
-            if finetuned[k].is_floating_point() else finetuned[k] for k in finetuned}

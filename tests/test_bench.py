@@ -1,4 +1,4 @@
-"""bench.py's CPU paths at the tiny size: the training-step comparison with open_clip, the loader comparison with
+"""tools/bench.py's CPU paths at the tiny size: the training-step comparison with open_clip, the loader comparison with
 webdataset, the end-to-end path, and the speed tricks it measures (draft-mode JPEG decoding, gradient
 checkpointing), each checked for not changing what the model sees or learns.
 
@@ -6,20 +6,16 @@ Needs the benchmark-only packages: pip install -r requirements-test.txt
 
     python -m pytest -q tests/test_bench.py
 """
-import argparse
-import os
-import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import bench  # noqa: E402
-import data  # noqa: E402
-from model import CLIP, clip_loss, make_config  # noqa: E402
+import bench
+import data
+from model import CLIP, clip_loss, make_config
 
 TINY_TRAIN = ["--model=tiny", "--batch_size=16", "--steps=2", "--warmup=1", "--compile=0"]
 
@@ -53,7 +49,7 @@ def test_every_speed_flag_runs():
 def test_openclip_baseline_has_our_shapes(name):
     """Same parameter count, so the FLOPs per pair (and MFU) computed from our model hold for open_clip's."""
     cfg = make_config(name)
-    args = argparse.Namespace(grad_checkpointing=False, fused_adamw=False)
+    args = SimpleNamespace(grad_checkpointing=False, fused_adamw=False)
     meta = torch.device("meta")  # shapes only: instant even for ViT-B
     theirs = bench.build_openclip(cfg, meta, args)[0]
     with meta:
@@ -162,3 +158,4 @@ def test_end_to_end_path_runs_on_cpu():
     r = bench.end_to_end(args, torch.device("cpu"))
     assert r["in_memory"]["samples_per_s"] > 0 and r["from_shards"]["samples_per_s"] > 0
     assert r["from_shards"]["loader_ms_per_step"] >= 0 and r["ratio"] > 0
+

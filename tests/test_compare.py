@@ -1,17 +1,19 @@
-"""compare.py end to end on a tiny benchmark: every strategy family runs, compute is accounted, reruns reuse."""
+"""tools/compare.py end to end on a tiny benchmark: every strategy family runs, compute is accounted, reruns reuse,
+and the first step is shared exactly between the strategies whose first steps are the same."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
-import data
+import compare
+import strategies
 import synthetic
 from compare import make_table
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ENV, REPO, train_in_process
 
 
 def test_table_relative_compute_and_means():
@@ -30,11 +32,11 @@ def test_compare_runs_lwf_patching_oracle_and_reuses(tmp_path):
     root, out = str(tmp_path / "bench"), str(tmp_path / "cmp")
     synthetic.make_synthetic_benchmark(root, years=(2018, 2019, 2020), train_samples_per_year=512,
                                   eval_samples_per_year=64, samples_per_shard=128)
-    cmd = [sys.executable, "compare.py", "--strategies=sequential,lwf,patching,oracle", f"--out={out}",
+    cmd = [sys.executable, "tools/compare.py", "--strategies=sequential,lwf,patching,oracle", f"--out={out}",
            f"--data_root={root}", "--budget_samples=128", "--batch_size=32", "--vocab_size=300", "--workers=0",
            "--warmup_iters=1", "--warmup_iters_later=1", "--log_interval=100", "--eval_batch=64",
            "--validation_samples=32"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = ENV
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "patching: validation mean R@1 by coefficient" in first.stdout
@@ -44,14 +46,19 @@ def test_compare_runs_lwf_patching_oracle_and_reuses(tmp_path):
     assert rows["oracle"]["samples"] == 6 * 128 and rows["sequential"]["samples"] == 3 * 128
     assert rows["oracle"]["relative_compute"] == 1.0
     assert rows["sequential"]["relative_compute"] == pytest.approx(0.5)
-    assert rows["lwf"]["flops"] == pytest.approx(rows["sequential"]["flops"] * (3 + 2 * 4) / 9)  # 3F, then 3F + 1F for the teacher
+    # 3F a pair, then 3F + 1F for the teacher
+    assert rows["lwf"]["flops"] == pytest.approx(rows["sequential"]["flops"] * (3 + 2 * 4) / 9)
+    # patching adds its coefficient search: a forward pass per validation pair (of 2% of 512 a year) and coefficient
+    ckpts = [torch.load(os.path.join(out, "seed0", "patching", f"step0{t}.pt"), weights_only=True) for t in (1, 2, 3)]
+    per_step = rows["sequential"]["flops"] / 3 / (3 * 128)  # F, the forward FLOPs of one pair
+    searched = [c["end_of_step"].get("flops", 0) / per_step for c in ckpts]
+    assert searched[0] == 0 and 0 < searched[1] < searched[2] <= 5 * 3 * 32  # 5 coefficients, at most 32 per step
+    assert rows["patching"]["flops"] == pytest.approx(rows["sequential"]["flops"] + sum(searched) * per_step)
     # the first step is shared: the same weights in every run
-    import torch
     first_steps = [torch.load(os.path.join(out, "seed0", s, "step01.pt"), weights_only=True)["model"]
                    for s in ("sequential", "lwf", "patching", "oracle")]
     assert all(torch.equal(first_steps[0][k], other[k]) for other in first_steps[1:] for k in first_steps[0])
-    alphas = [torch.load(os.path.join(out, "seed0", "patching", f"step0{t}.pt"), weights_only=True)["patch_alpha"]
-              for t in (1, 2, 3)]
+    alphas = [c["end_of_step"].get("patch_alpha") for c in ckpts]
     assert alphas[0] is None and all(a in (0.0, 0.25, 0.5, 0.75, 1.0) for a in alphas[1:])
     for name in ("compute_vs_retrieval.png", "heatmap_oracle.png", "table.md"):
         assert os.path.getsize(os.path.join(out, name)) > 0
@@ -62,7 +69,37 @@ def test_compare_runs_lwf_patching_oracle_and_reuses(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done already") == 4 * 3 and "random init" not in again.stdout
     # tabulating only: seed 1 was never run, so the table holds seed 0 alone and nothing trains
-    only = subprocess.run([sys.executable, "compare.py", "--strategies=sequential,oracle", "--seeds=0,1",
+    only = subprocess.run([sys.executable, "tools/compare.py", "--strategies=sequential,oracle", "--seeds=0,1",
                            f"--out={out}", "--table_only=true"], cwd=REPO, env=env, capture_output=True, text=True)
     assert only.returncode == 0 and "train.py" not in only.stdout, only.stderr
     assert [r["seeds"] for r in json.load(open(os.path.join(out, "table.json")))["rows"]] == [1, 1]
+
+
+def test_every_paper_strategy_has_the_same_first_step():
+    assert len({s.first_step() for s in strategies.STRATEGIES.values()}) == 1
+
+
+def test_first_step_is_shared_only_where_it_is_the_same(tmp_path, two_years, monkeypatch):
+    """A strategy whose first step has another budget trains its own; the others get one step01.pt between them."""
+    monkeypatch.setitem(strategies.STRATEGIES, "double-first", strategies.Strategy(
+        "double-first", True, strategies.new_only, budget_steps=lambda t: 2 if t == 0 else 1))
+    launched = []
+
+    def launch(train_args, nproc):  # train.py in this process, where the test's strategy is registered
+        launched.append(train_args[0])
+        train_in_process(train_args)
+        return True
+
+    monkeypatch.setattr(compare, "launch", launch)
+    out = str(tmp_path / "cmp")
+    compare.main(["--strategies=sequential,double-first,cumulative-all", f"--out={out}", f"--data_root={two_years}",
+                  "--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=100",
+                  "--eval_batch=64", "--warmup_iters=1", "--warmup_iters_later=1"])
+    assert launched == ["--strategy=sequential", "--strategy=double-first", "--strategy=cumulative-all"]
+    first = {name: torch.load(os.path.join(out, "seed0", name, "step01.pt"), weights_only=True)
+             for name in ("sequential", "double-first", "cumulative-all")}
+    assert first["double-first"]["samples_seen"] == 128 and first["sequential"]["samples_seen"] == 64
+    assert first["double-first"]["strategy"] == "double-first"  # trained by its own run, not copied
+    assert first["cumulative-all"]["strategy"] == "sequential"  # copied from sequential's run, not retrained
+    same = lambda a, b: all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # noqa: E731
+    assert same(first["sequential"], first["cumulative-all"]) and not same(first["sequential"], first["double-first"])

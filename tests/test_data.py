@@ -3,41 +3,23 @@ tokenizer and the synthetic benchmark. Hermetic and CPU-only: every test builds 
 
     python -m pytest -q tests/test_data.py
 """
-import io
 import json
 import os
 import pickle
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import synthetic  # noqa: E402
+import data
+import synthetic
+from conftest import all_files, png_bytes, write_tar
 
 CAPTIONS = ["a red circle at top left and a blue star at bottom right", "green square in the top right",
             "a white moon next to a pink heart", "yellow cross, cyan bar, purple dots"] * 8
-
-
-def write_tar(path, members):
-    """members: [(name, bytes)] in order; returns the tar's path."""
-    with tarfile.open(path, "w") as tf:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
-    return str(path)
-
-
-def png_bytes(value, px=8):
-    buf = io.BytesIO()
-    Image.new("RGB", (px, px), (value, value, value)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def write_shard(path, prefix, n, px=8):
@@ -78,14 +60,6 @@ def test_iter_tar_names_the_bad_shard(tmp_path):
     path.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(RuntimeError, match="bad.tar"):
         list(data.iter_tar(str(path)))
-
-
-@pytest.mark.parametrize("n_shards", [10, 4])
-def test_split_shards_disjoint_and_covering(n_shards):
-    shards = [(f"s{i}.tar", i) for i in range(n_shards)]
-    splits = [data.split_shards(shards, r, 2, w, 3) for r in range(2) for w in range(3)]
-    assert sorted(s for split in splits for s in split) == sorted(shards)  # covering, and no shard twice
-    assert sum(len(split) for split in splits) == n_shards
 
 
 def test_every_rank_gets_the_same_batch_count(tmp_path, tokenizer):
@@ -190,11 +164,6 @@ def bench(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("bench") / "synth")
     synthetic.make_synthetic_benchmark(root, **SMALL)
     return root
-
-
-def all_files(root):
-    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(root) for f in files}
 
 
 def test_benchmark_is_deterministic_and_reused(bench, tmp_path):

@@ -1,22 +1,18 @@
 """Bad input is refused before any compute, in one line that names the thing and the fix, with no traceback."""
-import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-import data
-import synthetic  # noqa: E402
+from conftest import ENV, REPO, train_command
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=100",
         "--eval_batch=64"]
 
 
 def refused(args, env=None):
-    out = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    out = subprocess.run(train_command(args), cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**ENV, **(env or {})})
     assert out.returncode != 0, out.stdout
     assert "Traceback" not in out.stderr, out.stderr
     lines = [l for l in out.stderr.splitlines() if l.strip()]
@@ -24,20 +20,12 @@ def refused(args, env=None):
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("bench") / "data")
-    synthetic.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=64, eval_samples_per_year=32,
-                                  samples_per_shard=32)
-    return root
-
-
 def test_missing_data_root(tmp_path):
     line = refused([f"--data_root={tmp_path}/nowhere", f"--out_dir={tmp_path}/run"])
     assert f"{tmp_path}/nowhere/train" in line and "--data_root" in line
 
 
-def test_year_without_shards(tmp_path, bench):
+def test_year_without_shards(tmp_path, two_years):
     root = tmp_path / "d"
     os.makedirs(root / "train" / "2018")
     (root / "train" / "2018" / "sizes.json").write_text("{}")
@@ -45,21 +33,21 @@ def test_year_without_shards(tmp_path, bench):
     assert "2018/sizes.json" in line and "lists no shards" in line
 
 
-def test_steps_naming_absent_years(tmp_path, bench):
-    line = refused([f"--data_root={bench}", "--steps=2018,2020", f"--out_dir={tmp_path}/run"])
+def test_steps_naming_absent_years(tmp_path, two_years):
+    line = refused([f"--data_root={two_years}", "--steps=2018,2020", f"--out_dir={tmp_path}/run"])
     assert "step '2020' names no year folder" in line and "found: 2018, 2019" in line
 
 
-def test_unknown_strategy_and_key_and_type(tmp_path, bench):
-    assert "unknown strategy 'sequentail'" in refused([f"--data_root={bench}", "--strategy=sequentail"])
+def test_unknown_strategy_and_key_and_type(tmp_path, two_years):
+    assert "unknown strategy 'sequentail'" in refused([f"--data_root={two_years}", "--strategy=sequentail"])
     assert "unknown config key 'budget'" in refused(["--budget=10"])
     assert "--lr=fast is not a float" in refused(["--lr=fast"])
 
 
-def test_tokenizer_that_does_not_parse(tmp_path, bench):
+def test_tokenizer_that_does_not_parse(tmp_path, two_years):
     bad = tmp_path / "tok.json"
     bad.write_text("{not json")
-    line = refused([f"--data_root={bench}", f"--tokenizer={bad}", f"--out_dir={tmp_path}/run"])
+    line = refused([f"--data_root={two_years}", f"--tokenizer={bad}", f"--out_dir={tmp_path}/run"])
     assert str(bad) in line and "tokenizer.json" in line
 
 
@@ -69,17 +57,17 @@ def test_batch_not_dividing_over_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_model_shape(tmp_path, bench):
+def test_checkpoint_of_another_model_shape(tmp_path, two_years):
     run = tmp_path / "run"
-    ok = subprocess.run([sys.executable, "train.py", f"--data_root={bench}", "--steps=2018", f"--out_dir={run}", *TINY],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(train_command([f"--data_root={two_years}", "--steps=2018", f"--out_dir={run}", *TINY]),
+                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
-    line = refused([f"--data_root={bench}", "--steps=2018", f"--out_dir={run}", "--model=ViT-S-16", *TINY])
+    line = refused([f"--data_root={two_years}", "--steps=2018", f"--out_dir={run}", "--model=ViT-S-16", *TINY])
     assert "step01.pt" in line and "--model=tiny" in line
 
 
-def test_unknown_model(tmp_path, bench):
-    line = refused([f"--data_root={bench}", "--model=ViT-Z-99", f"--out_dir={tmp_path}/run"])
+def test_unknown_model(tmp_path, two_years):
+    line = refused([f"--data_root={two_years}", "--model=ViT-Z-99", f"--out_dir={tmp_path}/run"])
     assert "unknown model 'ViT-Z-99'" in line and "ViT-B-16" in line
     assert not os.path.exists(tmp_path / "run")  # refused before anything was written or computed
 

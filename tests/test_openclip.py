@@ -15,13 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import data  # noqa: E402
-import synthetic  # noqa: E402
-import evaluate  # noqa: E402
-import prepare  # noqa: E402
-from model import load_openclip_state_dict, load_pretrained, make_config, openclip_config  # noqa: E402
+import data
+import evaluate
+import prepare
+import synthetic
+from conftest import REPO
+from model import load_checkpoint, load_openclip_state_dict, make_config, openclip_config
 
 
 def openclip_model(name: str, seed: int = 0):
@@ -98,18 +97,18 @@ def test_checkpoint_files_of_every_kind(tmp_path):
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in state_dict.items() if k != "attn_mask"}, str(tmp_path / "m.safetensors"))
     for path in ("plain.pt", "epoch_3.pt", "m.safetensors"):
-        assert_same_embeddings(theirs, load_pretrained(str(tmp_path / path), quick_gelu=True), 32, 16)
+        assert_same_embeddings(theirs, load_checkpoint(str(tmp_path / path), quick_gelu=True)[0], 32, 16)
     # OpenAI ships TorchScript archives: QuickGELU is then the default
     traced = torch.jit.trace(theirs, (torch.zeros(1, 3, 32, 32), open_clip.tokenize(["a"], 16)), check_trace=False)
     traced.save(str(tmp_path / "openai.pt"))
-    ours = load_pretrained(str(tmp_path / "openai.pt"))
+    ours, record = load_checkpoint(str(tmp_path / "openai.pt"))
     assert ours.cfg.quick_gelu
     assert_same_embeddings(theirs, ours, 32, 16)
     with pytest.raises(SystemExit, match="no such checkpoint"):
-        load_pretrained(str(tmp_path / "missing.pt"))
+        load_checkpoint(str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(SystemExit, match="junk.pt: not a readable torch checkpoint"):
-        load_pretrained(str(tmp_path / "junk.pt"))
+        load_checkpoint(str(tmp_path / "junk.pt"))
 
 
 # ----------------------------------------------------------------------------- the tokenizer
@@ -155,7 +154,7 @@ def test_char_fixes_are_ftfys():
 
 def test_clip_tokenizer_command_writes_a_loadable_file(tmp_path, clip_tokenizer):
     out = tmp_path / "clip-tokenizer.json"
-    run = subprocess.run([sys.executable, "prepare.py", "clip-tokenizer", f"--out={out}"], cwd=REPO,
+    run = subprocess.run([sys.executable, "tools/prepare.py", "clip-tokenizer", f"--out={out}"], cwd=REPO,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     loaded = data.Tokenizer.load(str(out))

@@ -6,50 +6,24 @@ non-finite loss skips its update exactly, and several in a row stop the run. Her
     python -m pytest -q tests/test_resilience.py
 """
 import glob
-import io
 import itertools
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 import data
-import synthetic  # noqa: E402
+import synthetic
 import train
-from test_data import write_tar  # noqa: E402
+from conftest import ENV, REPO, png_bytes, run_train, train_command, train_in_process, write_tar
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 8 iterations per step, a resume checkpoint every 2
 TINY = ["--strategy=sequential", "--budget_samples=256", "--batch_size=32", "--vocab_size=300", "--log_interval=4",
         "--warmup_iters=2", "--warmup_iters_later=2", "--eval_batch=64", "--ckpt_interval_samples=64"]
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("bench") / "data")
-    synthetic.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
-                                  samples_per_shard=64, classification_samples_per_year=0)
-    return root
-
-
-def command(args, nproc=None):
-    launcher = [sys.executable] if not nproc else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                   f"--nproc_per_node={nproc}"]
-    return launcher + ["train.py", *args]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run(args, nproc=None):
-    out = subprocess.run(command(args, nproc), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
 
 
 def descendants(pid):
@@ -60,8 +34,8 @@ def descendants(pid):
 def kill_mid_step(args, run_dir, sig, nproc=None):
     """Start the run; once step 2 has a resume checkpoint, send sig to all its processes (torchrun starts each
     worker in a session of its own, so the process group alone would miss them)."""
-    proc = subprocess.Popen(command(args, nproc), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(train_command(args, nproc), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
     while not glob.glob(os.path.join(run_dir, "resume", "step02-*.pt")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -84,26 +58,26 @@ def assert_same_weights(run_a, run_b):
 
 
 @pytest.fixture(scope="module")
-def reference(bench, tmp_path_factory):
+def reference(two_years, tmp_path_factory):
     """An uninterrupted one-process run: what every killed and resumed run must reproduce bit for bit."""
     run_dir = str(tmp_path_factory.mktemp("ref") / "run")
-    run([f"--data_root={bench}", f"--out_dir={run_dir}", "--workers=0", *TINY])
+    run_train([f"--data_root={two_years}", f"--out_dir={run_dir}", "--workers=0", *TINY])
     return run_dir
 
 
 # ----------------------------------------------------------------------------- exact resume
 
 @pytest.mark.slow
-def test_sigkill_mid_step_then_rerun_is_bitwise_an_uninterrupted_run(bench, reference, tmp_path):
+def test_sigkill_mid_step_then_rerun_is_bitwise_an_uninterrupted_run(two_years, reference, tmp_path):
     run_dir = str(tmp_path / "run")
-    args = [f"--data_root={bench}", f"--out_dir={run_dir}", "--workers=0", *TINY]
+    args = [f"--data_root={two_years}", f"--out_dir={run_dir}", "--workers=0", *TINY]
     rc, _, _ = kill_mid_step(args, run_dir, signal.SIGKILL)
     assert rc == -signal.SIGKILL
     # a kill during a checkpoint write leaves a temporary file; a checkpoint damaged later does not load
     resume = os.path.join(run_dir, "resume")
     open(os.path.join(resume, "step02-0000099.pt.tmp4242"), "wb").write(b"half a checkpoint")
     open(os.path.join(resume, "step02-0000007.pt"), "wb").write(b"bit rot")  # newest by name: skipped with a warning
-    out = subprocess.run(command(args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(train_command(args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step02-0000007.pt does not load" in out.stderr
     samples = int(out.stdout.split("resuming at sample ")[1].split()[0])
@@ -113,27 +87,27 @@ def test_sigkill_mid_step_then_rerun_is_bitwise_an_uninterrupted_run(bench, refe
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly_then_rerun_is_bitwise_the_same(bench, reference, tmp_path):
+def test_sigterm_saves_and_exits_cleanly_then_rerun_is_bitwise_the_same(two_years, reference, tmp_path):
     run_dir = str(tmp_path / "run")
     # workers=1: the DataLoader worker gets the SIGTERM too (sent to the group) and must outlive the save
-    args = [f"--data_root={bench}", f"--out_dir={run_dir}", "--workers=1", *TINY]
+    args = [f"--data_root={two_years}", f"--out_dir={run_dir}", "--workers=1", *TINY]
     rc, out, err = kill_mid_step(args, run_dir, signal.SIGTERM)
     assert rc == 0, err[-3000:]
     saved = out.split("SIGTERM: saved ")[1].split()[0]
     assert os.path.exists(saved) and "rerun the same command" in out
-    again = run(args)
+    again = run_train(args)
     assert f"from {saved}" in again  # the checkpoint SIGTERM wrote is the one resumed from
     assert_same_weights(run_dir, reference)
 
 
 @pytest.mark.slow
-def test_two_process_kill_mid_step_resumes_both_ranks_from_one_checkpoint(bench, tmp_path):
+def test_two_process_kill_mid_step_resumes_both_ranks_from_one_checkpoint(two_years, tmp_path):
     ref, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
-    args = [f"--data_root={bench}", "--workers=0", *TINY]
-    run([f"--out_dir={ref}", *args], nproc=2)
+    args = [f"--data_root={two_years}", "--workers=0", *TINY]
+    run_train([f"--out_dir={ref}", *args], nproc=2)
     rc, _, _ = kill_mid_step([f"--out_dir={run_dir}", *args], run_dir, signal.SIGKILL, nproc=2)
     assert rc != 0
-    out = run([f"--out_dir={run_dir}", *args], nproc=2)
+    out = run_train([f"--out_dir={run_dir}", *args], nproc=2)
     resumed = sorted(line.split(": ", 1)[1] for line in out.splitlines() if "resuming at sample" in line)
     assert len(resumed) == 2 and resumed[0] == resumed[1], out  # rank 0 and rank 1: the same sample, the same file
     assert_same_weights(run_dir, ref)
@@ -141,15 +115,9 @@ def test_two_process_kill_mid_step_resumes_both_ranks_from_one_checkpoint(bench,
 
 # ----------------------------------------------------------------------------- the loader's position
 
-def png(value, px=8):
-    buf = io.BytesIO()
-    from PIL import Image
-    Image.new("RGB", (px, px), (value, value, value)).save(buf, format="PNG")
-    return buf.getvalue()
-
 
 def good_shard(path, prefix, n):
-    members = [m for i in range(n) for m in ((f"{prefix}_{i:04d}.png", png(4 * i % 100)),
+    members = [m for i in range(n) for m in ((f"{prefix}_{i:04d}.png", png_bytes(4 * i % 100)),
                                              (f"{prefix}_{i:04d}.txt", b"a good caption"))]
     return write_tar(path, members), n
 
@@ -186,7 +154,7 @@ def test_stream_from_any_batch_is_the_tail_of_the_whole_stream(tmp_path, tokeniz
 
 def bad_shards(folder):
     """One shard per fault, each (but the empty one) also holding good samples so a batch can fill."""
-    ok = lambda i: [(f"ok{i}.png", png(10)), (f"ok{i}.txt", b"a good caption")]  # noqa: E731
+    ok = lambda i: [(f"ok{i}.png", png_bytes(10)), (f"ok{i}.txt", b"a good caption")]  # noqa: E731
     tar = lambda name, members: (write_tar(os.path.join(folder, name), members), 4)  # noqa: E731
     whole = open(write_tar(os.path.join(folder, "full.tar"), [m for i in range(4) for m in ok(f"t{i}")]), "rb").read()
     os.remove(os.path.join(folder, "full.tar"))
@@ -194,10 +162,10 @@ def bad_shards(folder):
         f.write(whole[:2 * 2048 + 700])  # two samples (two 1 kB members each), then the break
     return [
         tar("corrupt.tar", [*ok("c"), ("bad_c.png", b"\x89PNG not really"), ("bad_c.txt", b"a bad caption")]),
-        tar("nocaption.tar", [*ok("n"), ("bad_n.png", png(255)), ("bad_n.json", b"{}")]),  # white: easy to spot
+        tar("nocaption.tar", [*ok("n"), ("bad_n.png", png_bytes(255)), ("bad_n.json", b"{}")]),  # white: easy to spot
         tar("noimage.tar", [*ok("i"), ("bad_i.txt", b"a bad caption")]),
-        tar("duplicate.tar", [*ok("d"), ("ok_d.png", png(10)), ("ok_d.txt", b"a good caption"),
-                              ("ok_d.png", png(20)), ("ok_d.txt", b"a bad caption")]),
+        tar("duplicate.tar", [*ok("d"), ("ok_d.png", png_bytes(10)), ("ok_d.txt", b"a good caption"),
+                              ("ok_d.png", png_bytes(20)), ("ok_d.txt", b"a bad caption")]),
         tar("empty.tar", []),
         (os.path.join(folder, "truncated.tar"), 4),
     ]
@@ -242,7 +210,7 @@ def bad_bench(tmp_path_factory):
 @pytest.mark.slow
 def test_step_reports_fault_counts_in_its_line_and_the_log(bad_bench, tmp_path):
     run_dir = str(tmp_path / "run")
-    out = run([f"--data_root={bad_bench}", f"--out_dir={run_dir}", "--workers=1", *TINY, "--budget_samples=128",
+    out = run_train([f"--data_root={bad_bench}", f"--out_dir={run_dir}", "--workers=1", *TINY, "--budget_samples=128",
                "--max_bad_fraction=1"])
     assert "step 1/1 (2018): 128 samples" in out and "; skipped " in out and "corrupt_image" in out
     end = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))][-1]
@@ -254,7 +222,7 @@ def test_step_reports_fault_counts_in_its_line_and_the_log(bad_bench, tmp_path):
 def test_too_much_bad_data_stops_with_one_clear_line(bad_bench, tmp_path):
     args = [f"--data_root={bad_bench}", f"--out_dir={tmp_path}/run", "--workers=0", *TINY, "--budget_samples=128",
             "--max_bad_fraction=0.01"]
-    out = subprocess.run(command(args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(train_command(args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: step 1 (2018): ") and "--max_bad_fraction=0.01" in last, out.stderr
@@ -263,7 +231,7 @@ def test_too_much_bad_data_stops_with_one_clear_line(bad_bench, tmp_path):
 
 # ----------------------------------------------------------------------------- numerical faults
 
-def test_nonfinite_loss_skips_its_update_and_a_run_of_them_stops(bench, tmp_path, monkeypatch):
+def test_nonfinite_loss_skips_its_update_and_a_run_of_them_stops(two_years, tmp_path, monkeypatch):
     real_loss, calls = train.clip_loss, itertools.count()
     poisoned = {3, 5, 6, 7}  # iterations (of 8) whose loss is NaN: one alone, then three in a row
 
@@ -273,15 +241,10 @@ def test_nonfinite_loss_skips_its_update_and_a_run_of_them_stops(bench, tmp_path
 
     monkeypatch.setattr(train, "clip_loss", clip_loss)
     run_dir = str(tmp_path / "run")
-    args = [f"--data_root={bench}", f"--out_dir={run_dir}", "--steps=2018", "--workers=0", *TINY,
-            "--ckpt_interval_samples=32", "--keep_checkpoints=10", "--max_nonfinite_in_row=3", "--compile=false",
-            "--device=cpu"]
-    previous_handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit, match=r"3 non-finite losses in a row by sample 256; .*step01-0000007.pt"):
-            train.main(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+    args = [f"--data_root={two_years}", f"--out_dir={run_dir}", "--steps=2018", "--workers=0", *TINY,
+            "--ckpt_interval_samples=32", "--keep_checkpoints=10", "--max_nonfinite_in_row=3"]
+    with pytest.raises(SystemExit, match=r"3 non-finite losses in a row by sample 256; .*step01-0000007.pt"):
+        train_in_process(args)
     assert not os.path.exists(os.path.join(run_dir, "step01.pt"))
     ckpt = {it: torch.load(os.path.join(run_dir, "resume", f"step01-{it:07d}.pt"), weights_only=True)
             for it in range(1, 8)}

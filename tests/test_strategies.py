@@ -1,8 +1,18 @@
-"""Replay buffers: sizes and nesting at every step; the table of strategies."""
-import pytest
+"""Replay buffers: sizes and nesting at every step; the table of strategies; LwF's and patching's parts; and two
+strategies added from this file alone (as a forker would), trained through train.main."""
+import json
+import os
 
+import pytest
+import torch
+import torch.nn.functional as F
+
+import synthetic
+from conftest import train_in_process
 from data import Part, keep_sample
-from strategies import STRATEGIES, equal_buffer, exp_buffer, get_strategy, step_parts
+from model import CLIP, make_config
+from strategies import (SETTINGS, STRATEGIES, Strategy, distillation_loss, equal_buffer, exp_buffer, get_strategy,
+                        interpolate, new_only, step_parts)
 
 
 @pytest.mark.parametrize("replay", [exp_buffer, equal_buffer])
@@ -46,9 +56,6 @@ def test_step_parts_and_budgets():
 
 
 def test_distillation_is_zero_for_identical_models_and_positive_otherwise():
-    import torch
-    import torch.nn.functional as F
-    from strategies import distillation_loss
     g = torch.Generator().manual_seed(0)
     img, txt = F.normalize(torch.randn(16, 8, generator=g), dim=-1), F.normalize(torch.randn(16, 8, generator=g), dim=-1)
     scale = torch.tensor(14.3)
@@ -58,14 +65,63 @@ def test_distillation_is_zero_for_identical_models_and_positive_otherwise():
 
 
 def test_interpolate_endpoints_and_midpoint():
-    import torch
-    from model import CLIP, make_config
     torch.manual_seed(0)
     prev = CLIP(make_config("tiny", vocab_size=64)).state_dict()
     torch.manual_seed(1)
     ft = CLIP(make_config("tiny", vocab_size=64)).state_dict()
-    from strategies import interpolate
     at0, at1, half = interpolate(prev, ft, 0.0), interpolate(prev, ft, 1.0), interpolate(prev, ft, 0.5)
     assert all(torch.equal(at0[k], prev[k]) for k in prev)
     assert all(torch.equal(at1[k], ft[k]) for k in ft)
     assert all(torch.allclose(half[k], (prev[k] + ft[k]) / 2) for k in ft)
+
+
+# ----------------------------------------------------------------------------- a strategy added from outside
+TINY = ["--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=100",
+        "--eval_batch=64", "--warmup_iters=1", "--warmup_iters_later=1"]
+
+
+@pytest.fixture(scope="module")
+def three_years(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("three") / "data")
+    synthetic.make_synthetic_benchmark(root, years=(2018, 2019, 2020), train_samples_per_year=128,
+                                       eval_samples_per_year=32, samples_per_shard=64,
+                                       classification_samples_per_year=0)
+    return root
+
+
+def logged(run_dir, event):
+    return [r for r in map(json.loads, open(os.path.join(run_dir, "log.jsonl"))) if r["event"] == event]
+
+
+def test_a_strategy_defined_here_trains_on_the_last_two_steps(tmp_path, three_years, monkeypatch):
+    recent = Strategy("cumulative-recent", True, lambda t: {s: 1.0 for s in range(max(0, t - 1), t + 1)})
+    monkeypatch.setitem(STRATEGIES, recent.name, recent)
+    run_dir = str(tmp_path / "run")
+    train_in_process([f"--data_root={three_years}", f"--out_dir={run_dir}", "--strategy=cumulative-recent", *TINY])
+    assert [list(r["mix"]) for r in logged(run_dir, "step_start")] == [["2018"], ["2018", "2019"], ["2019", "2020"]]
+    assert [r["step"] for r in logged(run_dir, "step_end")] == ["2018", "2019", "2020"]
+
+
+def test_a_strategy_defined_here_merges_at_the_end_of_each_step(tmp_path, two_years, monkeypatch):
+    """An EMA of past models as the end-of-step action, with a setting of its own: what it leaves is what is saved,
+    evaluated and warm-started from, and the compute it reports is counted."""
+    calls = []
+
+    def ema_merge(model, step):
+        keep = step.config.ema_keep
+        finetuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict({k: keep * step.previous[k] + (1 - keep) * v for k, v in finetuned.items()})
+        calls.append((step.t, step.previous, finetuned))
+        return {"ema_keep": keep, "flops": 7}
+
+    monkeypatch.setitem(SETTINGS, "ema_keep", 0.5)
+    monkeypatch.setitem(STRATEGIES, "ema", Strategy("ema", True, new_only, end_of_step=ema_merge))
+    run_dir = str(tmp_path / "run")
+    train_in_process([f"--data_root={two_years}", f"--out_dir={run_dir}", "--strategy=ema", "--ema_keep=0.25", *TINY])
+    step1, step2 = (torch.load(f"{run_dir}/step0{i}.pt", weights_only=True) for i in (1, 2))
+    assert [t for t, _, _ in calls] == [1]  # asked from the second step on: at the first there is nothing to merge
+    _, previous, finetuned = calls[0]
+    assert all(torch.equal(previous[k], step1["model"][k]) for k in previous)
+    assert all(torch.equal(step2["model"][k], 0.25 * previous[k] + 0.75 * finetuned[k]) for k in previous)
+    assert step2["end_of_step"] == {"ema_keep": 0.25, "flops": 7} and step1["end_of_step"] == {}
+    assert step2["flops"] == step1["flops"] + 7 and step2["config"]["ema_keep"] == 0.25

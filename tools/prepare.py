@@ -2,8 +2,8 @@
 Prepare real data for TiC training, once: split timestamped webdataset shards into the TiC layout, and turn
 CLIP's BPE vocabulary into a tokenizer.json.
 
-    python prepare.py split --src='/data/redcaps/*.tar' --dst=/data/tic-redcaps [--eval_fraction=0.01 --seed=0]
-    python prepare.py clip-tokenizer --out=clip-tokenizer.json [--bpe=bpe_simple_vocab_16e6.txt.gz]
+    python tools/prepare.py split --src='/data/redcaps/*.tar' --dst=/data/tic-redcaps [--eval_fraction=0.01 --seed=0]
+    python tools/prepare.py clip-tokenizer --out=clip-tokenizer.json [--bpe=bpe_simple_vocab_16e6.txt.gz]
 
 split reads every sample of the source shards once and takes its time from its json, where img2dataset
 puts the source's extra columns: the first of TIME_FIELDS present (or --time_field), a year, unix seconds
@@ -33,7 +33,9 @@ from datetime import datetime, timezone
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 
-import data
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+import data  # noqa: E402
+from evaluate import parse_flags  # noqa: E402
 
 TIME_FIELDS = ("year", "timestamp", "created_utc", "date_uploaded", "date_taken")  # tried in this order
 
@@ -205,19 +207,11 @@ COMMANDS = {"split": dict(src="", dst="", eval_fraction=0.01, seed=0, time_field
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python prepare.py {'|'.join(COMMANDS)} --key=value ...; see the docstring")
-    opts = dict(COMMANDS[argv[0]])
-    for arg in argv[1:]:
-        key, sep, value = arg[2:].partition("=")
-        if not arg.startswith("--") or not sep or key not in opts:
-            raise SystemExit(f"bad argument '{arg}' for {argv[0]}; use --key=value with keys {', '.join(opts)}")
-        try:
-            opts[key] = type(opts[key])(value.replace("_", "") if isinstance(opts[key], (int, float)) else value)
-        except ValueError:
-            raise SystemExit(f"--{key}={value} is not a {type(opts[key]).__name__}")
+        raise SystemExit(f"usage: python tools/prepare.py {'|'.join(COMMANDS)} --key=value ...; see the docstring")
+    opts = parse_flags(argv[1:], COMMANDS[argv[0]])
     if argv[0] == "split":
         if not opts["src"] or not opts["dst"]:
-            raise SystemExit("usage: python prepare.py split --src=FOLDER_OR_GLOB --dst=ROOT [--eval_fraction=0.01]")
+            raise SystemExit("usage: python tools/prepare.py split --src=FOLDER_OR_GLOB --dst=ROOT [--eval_fraction=0.01]")
         split(**opts)
     else:
         bpe = opts["bpe"] or default_bpe()

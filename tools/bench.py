@@ -2,41 +2,44 @@
 Speed benchmarks, each a ratio against the baseline people would otherwise use, measured in the same run on
 the same machine. One command each:
 
-    python bench.py train                      # training step, ours vs open_clip: samples/s per device, step time,
+    python tools/bench.py train                # training step, ours vs open_clip: samples/s per device, step time,
                                                # peak memory, MFU (CUDA: ViT-B-16 and ViT-B-32, 256 pairs per GPU)
-    python bench.py memory                     # CUDA: the largest ViT-B-16 batch per GPU, with and without
+    python tools/bench.py memory               # CUDA: the largest ViT-B-16 batch per GPU, with and without
                                                # gradient checkpointing (binary search on out-of-memory)
-    OMP_NUM_THREADS=1 python bench.py loader   # decode + augment samples/s per CPU core: data.py vs webdataset
-    python bench.py e2e                        # CUDA: training on generated JPEG shards vs in-memory batches
+    OMP_NUM_THREADS=1 python tools/bench.py loader   # decode + augment samples/s per CPU core: data.py vs webdataset
+    python tools/bench.py e2e                  # CUDA: training on generated JPEG shards vs in-memory batches
 
 On CUDA the training step runs in bf16 autocast with torch.compile of forward + loss and fused AdamW; on a CPU
 every command runs at the tiny preset in seconds (tests/test_bench.py runs them), and memory and e2e say that
 they need a GPU. Every speed trick is a flag, so its gain is measured by turning it off, e.g.
-    python bench.py train --compile=0 --fused_adamw=0 --flash=0 --grad_checkpointing=1
+    python tools/bench.py train --compile=0 --fused_adamw=0 --flash=0 --grad_checkpointing=1
+The flags and what they mean: flag_defaults() below.
 The baselines are benchmark-only packages: pip install -r requirements-test.txt. open_clip gets the settings
 of its trainer at their best (bf16 autocast, torch.compile, ClipLoss with local loss and gather-with-grad) and
 the same optimizer flags as ours; the loader benchmark writes its own JPEG shards to a temporary folder.
 """
-import argparse
 import gc
 import io
 import itertools
-import json
 import math
 import os
+import sys
 import tarfile
 import tempfile
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import data
-import synthetic
-from model import CLIP, clip_loss, make_config
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+import data  # noqa: E402
+import synthetic  # noqa: E402
+from evaluate import parse_flags  # noqa: E402
+from model import CLIP, clip_loss, make_config  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets; the first key found in the device's
 # name wins, so the PCIe H100 is listed before the SXM one
@@ -199,7 +202,7 @@ def bench_train(args, device) -> dict:
 def fits(cfg, batch: int, args, device: torch.device) -> bool:
     """Do two training steps at this batch per GPU run without running out of memory? (eager: no recompiling)"""
     try:
-        step = make_step(build_ours, cfg, device, argparse.Namespace(**{**vars(args), "compile": False}))
+        step = make_step(build_ours, cfg, device, SimpleNamespace(**{**vars(args), "compile": False}))
         images, tokens = fixed_batch(cfg, batch, device)
         for _ in range(2):
             step(images, tokens)
@@ -233,7 +236,7 @@ def bench_memory(args, device) -> dict:
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
     results = {}
     for checkpointing in (False, True):
-        run_args = argparse.Namespace(**{**vars(args), "grad_checkpointing": checkpointing})
+        run_args = SimpleNamespace(**{**vars(args), "grad_checkpointing": checkpointing})
         results[f"grad_checkpointing={checkpointing:d}"] = batch = largest_batch(make_config(name), run_args, device)
         print(f"memory: {name} on {device_name(device)} ({total_gib:.0f} GiB), bf16 autocast, eager, fused AdamW "
               f"{args.fused_adamw:d}: grad checkpointing {checkpointing:d}: largest batch per GPU {batch} (to 32)")
@@ -384,53 +387,48 @@ BENCHMARKS = {"train": bench_train, "memory": bench_memory, "loader": bench_load
 
 
 # ----------------------------------------------------------------------------- command line
-def flag(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 0 or 1, not {value!r}")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
+def flag_defaults() -> dict:
+    """Every --key=value of bench.py and its default (on CUDA the paper-scale ones, on a CPU the tiny ones)."""
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark to run")
-    p.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda or cpu")
-    p.add_argument("--model", default="ViT-B-16,ViT-B-32" if cuda else "tiny",
-                   help="model.PRESETS names, comma-separated (memory and e2e use the first)")
-    p.add_argument("--batch_size", type=int, default=256 if cuda else 64, help="pairs per device per step")
-    p.add_argument("--steps", type=int, default=20 if cuda else 5, help="timed training steps")
-    p.add_argument("--warmup", type=int, default=5 if cuda else 2, help="untimed steps first (compilation)")
-    p.add_argument("--compile", type=flag, default=cuda, help="torch.compile the forward and the loss (0 or 1)")
-    p.add_argument("--fused_adamw", type=flag, default=cuda, help="AdamW's update as one kernel (0 or 1)")
-    p.add_argument("--flash", type=flag, default=True, help="let SDPA use flash attention; 0: its math kernel only")
-    p.add_argument("--grad_checkpointing", type=flag, default=False, help="recompute activations in backward")
-    p.add_argument("--openclip", type=flag, default=True, help="also measure open_clip (train)")
-    p.add_argument("--source_px", default="512x384,1024x768",
-                   help="WxH of the generated JPEGs, comma-separated (loader; e2e uses the first). DataComp's "
-                        "shards are at most 512 px on the long side")
-    p.add_argument("--image_px", type=int, default=224, help="loader: the model's input size")
-    p.add_argument("--loader_samples", type=int, default=400, help="loader: JPEGs written to the shards")
-    p.add_argument("--loader_batch", type=int, default=32, help="loader: samples per batch")
-    p.add_argument("--loader_batches", type=int, default=12, help="loader: batches read per measurement")
-    p.add_argument("--repeats", type=int, default=2, help="loader: measurements per loader, the best kept")
-    p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader workers (default: loader 1, for a per-core figure; e2e all cores but one)")
-    p.add_argument("--e2e_steps", type=int, default=100, help="e2e: timed steps on the loader's batches")
-    p.add_argument("--e2e_images", type=int, default=2048, help="e2e: JPEGs written (the loader cycles over them)")
-    p.add_argument("--threads", type=int, default=0 if cuda else 1,
-                   help="CPU threads of this process (0: torch's default); on CPU 1 gives a per-core figure that "
-                        "other load on the machine disturbs least")
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
-    args = p.parse_args(argv)
-    if args.workers is None:
+    return {
+        "device": "cuda" if cuda else "cpu",
+        "model": "ViT-B-16,ViT-B-32" if cuda else "tiny",  # model.PRESETS names, comma-separated (memory, e2e: first)
+        "batch_size": 256 if cuda else 64,   # pairs per device per step
+        "steps": 20 if cuda else 5,          # timed training steps
+        "warmup": 5 if cuda else 2,          # untimed steps first (compilation)
+        "compile": cuda,                     # torch.compile the forward and the loss
+        "fused_adamw": cuda,                 # AdamW's update as one kernel
+        "flash": True,                       # let SDPA use flash attention; false: its math kernel only
+        "grad_checkpointing": False,         # recompute activations in backward
+        "openclip": True,                    # train: also measure open_clip
+        "source_px": "512x384,1024x768",     # WxH of the generated JPEGs, comma-separated (loader; e2e: the first).
+                                             # DataComp's shards are at most 512 px on the long side
+        "image_px": 224,                     # loader: the model's input size
+        "loader_samples": 400,               # loader: JPEGs written to the shards
+        "loader_batch": 32,                  # loader: samples per batch
+        "loader_batches": 12,                # loader: batches read per measurement
+        "repeats": 2,                        # loader: measurements per loader, the best kept
+        "workers": -1,                       # DataLoader workers; -1: loader 1 (a per-core figure), e2e all cores but one
+        "e2e_steps": 100,                    # e2e: timed steps on the loader's batches
+        "e2e_images": 2048,                  # e2e: JPEGs written (the loader cycles over them)
+        "threads": 0 if cuda else 1,         # CPU threads of this process (0: torch's default); on CPU 1 gives a
+                                             # per-core figure that other load on the machine disturbs least
+        "json": "",                          # also write the results to this JSON file
+    }
+
+
+def parse_args(argv: list[str]) -> SimpleNamespace:
+    """python tools/bench.py BENCHMARK --key=value ..."""
+    if not argv or argv[0] not in BENCHMARKS:
+        raise SystemExit(f"usage: python tools/bench.py {'|'.join(BENCHMARKS)} --key=value ...; keys: "
+                         f"{', '.join(flag_defaults())}")
+    args = SimpleNamespace(benchmark=argv[0], **parse_flags(argv[1:], flag_defaults()))
+    if args.workers < 0:
         args.workers = 1 if args.benchmark == "loader" else max(1, (os.cpu_count() or 2) - 1)
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     threads = torch.get_num_threads()
@@ -441,13 +439,11 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     results = BENCHMARKS[args.benchmark](args, device)
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"benchmark": args.benchmark, "args": vars(args), "device": device_name(device),
-                       "results": results}, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        data.write_json(args.json, {"benchmark": args.benchmark, "args": vars(args), "device": device_name(device),
+                                    "results": results})
     torch.set_num_threads(threads)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,19 +1,19 @@
 """
 Run several TiC strategies on the same benchmark and write the paper's Table 2 for it, with pictures.
 
-    python compare.py                                        # all eight strategies, seed 0, built-in benchmark
-    python compare.py --strategies=sequential,cumulative-all,oracle --seeds=0,1 --budget_samples=8000
-    python compare.py --nproc=8 --data_root=/data/tic-datacomp --model=ViT-B-16 ...   # every run via torchrun
-    python compare.py --seeds=0,1 --table_only=true     # tabulate the finished runs only, whatever seeds they have
+    python tools/compare.py                                   # all eight strategies, seed 0, built-in benchmark
+    python tools/compare.py --strategies=sequential,cumulative-all,oracle --seeds=0,1 --budget_samples=8000
+    python tools/compare.py --nproc=8 --data_root=/data/tic-datacomp --model=ViT-B-16 ...   # every run via torchrun
+    python tools/compare.py --seeds=0,1 --table_only=true     # tabulate the finished runs only, whatever their seeds
 
 Every other --key=value goes to train.py unchanged. Runs live in OUT/seedS/STRATEGY (OUT = --out, default
-runs/compare); a finished run is reused, not retrained, when the command is run again, and the first time
-step, which is the same for every strategy (same seed, same data, same budget, random init), is trained
-once per seed and copied to the other strategies, as the paper's "every method starts from the same
-step-1 model". Writes OUT/table.md and table.json (per strategy: compute in samples and FLOPs, also
-relative to oracle; ID, backward and forward transfer; the final model's mean R@1 over all tasks; the
-mean over seeds), OUT/compute_vs_retrieval.png, one heatmap of the evaluation matrix per strategy (mean over
-seeds, heatmap_STRATEGY.png) and all of them on one sheet (heatmaps.png).
+runs/compare); a finished run is reused, not retrained, when the command is run again. As the paper's "every
+method starts from the same step-1 model", the first time step is trained once per seed for all strategies
+whose first steps are the same (Strategy.first_step: the same data and budget) and copied to the others; a
+strategy with a first step of its own trains it. Writes OUT/table.md and table.json (per strategy: compute in
+samples and FLOPs, also relative to oracle; ID, backward and forward transfer; the final model's mean R@1 over
+all tasks; the mean over seeds), OUT/compute_vs_retrieval.png, one heatmap of the evaluation matrix per
+strategy (mean over seeds, heatmap_STRATEGY.png) and all of them on one sheet (heatmaps.png).
 """
 import json
 import os
@@ -24,21 +24,33 @@ import sys
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import strategies
-from evaluate import write_json
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project's modules
+import strategies  # noqa: E402
+from data import write_json  # noqa: E402
+from evaluate import parse_flags, step_checkpoint, step_checkpoints  # noqa: E402
+
+OPTIONS = {"strategies": ",".join(strategies.STRATEGIES), "seeds": "0", "out": "runs/compare", "nproc": 1,
+           "table_only": False}  # compare.py's own keys; the rest go to train.py
+
+
+def launch(train_args: list[str], nproc: int) -> bool:
+    """Run train.py with these arguments in a process of its own (torchrun for nproc > 1); True if it succeeded."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    cmd = launcher + [os.path.join(ROOT, "train.py"), *train_args]
+    print(" ".join(cmd), flush=True)
+    return subprocess.run(cmd).returncode == 0
 
 
 def run_strategy(strategy: str, seed: int, run_dir: str, shared_first: str | None, nproc: int, train_args: list):
-    """Train (or finish) one run; copy the shared first step in first when there is one."""
+    """Train (or finish) one run; copy in the first step that another strategy trained, when it shares it."""
     os.makedirs(run_dir, exist_ok=True)
-    if shared_first and not os.path.exists(os.path.join(run_dir, "step01.pt")):
-        for name in ("tokenizer.json", "step01.pt"):
-            shutil.copyfile(os.path.join(shared_first, name), os.path.join(run_dir, name))
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
-    cmd = launcher + ["train.py", f"--strategy={strategy}", f"--seed={seed}", f"--out_dir={run_dir}", *train_args]
-    print(" ".join(cmd), flush=True)
-    if subprocess.run(cmd).returncode != 0:
+    if shared_first and not os.path.exists(step_checkpoint(run_dir, 0)):
+        for source, target in [(os.path.join(shared_first, "tokenizer.json"), os.path.join(run_dir, "tokenizer.json")),
+                               (step_checkpoint(shared_first, 0), step_checkpoint(run_dir, 0))]:
+            shutil.copyfile(source, target)
+    if not launch([f"--strategy={strategy}", f"--seed={seed}", f"--out_dir={run_dir}", *train_args], nproc):
         raise SystemExit(f"error: the {strategy} run (seed {seed}) failed; see its output above, fix it and rerun "
                          f"this command: finished runs are kept")
 
@@ -54,8 +66,7 @@ def finished(run_dir: str) -> bool:
 
 def run_record(run_dir: str) -> dict:
     """Compute and evaluation summary of a finished run, from its checkpoints and eval_matrix.json."""
-    ckpts = [torch.load(os.path.join(run_dir, f), map_location="cpu", weights_only=True)
-             for f in sorted(os.listdir(run_dir)) if f.startswith("step") and f.endswith(".pt")]
+    ckpts = [torch.load(path, map_location="cpu", weights_only=True) for path in step_checkpoints(run_dir)]
     result = json.load(open(os.path.join(run_dir, "eval_matrix.json")))
     final_row = result["matrix"][-1]
     return {"samples": sum(c["samples_seen"] for c in ckpts), "flops": sum(c["flops"] for c in ckpts),
@@ -157,31 +168,25 @@ def tile(paths: list[str], path: str, columns: int = 4) -> None:
 
 
 def main(argv):
-    opts = {"strategies": ",".join(strategies.STRATEGIES), "seeds": "0", "out": "runs/compare", "nproc": "1",
-            "table_only": "false"}
-    train_args = []
-    for arg in argv:
-        key = arg[2:].split("=", 1)[0]
-        if key in opts and "=" in arg:
-            opts[key] = arg.split("=", 1)[1]
-        else:
-            train_args.append(arg)  # train.py checks these
+    own = [arg for arg in argv if arg[2:].split("=", 1)[0] in OPTIONS]
+    opts = parse_flags(own, OPTIONS)
+    train_args = [arg for arg in argv if arg not in own]  # train.py checks these
     names = opts["strategies"].split(",")
     for name in names:
         strategies.get_strategy(name)
     seeds, out = [int(s) for s in opts["seeds"].split(",")], opts["out"]
     records = {name: [] for name in names}
-    table_only = opts["table_only"].lower() in ("true", "1")  # tabulate the finished runs, train nothing
     for seed in seeds:
-        shared_first = None
+        trained_first = {}  # Strategy.first_step -> the run that trained that first step, for this seed
         for name in names:
             run_dir = os.path.join(out, f"seed{seed}", name)
-            if table_only:
+            if opts["table_only"]:  # tabulate the finished runs, train nothing
                 if finished(run_dir):
                     records[name].append(run_record(run_dir))
                 continue
-            run_strategy(name, seed, run_dir, shared_first, int(opts["nproc"]), train_args)
-            shared_first = shared_first or run_dir
+            first = strategies.STRATEGIES[name].first_step()
+            run_strategy(name, seed, run_dir, trained_first.get(first), opts["nproc"], train_args)
+            trained_first.setdefault(first, run_dir)
             records[name].append(run_record(run_dir))
     records = {name: recs for name, recs in records.items() if recs}
     if not records:

@@ -1,0 +1,72 @@
+"""Shared by the test files: the project's modules and tools/ on the import path, the helpers that write tiny
+shards and run train.py, and the two-year synthetic benchmark that most end-to-end tests train on."""
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "tools")]
+import synthetic  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models gain nothing from threads, and lose on a busy machine
+
+
+def write_tar(path, members) -> str:
+    """members: [(name, bytes)] in order; returns the tar's path."""
+    with tarfile.open(path, "w") as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+def png_bytes(value: int, px: int = 8) -> bytes:
+    """A grey px x px PNG."""
+    buf = io.BytesIO()
+    Image.new("RGB", (px, px), (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def all_files(root) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def train_command(args: list[str], nproc: int | None = None) -> list[str]:
+    launcher = [sys.executable] if not nproc else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc_per_node={nproc}"]
+    return launcher + [os.path.join(REPO, "train.py"), *args]
+
+
+def run_train(args: list[str], nproc: int | None = None) -> str:
+    """train.py in a process of its own (torchrun for nproc); its stdout, once it has succeeded."""
+    out = subprocess.run(train_command(args, nproc), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def train_in_process(args: list[str]) -> None:
+    """train.main in this process (so a strategy registered by a test is seen), on the CPU, uncompiled."""
+    import train
+    previous_handler = signal.getsignal(signal.SIGTERM)  # main installs its own
+    try:
+        train.main(["--device=cpu", "--compile=false", *args])
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+@pytest.fixture(scope="session")
+def two_years(tmp_path_factory) -> str:
+    """A synthetic benchmark of 2018 and 2019: 256 training and 64 held-out pairs a year and 32 labelled images,
+    shards of 64."""
+    root = str(tmp_path_factory.mktemp("two_years") / "data")
+    synthetic.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
+                                       samples_per_shard=64, classification_samples_per_year=32)
+    return root

@@ -159,3 +159,11 @@ def test_end_to_end_path_runs_on_cpu():
     assert r["in_memory"]["samples_per_s"] > 0 and r["from_shards"]["samples_per_s"] > 0
     assert r["from_shards"]["loader_ms_per_step"] >= 0 and r["ratio"] > 0
 
+
+@pytest.mark.slow
+def test_train_py_run_on_jpeg_shards_reports_both_steps(capsys):
+    """The GPU figure of train.py's own path, at the tiny size on a CPU: torchrun, one process, two time steps."""
+    r = bench.main(["run", "--model=tiny", "--batch_size=16", "--run_steps=4", "--run_images=64", "--compile=0",
+                    "--workers=1"])
+    assert [s["samples"] for s in r["steps"]] == [64, 64] and all(s["samples_per_s"] > 0 for s in r["steps"])
+    assert r["last_interval_samples_per_s"] > 0 and "run: tiny, train.py under torchrun" in capsys.readouterr().out

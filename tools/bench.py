@@ -8,6 +8,7 @@ the same machine. One command each:
                                                # gradient checkpointing (binary search on out-of-memory)
     OMP_NUM_THREADS=1 python tools/bench.py loader   # decode + augment samples/s per CPU core: data.py vs webdataset
     python tools/bench.py e2e                  # CUDA: training on generated JPEG shards vs in-memory batches
+    python tools/bench.py run                  # train.py for two time steps on JPEG shards, under torchrun
 
 On CUDA the training step runs in bf16 autocast with torch.compile of forward + loss and fused AdamW; on a CPU
 every command runs at the tiny preset in seconds (tests/test_bench.py runs them), and memory and e2e say that
@@ -21,8 +22,10 @@ the same optimizer flags as ours; the loader benchmark writes its own JPEG shard
 import gc
 import io
 import itertools
+import json
 import math
 import os
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -35,7 +38,8 @@ import torch
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project's modules
 import data  # noqa: E402
 import synthetic  # noqa: E402
 from evaluate import parse_flags  # noqa: E402
@@ -167,6 +171,8 @@ def train_step(cfg, implementation: str, args, device: torch.device) -> dict:
     images, tokens = fixed_batch(cfg, args.batch_size, device)
     with nullcontext() if args.flash else sdpa_kernel(SDPBackend.MATH):  # flash=0: SDPA's math kernel only
         result = run_steps(step, itertools.repeat((images, tokens), args.warmup + args.steps), args.warmup, device)
+        if args.profile:
+            profile_step(step, images, tokens, device)
     del step
     free_memory(device)
     with torch.device("meta"):  # FLOPs from the shapes alone: open_clip's model has the same shapes
@@ -174,6 +180,17 @@ def train_step(cfg, implementation: str, args, device: torch.device) -> dict:
     peak = peak_flops(device)
     result["mfu"] = 3 * flops * result["samples_per_s"] / peak if peak else None  # forward + 2x for backward
     return result
+
+
+def profile_step(step, images, tokens, device: torch.device, rows: int = 25) -> None:
+    """torch.profiler over one more step: the operators that take the most device (or CPU) time, printed."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(images, tokens)
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70))
 
 
 def bench_train(args, device) -> dict:
@@ -383,7 +400,77 @@ def bench_e2e(args, device) -> dict:
     return end_to_end(args, device)
 
 
-BENCHMARKS = {"train": bench_train, "memory": bench_memory, "loader": bench_loader, "e2e": bench_e2e}
+# ----------------------------------------------------------------------------- the real path: train.py
+def write_jpeg_benchmark(root: str, years, train_samples: int, eval_samples: int, px: int) -> None:
+    """A TiC layout of generated px x px JPEGs: ROOT/train/YEAR and ROOT/eval/retrieval/YEAR with sizes.json."""
+    for i, year in enumerate(years):
+        for j, (split, n) in enumerate((("train", train_samples), ("retrieval", eval_samples))):
+            folder = os.path.join(root, *data.SPLITS[split], str(year))
+            os.makedirs(folder)
+            shards, _ = write_jpeg_shards(folder, n, px, px, seed=2 * i + j)
+            data.write_json(os.path.join(folder, "sizes.json"), {os.path.basename(p): k for p, k in shards})
+
+
+def bench_run(args, device) -> dict:
+    """train.py itself for two time steps on generated JPEG shards at the model's input size, under torchrun with
+    one process: the path a real run takes (compile warm-up, the DDP wrapper, resume and step checkpoints,
+    evaluation), timed from its log."""
+    name = args.model.split(",")[0]
+    px = make_config(name).image_px
+    with tempfile.TemporaryDirectory() as folder:
+        root, run = os.path.join(folder, "data"), os.path.join(folder, "run")
+        write_jpeg_benchmark(root, (2018, 2019), args.run_images, args.run_images // 4, px)
+        budget = args.run_steps * args.batch_size
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               os.path.join(ROOT, "train.py"), f"--data_root={root}", f"--out_dir={run}", f"--model={name}",
+               "--strategy=sequential", f"--budget_samples={budget}", f"--batch_size={args.batch_size}",
+               f"--compile={args.compile}", f"--device={args.device}", f"--workers={args.workers}",
+               f"--log_interval={max(1, args.run_steps // 4)}", f"--ckpt_interval_samples={budget // 2}",
+               "--warmup_iters=2", "--warmup_iters_later=2", f"--eval_batch={args.batch_size}"]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        wall_s = time.perf_counter() - t0
+        if out.returncode != 0:
+            raise SystemExit(f"run: train.py failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+        log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    steps = [{"samples": r["samples_seen"], "train_s": r["train_s"], "samples_per_s": r["samples_seen"] / r["train_s"]}
+             for r in log if r["event"] == "step_end"]
+    last = [r["samples_per_s"] for r in log if r["event"] == "train" and r["time_step"] == 2][-1]
+    print(f"run: {name}, train.py under torchrun (1 process, DDP), compile {args.compile:d}, 2 steps of {budget} "
+          f"samples from {px} px JPEGs, {args.workers} loader workers: step 1 {steps[0]['samples_per_s']:.1f} "
+          f"samples/s (compile included), step 2 {steps[1]['samples_per_s']:.1f}, its last log interval {last:.1f} "
+          f"samples/s; the whole command {wall_s:.0f}s (evaluation and checkpoints included)")
+    return {"steps": steps, "last_interval_samples_per_s": last, "wall_s": wall_s}
+
+
+BENCHMARKS = {"train": bench_train, "memory": bench_memory, "loader": bench_loader, "e2e": bench_e2e,
+              "run": bench_run}
+
+
+def table(folder: str) -> str:
+    """One table of the figures that tools/gpu_bench.sh leaves in folder (NAME.json, one per benchmark run)."""
+    def load(name):
+        path = os.path.join(folder, f"{name}.json")
+        return json.load(open(path)) if os.path.exists(path) else None
+    lines = [f"{'figure':58} {'ours':>10} {'open_clip':>10} {'ratio':>7} {'MFU':>6}"]
+    for name in ("train_b16", "train_b32"):
+        for model, r in ((load(name) or {}).get("results") or {}).items():
+            mfu = f"{100 * r['ours']['mfu']:.1f}%" if r["ours"]["mfu"] else "n/a"
+            lines.append(f"{model + ' train step, samples/s per GPU':58} {r['ours']['samples_per_s']:10.1f} "
+                         f"{r['open_clip']['samples_per_s']:10.1f} {r['ratio']:6.2f}x {mfu:>6}")
+    memory = (load("memory") or {}).get("results")
+    if memory:
+        lines.append(f"{'largest batch per GPU, without / with grad checkpointing':58} "
+                     f"{memory['grad_checkpointing=0']:>5} / {memory['grad_checkpointing=1']}")
+    e2e = (load("e2e") or {}).get("results")
+    if e2e:
+        lines.append(f"{'end to end from JPEG shards, samples/s (% of in-memory)':58} "
+                     f"{e2e['from_shards']['samples_per_s']:10.1f} ({100 * e2e['ratio']:.0f}%)")
+    run = (load("run") or {}).get("results")
+    if run:
+        lines.append(f"{'train.py, 2 steps: step 2 samples/s, its last interval':58} "
+                     f"{run['steps'][1]['samples_per_s']:10.1f} {run['last_interval_samples_per_s']:10.1f}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -401,6 +488,7 @@ def flag_defaults() -> dict:
         "flash": True,                       # let SDPA use flash attention; false: its math kernel only
         "grad_checkpointing": False,         # recompute activations in backward
         "openclip": True,                    # train: also measure open_clip
+        "profile": False,                    # train: after timing, profile one more step and print the top operators
         "source_px": "512x384,1024x768",     # WxH of the generated JPEGs, comma-separated (loader; e2e: the first).
                                              # DataComp's shards are at most 512 px on the long side
         "image_px": 224,                     # loader: the model's input size
@@ -408,9 +496,11 @@ def flag_defaults() -> dict:
         "loader_batch": 32,                  # loader: samples per batch
         "loader_batches": 12,                # loader: batches read per measurement
         "repeats": 2,                        # loader: measurements per loader, the best kept
-        "workers": -1,                       # DataLoader workers; -1: loader 1 (a per-core figure), e2e all cores but one
+        "workers": -1,                       # DataLoader workers; -1: loader 1 (per core), others all cores but one
         "e2e_steps": 100,                    # e2e: timed steps on the loader's batches
         "e2e_images": 2048,                  # e2e: JPEGs written (the loader cycles over them)
+        "run_steps": 40 if cuda else 4,      # run: iterations of each of train.py's two time steps
+        "run_images": 1024 if cuda else 64,  # run: training JPEGs per year (a quarter as many held out)
         "threads": 0 if cuda else 1,         # CPU threads of this process (0: torch's default); on CPU 1 gives a
                                              # per-core figure that other load on the machine disturbs least
         "json": "",                          # also write the results to this JSON file
@@ -421,7 +511,7 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
     """python tools/bench.py BENCHMARK --key=value ..."""
     if not argv or argv[0] not in BENCHMARKS:
         raise SystemExit(f"usage: python tools/bench.py {'|'.join(BENCHMARKS)} --key=value ...; keys: "
-                         f"{', '.join(flag_defaults())}")
+                         f"{', '.join(flag_defaults())}\n   or: python tools/bench.py table FOLDER (gpu_bench.sh's)")
     args = SimpleNamespace(benchmark=argv[0], **parse_flags(argv[1:], flag_defaults()))
     if args.workers < 0:
         args.workers = 1 if args.benchmark == "loader" else max(1, (os.cpu_count() or 2) - 1)
@@ -429,6 +519,9 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
 
 
 def main(argv: list[str]) -> dict:
+    if argv[:1] == ["table"] and len(argv) == 2:
+        print(table(argv[1]))
+        return {}
     args = parse_args(argv)
     device = torch.device(args.device)
     threads = torch.get_num_threads()

@@ -19,9 +19,12 @@ import io
 import json
 import math
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import unicodedata
 from collections import Counter
@@ -116,13 +119,17 @@ def step_name(years: list[str]) -> str:
     return years[0] if len(years) == 1 else f"{years[0]}-{years[-1]}"
 
 
-def year_shards(root: str, year: str, split: str = "train") -> list[tuple[str, int]]:
+def year_shards(root: str, year: str, split: str = "train", shard_cmd: str = "") -> list[tuple[str, int]]:
     """[(shard path, samples)] of one year, from its sizes.json; without one, the shards are read once to count
-    their samples and the counts are saved as sizes.json beside them."""
+    their samples and the counts are saved as sizes.json beside them. With a shard_cmd the shards are streamed
+    (stream_path) and sizes.json, required then, is their list: ROOT holds only the sizes.json files."""
     folder = os.path.join(_split_dir(root, split), str(year))
     sizes_path = os.path.join(folder, "sizes.json")
     if not os.path.isdir(folder):
         raise SystemExit(f"{folder}: no such folder; check the data root and year (have: {years_in(root, split)})")
+    if not os.path.exists(sizes_path) and shard_cmd:
+        raise SystemExit(f"{sizes_path}: missing; streamed shards (--shard_cmd) are listed by the sizes.json of "
+                         f"each year folder (shard name -> samples), which is never counted remotely")
     if not os.path.exists(sizes_path):
         sizes = count_samples(folder)
     else:
@@ -134,6 +141,8 @@ def year_shards(root: str, year: str, split: str = "train") -> list[tuple[str, i
     shards = [(os.path.join(folder, name), int(n)) for name, n in sorted(sizes.items())]
     if not shards:
         raise SystemExit(f"{sizes_path}: lists no shards; add the year's tars to it or drop the year")
+    if shard_cmd:
+        return [(stream_path(shard_cmd, os.path.relpath(path, root)), n) for path, n in shards]
     missing = [p for p, _ in shards if not os.path.exists(p)]
     if missing:
         raise SystemExit(f"{missing[0]}: listed in {sizes_path} but missing ({len(missing)} in all); "
@@ -175,12 +184,51 @@ class ShardError(RuntimeError):
     """A tar shard that cannot be read to its end (truncated, or not a tar)."""
 
 
+def stream_path(shard_cmd: str, relative_path: str) -> str:
+    """The path of a streamed shard: "pipe:" and the shell command that writes it to stdout (webdataset's form), with
+    {path} in shard_cmd (e.g. "aws s3 cp s3://bucket/tic/{path} -") the shard's path relative to the data root."""
+    return "pipe:" + shard_cmd.replace("{path}", shlex.quote(relative_path))
+
+
+class ShardStream:
+    """The stdout of a "pipe:" path's command, read as the shard. check() raises a ShardError, with the command's
+    stderr, if the command failed; close() kills a command whose output was not read to its end."""
+
+    def __init__(self, path: str):
+        self.path, self.stderr = path, tempfile.TemporaryFile()  # a file, not a pipe: stderr can never block it
+        self.proc = subprocess.Popen(path[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     start_new_session=True)  # a group of its own: close() ends all it started
+
+    def check(self, wait_s: float, running_is_failure: bool) -> None:
+        try:
+            code = self.proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            if not running_is_failure:
+                return
+            code = f"none: still running {wait_s:.0f}s after its tar ended"
+        if code != 0:
+            self.stderr.seek(0)
+            said = self.stderr.read().decode(errors="replace").strip().splitlines()[-3:]
+            raise ShardError(f"{self.path}: the command failed; run it by hand to see why") from RuntimeError(
+                f"exit status {code}" + (f": {' | '.join(said)}" if said else ""))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.stderr.close()
+
+
 def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream one tar, grouping consecutive members by key: "dir.v2/000.seg.txt" has key "dir.v2/000"
-    and extension "seg.txt". Yields (key, {ext: bytes}); reads sequentially, so it works on pipes too."""
+    and extension "seg.txt". Yields (key, {ext: bytes}); reads sequentially, so it works on pipes too: a path
+    "pipe:COMMAND" reads COMMAND's stdout, and a command that fails is a broken shard (ShardError)."""
     key, sample = None, {}
+    stream = ShardStream(path) if path.startswith("pipe:") else None
     try:
-        with tarfile.open(path, mode="r|*") as tf:
+        with (tarfile.open(fileobj=stream.proc.stdout, mode="r|*") if stream else
+              tarfile.open(path, mode="r|*")) as tf:
             for member in tf:
                 tf.members = []  # tarfile remembers every member it has read; forget them so memory stays flat
                 if not member.isfile():
@@ -195,8 +243,15 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     sample = {}
                 key = this_key
                 sample[ext] = tf.extractfile(member).read()
+        if stream:  # the tar has ended, so should the command; checked before the last sample, which a failure may cut
+            stream.check(wait_s=60, running_is_failure=True)
     except (tarfile.TarError, EOFError, OSError) as e:
+        if stream:  # a command that failed is the cause to report
+            stream.check(wait_s=5, running_is_failure=False)
         raise ShardError(f"{path}: unreadable tar shard ({e}); re-download or regenerate it") from e
+    finally:
+        if stream:
+            stream.close()  # kills the command if the reader stopped early
     if sample:
         yield key, sample
 
@@ -371,10 +426,10 @@ def caption(sample: dict[str, bytes]) -> str | None:
     return text.strip() if isinstance(text, str) else None
 
 
-def first_captions(root: str, years: list[str], n_captions: int) -> Iterator[str]:
+def first_captions(root: str, years: list[str], n_captions: int, shard_cmd: str = "") -> Iterator[str]:
     """The first n_captions captions of these years' training shards, in order (to train a tokenizer on)."""
     seen = 0
-    for shard, _ in (s for year in years for s in year_shards(root, year)):
+    for shard, _ in (s for year in years for s in year_shards(root, year, shard_cmd=shard_cmd)):
         try:
             for _, sample in iter_tar(shard):
                 if seen >= n_captions:

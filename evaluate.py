@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import data
 from data import Tokenizer, eval_batches
-from model import load_checkpoint
+from model import PRECISIONS, autocast, load_checkpoint
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
 
@@ -54,21 +54,22 @@ def recall_at_k(queries, gallery, ks=(1, 5, 10), chunk_queries=1024) -> dict[int
 
 
 @torch.no_grad()
-def embed_pairs(model, shards, tokenizer, device, batch_samples=256, **select):
-    """L2-normalised (image features, text features) of a task's pairs, in shard order.
-    select: eval_batches' validation_only and max_samples, to embed the validation split instead."""
+def embed_pairs(model, shards, tokenizer, device, batch_samples=256, precision=None, **select):
+    """L2-normalised (image features, text features) of a task's pairs, in shard order. precision: bf16 or fp32
+    (None: bf16 on CUDA, fp32 elsewhere). select: eval_batches' validation_only and max_samples, to embed the
+    validation split instead."""
     cfg = model.cfg
     images, texts = [], []
     for x, captions, _ in eval_batches(shards, cfg.image_px, batch_samples, **select):
         tokens = tokenizer(captions, cfg.context_tokens).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             images.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1))
             texts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     return torch.cat(images), torch.cat(texts)
 
 
-def retrieval(model, shards, tokenizer, device, batch_samples=256, **select) -> dict:
-    img, txt = embed_pairs(model, shards, tokenizer, device, batch_samples, **select)
+def retrieval(model, shards, tokenizer, device, batch_samples=256, precision=None, **select) -> dict:
+    img, txt = embed_pairs(model, shards, tokenizer, device, batch_samples, precision, **select)
     i2t, t2i = recall_at_k(img, txt), recall_at_k(txt, img)
     out = {f"i2t_R@{k}": 100 * v for k, v in i2t.items()}
     out.update({f"t2i_R@{k}": 100 * v for k, v in t2i.items()})
@@ -79,21 +80,22 @@ def retrieval(model, shards, tokenizer, device, batch_samples=256, **select) -> 
 
 # ----------------------------------------------------------------------------- classification
 @torch.no_grad()
-def zero_shot_classifier(model, classnames, templates, tokenizer, device, batch_samples=256) -> torch.Tensor:
+def zero_shot_classifier(model, classnames, templates, tokenizer, device, batch_samples=256,
+                         precision=None) -> torch.Tensor:
     """[embed_dim, classes]: per class, the mean of the L2-normalised text embeddings of its prompts (each
     template with the class name in place of "{}"), renormalised, as CLIP's zero-shot classifier."""
     prompts = [t.format(name) for name in classnames for t in templates]
     embeddings = []
     for start in range(0, len(prompts), batch_samples):
         tokens = tokenizer(prompts[start:start + batch_samples], model.cfg.context_tokens).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             embeddings.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     per_class = torch.cat(embeddings).view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(per_class, dim=-1).t()
 
 
 @torch.no_grad()
-def classification(model, shards, classifier, device, batch_samples=256) -> dict:
+def classification(model, shards, classifier, device, batch_samples=256, precision=None) -> dict:
     """Zero-shot top-1 and top-5 accuracy (%) of the labelled images in shards; classifier from zero_shot_classifier."""
     n_classes, hits1, hits5, n = classifier.shape[1], 0, 0, 0
     for x, labels, keys in eval_batches(shards, model.cfg.image_px, batch_samples, target="class"):
@@ -101,7 +103,7 @@ def classification(model, shards, classifier, device, batch_samples=256) -> dict
         if labels.max() >= n_classes or labels.min() < 0:
             bad = keys[int(((labels >= n_classes) | (labels < 0)).nonzero()[0])]
             raise SystemExit(f"sample {bad}: class id out of range for {n_classes} class names; fix classnames.txt")
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             image_features = F.normalize(model.encode_image(x.to(device)).float(), dim=-1)
         top = (image_features @ classifier).topk(min(5, n_classes), dim=1).indices.cpu()
         hits1 += int((top[:, 0] == labels).sum())
@@ -122,14 +124,15 @@ class Task:
     templates: list[str] | None = None       # prompts with "{}" for the class name
 
 
-def step_tasks(root: str, years: list[str]) -> Task:
+def step_tasks(root: str, years: list[str], shard_cmd: str = "") -> Task:
     """A time step's tasks: retrieval on its years' held-out pairs (ROOT/eval/retrieval/YEAR), and classification
-    where ROOT/eval/classification/YEAR exists, with classnames.txt and templates.txt beside the year folders."""
-    task = Task([s for y in years for s in data.year_shards(root, y, "retrieval")])
+    where ROOT/eval/classification/YEAR exists, with classnames.txt and templates.txt beside the year folders.
+    shard_cmd: see data.year_shards."""
+    task = Task([s for y in years for s in data.year_shards(root, y, "retrieval", shard_cmd)])
     folder = os.path.join(root, *data.SPLITS["classification"])
     labelled = [y for y in years if os.path.isdir(os.path.join(folder, y))]
     if labelled:
-        task.classification = [s for y in labelled for s in data.year_shards(root, y, "classification")]
+        task.classification = [s for y in labelled for s in data.year_shards(root, y, "classification", shard_cmd)]
         task.classnames = read_lines(os.path.join(folder, "classnames.txt"))
         task.templates = read_lines(os.path.join(folder, "templates.txt"))
         if not all("{}" in t for t in task.templates):
@@ -137,9 +140,9 @@ def step_tasks(root: str, years: list[str]) -> Task:
     return task
 
 
-def tasks_of(root: str, step_years: list[list[str]]) -> dict[str, Task]:
+def tasks_of(root: str, step_years: list[list[str]], shard_cmd: str = "") -> dict[str, Task]:
     """{step name: its tasks} for every time step (step_years: data.parse_steps)."""
-    return {data.step_name(ys): step_tasks(root, ys) for ys in step_years}
+    return {data.step_name(ys): step_tasks(root, ys, shard_cmd) for ys in step_years}
 
 
 def read_lines(path: str) -> list[str]:
@@ -150,19 +153,22 @@ def read_lines(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def evaluate_step(model, tasks: dict[str, Task], tokenizer, device, batch_samples=256, **select) -> dict[str, dict]:
+def evaluate_step(model, tasks: dict[str, Task], tokenizer, device, batch_samples=256, precision=None,
+                  **select) -> dict[str, dict]:
     """One row of the evaluation matrix: {task name: metrics} for the model as it is now: retrieval recalls, and
-    zero-shot top-1/top-5 for a task with classification data. select: see embed_pairs (retrieval only)."""
+    zero-shot top-1/top-5 for a task with classification data. precision, select: see embed_pairs (select:
+    retrieval only)."""
     was_training = model.training
     model.eval()
     row, classifiers = {}, {}
     for name, task in tasks.items():
-        row[name] = retrieval(model, task.retrieval, tokenizer, device, batch_samples, **select)
+        row[name] = retrieval(model, task.retrieval, tokenizer, device, batch_samples, precision, **select)
         if task.classification:
             labels = (tuple(task.classnames), tuple(task.templates))  # one classifier for all steps that share them
             if labels not in classifiers:
-                classifiers[labels] = zero_shot_classifier(model, *labels, tokenizer, device, batch_samples)
-            row[name].update(classification(model, task.classification, classifiers[labels], device, batch_samples))
+                classifiers[labels] = zero_shot_classifier(model, *labels, tokenizer, device, batch_samples, precision)
+            row[name].update(classification(model, task.classification, classifiers[labels], device, batch_samples,
+                                            precision))
     model.train(was_training)
     return row
 
@@ -185,12 +191,13 @@ TASK_KINDS = {"retrieval": METRIC, "classification": "top1"}  # each kind of tas
 def eval_matrix(rows: dict[str, dict[str, dict]], task_names: list[str], metric=METRIC) -> dict:
     """Assemble E from per-step rows {step name: {task name: metrics}} (steps in order). "matrix" and "summary"
     are retrieval's (metric); result[kind] = {metric, matrix, summary} for each kind of TASK_KINDS measured
-    (a cell is None where a task lacks that kind, e.g. a year without classification data)."""
-    matrix = [[rows[step][task][metric] for task in task_names] for step in rows]
+    (a cell is None where a task lacks that kind, e.g. a year without classification data, or where it is not
+    measured yet, e.g. while a grown run evaluates its old models on the new task)."""
+    matrix = [[rows[step].get(task, {}).get(metric) for task in task_names] for step in rows]
     result = {"metric": metric, "steps": list(rows), "tasks": task_names, "matrix": matrix,
               "summary": summarize(matrix), "results": rows}
     for kind, kind_metric in TASK_KINDS.items():
-        cells = [[rows[step][task].get(kind_metric) for task in task_names] for step in rows]
+        cells = [[rows[step].get(task, {}).get(kind_metric) for task in task_names] for step in rows]
         if any(v is not None for row in cells for v in row):
             result[kind] = {"metric": kind_metric, "matrix": cells, "summary": summarize(cells)}
     return result
@@ -214,7 +221,7 @@ def format_matrix(result: dict) -> str:
         lines.append(f"ID {fmt(s['id'])} | backward transfer {fmt(s['backward_transfer'])} | "
                      f"forward transfer {fmt(s['forward_transfer'])}")
         if kind == "retrieval":
-            gallery = {t: last[t]["gallery"] for t in tasks}
+            gallery = {t: last[t]["gallery"] for t in tasks if t in last}
             lines.append("gallery (pairs per task): " + ", ".join(f"{t} {n}" for t, n in gallery.items())
                          + f"; chance R@1 = {100 / min(gallery.values()):.2f}% at most")
         else:
@@ -261,9 +268,12 @@ def parse_flags(argv: list[str], defaults: dict) -> dict:
 
 
 CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=clip-tokenizer.json --data_root=ROOT "
-                    "[--steps=2014-2016,2017,...] [--quick_gelu=auto|true|false] [--device=cpu|cuda] [--out=FILE.json]")
+                    "[--steps=2014-2016,2017,...] [--quick_gelu=auto|true|false] [--device=cpu|cuda] [--out=FILE.json]"
+                    " [--precision=bf16|fp32] [--shard_cmd='aws s3 cp s3://bucket/tic/{path} -']")
 FLAGS = {"run": "", "checkpoint": "", "tokenizer": "", "data_root": "", "steps": "", "quick_gelu": "auto",
-         "device": "cuda" if torch.cuda.is_available() else "cpu", "out": ""}
+         "device": "cuda" if torch.cuda.is_available() else "cpu", "out": "",
+         "precision": "",  # "": bf16 on CUDA, fp32 elsewhere
+         "shard_cmd": ""}  # stream the shards through this command (train.py's shard_cmd); --run: the run's own
 
 
 def format_row(row: dict[str, dict]) -> str:
@@ -292,12 +302,12 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
                          f"model has {cfg.vocab_size} with {cfg.eot_token_id}; pass the tokenizer the model was trained "
                          f"with (CLIP's: python tools/prepare.py clip-tokenizer)")
     step_years = data.parse_steps(args["data_root"], args["steps"], split="retrieval")
-    tasks = tasks_of(args["data_root"], step_years)
+    tasks = tasks_of(args["data_root"], step_years, args["shard_cmd"])
     print(f"{args['checkpoint']}: ViT {cfg.vision_layers}x{cfg.vision_width} at {cfg.image_px}px, patch {cfg.patch_px}; "
           f"text {cfg.text_layers}x{cfg.text_width}; {'QuickGELU' if cfg.quick_gelu else 'GELU'}; "
           f"{model.num_params() / 1e6:.1f}M parameters; {len(tasks)} tasks")
     t0 = time.time()
-    row = evaluate_step(model, tasks, tokenizer, device)
+    row = evaluate_step(model, tasks, tokenizer, device, precision=args["precision"] or None)
     print(format_row(row))
     print(f"evaluated in {time.time() - t0:.0f}s")
     if args["out"]:
@@ -307,21 +317,27 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
 
 def main(argv):
     args = parse_flags(argv, FLAGS)
+    if args["precision"] not in ("", *PRECISIONS):
+        raise SystemExit(f"--precision={args['precision']}: use {' or '.join(PRECISIONS)}")
     if args["checkpoint"]:
         return evaluate_checkpoint(args)
-    if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS if k not in ("run", "device")):
-        raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda]\n   or: " + CHECKPOINT_USAGE[7:])
+    if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS if k not in ("run", "device", "precision")):
+        raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda] [--precision=bf16|fp32]\n"
+                         "   or: " + CHECKPOINT_USAGE[7:])
     run, device = args["run"], torch.device(args["device"])
     checkpoints = step_checkpoints(run)
     if not checkpoints:
         raise SystemExit(f"error: no step checkpoints (step*.pt) in {run}; train first with train.py --out_dir={run}")
     tokenizer = Tokenizer.load(os.path.join(run, "tokenizer.json"))
+    # every model on the tasks of the newest checkpoint's steps: a run grown by a step adds a column to all rows
+    last = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
+    tasks = tasks_of(last["config"]["data_root"], last["steps"], last["config"]["shard_cmd"])
     rows = {}
     for path in checkpoints:
         t0 = time.time()
         model, record = load_checkpoint(path)
-        tasks = tasks_of(record["config"]["data_root"], record["steps"])
-        rows[record["step_name"]] = evaluate_step(model.to(device), tasks, tokenizer, device)
+        rows[record["step_name"]] = evaluate_step(model.to(device), tasks, tokenizer, device,
+                                                  precision=args["precision"] or None)
         print(f"evaluated {path} in {time.time() - t0:.1f}s")
     result = eval_matrix(rows, list(tasks))
     data.write_json(os.path.join(run, "eval_matrix.json"), result)

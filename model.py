@@ -17,6 +17,7 @@ projection) so that OpenCLIP checkpoints map onto it name by name.
 import math
 import os
 import zipfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -278,6 +279,16 @@ class CLIP(nn.Module):
     def clamp_logit_scale_(self) -> None:
         """Keep the scale in [1, 100] (CLIP's cap stops the temperature collapsing); call after every step."""
         self.logit_scale.clamp_(0, math.log(100))
+
+
+def autocast(device: torch.device, precision: str | None = None):
+    """The context a forward pass runs in: bf16 autocast for precision "bf16", nothing for "fp32"; None chooses
+    bf16 on CUDA and fp32 elsewhere. Weights, gradients and optimizer state stay fp32 either way."""
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+PRECISIONS = ("bf16", "fp32")
 
 
 # ----------------------------------------------------------------------------- loss

@@ -120,11 +120,13 @@ class Distillation:
         self.teacher.to(step.device).eval().requires_grad_(False)
         self.weight = step.config.lwf_weight
         self.flops_per_sample = self.teacher.flops_per_pair()
+        self.images, self.teacher_out = None, None
 
     def __call__(self, images, tokens, image_features, text_features, scale):
-        with torch.no_grad():
-            t_img, t_txt, t_scale = self.teacher(images, tokens)
-        return self.weight * distillation_loss(image_features, text_features, scale, t_img, t_txt, t_scale)
+        if images is not self.images:  # once a batch, also when gradient accumulation asks once a micro-batch
+            with torch.no_grad():
+                self.images, self.teacher_out = images, self.teacher(images, tokens)
+        return self.weight * distillation_loss(image_features, text_features, scale, *self.teacher_out)
 
 
 # ----------------------------------------------------------------------------- patching
@@ -156,7 +158,8 @@ def patch(model: CLIP, step: TimeStep) -> dict:
         for i, a in enumerate(alphas):
             model.load_state_dict(interpolate(previous, finetuned, a))
             row = evaluate.evaluate_step(model, tasks, step.tokenizer, step.device, step.config.eval_batch,
-                                         validation_only=True, max_samples=step.config.validation_samples)
+                                         step.config.precision, validation_only=True,
+                                         max_samples=step.config.validation_samples)
             scores[i] = sum(r[evaluate.METRIC] for r in row.values()) / len(row)
             pairs += sum(r["gallery"] for r in row.values())
         print("patching: validation mean R@1 by coefficient: "

@@ -38,7 +38,7 @@ import data
 import evaluate
 import strategies
 import synthetic
-from model import CLIP, PRESETS, CLIPConfig, clip_loss, load_checkpoint, make_config
+from model import CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, load_checkpoint, make_config
 
 # ----------------------------------------------------------------------------- config
 # The defaults; the run reads them as cfg.KEY (parse_config), never as these globals, so functions below are free
@@ -51,12 +51,15 @@ out_dir = ""                   # run directory; "" = runs/STRATEGY
 tokenizer = ""                 # a tokenizer.json; "" = train a byte-level BPE on the first step's captions
 vocab_size = 1024              # of the BPE trained when tokenizer = ""
 tokenizer_samples = 100_000    # captions of the first step used to train that BPE
+shard_cmd = ""                 # stream each shard from this command's stdout, {path} = the shard's path under data_root
+                               # (e.g. "aws s3 cp s3://bucket/tic/{path} -"); data_root then holds the sizes.json
 # strategy and model
 strategy = "cumulative-all"    # one of strategies.STRATEGIES (its settings: strategies.SETTINGS)
 model = "tiny"                 # a preset name of model.PRESETS
 # budget and optimisation (DataComp's values; lr and warmup scaled for the tiny CPU run)
 budget_samples = 56_000        # C: samples seen per time step (oracle: t x C at step t); 7 epochs of a synthetic year
 batch_size = 64                # global, over all processes (smaller batches learn more per sample here: README)
+accum_steps = 1                # micro-batches per process's batch: the same gradients, in less memory
 lr = 5e-4                      # peak learning rate, restarted at every step
 warmup_iters = 20              # linear warmup of the first step (DataComp medium: 500)
 warmup_iters_later = 20        # warmup of the later steps
@@ -69,6 +72,7 @@ seed = 0
 workers = 1                    # DataLoader processes per training process
 device = "cuda" if torch.cuda.is_available() else "cpu"
 compile = torch.cuda.is_available()   # torch.compile the model (on by default on CUDA)
+precision = "bf16" if torch.cuda.is_available() else "fp32"  # bf16 autocast or fp32, in training and evaluation
 grad_checkpointing = False     # recompute activations in backward: more compute, a larger batch fits per GPU
 log_interval = 10              # iterations between log lines
 eval_batch = 256               # pairs per evaluation batch
@@ -93,12 +97,16 @@ def check_config(cfg: SimpleNamespace) -> None:
     """Values that parse but cannot work, refused before any compute is spent."""
     if cfg.model not in PRESETS:
         raise SystemExit(f"error: unknown model '{cfg.model}'; choose one of: {', '.join(PRESETS)}")
+    if cfg.precision not in PRECISIONS:
+        raise SystemExit(f"error: unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS)}")
     strategies.check_settings(cfg)
-    least = {"batch_size": 1, "budget_samples": cfg.batch_size, "log_interval": 1, "workers": 0,
+    least = {"batch_size": 1, "accum_steps": 1, "budget_samples": cfg.batch_size, "log_interval": 1, "workers": 0,
              "ckpt_interval_samples": 0, "keep_checkpoints": 1, "max_nonfinite_in_row": 1}
     for key, n in least.items():
         if getattr(cfg, key) < n:
             raise SystemExit(f"error: --{key}={getattr(cfg, key)} is too small; use at least {n}")
+    if cfg.shard_cmd and "{path}" not in cfg.shard_cmd:
+        raise SystemExit(f"error: --shard_cmd={cfg.shard_cmd!r} has no {{path}} for the shard's path under data_root")
     if not 0 <= cfg.max_bad_fraction <= 1:
         raise SystemExit(f"error: --max_bad_fraction={cfg.max_bad_fraction} is not a fraction; use 0 to 1")
 
@@ -138,6 +146,10 @@ def start_world(cfg: SimpleNamespace) -> World:
     if cfg.batch_size % world_size:  # checked before any process waits for the others
         raise SystemExit(f"error: batch_size={cfg.batch_size} does not divide over {world_size} processes; "
                          f"use a multiple of {world_size}")
+    if cfg.batch_size // world_size % cfg.accum_steps:
+        raise SystemExit(f"error: the {cfg.batch_size // world_size} pairs of each process's batch do not split into "
+                         f"--accum_steps={cfg.accum_steps} micro-batches; use a batch_size that is a multiple of "
+                         f"{world_size * cfg.accum_steps}")
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
@@ -161,8 +173,9 @@ def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]],
         raise SystemExit(f"error: no {cfg.data_root}/train folder; point --data_root at a TiC layout "
                          f"(train/YEAR/*.tar with sizes.json) or leave it at {SYNTH_ROOT} for the built-in benchmark")
     step_years = data.parse_steps(cfg.data_root, cfg.steps)
-    step_data = [[data.Part(y, data.year_shards(cfg.data_root, y)) for y in ys] for ys in step_years]
-    return step_years, step_data, evaluate.tasks_of(cfg.data_root, step_years)
+    step_data = [[data.Part(y, data.year_shards(cfg.data_root, y, shard_cmd=cfg.shard_cmd)) for y in ys]
+                 for ys in step_years]
+    return step_years, step_data, evaluate.tasks_of(cfg.data_root, step_years, cfg.shard_cmd)
 
 
 def load_tokenizer(run_dir: str, cfg: SimpleNamespace, first_years: list[str], world: World) -> data.Tokenizer:
@@ -173,7 +186,7 @@ def load_tokenizer(run_dir: str, cfg: SimpleNamespace, first_years: list[str], w
     if world.master and not os.path.exists(path) and cfg.tokenizer:
         data.Tokenizer.load(cfg.tokenizer).save(path)
     elif world.master and not os.path.exists(path):
-        captions = data.first_captions(cfg.data_root, first_years, cfg.tokenizer_samples)
+        captions = data.first_captions(cfg.data_root, first_years, cfg.tokenizer_samples, cfg.shard_cmd)
         data.Tokenizer.train(captions, cfg.vocab_size).save(path)
     world.barrier()
     return data.Tokenizer.load(path)
@@ -186,6 +199,16 @@ def run_log(run_dir: str, world: World):
             with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
     return log
+
+
+def check_steps(record: dict, path: str, step_years: list[list[str]]) -> None:
+    """A run grows by steps added at its end: a step checkpoint is matched to a time step by position, so the
+    steps it was trained among must begin the run's steps now (or the other way round)."""
+    old, n = record["steps"], min(len(record["steps"]), len(step_years))
+    if old[:n] != step_years[:n]:
+        name = lambda groups: ",".join(data.step_name(ys) for ys in groups)  # noqa: E731
+        raise SystemExit(f"error: {path} belongs to a run of the steps {name(old)}, which do not begin --steps="
+                         f"{name(step_years)}; a run can only grow by steps added at the end; use a new --out_dir")
 
 
 def check_shape(record: dict, path: str, model_cfg: CLIPConfig, model_name: str) -> None:
@@ -369,6 +392,40 @@ def start_model(strategy: strategies.Strategy, step: strategies.TimeStep, model_
     return model
 
 
+def forward_backward(train_model, images, tokens, extra_loss, world: World, precision: str,
+                     accum_steps: int = 1) -> torch.Tensor:
+    """The batch's loss, its gradients added to the parameters' .grad. With accum_steps = k the batch goes through
+    in k micro-batches, at the memory of one, to the same loss and gradients (up to rounding). The contrastive loss
+    of a pair needs every other pair's features, so all micro-batches are embedded first without gradients, then
+    each again with gradients in place of its stored features (OpenCLIP's accum_freq, "gradient caching"): every
+    pass computes the loss of the whole batch. The logit scale takes part in every pass but takes its gradient
+    from the last one only, as from one whole batch; under DDP the passes before the last skip the all-reduce."""
+    def loss_of(image_features, text_features, scale):
+        loss = clip_loss(image_features, text_features, scale, world.rank, world.size)
+        if extra_loss is not None:  # the strategy's term on every batch, e.g. lwf's distillation
+            loss = loss + extra_loss(images, tokens, image_features, text_features, scale)
+        return loss
+
+    if accum_steps == 1:
+        with autocast(world.device, precision):
+            loss = loss_of(*train_model(images, tokens))
+        loss.backward()
+        return loss
+    micro = list(zip(images.chunk(accum_steps), tokens.chunk(accum_steps)))
+    with torch.no_grad(), autocast(world.device, precision):
+        stored = [train_model(x, y)[:2] for x, y in micro]
+    for j, (x, y) in enumerate(micro):
+        last = j == accum_steps - 1
+        with nullcontext() if last or not world.distributed else train_model.no_sync():
+            with autocast(world.device, precision):
+                image_j, text_j, scale = train_model(x, y)
+                loss = loss_of(torch.cat([image_j if i == j else f[0] for i, f in enumerate(stored)]),
+                               torch.cat([text_j if i == j else f[1] for i, f in enumerate(stored)]),
+                               scale if last else scale.detach())
+            loss.backward()
+    return loss
+
+
 def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, step: strategies.TimeStep,
                world: World, run_dir: str, log) -> StepState | None:
     """Train model on parts for budget samples from a fresh optimizer and schedule, continuing from the newest
@@ -388,7 +445,6 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, ste
     stream = data.TrainStream(parts, budget, cfg.batch_size, world.rank, world.size, cfg.seed, t, model.cfg.image_px,
                               step.tokenizer, model.cfg.context_tokens, keep_seed=cfg.seed,
                               start_batch=state.iteration, max_bad_fraction=cfg.max_bad_fraction)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if world.device.type == "cuda" else nullcontext()
     warmup = cfg.warmup_iters if t == 0 else cfg.warmup_iters_later
     ckpt_every = cfg.ckpt_interval_samples // cfg.batch_size  # iterations between resume checkpoints; 0: none
     t_log, it_log = time.time(), state.iteration
@@ -397,13 +453,8 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, ste
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, n_iters, warmup, cfg.lr)
         images, tokens = images.to(world.device, non_blocking=True), tokens.to(world.device, non_blocking=True)
-        with autocast:
-            image_features, text_features, scale = train_model(images, tokens)
-            loss = clip_loss(image_features, text_features, scale, world.rank, world.size)
-            if extra_loss is not None:  # the strategy's term on every batch, e.g. lwf's distillation
-                loss = loss + extra_loss(images, tokens, image_features, text_features, scale)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = forward_backward(train_model, images, tokens, extra_loss, world, cfg.precision, cfg.accum_steps)
         state.optimizer_step(model, optimizer)  # skipped, and counted, if the loss or a gradient is not finite
         model.clamp_logit_scale_()
         state.iteration = it + 1
@@ -491,7 +542,8 @@ def main(argv):
               f"{world.size} process(es) on {world.device.type}, global batch {cfg.batch_size}")
         log({"event": "config", "config": vars(cfg), "model_config": asdict(model_cfg)})
     matrix_path = os.path.join(run_dir, "eval_matrix.json")
-    rows = json.load(open(matrix_path))["results"] if os.path.exists(matrix_path) else {}
+    rows = json.load(open(matrix_path))["results"] if os.path.exists(matrix_path) else {}  # {step: {task: metrics}}
+    rows = {name: rows[name] for name in names if name in rows}  # in step order; a step no longer in --steps goes
     previous = None  # state dict of the model after the previous step (a warm start, lwf's teacher, patching)
     for t, name in enumerate(names):
         step = strategies.TimeStep(t, names, step_data, previous, cfg, tokenizer, world.device, world.master,
@@ -501,6 +553,7 @@ def main(argv):
         if done:  # in an earlier run of this command
             model, record = load_checkpoint(path)
             check_shape(record, path, model_cfg, cfg.model)
+            check_steps(record, path, step_years)
             model.to(world.device)
             if world.master:
                 StepState.clear(run_dir, t)  # left if a kill came between stepNN.pt and their removal
@@ -533,9 +586,12 @@ def main(argv):
                       "flops": flops, "strategy": cfg.strategy, "end_of_step": action, **summary}
             save_step(path, model, step, record, world)
         previous = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        # 5. evaluate on every step's task
-        if world.master and (not done or name not in rows):
-            rows[name] = evaluate.evaluate_step(model, tasks, tokenizer, world.device, cfg.eval_batch)
+        # 5. evaluate on every step's task (a step done earlier: on the tasks a grown run has added since)
+        row = rows.get(name, {}) if done else {}
+        todo = {task_name: task for task_name, task in tasks.items() if task_name not in row}
+        if world.master and todo:
+            rows[name] = {**row, **evaluate.evaluate_step(model, todo, tokenizer, world.device, cfg.eval_batch,
+                                                          cfg.precision)}
             data.write_json(matrix_path, evaluate.eval_matrix(rows, list(tasks)))
         if not done:
             if world.master:

@@ -62,6 +62,17 @@ def train_in_process(args: list[str]) -> None:
         signal.signal(signal.SIGTERM, previous_handler)
 
 
+def train_refused(args: list[str], env: dict | None = None) -> str:
+    """train.py's one-line refusal of args (asserted: a non-zero exit, no traceback, one line on stderr)."""
+    out = subprocess.run(train_command(args), cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**ENV, **(env or {})})
+    assert out.returncode != 0, out.stdout
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def two_years(tmp_path_factory) -> str:
     """A synthetic benchmark of 2018 and 2019: 256 training and 64 held-out pairs a year and 32 labelled images,
@@ -69,4 +80,14 @@ def two_years(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("two_years") / "data")
     synthetic.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
                                        samples_per_shard=64, classification_samples_per_year=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def three_years(tmp_path_factory) -> str:
+    """A synthetic benchmark of 2018, 2019 and 2020: 128 training and 32 held-out pairs a year, shards of 64."""
+    root = str(tmp_path_factory.mktemp("three_years") / "data")
+    synthetic.make_synthetic_benchmark(root, years=(2018, 2019, 2020), train_samples_per_year=128,
+                                       eval_samples_per_year=32, samples_per_shard=64,
+                                       classification_samples_per_year=0)
     return root

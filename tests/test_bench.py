@@ -167,3 +167,8 @@ def test_train_py_run_on_jpeg_shards_reports_both_steps(capsys):
                     "--workers=1"])
     assert [s["samples"] for s in r["steps"]] == [64, 64] and all(s["samples_per_s"] > 0 for s in r["steps"])
     assert r["last_interval_samples_per_s"] > 0 and "run: tiny, train.py under torchrun" in capsys.readouterr().out
+
+
+def test_accumulation_steps_needed_for_a_global_batch():
+    assert [bench.accum_steps_needed(4096, gpus, 928) for gpus in (1, 4, 8)] == [8, 2, 1]
+    assert bench.accum_steps_needed(4096, 1, 4768) == 1 and bench.accum_steps_needed(96, 1, 40) == 3

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -226,3 +227,30 @@ def test_eval_batches_in_order(bench):
     keys = [k for _, _, ks in batches for k in ks]
     assert keys == [f"2019_{100 + i:07d}" for i in range(30)] and [len(b[2]) for b in batches] == [8, 8, 8, 6]
     assert batches[0][0].shape == (8, 3, 32, 32) and all(isinstance(c, str) and c for c in batches[0][1])
+
+
+# ----------------------------------------------------------------------------- streamed shards (shard_cmd)
+def test_streamed_shards_read_as_local_ones_and_a_failing_command_is_a_counted_fault(two_years, tokenizer, capfd,
+                                                                                     tmp_path):
+    local = data.year_shards(two_years, "2018")
+    streamed = data.year_shards(two_years, "2018", shard_cmd=f"cat {two_years}/{{path}}")
+    assert [n for _, n in streamed] == [n for _, n in local] and streamed[0][0].startswith("pipe:cat ")
+    make = lambda shards: data.TrainStream([data.Part("2018", shards)], 8 * 12, 8, 0, 1, seed=0,  # noqa: E731
+                                           time_step=0, image_px=32, tokenizer=tokenizer, context_tokens=16,
+                                           shuffle_buffer=16, max_bad_fraction=100)
+    for a, b in zip(make(local).batches(0, 1), make(streamed).batches(0, 1), strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    eval_keys = lambda shards: [k for *_, ks in data.eval_batches(shards, 32, 16) for k in ks]  # noqa: E731
+    assert eval_keys(data.year_shards(two_years, "2019", "retrieval", f"cat {two_years}/{{path}}")) == \
+        eval_keys(data.year_shards(two_years, "2019", "retrieval"))
+    # a command that fails halfway through a shard: the rest of the shard is a counted truncated_tar, with its stderr
+    cut = f"head -c 30000 {two_years}/{{path}}; echo gone >&2; exit 3"
+    failing = data.year_shards(two_years, "2018", shard_cmd=cut)
+    faults = sum((Counter(f) for *_, f in make(failing).batches(0, 1)), Counter())
+    assert faults["truncated_tar"] > 0 and faults["bad_samples"] > faults["truncated_tar"]
+    assert "exit status 3: gone" in capfd.readouterr().err
+    unlisted = tmp_path / "train" / "2018"
+    unlisted.mkdir(parents=True)
+    write_shard(unlisted / "0.tar", "s", 2)
+    with pytest.raises(SystemExit, match="sizes.json: missing; streamed shards"):  # never counted remotely
+        data.year_shards(str(tmp_path), "2018", shard_cmd="cat {path}")

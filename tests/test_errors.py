@@ -4,24 +4,14 @@ import subprocess
 
 import pytest
 
-from conftest import ENV, REPO, train_command
+from conftest import ENV, REPO, train_command, train_refused
 
 TINY = ["--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=100",
         "--eval_batch=64"]
 
 
-def refused(args, env=None):
-    out = subprocess.run(train_command(args), cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**ENV, **(env or {})})
-    assert out.returncode != 0, out.stdout
-    assert "Traceback" not in out.stderr, out.stderr
-    lines = [l for l in out.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, out.stderr
-    return lines[0]
-
-
 def test_missing_data_root(tmp_path):
-    line = refused([f"--data_root={tmp_path}/nowhere", f"--out_dir={tmp_path}/run"])
+    line = train_refused([f"--data_root={tmp_path}/nowhere", f"--out_dir={tmp_path}/run"])
     assert f"{tmp_path}/nowhere/train" in line and "--data_root" in line
 
 
@@ -29,31 +19,31 @@ def test_year_without_shards(tmp_path, two_years):
     root = tmp_path / "d"
     os.makedirs(root / "train" / "2018")
     (root / "train" / "2018" / "sizes.json").write_text("{}")
-    line = refused([f"--data_root={root}", f"--out_dir={tmp_path}/run"])
+    line = train_refused([f"--data_root={root}", f"--out_dir={tmp_path}/run"])
     assert "2018/sizes.json" in line and "lists no shards" in line
 
 
 def test_steps_naming_absent_years(tmp_path, two_years):
-    line = refused([f"--data_root={two_years}", "--steps=2018,2020", f"--out_dir={tmp_path}/run"])
+    line = train_refused([f"--data_root={two_years}", "--steps=2018,2020", f"--out_dir={tmp_path}/run"])
     assert "step '2020' names no year folder" in line and "found: 2018, 2019" in line
 
 
 def test_unknown_strategy_and_key_and_type(tmp_path, two_years):
-    assert "unknown strategy 'sequentail'" in refused([f"--data_root={two_years}", "--strategy=sequentail"])
-    assert "unknown config key 'budget'" in refused(["--budget=10"])
-    assert "--lr=fast is not a float" in refused(["--lr=fast"])
+    assert "unknown strategy 'sequentail'" in train_refused([f"--data_root={two_years}", "--strategy=sequentail"])
+    assert "unknown config key 'budget'" in train_refused(["--budget=10"])
+    assert "--lr=fast is not a float" in train_refused(["--lr=fast"])
 
 
 def test_tokenizer_that_does_not_parse(tmp_path, two_years):
     bad = tmp_path / "tok.json"
     bad.write_text("{not json")
-    line = refused([f"--data_root={two_years}", f"--tokenizer={bad}", f"--out_dir={tmp_path}/run"])
+    line = train_refused([f"--data_root={two_years}", f"--tokenizer={bad}", f"--out_dir={tmp_path}/run"])
     assert str(bad) in line and "tokenizer.json" in line
 
 
 def test_batch_not_dividing_over_processes(tmp_path):
     env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}
-    assert "batch_size=32 does not divide over 3 processes" in refused(["--batch_size=32"], env)
+    assert "batch_size=32 does not divide over 3 processes" in train_refused(["--batch_size=32"], env)
 
 
 @pytest.mark.slow
@@ -62,12 +52,12 @@ def test_checkpoint_of_another_model_shape(tmp_path, two_years):
     ok = subprocess.run(train_command([f"--data_root={two_years}", "--steps=2018", f"--out_dir={run}", *TINY]),
                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
-    line = refused([f"--data_root={two_years}", "--steps=2018", f"--out_dir={run}", "--model=ViT-S-16", *TINY])
+    line = train_refused([f"--data_root={two_years}", "--steps=2018", f"--out_dir={run}", "--model=ViT-S-16", *TINY])
     assert "step01.pt" in line and "--model=tiny" in line
 
 
 def test_unknown_model(tmp_path, two_years):
-    line = refused([f"--data_root={two_years}", "--model=ViT-Z-99", f"--out_dir={tmp_path}/run"])
+    line = train_refused([f"--data_root={two_years}", "--model=ViT-Z-99", f"--out_dir={tmp_path}/run"])
     assert "unknown model 'ViT-Z-99'" in line and "ViT-B-16" in line
     assert not os.path.exists(tmp_path / "run")  # refused before anything was written or computed
 

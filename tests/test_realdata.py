@@ -147,12 +147,12 @@ def test_split_writes_every_sample_once_with_a_seeded_held_out_split(tmp_path, c
 def test_split_by_month_and_errors_leave_nothing_behind(tmp_path):
     src, out = tmp_path / "src", str(tmp_path / "out")
     source_shards(src, n_shards=1, per_shard=8)
-    with pytest.raises(SystemExit, match="has no month in its json"):  # a bare year has no month
-        prepare.split(str(src), out, by="month")
+    with pytest.raises(SystemExit, match="sample 000000000 has no month in its json"):  # a bare year has no month
+        prepare.split(str(src), out, by="month", on_missing_time="error")
     write_tar(src / "00001.tar", [("undated.jpg", b"x"), ("undated.json", b'{"caption": "?"}')])
     with pytest.raises(SystemExit, match=r"00001.tar: sample undated has no year in its json.*--time_field"):
-        prepare.split(str(src), out)
-    assert sorted(os.listdir(tmp_path)) == ["src"]  # no output and no temporary folder
+        prepare.split(str(src), out, on_missing_time="error")
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # no output, no temporary folder, no key store
     shutil.rmtree(src)
     src.mkdir()
     times = [1388534400 + 40 * 86400 * i for i in range(12)]  # from 2014-01-01, every 40 days
@@ -160,6 +160,28 @@ def test_split_by_month_and_errors_leave_nothing_behind(tmp_path):
     counts = prepare.split(str(src), out, by="month", eval_fraction=0)
     months = sorted({datetime.fromtimestamp(t, timezone.utc).strftime("%Y%m") for t in times})
     assert counts["retrieval"] == {} and sum(counts["train"].values()) == 12 and data.years_in(out) == months
+    with pytest.raises(SystemExit, match="none of the 12 samples has a usable year"):
+        prepare.split(str(src), str(tmp_path / "none"), time_field="year")
+
+
+def test_split_skips_and_counts_undated_samples_and_repeated_keys(tmp_path, capsys):
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    src.mkdir()
+    dated = lambda key, meta: [(f"{key}.jpg", b"x"), (f"{key}.json", json.dumps(meta).encode())]  # noqa: E731
+    write_tar(src / "a.tar", [*dated("k1", {"year": 2015}), *dated("k2", {"caption": "no time"}),
+                              *dated("k3", {"year": 2015, "timestamp": 1430000000}),  # the year has no month
+                              *dated("k4", {"year": 2016})])
+    write_tar(src / "b.tar", [*dated("k1", {"year": 2015, "n": 2}), *dated("k4", {"year": 2017})])
+    counts = prepare.split(str(src), out, eval_fraction=0)
+    assert counts["skipped"] == {"no_time": 1, "duplicate_key": 1}  # k2; k1 again in 2015 (k4 in 2017 is new there)
+    assert counts["train"] == {"2015": 2, "2016": 1, "2017": 1}
+    first_k1 = [s for p, _ in data.year_shards(out, "2015") for k, s in data.iter_tar(p) if k == "k1"]
+    assert [json.loads(s["json"]) for s in first_k1] == [{"year": 2015}]  # the first kept
+    printed = capsys.readouterr().out
+    assert "skipped 1 samples without a usable year" in printed and "a.tar: sample k2" in printed
+    assert "skipped 1 samples whose key their time folder held already" in printed and "b.tar: sample k1" in printed
+    by_month = prepare.split(str(src), str(tmp_path / "months"), by="month", eval_fraction=0)
+    assert by_month["train"] == {"201504": 1} and by_month["skipped"] == {"no_time": 5}  # k3's month: its timestamp
 
 
 def test_split_command_line(tmp_path):

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import synthetic
 from conftest import train_in_process
 from data import Part, keep_sample
 from model import CLIP, make_config
@@ -78,15 +77,6 @@ def test_interpolate_endpoints_and_midpoint():
 # ----------------------------------------------------------------------------- a strategy added from outside
 TINY = ["--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=100",
         "--eval_batch=64", "--warmup_iters=1", "--warmup_iters_later=1"]
-
-
-@pytest.fixture(scope="module")
-def three_years(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("three") / "data")
-    synthetic.make_synthetic_benchmark(root, years=(2018, 2019, 2020), train_samples_per_year=128,
-                                       eval_samples_per_year=32, samples_per_shard=64,
-                                       classification_samples_per_year=0)
-    return root
 
 
 def logged(run_dir, event):

@@ -4,12 +4,16 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
+import strategies
 import train
-from conftest import run_train
-from model import load_checkpoint
+from conftest import run_train, train_in_process, train_refused
+from model import CLIP, load_checkpoint, make_config
 
 
 def test_config_overrides_and_errors():
@@ -88,3 +92,120 @@ def test_two_process_gloo_run_same_protocol(tmp_path, two_years):
     assert len(result["matrix"]) == 2
     ckpt = torch.load(os.path.join(run, "step02.pt"), weights_only=True)
     assert ckpt["samples_seen"] == 256  # the same global budget as one process: 8 iterations of 32
+
+
+@pytest.mark.slow
+def test_a_finished_run_grows_by_a_year_without_retraining(tmp_path, three_years):
+    run = str(tmp_path / "run")
+    run_train([*tiny_args(three_years, run), "--steps=2018,2019"])
+    first = json.load(open(os.path.join(run, "eval_matrix.json")))
+    mtimes = [os.path.getmtime(os.path.join(run, f"step0{i}.pt")) for i in (1, 2)]
+    out = run_train([*tiny_args(three_years, run), "--steps=2018,2019,2020"])
+    assert out.count("done already") == 2 and "step 3/3 (2020): warm start" in out
+    assert [os.path.getmtime(os.path.join(run, f"step0{i}.pt")) for i in (1, 2)] == mtimes  # nothing retrained
+    grown = json.load(open(os.path.join(run, "eval_matrix.json")))
+    assert grown["steps"] == grown["tasks"] == ["2018", "2019", "2020"]
+    assert len(grown["matrix"]) == 3 and all(len(row) == 3 and None not in row for row in grown["matrix"])
+    assert [row[:2] for row in grown["matrix"][:2]] == first["matrix"]  # the old cells stay as they were
+    # the new column of an old row is that old model on the new year's task
+    tok = data.Tokenizer.load(os.path.join(run, "tokenizer.json"))
+    model, _ = load_checkpoint(os.path.join(run, "step01.pt"))
+    new_cell = evaluate.evaluate_step(model, evaluate.tasks_of(three_years, [["2020"]]), tok, torch.device("cpu"))
+    assert grown["matrix"][0][2] == pytest.approx(new_cell["2020"]["mean_R@1"])
+    # evaluate.py --run gives the same matrix for the grown run
+    evaluate.main([f"--run={run}", "--device=cpu"])
+    assert json.load(open(os.path.join(run, "eval_matrix.json")))["matrix"] == grown["matrix"]
+    # steps that do not begin with the run's steps cannot be matched to its checkpoints by position
+    line = train_refused([*tiny_args(three_years, run), "--steps=2019,2020"])
+    assert "step01.pt belongs to a run of the steps 2018,2019, which do not begin --steps=2019,2020" in line
+
+
+def test_precision_setting_reaches_training_and_evaluation(tmp_path, two_years):
+    weights = {}
+    for precision in ("fp32", "bf16"):  # bf16 autocast runs on a CPU too, slowly
+        run = str(tmp_path / precision)
+        train_in_process([*tiny_args(two_years, run), "--steps=2018", "--budget_samples=64",
+                          f"--precision={precision}"])
+        ckpt = torch.load(os.path.join(run, "step01.pt"), weights_only=True)
+        assert ckpt["config"]["precision"] == precision and all(v.dtype == torch.float32 for v in ckpt["model"].values())
+        weights[precision] = ckpt["model"]
+    assert any(not torch.equal(weights["fp32"][k], weights["bf16"][k]) for k in weights["fp32"])
+    model, _ = load_checkpoint(os.path.join(tmp_path, "fp32", "step01.pt"))
+    tok = data.Tokenizer.load(os.path.join(tmp_path, "fp32", "tokenizer.json"))
+    shards = evaluate.tasks_of(two_years, [["2018"]])["2018"].retrieval
+    cpu = torch.device("cpu")
+    img32, _ = evaluate.embed_pairs(model, shards, tok, cpu, precision="fp32")
+    img16, _ = evaluate.embed_pairs(model, shards, tok, cpu, precision="bf16")
+    assert not torch.equal(img32, img16) and torch.nn.functional.cosine_similarity(img32, img16).min() > 0.99
+    with pytest.raises(SystemExit, match="unknown precision 'fp16'"):
+        train.check_config(train.parse_config(["--precision=fp16"]))
+
+
+def test_a_run_on_streamed_shards_equals_one_on_local_shards(tmp_path, two_years):
+    for name, extra in (("local", []), ("streamed", [f"--shard_cmd=cat {two_years}/{{path}}"])):
+        train_in_process([*tiny_args(two_years, str(tmp_path / name)), "--steps=2018", "--budget_samples=64", *extra])
+    local, streamed = (torch.load(tmp_path / name / "step01.pt", weights_only=True) for name in ("local", "streamed"))
+    assert all(torch.equal(local["model"][k], streamed["model"][k]) for k in local["model"])
+    matrices = [json.load(open(tmp_path / name / "eval_matrix.json"))["results"] for name in ("local", "streamed")]
+    assert matrices[0] == matrices[1]
+    with pytest.raises(SystemExit, match="has no {path}"):
+        train.check_config(train.parse_config(["--shard_cmd=cat x.tar"]))
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+def tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    return CLIP(make_config("tiny", vocab_size=64, eot_token_id=2)).train()
+
+
+def random_pairs(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, 64, (n, 24), generator=g)
+    tokens[:, 12] = 2  # end of text
+    return torch.randn(n, 3, 32, 32, generator=g), tokens
+
+
+def loss_and_grads(model, train_model, images, tokens, accum_steps, world, extra_loss=None):
+    model.zero_grad(set_to_none=True)
+    loss = train.forward_backward(train_model, images, tokens, extra_loss, world, "fp32", accum_steps)
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_accumulated_micro_batches_give_the_gradients_of_the_whole_batch():
+    model, one = tiny_clip(), train.World(0, 1, False, torch.device("cpu"))
+    images, tokens = random_pairs(16)
+    teacher = strategies.TimeStep(1, ["a", "b"], [], tiny_clip(seed=5).state_dict(),
+                                  train.parse_config(["--lwf_weight=0.7"]), None, torch.device("cpu"), True, False)
+    for extra_loss in (None, strategies.Distillation(model, teacher)):  # with lwf's term too
+        whole, whole_grads = loss_and_grads(model, model, images, tokens, 1, one, extra_loss)
+        for k in (2, 4):
+            loss, grads = loss_and_grads(model, model, images, tokens, k, one, extra_loss)
+            assert loss.item() == pytest.approx(whole.item(), abs=1e-6)
+            for name, grad in grads.items():  # the logit scale's included: once, not k times
+                torch.testing.assert_close(grad, whole_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _accumulating_worker(rank, world_size, tmp, images, tokens, accum_steps):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous{accum_steps}", rank=rank,
+                            world_size=world_size)
+    model = tiny_clip()
+    local = images.shape[0] // world_size
+    part = slice(rank * local, (rank + 1) * local)
+    world = train.World(rank, world_size, True, torch.device("cpu"))
+    loss, grads = loss_and_grads(model, DDP(model), images[part], tokens[part], accum_steps, world)
+    torch.save({"loss": loss, "grads": grads}, f"{tmp}/rank{rank}-accum{accum_steps}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_accumulation_under_two_process_ddp_gives_the_whole_batch_gradients(tmp_path):
+    images, tokens = random_pairs(16)
+    model = tiny_clip()
+    _, whole_grads = loss_and_grads(model, model, images, tokens, 1, train.World(0, 1, False, torch.device("cpu")))
+    for k in (1, 4):  # 2 processes x 8 pairs, in 1 or 4 micro-batches each
+        mp.spawn(_accumulating_worker, args=(2, str(tmp_path), images, tokens, k), nprocs=2, join=True)
+        for rank in (0, 1):
+            grads = torch.load(tmp_path / f"rank{rank}-accum{k}.pt")["grads"]
+            for name, grad in grads.items():  # all-reduced once, after the last micro-batch: as one process
+                torch.testing.assert_close(grad, whole_grads[name], rtol=1e-4, atol=1e-6, msg=name)

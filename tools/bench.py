@@ -256,8 +256,18 @@ def bench_memory(args, device) -> dict:
         run_args = SimpleNamespace(**{**vars(args), "grad_checkpointing": checkpointing})
         results[f"grad_checkpointing={checkpointing:d}"] = batch = largest_batch(make_config(name), run_args, device)
         print(f"memory: {name} on {device_name(device)} ({total_gib:.0f} GiB), bf16 autocast, eager, fused AdamW "
-              f"{args.fused_adamw:d}: grad checkpointing {checkpointing:d}: largest batch per GPU {batch} (to 32)")
+              f"{args.fused_adamw:d}: grad checkpointing {checkpointing:d}: largest batch per GPU {batch} (to 32), "
+              f"the largest micro-batch with --accum_steps; the paper's global batch of {args.global_batch}: "
+              + ", ".join(f"{gpus} GPU(s) accum_steps={accum_steps_needed(args.global_batch, gpus, batch)}"
+                          for gpus in (1, 4, 8)))
     return results
+
+
+def accum_steps_needed(global_batch: int, gpus: int, micro_batch: int) -> int | None:
+    """The fewest micro-batches per GPU that take global_batch on gpus with at most micro_batch pairs at a time
+    (they must divide each GPU's share evenly); None if none does."""
+    local = global_batch // gpus
+    return next((k for k in range(1, local + 1) if local % k == 0 and local // k <= micro_batch), None)
 
 
 # ----------------------------------------------------------------------------- loader
@@ -501,6 +511,7 @@ def flag_defaults() -> dict:
         "e2e_images": 2048,                  # e2e: JPEGs written (the loader cycles over them)
         "run_steps": 40 if cuda else 4,      # run: iterations of each of train.py's two time steps
         "run_images": 1024 if cuda else 64,  # run: training JPEGs per year (a quarter as many held out)
+        "global_batch": 4096,                # memory: the global batch to fit by accumulation (DataComp medium's)
         "threads": 0 if cuda else 1,         # CPU threads of this process (0: torch's default); on CPU 1 gives a
                                              # per-core figure that other load on the machine disturbs least
         "json": "",                          # also write the results to this JSON file

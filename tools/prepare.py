@@ -10,7 +10,8 @@ puts the source's extra columns: the first of TIME_FIELDS present (or --time_fie
 (or milliseconds) or an ISO date. It writes the sample unchanged to DST/train/YEAR/ or, when a hash of its
 key with the seed falls below eval_fraction, to the held-out DST/eval/retrieval/YEAR/ (--by=month: YYYYMM
 folders), in shards of at most samples_per_shard with a sizes.json each. Every sample lands in exactly one
-place; the counts in and out are printed and checked. The output is built beside DST and renamed at the end,
+place, or is skipped and counted: one without a usable time (--on_missing_time=error stops there instead), or
+one whose key its time folder holds already (the first is kept); the counts in and out are printed and checked. The output is built beside DST and renamed at the end,
 so DST is whole or absent. The held-out hash is independent of the replay-buffer and validation hashes
 (data.keep_sample with other seeds), so held-out pairs do not bias which training pairs a buffer keeps.
 
@@ -25,9 +26,11 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import sys
 import tarfile
 import time
+from collections import Counter
 from datetime import datetime, timezone
 
 import tokenizers
@@ -60,15 +63,36 @@ def parse_time(value) -> tuple[int, int | None] | None:
 
 
 def time_folder(meta: dict, time_field: str, by: str) -> str | None:
-    """The folder name (YYYY or YYYYMM) of a sample from its json, or None when it holds no usable time."""
+    """The folder name (YYYY or YYYYMM) of a sample from its json: from the first field that holds a year (or,
+    by month, a month), or None when none does."""
     for field in [time_field] if time_field else TIME_FIELDS:
-        when = parse_time(meta.get(field))
-        if when is not None:
-            year, month = when
-            if by == "year":
-                return f"{year:04d}"
-            return f"{year:04d}{month:02d}" if month else None
+        year, month = parse_time(meta.get(field)) or (None, None)
+        if year is not None and by == "year":
+            return f"{year:04d}"
+        if month is not None:
+            return f"{year:04d}{month:02d}"
     return None
+
+
+class KeySet:
+    """The keys written to each output folder so far, on disk (SQLite, in the standard library): a split of
+    billions of samples must not hold its keys in memory. add() says whether the key is new to that folder."""
+
+    def __init__(self, path: str):
+        self.db = sqlite3.connect(path)
+        self.db.execute("CREATE TABLE keys (folder TEXT, key TEXT, PRIMARY KEY (folder, key)) WITHOUT ROWID")
+        self.pending = 0
+
+    def add(self, folder: str, key: str) -> bool:
+        new = self.db.execute("INSERT OR IGNORE INTO keys VALUES (?, ?)", (folder, key)).rowcount == 1
+        self.pending += 1
+        if self.pending == 100_000:  # one transaction per 100k keys: SQLite is slow when each is its own
+            self.db.commit()
+            self.pending = 0
+        return new
+
+    def close(self) -> None:
+        self.db.close()
 
 
 class ShardWriter:
@@ -76,7 +100,7 @@ class ShardWriter:
 
     def __init__(self, folder: str, samples_per_shard: int):
         self.folder, self.samples_per_shard = folder, samples_per_shard
-        self.sizes, self.tar, self.last_key = {}, None, None
+        self.sizes, self.tar = {}, None
         os.makedirs(folder)
 
     def write(self, key: str, sample: dict[str, bytes], source: str) -> None:
@@ -84,14 +108,10 @@ class ShardWriter:
             self.close_shard()
             self.name = f"{len(self.sizes):06d}.tar"
             self.tar = tarfile.open(os.path.join(self.folder, self.name), "w", format=tarfile.PAX_FORMAT)
-            self.sizes[self.name], self.last_key = 0, None
-        if key == self.last_key:  # readers group consecutive members by key: the two would merge into one
-            raise SystemExit(f"{source}: sample key {key} follows a sample with the same key; keys must be unique, "
-                             f"rename the duplicates in the source shards")
+            self.sizes[self.name] = 0
         for ext, payload in sample.items():
             data.add_member(self.tar, f"{key}.{ext}", payload)
         self.sizes[self.name] += 1
-        self.last_key = key
 
     def close_shard(self) -> None:
         if self.tar is not None:
@@ -106,11 +126,15 @@ class ShardWriter:
 
 
 def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_field: str = "", by: str = "year",
-          samples_per_shard: int = 10_000) -> dict[str, dict[str, int]]:
-    """Timestamped shards (a folder of .tar files or a glob) -> the TiC layout at dst. Returns
-    {"train": {folder: samples}, "retrieval": {folder: samples}}."""
+          samples_per_shard: int = 10_000, on_missing_time: str = "skip") -> dict[str, dict[str, int]]:
+    """Timestamped shards (a folder of .tar files or a glob) -> the TiC layout at dst. Samples without a usable
+    time are skipped and counted (on_missing_time="error": stop at the first), and so is every sample whose key
+    its time folder holds already (the first is kept). Returns {"train": {folder: samples}, "retrieval": {...},
+    "skipped": {"no_time": n, "duplicate_key": n}}."""
     if by not in ("year", "month"):
         raise SystemExit(f"--by={by}: use year (YYYY folders) or month (YYYYMM folders)")
+    if on_missing_time not in ("skip", "error"):
+        raise SystemExit(f"--on_missing_time={on_missing_time}: use skip (count and report them) or error")
     if not 0 <= eval_fraction < 1:
         raise SystemExit(f"--eval_fraction={eval_fraction}: use a fraction in [0, 1), e.g. 0.01")
     paths = sorted(glob.glob(os.path.join(src, "*.tar")) if os.path.isdir(src) else glob.glob(src))
@@ -121,15 +145,21 @@ def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_f
         raise SystemExit(f"{dst}: exists already; pick a new --dst, or delete it to split again")
     tmp = f"{dst}.tmp{os.getpid()}"
     writers: dict[tuple[str, str], ShardWriter] = {}
-    samples_in, t0 = 0, time.time()
+    keys = KeySet(f"{tmp}.keys")  # beside the output, not in it
+    samples_in, skipped, first_skipped, t0 = 0, Counter(), {}, time.time()
     try:
         for path in paths:
             for key, sample in data.iter_tar(path):
                 samples_in += 1
                 folder = time_folder(data.sample_json(sample), time_field, by)
-                if folder is None:
+                if folder is None and on_missing_time == "error":
                     raise SystemExit(f"{path}: sample {key} has no {by} in its json (looked for "
                                      f"{time_field or ', '.join(TIME_FIELDS)}); pass --time_field=NAME of its time")
+                why = "no_time" if folder is None else None if keys.add(folder, key) else "duplicate_key"
+                if why:
+                    skipped[why] += 1
+                    first_skipped.setdefault(why, f"{path}: sample {key}")
+                    continue
                 # held out by a hash of the key: the same samples for the same seed, whatever the shard order
                 split_name = "retrieval" if data.keep_sample(key, eval_fraction, f"heldout{seed}") else "train"
                 if (split_name, folder) not in writers:
@@ -140,20 +170,32 @@ def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_f
         for (split_name, folder), writer in sorted(writers.items()):
             counts[split_name][folder] = writer.close()
         samples_out = sum(n for c in counts.values() for n in c.values())
-        if samples_out != samples_in:  # cannot happen; checked because losing samples silently would be worse
-            raise SystemExit(f"{dst}: read {samples_in} samples but wrote {samples_out}; nothing was written")
+        if samples_out + sum(skipped.values()) != samples_in:  # cannot happen; checked, as a silent loss is worse
+            raise SystemExit(f"{dst}: read {samples_in} samples but wrote {samples_out} and skipped "
+                             f"{sum(skipped.values())}; nothing was written")
+        if not samples_out:
+            raise SystemExit(f"{src}: none of the {samples_in} samples has a usable {by} (looked for "
+                             f"{time_field or ', '.join(TIME_FIELDS)}); pass --time_field=NAME of its time")
         os.rename(tmp, dst)
     except BaseException:
         for writer in writers.values():
             writer.close_shard()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        keys.close()
+        if os.path.exists(f"{tmp}.keys"):
+            os.remove(f"{tmp}.keys")
     for folder in sorted(set(counts["train"]) | set(counts["retrieval"])):
         print(f"{folder}: {counts['train'].get(folder, 0)} train, {counts['retrieval'].get(folder, 0)} held out")
     held_out = sum(counts["retrieval"].values())
     print(f"read {samples_in} samples from {len(paths)} shards in {time.time() - t0:.0f}s; wrote {samples_out} = "
           f"{samples_out - held_out} train + {held_out} held out ({100 * held_out / max(1, samples_out):.2f}%) to {dst}")
-    return counts
+    reasons = {"no_time": f"without a usable {by} (looked for {time_field or ', '.join(TIME_FIELDS)})",
+               "duplicate_key": "whose key their time folder held already (the first was kept)"}
+    for why, n in skipped.items():
+        print(f"skipped {n} samples {reasons[why]}; the first: {first_skipped[why]}")
+    return {**counts, "skipped": dict(skipped)}
 
 
 # ----------------------------------------------------------------------------- CLIP's tokenizer
@@ -201,7 +243,7 @@ def default_bpe() -> str | None:
 
 # ----------------------------------------------------------------------------- command line
 COMMANDS = {"split": dict(src="", dst="", eval_fraction=0.01, seed=0, time_field="", by="year",
-                          samples_per_shard=10_000),
+                          samples_per_shard=10_000, on_missing_time="skip"),
             "clip-tokenizer": dict(bpe="", out="clip-tokenizer.json")}
 
 

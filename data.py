@@ -18,6 +18,7 @@ import html
 import io
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import signal
@@ -28,8 +29,9 @@ import tempfile
 import time
 import unicodedata
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -48,23 +50,75 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # -----------------------------------------------------------------------------
 # Writing files
 
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) to a temporary file beside path, then rename it over path: a reader (or a rerun after a kill)
-    sees the old file or the new one, never half of one. Checkpoints, tokenizers and JSON results are written so."""
+class WriteError(SystemExit):
+    """A file that could not be written (no space, too large, no permission): one line naming it and the cause."""
+
+
+def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """write(f) into a temporary file beside path, then rename it over path: a reader (or a rerun after a kill)
+    sees the old file or the new one, never half of one. Every file the program keeps is written so. A failure
+    leaves no temporary file and is a WriteError; a kill leaves PATH.tmpPID, which remove_stale_temporaries
+    clears once that process is gone."""
     tmp = f"{path}.tmp{os.getpid()}"  # one per process: ranks that write the same file do not collide
+    f = None
     try:
-        write(tmp)
+        with open(tmp, "wb") as raw:
+            f = KeepsOSError(raw)
+            write(f)
         os.replace(tmp, path)
+    except Exception as e:
+        cause = f.error if f is not None and f.error else e
+        if not isinstance(cause, OSError):
+            raise
+        raise WriteError(f"error: could not write {path}: {cause.strerror or cause}; free some space or fix the "
+                         f"folder's permissions, then rerun") from cause
     finally:
-        if os.path.exists(tmp):  # write failed: leave no partial file behind
+        if os.path.exists(tmp):
             os.remove(tmp)
 
 
+class KeepsOSError:
+    """A file that keeps the OS's error of a failed write (no space, too large): torch.save reports it only as
+    "unexpected pos", which says nothing of the cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def write_json(path: str, obj) -> None:
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    write_atomic(path, dump)
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove the FILE.tmpPID that write_atomic left in folder when a kill stopped process PID, unless that process
+    is still alive (another rank, another run writing there). Returns what was removed."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        stem, _, pid = name.rpartition(".tmp")
+        if stem and pid.isdigit() and os.path.isfile(os.path.join(folder, name)) and not _alive(int(pid)):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -106,10 +160,16 @@ def parse_steps(root: str, spec: str, split: str = "train") -> list[list[str]]:
     for group in spec.split(","):
         first, _, last = group.strip().partition("-")
         last = last or first
+        if not (first.isdigit() and last.isdigit()):
+            raise SystemExit(f"error: --steps={spec}: '{group}' is not a year (2019), a month (201905) or a range of "
+                             f"them (2014-2016); separate the steps by commas, e.g. --steps=2014-2016,2017,2018")
         chosen = [y for y in years if first <= y[:len(first)] <= last]  # YYYY or YYYYMM folders
         if not chosen:
             raise SystemExit(f"error: step '{group}' names no year folder under {_split_dir(root, split)} "
                              f"(found: {', '.join(years)}); fix --steps")
+        again = next((y for y in chosen for earlier in groups if y in earlier), None)
+        if again:
+            raise SystemExit(f"error: --steps={spec}: {again} is in two steps; a year's data belongs to one step")
         groups.append(chosen)
     return groups
 
@@ -133,12 +193,13 @@ def year_shards(root: str, year: str, split: str = "train", shard_cmd: str = "")
     if not os.path.exists(sizes_path):
         sizes = count_samples(folder)
     else:
-        try:
-            with open(sizes_path) as f:
-                sizes = json.load(f)
-        except ValueError as e:
-            raise SystemExit(f"{sizes_path}: not valid JSON ({e}); delete it to have the shards counted again")
-    shards = [(os.path.join(folder, name), int(n)) for name, n in sorted(sizes.items())]
+        sizes = read_sizes(sizes_path)
+    unlisted = [] if shard_cmd else sorted(f for f in os.listdir(folder) if f.endswith(".tar") and f not in sizes)
+    if unlisted:  # copied in after sizes.json was written: counted now, or never read
+        sizes.update(count_samples(folder, unlisted))
+        print(f"{folder}: {len(unlisted)} shard(s) not in sizes.json ({', '.join(unlisted[:3])}"
+              f"{', ...' if len(unlisted) > 3 else ''}): counted and added")
+    shards = [(os.path.join(folder, name), n) for name, n in sorted(sizes.items())]
     if not shards:
         raise SystemExit(f"{sizes_path}: lists no shards; add the year's tars to it or drop the year")
     if shard_cmd:
@@ -150,12 +211,30 @@ def year_shards(root: str, year: str, split: str = "train", shard_cmd: str = "")
     return shards
 
 
-def count_samples(folder: str) -> dict[str, int]:
-    """{shard name: samples} of every *.tar in folder, by reading them; saved as folder/sizes.json (all processes
-    of a run may count at once: each writes its own temporary file, all with the same counts).
-    A shard that breaks off counts the samples before the break (the loader skips the rest and reports it);
-    then sizes.json is not saved, so the folder is counted again once the shard is fixed."""
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
+def read_sizes(path: str) -> dict[str, int]:
+    """A sizes.json: {shard name: samples}, each a count of at least 0, and not all 0."""
+    try:
+        with open(path) as f:
+            sizes = json.load(f)
+    except ValueError as e:
+        raise SystemExit(f"{path}: not valid JSON ({e}); delete it to have the shards counted again")
+    bad = next((k for k, n in sizes.items() if type(n) is not int or n < 0), None) if isinstance(sizes, dict) else ""
+    if bad is not None:
+        what = f"the count of {bad} is {sizes[bad]!r}" if bad else "it is not an object"
+        raise SystemExit(f"{path}: {what}; it should map shard names to sample counts, e.g. {{\"000000.tar\": "
+                         f"10000}}; fix it, or delete it to have the shards counted again")
+    if sizes and not any(sizes.values()):
+        raise SystemExit(f"{path}: every shard is listed with 0 samples; delete it to have the shards counted again")
+    return sizes
+
+
+def count_samples(folder: str, names: list[str] | None = None) -> dict[str, int]:
+    """{shard name: samples} of every *.tar in folder (or of those names), by reading them; saved in
+    folder/sizes.json beside the counts already there (all processes of a run may count at once: each writes its
+    own temporary file, all with the same counts). A shard that does not end as a tar should is reported with the
+    samples read before the break (the loader skips the rest and counts it); then sizes.json is not saved, so the
+    folder is counted again once the shard is fixed."""
+    names = names or sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
     if not names:
         raise SystemExit(f"{folder}: holds no .tar shards and no sizes.json; put the year's webdataset shards there")
     t0 = time.time()
@@ -171,11 +250,12 @@ def count_samples(folder: str) -> dict[str, int]:
     if broken:
         saved = f"sizes.json not saved because of {len(broken)} broken shard(s) ({', '.join(broken[:3])})"
     else:
+        sizes_path = os.path.join(folder, "sizes.json")
         try:
-            write_json(os.path.join(folder, "sizes.json"), sizes)
-            saved = "saved as sizes.json"
-        except OSError as e:  # a read-only copy of the data: count again next time
-            saved = f"could not save sizes.json ({e.strerror})"
+            write_json(sizes_path, {**(read_sizes(sizes_path) if os.path.exists(sizes_path) else {}), **sizes})
+            saved = "saved in sizes.json"
+        except WriteError as e:  # a read-only copy of the data: count again next time
+            saved = f"could not save sizes.json ({e.__cause__.strerror})"
     print(f"{folder}: counted {sum(sizes.values())} samples in {len(names)} shards in {time.time() - t0:.1f}s; {saved}")
     return sizes
 
@@ -220,15 +300,36 @@ class ShardStream:
         self.stderr.close()
 
 
+MAX_MEMBER_BYTES = 64 << 20  # an image or caption larger than this is not a training sample: skipped, not read
+_oversized = set()  # (shard, member) already reported by this process
+
+
+class LastRead:
+    """A tar's byte stream that keeps the last block read from it. Python's tarfile takes a header cut short, or
+    garbage, for the end of the archive and stops without a word; a tar that really ends, ends in a block of zeros,
+    and that block is the last one read (None: nothing read after opening, which tarfile checks itself)."""
+
+    def __init__(self, f):
+        self.f, self.last = f, None
+
+    def read(self, *size):
+        self.last = self.f.read(*size)
+        return self.last
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream one tar, grouping consecutive members by key: "dir.v2/000.seg.txt" has key "dir.v2/000"
     and extension "seg.txt". Yields (key, {ext: bytes}); reads sequentially, so it works on pipes too: a path
     "pipe:COMMAND" reads COMMAND's stdout, and a command that fails is a broken shard (ShardError)."""
-    key, sample = None, {}
+    key, sample, n = None, {}, 0
     stream = ShardStream(path) if path.startswith("pipe:") else None
     try:
         with (tarfile.open(fileobj=stream.proc.stdout, mode="r|*") if stream else
               tarfile.open(path, mode="r|*")) as tf:
+            tf.fileobj = reads = LastRead(tf.fileobj)
             for member in tf:
                 tf.members = []  # tarfile remembers every member it has read; forget them so memory stays flat
                 if not member.isfile():
@@ -238,11 +339,20 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if dot <= 0:  # no extension, or a hidden file: not part of a sample
                     continue
                 this_key, ext = f"{folder}/{base[:dot]}" if folder else base[:dot], base[dot + 1:].lower()
+                if member.size > MAX_MEMBER_BYTES:  # not read into memory: its sample then lacks it, and is skipped
+                    if (path, member.name) not in _oversized:  # once per process, however often the shard is drawn
+                        _oversized.add((path, member.name))
+                        print(f"warning: {path}: member {member.name} of {member.size} bytes skipped, over the "
+                              f"{MAX_MEMBER_BYTES >> 20} MB a sample's part may hold", file=sys.stderr)
+                    continue
                 if (this_key != key or ext in sample) and sample:  # a repeated member starts a new sample (a
                     yield key, sample                                # duplicate key), rather than overwrite one
-                    sample = {}
+                    sample, n = {}, n + 1
                 key = this_key
                 sample[ext] = tf.extractfile(member).read()
+            if reads.last is not None and reads.last != bytes(tarfile.BLOCKSIZE):
+                raise ShardError(f"{path}: breaks off after {n} samples, without the blocks of zeros that end a tar; "
+                                 f"re-download or regenerate it") from RuntimeError("no end-of-archive marker")
         if stream:  # the tar has ended, so should the command; checked before the last sample, which a failure may cut
             stream.check(wait_s=60, running_is_failure=True)
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -376,7 +486,7 @@ class Tokenizer:
             raise SystemExit(f"{path}: not a readable tokenizer.json ({e}); point at the run's tokenizer.json")
 
     def save(self, path: str) -> None:
-        write_atomic(path, self.tok.save)
+        write_atomic(path, lambda f: f.write(self.tok.to_str(pretty=True).encode()))
 
     def __getstate__(self):  # pickle as JSON text, so DataLoader workers get a copy
         return self.tok.to_str()
@@ -418,12 +528,17 @@ def sample_json(sample: dict[str, bytes]) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+MAX_CAPTION_CHARS = 1000  # CLIP reads 77 tokens; longer text only costs (BPE training is quadratic in a word)
+
+
 def caption(sample: dict[str, bytes]) -> str | None:
-    """The caption: the .txt member, else the json's "caption" (TiC-YFCC and TiC-RedCaps shards hold only json)."""
-    if "txt" in sample:
-        return sample["txt"].decode("utf-8", errors="replace").strip()
-    text = sample_json(sample).get("caption")
-    return text.strip() if isinstance(text, str) else None
+    """The caption: the .txt member, else the json's "caption" (TiC-YFCC and TiC-RedCaps shards hold only json);
+    None if neither holds any text. Cut to MAX_CAPTION_CHARS."""
+    text = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else sample_json(sample).get("caption")
+    if not isinstance(text, str):
+        return None
+    text = text.encode("utf-8", errors="replace").decode("utf-8")[:MAX_CAPTION_CHARS].strip()  # no lone surrogates
+    return text or None
 
 
 def first_captions(root: str, years: list[str], n_captions: int, shard_cmd: str = "") -> Iterator[str]:
@@ -448,10 +563,14 @@ def class_id(sample: dict[str, bytes]) -> int | None:
     return None if value is None else int(value)
 
 
-def _decode(sample: dict[str, bytes], target: str = "caption",
-            draft_px: int | None = None) -> tuple[Image.Image, str | int] | None:
+MAX_IMAGE_PIXELS = 4096 * 4096  # default cap on an image's decoded pixels (PIL refuses only at 89M, a bomb's size)
+
+
+def _decode(sample: dict[str, bytes], target: str = "caption", draft_px: int | None = None,
+            max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, str | int] | None:
     """(image, caption) or, for target="class", (image, class id) of a sample; None if either is missing.
-    draft_px: a JPEG at least twice that on both sides is decoded at 1/2, 1/4 or 1/8 scale, never below it."""
+    draft_px: a JPEG at least twice that on both sides is decoded at 1/2, 1/4 or 1/8 scale, never below it.
+    An image of more than max_pixels (after that scaling) raises before it is decoded."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     label = caption(sample) if target == "caption" else class_id(sample)
     if ext is None or label is None:
@@ -459,6 +578,8 @@ def _decode(sample: dict[str, bytes], target: str = "caption",
     img = Image.open(io.BytesIO(sample[ext]))
     if draft_px:  # libjpeg's scaled IDCT: far less decoding for big JPEGs (README, Performance); a no-op for PNGs
         img.draft("RGB", (draft_px, draft_px))
+    if img.width * img.height > max_pixels:
+        raise ValueError(f"{img.width}x{img.height} pixels, over the cap of {max_pixels} (--max_image_pixels)")
     img.load()  # decode now, so a corrupt image fails here and not inside the transform
     return img, label
 
@@ -480,12 +601,13 @@ class TrainStream(IterableDataset):
     Bad data is skipped, counted and logged (one line with shard and key), never trained on. faults, the FAULTS
     counts since the previous batch plus "samples" (read, or lost in a broken shard) and "bad_samples", comes
     with each batch, since workers are separate processes. A worker whose bad samples pass max_bad_fraction of
-    its share yields (None, None, faults) and stops, so broken data ends the run rather than spin forever."""
+    the samples it has read (too_much_bad) yields (None, None, faults) and stops, so broken data ends the run
+    rather than spin forever."""
 
     def __init__(self, parts: list[Part], budget_samples: int, global_batch: int, rank: int, world_size: int,
                  seed: int, time_step: int, image_px: int, tokenizer: Tokenizer, context_tokens: int,
                  shuffle_buffer: int = 1000, keep_seed: int = 0, start_batch: int = 0, chunk_samples: int = 100_000,
-                 max_bad_fraction: float = 1.0):
+                 max_bad_fraction: float = 1.0, max_image_pixels: int = MAX_IMAGE_PIXELS):
         if global_batch % world_size:
             raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size}; "
                              f"pick a multiple of {world_size}")
@@ -500,9 +622,11 @@ class TrainStream(IterableDataset):
         self.rank, self.seed, self.time_step = rank, seed, time_step
         self.transform = ImageTransform(image_px, train=True)
         self.draft_px = image_px  # decode big JPEGs at reduced scale (None: full size); gain: see _decode
+        self.max_image_pixels = max_image_pixels
         self.tokenizer, self.context_tokens = tokenizer, context_tokens
         self.shuffle_buffer, self.keep_seed = shuffle_buffer, keep_seed
         self.start_batch, self.chunk_samples, self.max_bad_fraction = start_batch, chunk_samples, max_bad_fraction
+        self.min_read = max(100, 50 * max(n for _, n, _ in self.shards))  # see too_much_bad
         self.logged = set()  # (shard, key, fault) already logged by this process: a resampled shard is not news
 
     def __len__(self):
@@ -552,6 +676,14 @@ class TrainStream(IterableDataset):
                 if not keys:
                     faults["samples"] += max(1, listed)
                     self.skip(faults, "empty_shard", path, f"the shard ({listed} samples listed)", max(1, listed))
+                elif len(keys) < listed:  # sizes.json lists more: a tar cut at a member's end ends as if whole
+                    faults["samples"] += listed - len(keys)
+                    self.skip(faults, "truncated_tar", path, f"{listed - len(keys)} samples: it holds {len(keys)} of "
+                              f"the {listed} that sizes.json lists", listed - len(keys))
+                elif len(keys) > listed and (path, "", "surplus") not in self.logged:  # not lost, but the mix is off
+                    self.logged.add((path, "", "surplus"))
+                    print(f"warning: {path}: holds {len(keys)} samples, sizes.json lists {listed}; fix sizes.json "
+                          f"(the mix of years follows it)", file=sys.stderr)
             empty_shards = 0 if found else empty_shards + 1
             if empty_shards > 1000:  # rather than spin forever on shards that hold nothing usable
                 raise RuntimeError(f"1000 shards in a row gave no samples (last {path}); check the data")
@@ -573,7 +705,7 @@ class TrainStream(IterableDataset):
             buffer[i], buffer[-1] = buffer[-1], buffer[i]
             path, key, sample = buffer.pop()
             try:
-                img, text = _decode(sample, draft_px=self.draft_px)
+                img, text = _decode(sample, draft_px=self.draft_px, max_pixels=self.max_image_pixels)
                 images.append(self.transform(img, rng))
             except Exception as e:
                 self.skip(faults, "corrupt_image", path, f"sample {key}", why=f" ({e})")
@@ -592,8 +724,9 @@ class TrainStream(IterableDataset):
         n = self.n_batches // num_workers + (role < self.n_batches % num_workers)
         done = (self.start_batch - role + num_workers - 1) // num_workers  # this role's batches trained on before
         per_chunk = max(1, self.chunk_samples // self.local_batch)
-        faults, bad = Counter(), 0  # faults since the last batch; bad samples before them
-        too_bad = lambda: bad + faults["bad_samples"] > self.max_bad_fraction * n * self.local_batch  # noqa: E731
+        faults, bad, read = Counter(), 0, 0  # faults since the last batch; bad and all samples read before them
+        too_bad = lambda: too_much_bad(bad + faults["bad_samples"], read + faults["samples"],  # noqa: E731
+                                       self.max_bad_fraction, self.min_read)
         for chunk in range(done // per_chunk, -(-n // per_chunk) if done < n else 0):
             # the first chunk is seeded by (seed, step, rank, role) alone, later ones add their index: a step that
             # fits in one chunk (every default one does) draws one plain stream per rank and worker
@@ -605,8 +738,15 @@ class TrainStream(IterableDataset):
                     return
                 if i >= done:  # the batches before start_batch are made again (to reach this state), not yielded
                     yield *batch, dict(faults)
-                bad += faults["bad_samples"]
+                bad, read = bad + faults["bad_samples"], read + faults["samples"]
                 faults.clear()
+
+
+def too_much_bad(bad: int, read: int, max_bad_fraction: float, min_read: int) -> bool:
+    """More than max_bad_fraction of the samples read are bad, once min_read have been read: the share of a few
+    samples says little, and one broken shard must not stop a run that reads thousands of good ones (a training
+    stream judges after 50 times its largest shard)."""
+    return read >= min_read and bad > max_bad_fraction * read
 
 
 def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
@@ -621,37 +761,76 @@ def _ignore_sigterm(worker: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+@contextmanager
+def workers_stopped():
+    """However the batches' loop ends (an exception in a worker, an error in the main process), no DataLoader
+    worker outlives it: they ignore SIGTERM (_ignore_sigterm), so one left alive would hold the process at its
+    exit forever. Killed, as they hold nothing worth saving."""
+    try:
+        yield
+    finally:
+        for worker in multiprocessing.active_children():
+            worker.kill()
+            worker.join()
+
+
 def eval_batches(shards: list, image_px: int, batch_samples: int, validation_only: bool = False,
-                 max_samples: int | None = None,
-                 target: str = "caption") -> Iterator[tuple[torch.Tensor, list, list[str]]]:
+                 max_samples: int | None = None, target: str = "caption", max_bad_fraction: float = 0.05,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[torch.Tensor, list, list[str]]]:
     """Held-out samples in shard order: (images [b, 3, px, px], captions, keys), or class ids instead of captions
-    for target="class"; deterministic, one process.
-    validation_only: only the training pairs of the validation split, at most max_samples of them."""
+    for target="class"; deterministic, one process. shards: [(path, samples listed)].
+    validation_only: only the training pairs of the validation split, at most max_samples of them.
+    What cannot be scored (a corrupt or missing image, a missing caption or class, samples missing from a shard
+    against its listed count) is skipped, counted and reported in one line at the end; past max_bad_fraction of
+    the samples listed the task is not scored at all: a smaller gallery scores higher, so it must be noticed."""
     transform = ImageTransform(image_px, train=False)
     images, captions, keys = [], [], []
-    seen = 0
-    for shard in shards:
-        path = shard[0] if isinstance(shard, (tuple, list)) else shard
+    seen, listed_total, skipped, first = 0, 0, Counter(), {}
+    for path, listed in shards:
         if max_samples is not None and seen >= max_samples:
             break
-        for key, sample in iter_tar(path):
-            if validation_only and not is_validation(key):
-                continue
-            if max_samples is not None and seen >= max_samples:
-                break
-            seen += 1
-            try:
-                decoded = _decode(sample, target)
-            except Exception as e:  # skipping would silently shrink the gallery, so stop and say where
-                raise RuntimeError(f"{path}: sample {key} is unreadable ({e}); regenerate the shard")
-            if decoded is None:
-                continue
-            images.append(transform(decoded[0]))
-            captions.append(decoded[1])
-            keys.append(key)
-            if len(keys) == batch_samples:
-                yield torch.stack(images), captions, keys
-                images, captions, keys = [], [], []
+        read, whole = 0, not validation_only and max_samples is None  # whole: the shard is read to its end
+        try:
+            for key, sample in iter_tar(path):
+                read += 1
+                if validation_only and not is_validation(key):
+                    continue
+                if max_samples is not None and seen >= max_samples:
+                    break
+                seen += 1
+                try:
+                    decoded = _decode(sample, target, max_pixels=max_image_pixels)
+                except Exception as e:
+                    decoded, problem = None, ("corrupt_image", f" ({e})")
+                else:
+                    missing = "image" if not any(ext in sample for ext in IMAGE_EXTS) else target
+                    problem = None if decoded else (f"missing_{missing}", "")
+                if problem:
+                    skipped[problem[0]] += 1
+                    first.setdefault(problem[0], f"{path}: sample {key}{problem[1]}")
+                    continue
+                images.append(transform(decoded[0]))
+                captions.append(decoded[1])
+                keys.append(key)
+                if len(keys) == batch_samples:
+                    yield torch.stack(images), captions, keys
+                    images, captions, keys = [], [], []
+        except ShardError as e:
+            skipped["truncated_tar"] += max(1, listed - read)
+            first.setdefault("truncated_tar", str(e))
+        else:
+            if whole and read < listed:
+                skipped["truncated_tar"] += listed - read
+                first.setdefault("truncated_tar", f"{path}: holds {read} of the {listed} samples sizes.json lists")
+        listed_total += listed
     if keys:
         yield torch.stack(images), captions, keys
-
+    if skipped:
+        n = sum(skipped.values())
+        what = ", ".join(f"{kind} {count}" for kind, count in skipped.items())
+        line = f"{n} of {listed_total} samples listed could not be scored ({what}); the first: " + \
+            "; ".join(first.values())
+        if n > max_bad_fraction * listed_total:
+            raise SystemExit(f"error: {line}; over --max_bad_fraction={max_bad_fraction}, so the task is not scored; "
+                             f"fix or re-download those shards")
+        print(f"warning: {line}", file=sys.stderr)

@@ -54,13 +54,13 @@ def recall_at_k(queries, gallery, ks=(1, 5, 10), chunk_queries=1024) -> dict[int
 
 
 @torch.no_grad()
-def embed_pairs(model, shards, tokenizer, device, batch_samples=256, precision=None, **select):
+def embed_pairs(model, shards, tokenizer, device, batch_samples=256, precision=None, **read):
     """L2-normalised (image features, text features) of a task's pairs, in shard order. precision: bf16 or fp32
-    (None: bf16 on CUDA, fp32 elsewhere). select: eval_batches' validation_only and max_samples, to embed the
-    validation split instead."""
+    (None: bf16 on CUDA, fp32 elsewhere). read: eval_batches' options: max_bad_fraction, and validation_only and
+    max_samples to embed the validation split instead."""
     cfg = model.cfg
     images, texts = [], []
-    for x, captions, _ in eval_batches(shards, cfg.image_px, batch_samples, **select):
+    for x, captions, _ in eval_batches(shards, cfg.image_px, batch_samples, **read):
         tokens = tokenizer(captions, cfg.context_tokens).to(device)
         with autocast(device, precision):
             images.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1))
@@ -68,8 +68,8 @@ def embed_pairs(model, shards, tokenizer, device, batch_samples=256, precision=N
     return torch.cat(images), torch.cat(texts)
 
 
-def retrieval(model, shards, tokenizer, device, batch_samples=256, precision=None, **select) -> dict:
-    img, txt = embed_pairs(model, shards, tokenizer, device, batch_samples, precision, **select)
+def retrieval(model, shards, tokenizer, device, batch_samples=256, precision=None, **read) -> dict:
+    img, txt = embed_pairs(model, shards, tokenizer, device, batch_samples, precision, **read)
     i2t, t2i = recall_at_k(img, txt), recall_at_k(txt, img)
     out = {f"i2t_R@{k}": 100 * v for k, v in i2t.items()}
     out.update({f"t2i_R@{k}": 100 * v for k, v in t2i.items()})
@@ -95,10 +95,10 @@ def zero_shot_classifier(model, classnames, templates, tokenizer, device, batch_
 
 
 @torch.no_grad()
-def classification(model, shards, classifier, device, batch_samples=256, precision=None) -> dict:
+def classification(model, shards, classifier, device, batch_samples=256, precision=None, **read) -> dict:
     """Zero-shot top-1 and top-5 accuracy (%) of the labelled images in shards; classifier from zero_shot_classifier."""
     n_classes, hits1, hits5, n = classifier.shape[1], 0, 0, 0
-    for x, labels, keys in eval_batches(shards, model.cfg.image_px, batch_samples, target="class"):
+    for x, labels, keys in eval_batches(shards, model.cfg.image_px, batch_samples, target="class", **read):
         labels = torch.tensor(labels)
         if labels.max() >= n_classes or labels.min() < 0:
             bad = keys[int(((labels >= n_classes) | (labels < 0)).nonzero()[0])]
@@ -154,21 +154,20 @@ def read_lines(path: str) -> list[str]:
 
 
 def evaluate_step(model, tasks: dict[str, Task], tokenizer, device, batch_samples=256, precision=None,
-                  **select) -> dict[str, dict]:
+                  **read) -> dict[str, dict]:
     """One row of the evaluation matrix: {task name: metrics} for the model as it is now: retrieval recalls, and
-    zero-shot top-1/top-5 for a task with classification data. precision, select: see embed_pairs (select:
-    retrieval only)."""
+    zero-shot top-1/top-5 for a task with classification data. precision, read: see embed_pairs."""
     was_training = model.training
     model.eval()
     row, classifiers = {}, {}
     for name, task in tasks.items():
-        row[name] = retrieval(model, task.retrieval, tokenizer, device, batch_samples, precision, **select)
+        row[name] = retrieval(model, task.retrieval, tokenizer, device, batch_samples, precision, **read)
         if task.classification:
             labels = (tuple(task.classnames), tuple(task.templates))  # one classifier for all steps that share them
             if labels not in classifiers:
                 classifiers[labels] = zero_shot_classifier(model, *labels, tokenizer, device, batch_samples, precision)
             row[name].update(classification(model, task.classification, classifiers[labels], device, batch_samples,
-                                            precision))
+                                            precision, **read))
     model.train(was_training)
     return row
 
@@ -273,7 +272,8 @@ CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=cli
 FLAGS = {"run": "", "checkpoint": "", "tokenizer": "", "data_root": "", "steps": "", "quick_gelu": "auto",
          "device": "cuda" if torch.cuda.is_available() else "cpu", "out": "",
          "precision": "",  # "": bf16 on CUDA, fp32 elsewhere
-         "shard_cmd": ""}  # stream the shards through this command (train.py's shard_cmd); --run: the run's own
+         "shard_cmd": "",  # stream the shards through this command (train.py's shard_cmd); --run: the run's own
+         "max_bad_fraction": 0.05}  # a task with more of its samples unreadable is not scored
 
 
 def format_row(row: dict[str, dict]) -> str:
@@ -307,7 +307,8 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
           f"text {cfg.text_layers}x{cfg.text_width}; {'QuickGELU' if cfg.quick_gelu else 'GELU'}; "
           f"{model.num_params() / 1e6:.1f}M parameters; {len(tasks)} tasks")
     t0 = time.time()
-    row = evaluate_step(model, tasks, tokenizer, device, precision=args["precision"] or None)
+    row = evaluate_step(model, tasks, tokenizer, device, precision=args["precision"] or None,
+                        max_bad_fraction=args["max_bad_fraction"])
     print(format_row(row))
     print(f"evaluated in {time.time() - t0:.0f}s")
     if args["out"]:
@@ -321,7 +322,8 @@ def main(argv):
         raise SystemExit(f"--precision={args['precision']}: use {' or '.join(PRECISIONS)}")
     if args["checkpoint"]:
         return evaluate_checkpoint(args)
-    if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS if k not in ("run", "device", "precision")):
+    if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS
+                              if k not in ("run", "device", "precision", "max_bad_fraction")):
         raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda] [--precision=bf16|fp32]\n"
                          "   or: " + CHECKPOINT_USAGE[7:])
     run, device = args["run"], torch.device(args["device"])
@@ -337,7 +339,8 @@ def main(argv):
         t0 = time.time()
         model, record = load_checkpoint(path)
         rows[record["step_name"]] = evaluate_step(model.to(device), tasks, tokenizer, device,
-                                                  precision=args["precision"] or None)
+                                                  precision=args["precision"] or None,
+                                                  max_bad_fraction=args["max_bad_fraction"])
         print(f"evaluated {path} in {time.time() - t0:.1f}s")
     result = eval_matrix(rows, list(tasks))
     data.write_json(os.path.join(run, "eval_matrix.json"), result)

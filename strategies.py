@@ -28,6 +28,7 @@ keep_sample(key, fraction, seed) holds, a hash of its key compared with the frac
 selection needs no index file at any scale, is identical on every rank, and buffers stay nested as they
 shrink: a sample dropped once never comes back, because its hash stays above every smaller fraction.
 """
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
@@ -159,7 +160,9 @@ def patch(model: CLIP, step: TimeStep) -> dict:
             model.load_state_dict(interpolate(previous, finetuned, a))
             row = evaluate.evaluate_step(model, tasks, step.tokenizer, step.device, step.config.eval_batch,
                                          step.config.precision, validation_only=True,
-                                         max_samples=step.config.validation_samples)
+                                         max_samples=step.config.validation_samples,
+                                         max_bad_fraction=step.config.max_bad_fraction,
+                                         max_image_pixels=step.config.max_image_pixels)
             scores[i] = sum(r[evaluate.METRIC] for r in row.values()) / len(row)
             pairs += sum(r["gallery"] for r in row.values())
         print("patching: validation mean R@1 by coefficient: "
@@ -174,9 +177,15 @@ def patch(model: CLIP, step: TimeStep) -> dict:
 def check_settings(config: SimpleNamespace) -> None:
     """Strategy settings that parse but cannot work, refused before any compute is spent."""
     try:
-        [float(a) for a in config.patch_alphas.split(",")]
+        alphas = [float(a) for a in config.patch_alphas.split(",")]
     except ValueError:
+        alphas = [math.nan]
+    if not all(math.isfinite(a) for a in alphas):
         raise SystemExit(f"error: --patch_alphas={config.patch_alphas} is not a list of numbers; e.g. 0,0.5,1")
+    if config.validation_samples < 1:  # patching's search scores on them: with none there is nothing to choose by
+        raise SystemExit(f"error: --validation_samples={config.validation_samples} is too small; use at least 1")
+    if not 0 <= config.lwf_weight < math.inf:
+        raise SystemExit(f"error: --lwf_weight={config.lwf_weight} is out of range; use 0 or more")
 
 
 # ----------------------------------------------------------------------------- the table

@@ -16,7 +16,8 @@ strategies' own settings (strategies.SETTINGS). The run directory (out_dir) hold
 per step (stepNN.pt, with the full config), log.jsonl and eval_matrix.json. Rerunning a command skips the steps
 whose checkpoint exists and continues a step from its newest checkpoint in resume/ (kept every
 ckpt_interval_samples and on SIGTERM), exactly where it stopped: same weights as a run never stopped. Corrupt
-or missing data is skipped, counted and reported; non-finite losses skip their update (StepState).
+or missing data is skipped, counted and reported; non-finite losses skip their update (StepState). Bad settings
+are one line before any compute; an unexpected error is one line too, its traceback in RUN/error-rankN.log (run).
 Follows nanoGPT's train.py for shape, open_clip for the CLIP details, DataComp for the hyperparameters.
 """
 import json
@@ -25,6 +26,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -79,18 +81,22 @@ eval_batch = 256               # pairs per evaluation batch
 # surviving kills and bad data
 ckpt_interval_samples = 5_000  # a resume checkpoint every this many samples within a step (0: none; SIGTERM saves one)
 keep_checkpoints = 2           # resume checkpoints kept (an older one is used if the newest does not load)
-max_bad_fraction = 0.05        # stop once a step's skipped samples (corrupt, missing, broken shards) pass this x budget
+max_bad_fraction = 0.05        # stop once this share of the samples read is bad (corrupt, missing, in broken shards)
 max_nonfinite_in_row = 5       # stop after this many non-finite losses in a row (each one's update is skipped)
+max_image_pixels = 4096 * 4096 # an image larger than this (decoded) is skipped as corrupt: it would only cost memory
 DEFAULTS = {k: v for k, v in globals().items() if k not in _globals_before_config and k != "_globals_before_config"}
 SYNTH_ROOT = "data/tic-synth"  # where the built-in benchmark is generated when data_root is left as is
 
 
 def parse_config(argv: list[str]) -> SimpleNamespace:
-    """The config above and the strategies' settings, with --key=value overrides, each of its default's type."""
+    """The config above and the strategies' settings, with --key=value overrides, each of its default's type.
+    data_root is made absolute, so a run's checkpoints find their data from any folder (evaluate.py --run)."""
     clash = DEFAULTS.keys() & strategies.SETTINGS.keys()
     if clash:
         raise SystemExit(f"error: strategies.SETTINGS redefines train.py's {', '.join(sorted(clash))}; rename it")
-    return SimpleNamespace(**evaluate.parse_flags(argv, {**DEFAULTS, **strategies.SETTINGS}))
+    cfg = SimpleNamespace(**evaluate.parse_flags(argv, {**DEFAULTS, **strategies.SETTINGS}))
+    cfg.data_root = os.path.abspath(cfg.data_root)
+    return cfg
 
 
 def check_config(cfg: SimpleNamespace) -> None:
@@ -101,14 +107,32 @@ def check_config(cfg: SimpleNamespace) -> None:
         raise SystemExit(f"error: unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS)}")
     strategies.check_settings(cfg)
     least = {"batch_size": 1, "accum_steps": 1, "budget_samples": cfg.batch_size, "log_interval": 1, "workers": 0,
-             "ckpt_interval_samples": 0, "keep_checkpoints": 1, "max_nonfinite_in_row": 1}
+             "ckpt_interval_samples": 0, "keep_checkpoints": 1, "max_nonfinite_in_row": 1, "seed": 0,
+             "warmup_iters": 0, "warmup_iters_later": 0, "eval_batch": 1, "tokenizer_samples": 1,
+             "vocab_size": 259, "max_image_pixels": 1}  # a byte-level BPE has 256 bytes and 3 special tokens
     for key, n in least.items():
         if getattr(cfg, key) < n:
             raise SystemExit(f"error: --{key}={getattr(cfg, key)} is too small; use at least {n}")
+    ranges = {"lr": (0 <= cfg.lr < math.inf, "a rate of 0 or more"), "eps": (0 < cfg.eps < 1, "above 0, below 1"),
+              "weight_decay": (0 <= cfg.weight_decay < math.inf, "0 or more"),
+              "beta1": (0 <= cfg.beta1 < 1, "0 or more, below 1"), "beta2": (0 <= cfg.beta2 < 1, "0 or more, below 1"),
+              "max_bad_fraction": (0 <= cfg.max_bad_fraction <= 1, "a fraction, 0 to 1")}
+    for key, (ok, use) in ranges.items():  # nan fails every comparison, so it is refused too
+        if not ok:
+            raise SystemExit(f"error: --{key}={getattr(cfg, key)} is out of range; use {use}")
     if cfg.shard_cmd and "{path}" not in cfg.shard_cmd:
         raise SystemExit(f"error: --shard_cmd={cfg.shard_cmd!r} has no {{path}} for the shard's path under data_root")
-    if not 0 <= cfg.max_bad_fraction <= 1:
-        raise SystemExit(f"error: --max_bad_fraction={cfg.max_bad_fraction} is not a fraction; use 0 to 1")
+    check_device(cfg.device)
+
+
+def check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device={name} is not a device; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda") or device.type == "cuda" and not torch.cuda.is_available():
+        here = "CUDA is" if torch.cuda.is_available() else "no GPU is"
+        raise SystemExit(f"error: --device={name} cannot be used here ({here} visible); use --device=cpu or cuda")
 
 
 # ----------------------------------------------------------------------------- processes, data, tokenizer
@@ -166,8 +190,8 @@ def start_world(cfg: SimpleNamespace) -> World:
 def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]], list[list[data.Part]], dict]:
     """Each time step's year folders, its training data (a Part per year) and the evaluation tasks of every step.
     The built-in benchmark is generated on first use."""
-    if world.master and cfg.data_root == SYNTH_ROOT:
-        synthetic.make_synthetic_benchmark(SYNTH_ROOT)
+    if world.master and cfg.data_root == os.path.abspath(SYNTH_ROOT):
+        synthetic.make_synthetic_benchmark(cfg.data_root)
     world.barrier()
     if not os.path.isdir(os.path.join(cfg.data_root, "train")):
         raise SystemExit(f"error: no {cfg.data_root}/train folder; point --data_root at a TiC layout "
@@ -182,7 +206,6 @@ def load_tokenizer(run_dir: str, cfg: SimpleNamespace, first_years: list[str], w
     """RUN/tokenizer.json, fixed for the whole run as CLIP's vocabulary is; made on first use from --tokenizer, or
     trained on the first step's captions."""
     path = os.path.join(run_dir, "tokenizer.json")
-    os.makedirs(run_dir, exist_ok=True)
     if world.master and not os.path.exists(path) and cfg.tokenizer:
         data.Tokenizer.load(cfg.tokenizer).save(path)
     elif world.master and not os.path.exists(path):
@@ -190,6 +213,26 @@ def load_tokenizer(run_dir: str, cfg: SimpleNamespace, first_years: list[str], w
         data.Tokenizer.train(captions, cfg.vocab_size).save(path)
     world.barrier()
     return data.Tokenizer.load(path)
+
+
+def prepare_run_dir(run_dir: str, world: World) -> None:
+    """The run folder, made if new and checked to be writable (by rank 0), without the temporary files that killed
+    processes left in it (data.write_atomic): a rerun cleans up after the run it continues."""
+    if world.master:
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise SystemExit(f"error: --out_dir={run_dir} is a file, not a folder; pick another --out_dir")
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: cannot make the run folder {run_dir}: {e.strerror}; pick another --out_dir")
+        data.write_atomic(os.path.join(run_dir, ".writable"), lambda f: None)  # a WriteError line if it is not
+        os.remove(os.path.join(run_dir, ".writable"))
+        for folder in (run_dir, os.path.join(run_dir, "resume")):
+            removed = data.remove_stale_temporaries(folder)
+            if removed:
+                print(f"{folder}: removed {len(removed)} temporary file(s) that killed processes left "
+                      f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
+    world.barrier()
 
 
 def run_log(run_dir: str, world: World):
@@ -300,15 +343,14 @@ class StepState:
         self.worst_row = self.in_row.clone()
         return self
 
-    def count_faults(self, new_faults: dict, gave_up: bool, budget: int, cfg: SimpleNamespace, world: World,
-                     where: str) -> None:
-        """Add the faults that came with a batch (counted in the loader's workers); stop past max_bad_fraction,
-        or where the loader gave up (its share of bad samples passed it: no batch)."""
+    def count_faults(self, new_faults: dict, gave_up: bool, min_read: int, cfg: SimpleNamespace, where: str) -> None:
+        """Add the faults that came with a batch (counted in the loader's workers); stop past max_bad_fraction of
+        the samples read (data.too_much_bad), or where a loader worker did (it sends no batch then)."""
         self.faults.update(new_faults)
-        if gave_up or self.faults["bad_samples"] > cfg.max_bad_fraction * budget / world.size:
-            raise SystemExit(f"error: {where}: {self.faults['bad_samples']} of {self.faults['samples']} samples read "
-                             f"were bad ({fault_summary(self.faults)}), over --max_bad_fraction="
-                             f"{cfg.max_bad_fraction} of the step's budget; fix or drop the shards named above")
+        bad, read = self.faults["bad_samples"], self.faults["samples"]
+        if gave_up or data.too_much_bad(bad, read, cfg.max_bad_fraction, min_read):
+            raise SystemExit(f"error: {where}: {bad} of {read} samples read were bad ({fault_summary(self.faults)}), "
+                             f"over --max_bad_fraction={cfg.max_bad_fraction}; fix or drop the shards named above")
 
     def optimizer_step(self, model: CLIP, optimizer) -> None:
         """optimizer.step(), skipped where the loss or a gradient is not finite (the same on every rank, as
@@ -444,45 +486,47 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, ste
         train_model = DDP(train_model, device_ids=[world.device] if world.device.type == "cuda" else None)
     stream = data.TrainStream(parts, budget, cfg.batch_size, world.rank, world.size, cfg.seed, t, model.cfg.image_px,
                               step.tokenizer, model.cfg.context_tokens, keep_seed=cfg.seed,
-                              start_batch=state.iteration, max_bad_fraction=cfg.max_bad_fraction)
+                              start_batch=state.iteration, max_bad_fraction=cfg.max_bad_fraction,
+                              max_image_pixels=cfg.max_image_pixels)
     warmup = cfg.warmup_iters if t == 0 else cfg.warmup_iters_later
     ckpt_every = cfg.ckpt_interval_samples // cfg.batch_size  # iterations between resume checkpoints; 0: none
     t_log, it_log = time.time(), state.iteration
-    for it, (images, tokens, faults) in enumerate(data.train_loader(stream, cfg.workers), state.iteration):
-        state.count_faults(faults, images is None, budget, cfg, world, where)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, n_iters, warmup, cfg.lr)
-        images, tokens = images.to(world.device, non_blocking=True), tokens.to(world.device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward(train_model, images, tokens, extra_loss, world, cfg.precision, cfg.accum_steps)
-        state.optimizer_step(model, optimizer)  # skipped, and counted, if the loss or a gradient is not finite
-        model.clamp_logit_scale_()
-        state.iteration = it + 1
-        log_due = state.iteration % cfg.log_interval == 0 or state.iteration == n_iters
-        ckpt_due = ckpt_every > 0 and state.iteration % ckpt_every == 0 and state.iteration < n_iters
-        if not (log_due or ckpt_due):
-            continue
-        # once per log interval (and checkpoint): read the device's counters, log, save, stop if asked
-        state.check_nonfinite(run_dir, t, cfg, where)
-        stop = stop_requested(world)
-        if world.master and log_due:
-            now = time.time()  # .item() syncs with the device: only once per log interval
-            samples_per_s = (state.iteration - it_log) * cfg.batch_size / (now - t_log)
-            record = {"samples": state.iteration * cfg.batch_size, "loss": loss.item(),
-                      "lr": lr_at(it, n_iters, warmup, cfg.lr), "logit_scale": model.logit_scale.exp().item()}
-            print(f"step {t + 1}/{len(step.step_names)} ({step.step_names[t]}) | {record['samples']}/"
-                  f"{n_iters * cfg.batch_size} samples | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                  f"logit scale {record['logit_scale']:.1f} | {samples_per_s:.0f} samples/s | "
-                  f"eta {(n_iters - state.iteration) * cfg.batch_size / samples_per_s:.0f}s")
-            log({"event": "train", "time_step": t + 1, **record, "samples_per_s": samples_per_s})
-            t_log, it_log = now, state.iteration
-        if ckpt_due or stop:
-            saved = state.save(run_dir, t, model, optimizer, cfg, world)
-        if stop:
-            if world.master:
-                print(f"SIGTERM: saved {saved} at sample {state.iteration * cfg.batch_size} of step {t + 1}; "
-                      f"rerun the same command to continue")
-            return None
+    with data.workers_stopped():  # however the loop ends, no loader worker outlives it
+        for it, (images, tokens, faults) in enumerate(data.train_loader(stream, cfg.workers), state.iteration):
+            state.count_faults(faults, images is None, stream.min_read, cfg, where)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(it, n_iters, warmup, cfg.lr)
+            images, tokens = images.to(world.device, non_blocking=True), tokens.to(world.device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward_backward(train_model, images, tokens, extra_loss, world, cfg.precision, cfg.accum_steps)
+            state.optimizer_step(model, optimizer)  # skipped, and counted, if the loss or a gradient is not finite
+            model.clamp_logit_scale_()
+            state.iteration = it + 1
+            log_due = state.iteration % cfg.log_interval == 0 or state.iteration == n_iters
+            ckpt_due = ckpt_every > 0 and state.iteration % ckpt_every == 0 and state.iteration < n_iters
+            if not (log_due or ckpt_due):
+                continue
+            # once per log interval (and checkpoint): read the device's counters, log, save, stop if asked
+            state.check_nonfinite(run_dir, t, cfg, where)
+            stop = stop_requested(world)
+            if world.master and log_due:
+                now = time.time()  # .item() syncs with the device: only once per log interval
+                samples_per_s = (state.iteration - it_log) * cfg.batch_size / (now - t_log)
+                record = {"samples": state.iteration * cfg.batch_size, "loss": loss.item(),
+                          "lr": lr_at(it, n_iters, warmup, cfg.lr), "logit_scale": model.logit_scale.exp().item()}
+                print(f"step {t + 1}/{len(step.step_names)} ({step.step_names[t]}) | {record['samples']}/"
+                      f"{n_iters * cfg.batch_size} samples | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                      f"logit scale {record['logit_scale']:.1f} | {samples_per_s:.0f} samples/s | "
+                      f"eta {(n_iters - state.iteration) * cfg.batch_size / samples_per_s:.0f}s")
+                log({"event": "train", "time_step": t + 1, **record, "samples_per_s": samples_per_s})
+                t_log, it_log = now, state.iteration
+            if ckpt_due or stop:
+                saved = state.save(run_dir, t, model, optimizer, cfg, world)
+            if stop:
+                if world.master:
+                    print(f"SIGTERM: saved {saved} at sample {state.iteration * cfg.batch_size} of step {t + 1}; "
+                          f"rerun the same command to continue")
+                return None
     return state
 
 
@@ -532,6 +576,7 @@ def main(argv):
     world = start_world(cfg)
     signal.signal(signal.SIGTERM, on_sigterm)  # save and exit at the next log interval, rather than die mid-step
     run_dir = cfg.out_dir or os.path.join("runs", cfg.strategy)
+    prepare_run_dir(run_dir, world)
     step_years, step_data, tasks = load_benchmark(cfg, world)
     names = [data.step_name(ys) for ys in step_years]
     tokenizer = load_tokenizer(run_dir, cfg, step_years[0], world)
@@ -591,7 +636,8 @@ def main(argv):
         todo = {task_name: task for task_name, task in tasks.items() if task_name not in row}
         if world.master and todo:
             rows[name] = {**row, **evaluate.evaluate_step(model, todo, tokenizer, world.device, cfg.eval_batch,
-                                                          cfg.precision)}
+                                                          cfg.precision, max_bad_fraction=cfg.max_bad_fraction,
+                                                          max_image_pixels=cfg.max_image_pixels)}
             data.write_json(matrix_path, evaluate.eval_matrix(rows, list(tasks)))
         if not done:
             if world.master:
@@ -603,5 +649,26 @@ def main(argv):
     world.finish()
 
 
+def run(argv: list[str]) -> None:
+    """The command line: main, with an unexpected error (a bug, an exception in a DataLoader worker, a full disk)
+    ended in one line on stderr and a non-zero exit; its whole traceback goes to RUN/error.log, named in the line."""
+    try:
+        main(argv)
+    except Exception as e:  # SystemExit, the one-line errors of bad input, passes through as it is
+        cfg = parse_config(argv)
+        run_dir = cfg.out_dir or os.path.join("runs", cfg.strategy)
+        path = os.path.join(run_dir, f"error-rank{os.environ.get('RANK', 0)}.log")
+        try:
+            with open(path, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} train.py {' '.join(argv)}\n{traceback.format_exc()}\n")
+        except OSError:  # the run folder itself is the problem: the traceback goes to stderr instead
+            traceback.print_exc()
+            path = "above"
+        lines = [line for line in str(e).splitlines() if line.strip()] or [""]
+        what = lines[-1] if lines[-1].startswith(type(e).__name__) else f"{type(e).__name__}: {lines[-1]}"
+        where = " in a DataLoader worker" if "DataLoader worker" in lines[0] else ""
+        raise SystemExit(f"error{where}: {what} (traceback in {path})") from None
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(sys.argv[1:])

@@ -254,3 +254,69 @@ def test_streamed_shards_read_as_local_ones_and_a_failing_command_is_a_counted_f
     write_shard(unlisted / "0.tar", "s", 2)
     with pytest.raises(SystemExit, match="sizes.json: missing; streamed shards"):  # never counted remotely
         data.year_shards(str(tmp_path), "2018", shard_cmd="cat {path}")
+
+
+# ----------------------------------------------------------------------------- damage that tarfile alone misses
+def test_every_cut_that_loses_a_sample_is_reported(tmp_path, tokenizer, two_years, capfd):
+    """Python's tarfile takes a header cut short for the end of the archive; the reader checks the end itself, and
+    the training stream and evaluation check what they read against the listed count."""
+    path, listed = data.year_shards(two_years, "2018")[0]
+    whole = open(path, "rb").read()
+    last_member_end = max(i for i in range(0, len(whole), 512) if any(whole[i:i + 512])) + 512
+    for offset in sorted(np.random.default_rng(0).choice(len(whole), 20, replace=False)):
+        cut = tmp_path / f"cut{offset}.tar"
+        cut.write_bytes(whole[:offset])
+        stream = data.TrainStream([data.Part("2018", [(str(cut), listed)])], 8, 8, 0, 1, seed=0, time_step=0,
+                                  image_px=32, tokenizer=tokenizer, context_tokens=16)
+        faults, draws = Counter(), iter([False, True])  # one pass over the shard
+        read = list(stream.samples(np.random.default_rng(0), faults, too_bad=lambda: next(draws)))
+        if offset < last_member_end:  # a sample (or part of one) is lost: reported, in training and evaluation
+            assert len(read) < listed and faults["truncated_tar"] + faults["empty_shard"] > 0, offset
+            assert faults["samples"] >= listed  # what was lost counts as read, so the bad share stays honest
+            with pytest.raises(SystemExit, match="could not be scored"):
+                list(data.eval_batches([(str(cut), listed)], 32, 16, max_bad_fraction=0))
+        else:  # a cut in the trailing blocks of zeros loses nothing
+            assert len(read) == listed and not faults["truncated_tar"]
+
+
+def test_sizes_json_and_the_shards_on_disk_agree(tmp_path, tokenizer, capsys):
+    folder = tmp_path / "train" / "2018"
+    folder.mkdir(parents=True)
+    write_shard(folder / "a.tar", "a", 3)
+    (folder / "sizes.json").write_text('{"a.tar": 3}')
+    write_shard(folder / "b.tar", "b", 2)  # copied in after sizes.json was written
+    assert data.year_shards(str(tmp_path), "2018") == [(str(folder / "a.tar"), 3), (str(folder / "b.tar"), 2)]
+    assert "1 shard(s) not in sizes.json (b.tar): counted and added" in capsys.readouterr().out
+    assert json.load(open(folder / "sizes.json")) == {"a.tar": 3, "b.tar": 2}
+    # a count below what the shard holds loses nothing, but the mix of years follows it: said once
+    stream = data.TrainStream([data.Part("2018", [(str(folder / "a.tar"), 2)])], 8, 8, 0, 1, seed=0, time_step=0,
+                              image_px=8, tokenizer=tokenizer, context_tokens=16)
+    draws = iter([False, False, True])
+    assert len(list(stream.samples(np.random.default_rng(0), too_bad=lambda: next(draws)))) == 6
+    assert capsys.readouterr().err.count("a.tar: holds 3 samples, sizes.json lists 2") == 1
+
+
+def test_caps_on_captions_members_and_pixels(tmp_path, monkeypatch):
+    long = "x" * 1_000_000  # one 1 MB word: BPE training on it would not end
+    assert data.caption({"txt": long.encode()}) == "x" * data.MAX_CAPTION_CHARS
+    assert data.caption({"txt": b"  \n "}) is None and data.caption({"json": b'{"caption": ""}'}) is None
+    lone = data.caption({"json": b'{"caption": "a \\ud800 b"}'})  # a lone surrogate: no text codec takes it
+    assert lone == "a ? b" and data.Tokenizer.train(["a b"] * 4, 300)([lone], 8).shape == (1, 8)
+    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 50)
+    write_tar(tmp_path / "big.tar", [("k.png", png_bytes(1, px=64)), ("k.txt", b"fine")])  # the PNG is > 50 B
+    assert [set(s) for _, s in data.iter_tar(str(tmp_path / "big.tar"))] == [{"txt"}]  # not read: missing image
+    sample = {"png": png_bytes(1, px=200), "txt": b"a big image"}
+    assert data._decode(sample)[0].size == (200, 200)
+    with pytest.raises(ValueError, match="200x200 pixels, over the cap of 10000"):
+        data._decode(sample, max_pixels=10_000)
+
+
+def test_write_failures_leave_no_temporary_file_and_stale_ones_are_cleared(tmp_path):
+    target = tmp_path / "missing" / "file.json"  # the folder is not there: the write fails
+    with pytest.raises(data.WriteError, match=f"could not write {target}: No such file or directory"):
+        data.write_json(str(target), {"a": 1})
+    data.write_json(str(tmp_path / "ok.json"), {"a": 1})
+    (tmp_path / "step02.pt.tmp999999999").write_bytes(b"a kill left me")  # no such process: stale
+    (tmp_path / f"step03.pt.tmp{os.getpid()}").write_bytes(b"still being written")  # this process is alive
+    assert data.remove_stale_temporaries(str(tmp_path)) == ["step02.pt.tmp999999999"]
+    assert sorted(os.listdir(tmp_path)) == ["ok.json", f"step03.pt.tmp{os.getpid()}"]

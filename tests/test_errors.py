@@ -1,8 +1,11 @@
 """Bad input is refused before any compute, in one line that names the thing and the fix, with no traceback."""
 import os
+import re
 import subprocess
 
 import pytest
+
+import data
 
 from conftest import ENV, REPO, train_command, train_refused
 
@@ -62,11 +65,54 @@ def test_unknown_model(tmp_path, two_years):
     assert not os.path.exists(tmp_path / "run")  # refused before anything was written or computed
 
 
-@pytest.mark.parametrize("arg, message", [("--budget_samples=16", "--budget_samples=16 is too small; use at least 32"),
-                                          ("--max_bad_fraction=2", "is not a fraction"),
-                                          ("--keep_checkpoints=0", "--keep_checkpoints=0 is too small"),
-                                          ("--patch_alphas=0,half", "--patch_alphas=0,half is not a list of numbers")])
+@pytest.mark.parametrize("arg, message", [
+    ("--budget_samples=16", "--budget_samples=16 is too small; use at least 32"),
+    ("--max_bad_fraction=2", "--max_bad_fraction=2.0 is out of range; use a fraction"),
+    ("--keep_checkpoints=0", "--keep_checkpoints=0 is too small"),
+    ("--patch_alphas=0,half", "--patch_alphas=0,half is not a list of numbers"),
+    ("--patch_alphas=0,nan", "--patch_alphas=0,nan is not a list of numbers"),
+    ("--validation_samples=0", "--validation_samples=0 is too small; use at least 1"),
+    ("--lr=-1", "--lr=-1.0 is out of range"), ("--lr=nan", "--lr=nan is out of range"),
+    ("--beta2=1", "--beta2=1.0 is out of range"), ("--seed=-1", "--seed=-1 is too small"),
+    ("--vocab_size=100", "--vocab_size=100 is too small"), ("--device=tpu9", "--device=tpu9 is not a device"),
+    ("--accum_steps=0", "--accum_steps=0 is too small")])
 def test_values_that_cannot_work(arg, message):
     import train
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
         train.check_config(train.parse_config(["--batch_size=32", arg]))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CPU-only machine's answer")
+def test_cuda_on_a_machine_without_a_gpu(tmp_path, two_years):
+    line = train_refused([f"--data_root={two_years}", "--device=cuda", f"--out_dir={tmp_path}/run"])
+    assert "--device=cuda cannot be used here (no GPU is visible)" in line
+
+
+@pytest.mark.parametrize("steps, message", [("2018,2018", "2018 is in two steps"), (",2018", "'' is not a year"),
+                                            ("-2019", "'-2019' is not a year"),
+                                            ("2018-2019,2019", "2019 is in two steps")])
+def test_steps_that_do_not_name_distinct_years(two_years, steps, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        data.parse_steps(two_years, steps)
+
+
+@pytest.mark.parametrize("sizes, message", [('{"0.tar": "10"}', "the count of 0.tar is '10'"),
+                                            ('{"0.tar": [10]}', "the count of 0.tar is [10]"),
+                                            ('{"0.tar": 0, "1.tar": 0}', "every shard is listed with 0 samples"),
+                                            ('["0.tar"]', "it is not an object")])
+def test_a_malformed_sizes_json(tmp_path, sizes, message):
+    folder = tmp_path / "d" / "train" / "2018"
+    folder.mkdir(parents=True)
+    (folder / "sizes.json").write_text(sizes)
+    with pytest.raises(SystemExit, match=re.escape(f"{folder}/sizes.json: {message}")):
+        data.year_shards(str(tmp_path / "d"), "2018")
+
+
+def test_an_out_dir_that_cannot_be_one(tmp_path, two_years):
+    (tmp_path / "a_file").write_text("")
+    assert "is a file, not a folder" in train_refused([f"--data_root={two_years}", f"--out_dir={tmp_path}/a_file"])
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root may write anywhere: nothing to refuse
+        pytest.skip("running as root")
+    assert "could not write" in train_refused([f"--data_root={two_years}", f"--out_dir={locked}"])

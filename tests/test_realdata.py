@@ -64,16 +64,19 @@ def test_counting_a_truncated_shard_warns_and_saves_nothing(tmp_path, capsys):
     assert sorted(os.listdir(folder)) == ["a.tar", "b.tar"]  # nothing saved, no temporary file: counted again later
 
 
-def test_image_kinds_json_captions_and_class_ids(tmp_path):
+def test_image_kinds_json_captions_and_class_ids(tmp_path, capsys):
     path = tmp_path / "0.tar"
     write_tar(path, [("k0.jpg", image_bytes("JPEG")), ("k0.txt", b" from txt \n"),
                      ("k1.jpeg", image_bytes("JPEG")), ("k1.json", b'{"caption": "from json", "cls": 3}'),
                      ("k2.webp", image_bytes("WEBP")), ("k2.json", b'{"caption": "webp", "cls": 1}'), ("k2.cls", b"2"),
                      ("k3.png", image_bytes("PNG")), ("k3.json", b'{"uid": "no caption"}'),  # skipped
                      ("k4.json", b'{"caption": "no image"}')])  # skipped
-    batches = list(data.eval_batches([str(path)], 8, 10))
+    batches = list(data.eval_batches([(str(path), 5)], 8, 10, max_bad_fraction=0.5))
     assert batches[0][1:] == (["from txt", "from json", "webp"], ["k0", "k1", "k2"])
-    images, labels, keys = next(data.eval_batches([str(path)], 8, 10, target="class"))
+    assert "2 of 5 samples listed could not be scored (missing_caption 1, missing_image 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="over --max_bad_fraction=0.05, so the task is not scored"):
+        list(data.eval_batches([(str(path), 5)], 8, 10))  # a gallery shrunk by 40% would score higher: refused
+    images, labels, keys = next(data.eval_batches([(str(path), 5)], 8, 10, target="class"))
     assert labels == [3, 2] and keys == ["k1", "k2"]  # the .cls member wins over the json's
     assert images.shape == (2, 3, 8, 8)
 
@@ -180,6 +183,10 @@ def test_split_skips_and_counts_undated_samples_and_repeated_keys(tmp_path, caps
     printed = capsys.readouterr().out
     assert "skipped 1 samples without a usable year" in printed and "a.tar: sample k2" in printed
     assert "skipped 1 samples whose key their time folder held already" in printed and "b.tar: sample k1" in printed
+    write_tar(src / "c.tar", [*dated("../../evil", {"year": 2015}), *dated("/abs/key", {"year": 2015})])
+    unsafe = prepare.split(str(src), str(tmp_path / "safe"), eval_fraction=0)
+    assert unsafe["skipped"]["unsafe_name"] == 2 and unsafe["train"] == counts["train"]  # names kept out, not copied
+    os.remove(src / "c.tar")
     by_month = prepare.split(str(src), str(tmp_path / "months"), by="month", eval_fraction=0)
     assert by_month["train"] == {"201504": 1} and by_month["skipped"] == {"no_time": 5}  # k3's month: its timestamp
 

@@ -22,6 +22,7 @@ def test_config_overrides_and_errors():
     assert cfg.budget_samples == 1000 and isinstance(cfg.budget_samples, int)
     assert train.parse_config([]).lr == train.DEFAULTS["lr"]  # parsing never changes the defaults
     assert train.parse_config(["--lwf_weight=0.5"]).lwf_weight == 0.5  # a strategy's setting, declared with it
+    assert train.parse_config(["--data_root=rel/data"]).data_root == os.path.abspath("rel/data")  # for evaluate --run
     with pytest.raises(SystemExit, match="unknown config key 'lrr'.*valid keys:.*batch_size"):
         train.parse_config(["--lrr=1"])
     with pytest.raises(SystemExit, match="--batch_size=big is not a int"):

@@ -155,7 +155,9 @@ def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_f
                 if folder is None and on_missing_time == "error":
                     raise SystemExit(f"{path}: sample {key} has no {by} in its json (looked for "
                                      f"{time_field or ', '.join(TIME_FIELDS)}); pass --time_field=NAME of its time")
-                why = "no_time" if folder is None else None if keys.add(folder, key) else "duplicate_key"
+                unsafe = key.startswith("/") or ".." in key.split("/")  # a name that would escape where it is unpacked
+                why = "unsafe_name" if unsafe else "no_time" if folder is None else \
+                    None if keys.add(folder, key) else "duplicate_key"
                 if why:
                     skipped[why] += 1
                     first_skipped.setdefault(why, f"{path}: sample {key}")
@@ -192,7 +194,8 @@ def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_f
     print(f"read {samples_in} samples from {len(paths)} shards in {time.time() - t0:.0f}s; wrote {samples_out} = "
           f"{samples_out - held_out} train + {held_out} held out ({100 * held_out / max(1, samples_out):.2f}%) to {dst}")
     reasons = {"no_time": f"without a usable {by} (looked for {time_field or ', '.join(TIME_FIELDS)})",
-               "duplicate_key": "whose key their time folder held already (the first was kept)"}
+               "duplicate_key": "whose key their time folder held already (the first was kept)",
+               "unsafe_name": "whose member names are absolute or hold '..' (other tools may unpack them)"}
     for why, n in skipped.items():
         print(f"skipped {n} samples {reasons[why]}; the first: {first_skipped[why]}")
     return {**counts, "skipped": dict(skipped)}

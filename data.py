@@ -130,7 +130,8 @@ def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 # -----------------------------------------------------------------------------
 # Reading shards
 
-SPLITS = {"train": ("train",), "retrieval": ("eval", "retrieval"), "classification": ("eval", "classification")}
+SPLITS = {"train": ("train",), "retrieval": ("eval", "retrieval"), "classification": ("eval", "classification"),
+          "datacompnet": ("eval", "datacompnet")}  # TiC-DataCompNet as ml-tic-clip ships it: names and prompts per year
 
 
 def _split_dir(root: str, split: str) -> str:
@@ -557,6 +558,14 @@ def first_captions(root: str, years: list[str], n_captions: int, shard_cmd: str 
             print(f"warning: {e}", file=sys.stderr)
 
 
+def captions(sample: dict[str, bytes]) -> list[str] | None:
+    """Every caption of a retrieval sample with several (clip_benchmark's format: the .txt, one per line)."""
+    if "txt" not in sample:
+        return None
+    lines = [caption({"txt": line.encode()}) for line in sample["txt"].decode("utf-8", errors="replace").splitlines()]
+    return [line for line in lines if line] or None
+
+
 def class_id(sample: dict[str, bytes]) -> int | None:
     """The class id of a classification sample: the .cls member, else the json's "cls" field."""
     value = sample["cls"].decode().strip() if "cls" in sample else sample_json(sample).get("cls")
@@ -568,11 +577,12 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # default cap on an image's decoded pixels (PIL 
 
 def _decode(sample: dict[str, bytes], target: str = "caption", draft_px: int | None = None,
             max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, str | int] | None:
-    """(image, caption) or, for target="class", (image, class id) of a sample; None if either is missing.
+    """(image, caption), or for target="class" (image, class id), or for target="captions" (image, [caption, ...])
+    of a sample; None if either is missing.
     draft_px: a JPEG at least twice that on both sides is decoded at 1/2, 1/4 or 1/8 scale, never below it.
     An image of more than max_pixels (after that scaling) raises before it is decoded."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    label = caption(sample) if target == "caption" else class_id(sample)
+    label = {"caption": caption, "class": class_id, "captions": captions}[target](sample)
     if ext is None or label is None:
         return None
     img = Image.open(io.BytesIO(sample[ext]))
@@ -778,7 +788,8 @@ def eval_batches(shards: list, image_px: int, batch_samples: int, validation_onl
                  max_samples: int | None = None, target: str = "caption", max_bad_fraction: float = 0.05,
                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[torch.Tensor, list, list[str]]]:
     """Held-out samples in shard order: (images [b, 3, px, px], captions, keys), or class ids instead of captions
-    for target="class"; deterministic, one process. shards: [(path, samples listed)].
+    for target="class", lists of captions for "captions"; deterministic, one process. shards: [(path, samples
+    listed, or None where no count is listed)].
     validation_only: only the training pairs of the validation split, at most max_samples of them.
     What cannot be scored (a corrupt or missing image, a missing caption or class, samples missing from a shard
     against its listed count) is skipped, counted and reported in one line at the end; past max_bad_fraction of
@@ -803,7 +814,7 @@ def eval_batches(shards: list, image_px: int, batch_samples: int, validation_onl
                 except Exception as e:
                     decoded, problem = None, ("corrupt_image", f" ({e})")
                 else:
-                    missing = "image" if not any(ext in sample for ext in IMAGE_EXTS) else target
+                    missing = "image" if not any(ext in sample for ext in IMAGE_EXTS) else target.removesuffix("s")
                     problem = None if decoded else (f"missing_{missing}", "")
                 if problem:
                     skipped[problem[0]] += 1
@@ -816,13 +827,13 @@ def eval_batches(shards: list, image_px: int, batch_samples: int, validation_onl
                     yield torch.stack(images), captions, keys
                     images, captions, keys = [], [], []
         except ShardError as e:
-            skipped["truncated_tar"] += max(1, listed - read)
+            skipped["truncated_tar"] += max(1, (listed or 0) - read)
             first.setdefault("truncated_tar", str(e))
         else:
-            if whole and read < listed:
+            if whole and listed is not None and read < listed:
                 skipped["truncated_tar"] += listed - read
                 first.setdefault("truncated_tar", f"{path}: holds {read} of the {listed} samples sizes.json lists")
-        listed_total += listed
+        listed_total += read if listed is None else listed
     if keys:
         yield torch.stack(images), captions, keys
     if skipped:

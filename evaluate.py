@@ -18,6 +18,9 @@ much is remembered), forward transfer = mean over i < j (future tasks, how well 
 train.py calls evaluate_step after every step; this file also runs standalone on a run's checkpoints, whose
 names it owns (step_checkpoint), and holds the --key=value parser that train.py and tools/ share.
 """
+import glob
+import json
+import math
 import os
 import re
 import sys
@@ -35,19 +38,34 @@ METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
 
 
 # ----------------------------------------------------------------------------- retrieval
-def recall_at_k(queries, gallery, ks=(1, 5, 10), chunk_queries=1024) -> dict[int, float]:
-    """Recall@k where query i's one true match is gallery item i (features L2-normalised).
+def recall_at_k(queries, gallery, ks=(1, 5, 10), chunk_queries=1024, match=None) -> dict[int, float]:
+    """Recall@k where query i's one true match is gallery item match[i], by default item i (features L2-normalised).
 
     Ties are counted against the model: query i is a hit at k iff fewer than k OTHER gallery items score at
-    least as high as item i. (A model whose features all collapse to one vector then scores 0, not 100.)
+    least as high as its match. (A model whose features all collapse to one vector then scores 0, not 100.)
     """
     hits = {k: 0 for k in ks}
     for start in range(0, len(queries), chunk_queries):
         scores = queries[start:start + chunk_queries] @ gallery.t()           # [chunk, gallery]
         rows = torch.arange(len(scores), device=scores.device)
-        true_score = scores[rows, rows + start]
+        true_score = scores[rows, rows + start if match is None else match[start:start + len(scores)]]
         # how many items score >= the true match, the true match itself excluded
         rank = (scores >= true_score[:, None]).sum(1) - 1
+        for k in ks:
+            hits[k] += int((rank < k).sum())
+    return {k: hits[k] / len(queries) for k in ks}
+
+
+def recall_any_at_k(queries, gallery, owner, ks=(1, 5, 10), chunk_queries=1024) -> dict[int, float]:
+    """Recall@k where query i has several true matches, the gallery items j with owner[j] == i (an image and its
+    captions): a hit at k iff fewer than k items that are not its matches score at least as high as its best
+    match, DataComp's image->text retrieval. Ties count against the model, as in recall_at_k."""
+    hits = {k: 0 for k in ks}
+    for start in range(0, len(queries), chunk_queries):
+        scores = queries[start:start + chunk_queries] @ gallery.t()           # [chunk, gallery]
+        true = owner[None, :] == torch.arange(start, start + len(scores), device=scores.device)[:, None]
+        best = scores.masked_fill(~true, -math.inf).max(1).values
+        rank = ((scores >= best[:, None]) & ~true).sum(1)
         for k in ks:
             hits[k] += int((rank < k).sum())
     return {k: hits[k] / len(queries) for k in ks}
@@ -98,6 +116,7 @@ def zero_shot_classifier(model, classnames, templates, tokenizer, device, batch_
 def classification(model, shards, classifier, device, batch_samples=256, precision=None, **read) -> dict:
     """Zero-shot top-1 and top-5 accuracy (%) of the labelled images in shards; classifier from zero_shot_classifier."""
     n_classes, hits1, hits5, n = classifier.shape[1], 0, 0, 0
+    class_hits, class_count = torch.zeros(n_classes), torch.zeros(n_classes)  # for the mean recall per class
     for x, labels, keys in eval_batches(shards, model.cfg.image_px, batch_samples, target="class", **read):
         labels = torch.tensor(labels)
         if labels.max() >= n_classes or labels.min() < 0:
@@ -109,9 +128,13 @@ def classification(model, shards, classifier, device, batch_samples=256, precisi
         hits1 += int((top[:, 0] == labels).sum())
         hits5 += int((top == labels[:, None]).any(dim=1).sum())
         n += len(labels)
+        class_hits.index_add_(0, labels, (top[:, 0] == labels).float())
+        class_count.index_add_(0, labels, torch.ones(len(labels)))
     if n == 0:
         raise SystemExit(f"{shards[0][0]}: no images with a class id (.cls member or json \"cls\") in this task")
-    return {"top1": 100 * hits1 / n, "top5": 100 * hits5 / n, "class_samples": n, "classes": n_classes}
+    per_class = class_hits[class_count > 0] / class_count[class_count > 0]  # over the classes the task has
+    return {"top1": 100 * hits1 / n, "top5": 100 * hits5 / n, "mean_per_class_recall": 100 * per_class.mean().item(),
+            "class_samples": n, "classes": n_classes}
 
 
 # ----------------------------------------------------------------------------- the tasks of a time step
@@ -126,22 +149,30 @@ class Task:
 
 def step_tasks(root: str, years: list[str], shard_cmd: str = "") -> Task:
     """A time step's tasks: retrieval on its years' held-out pairs (ROOT/eval/retrieval/YEAR), and classification
-    where ROOT/eval/classification/YEAR exists, with classnames.txt and templates.txt beside the year folders.
+    where ROOT/eval/classification/YEAR exists, with classnames.txt and templates.txt beside the year folders, or
+    ROOT/eval/datacompnet/YEAR, with them inside each year folder (TiC-DataCompNet as ml-tic-clip ships it).
     shard_cmd: see data.year_shards."""
     task = Task([s for y in years for s in data.year_shards(root, y, "retrieval", shard_cmd)])
-    folder = os.path.join(root, *data.SPLITS["classification"])
-    labelled = [y for y in years if os.path.isdir(os.path.join(folder, y))]
-    if labelled:
-        task.classification = [s for y in labelled for s in data.year_shards(root, y, "classification", shard_cmd)]
-        task.classnames = read_lines(os.path.join(folder, "classnames.txt"))
-        task.templates = read_lines(os.path.join(folder, "templates.txt"))
-        if not all("{}" in t for t in task.templates):
-            raise SystemExit(f"{folder}/templates.txt: every prompt template needs a {{}} for the class name")
+    for split in ("classification", "datacompnet"):
+        folder = os.path.join(root, *data.SPLITS[split])
+        labelled = [y for y in years if os.path.isdir(os.path.join(folder, y))]
+        if labelled:
+            names_at = folder if split == "classification" else os.path.join(folder, labelled[0])
+            task.classification = [s for y in labelled for s in data.year_shards(root, y, split, shard_cmd)]
+            task.classnames = read_lines(os.path.join(names_at, "classnames.txt"))
+            task.templates = read_templates(names_at)
+            break
     return task
 
 
 def tasks_of(root: str, step_years: list[list[str]], shard_cmd: str = "") -> dict[str, Task]:
-    """{step name: its tasks} for every time step (step_years: data.parse_steps)."""
+    """{step name: its tasks} for every time step (step_years: data.parse_steps). An eval folder of another kind
+    is named in a warning, never passed over in silence."""
+    eval_dir = os.path.join(root, "eval")
+    for other in sorted(set(os.listdir(eval_dir) if os.path.isdir(eval_dir) else []) - {"retrieval", "classification",
+                                                                                        "datacompnet"}):
+        print(f"warning: {eval_dir}/{other}: not an evaluation folder this program reads (retrieval, classification, "
+              f"datacompnet); skipped", file=sys.stderr)
     return {data.step_name(ys): step_tasks(root, ys, shard_cmd) for ys in step_years}
 
 
@@ -153,21 +184,105 @@ def read_lines(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def evaluate_step(model, tasks: dict[str, Task], tokenizer, device, batch_samples=256, precision=None,
+def read_templates(folder: str) -> list[str]:
+    """The prompt templates in folder, with "{}" for the class name: templates.txt, or clip_benchmark's
+    zeroshot_classification_templates.txt, whose templates hold "{c}"."""
+    path = os.path.join(folder, "templates.txt")
+    if not os.path.exists(path) and os.path.exists(os.path.join(folder, "zeroshot_classification_templates.txt")):
+        path = os.path.join(folder, "zeroshot_classification_templates.txt")
+    templates = [t.replace("{c}", "{}") for t in read_lines(path)]
+    if not all("{}" in t for t in templates):
+        raise SystemExit(f"{path}: every prompt template needs a {{}} (or {{c}}) for the class name")
+    return templates
+
+
+# ----------------------------------------------------------------------------- static tasks
+@dataclass
+class StaticTask:
+    """A task outside time (ImageNet, its shifts, Flickr30k, the DataComp suite), in clip_benchmark's webdataset
+    format, scored after every step as the paper's Table 2 reports them: PATH/test/0.tar ... N-1.tar listed by
+    PATH/test/nshards.txt, and beside test/ dataset_type.txt (retrieval or classification; missing: classification),
+    classnames.txt and zeroshot_classification_templates.txt. A retrieval sample's .txt holds its captions, one a
+    line. A static task's number is top-1 (classification) or mean R@1 (retrieval)."""
+    kind: str
+    shards: list                           # [(shard, None)]: the format lists no count per shard
+    classnames: list[str] | None = None
+    templates: list[str] | None = None     # with "{}" for the class name
+
+
+def static_task(path: str) -> StaticTask:
+    nshards = os.path.join(path, "test", "nshards.txt")
+    if not os.path.exists(nshards):
+        raise SystemExit(f"{path}: no test/nshards.txt, so not a task in clip_benchmark's webdataset format "
+                         f"(test/0.tar ... with nshards.txt, dataset_type.txt, classnames.txt beside test/)")
+    with open(nshards) as f:
+        shards = [(os.path.join(path, "test", f"{i}.tar"), None) for i in range(int(f.read().strip()))]
+    missing = [p for p, _ in shards if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"{missing[0]}: listed by {nshards} but missing ({len(missing)} in all)")
+    kind_path = os.path.join(path, "dataset_type.txt")
+    kind = open(kind_path).read().strip().lower() if os.path.exists(kind_path) else "classification"
+    if kind not in ("classification", "retrieval"):
+        raise SystemExit(f"{kind_path}: {kind!r} tasks are not scored here; classification and retrieval are")
+    if kind == "retrieval":
+        return StaticTask(kind, shards)
+    return StaticTask(kind, shards, read_lines(os.path.join(path, "classnames.txt")), read_templates(path))
+
+
+def static_tasks(root: str, spec: str) -> dict[str, StaticTask]:
+    """The static tasks of a run: each folder of ROOT/static/ by its name, then --static's NAME=PATH,... ."""
+    paths = {os.path.basename(p): p for p in sorted(glob.glob(os.path.join(root, "static", "*"))) if os.path.isdir(p)}
+    for item in filter(None, spec.split(",")):
+        name, sep, path = item.partition("=")
+        if not (sep and name and path):
+            raise SystemExit(f"error: --static={spec}: '{item}' is not NAME=PATH, e.g. imagenet=/data/wds_imagenet1k")
+        paths[name] = path
+    return {name: static_task(path) for name, path in paths.items()}
+
+
+def multi_caption_retrieval(model, shards, tokenizer, device, batch_samples=256, precision=None, **read) -> dict:
+    """Retrieval where an image has several captions (Flickr30k, COCO), scored as DataComp does: image->text is
+    a hit if any of the image's captions is in the top k, text->image is per caption; mean_R@k of the two."""
+    cfg, images, texts, owner, n_images = model.cfg, [], [], [], 0  # owner[j]: the image caption j belongs to
+    for x, caption_lists, _ in eval_batches(shards, cfg.image_px, batch_samples, target="captions", **read):
+        flat = [c for lst in caption_lists for c in lst]
+        owner += [n_images + i for i, lst in enumerate(caption_lists) for _ in lst]
+        n_images += len(caption_lists)
+        with torch.no_grad(), autocast(device, precision):
+            images.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1))
+            for start in range(0, len(flat), batch_samples):
+                tokens = tokenizer(flat[start:start + batch_samples], cfg.context_tokens).to(device)
+                texts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    img, txt, owner = torch.cat(images), torch.cat(texts), torch.tensor(owner, device=device)
+    i2t, t2i = recall_any_at_k(img, txt, owner), recall_at_k(txt, img, match=owner)
+    return {**{f"i2t_R@{k}": 100 * v for k, v in i2t.items()}, **{f"t2i_R@{k}": 100 * v for k, v in t2i.items()},
+            **{f"mean_R@{k}": 100 * (i2t[k] + t2i[k]) / 2 for k in i2t}, "gallery": len(img), "captions": len(txt)}
+
+
+def evaluate_step(model, tasks: dict[str, Task | StaticTask], tokenizer, device, batch_samples=256, precision=None,
                   **read) -> dict[str, dict]:
     """One row of the evaluation matrix: {task name: metrics} for the model as it is now: retrieval recalls, and
-    zero-shot top-1/top-5 for a task with classification data. precision, read: see embed_pairs."""
+    zero-shot top-1/top-5 and mean recall per class for a task with classification data; a static task's
+    metrics beside them. precision, read: see embed_pairs."""
     was_training = model.training
     model.eval()
     row, classifiers = {}, {}
+
+    def classify(shards, classnames, templates) -> dict:
+        labels = (tuple(classnames), tuple(templates))  # one classifier for all tasks that share them
+        if labels not in classifiers:
+            classifiers[labels] = zero_shot_classifier(model, *labels, tokenizer, device, batch_samples, precision)
+        return classification(model, shards, classifiers[labels], device, batch_samples, precision, **read)
+
     for name, task in tasks.items():
+        if isinstance(task, StaticTask):
+            row[name] = (multi_caption_retrieval(model, task.shards, tokenizer, device, batch_samples, precision,
+                                                 **read) if task.kind == "retrieval" else
+                         classify(task.shards, task.classnames, task.templates))
+            continue
         row[name] = retrieval(model, task.retrieval, tokenizer, device, batch_samples, precision, **read)
         if task.classification:
-            labels = (tuple(task.classnames), tuple(task.templates))  # one classifier for all steps that share them
-            if labels not in classifiers:
-                classifiers[labels] = zero_shot_classifier(model, *labels, tokenizer, device, batch_samples, precision)
-            row[name].update(classification(model, task.classification, classifiers[labels], device, batch_samples,
-                                            precision, **read))
+            row[name].update(classify(task.classification, task.classnames, task.templates))
     model.train(was_training)
     return row
 
@@ -187,19 +302,47 @@ def summarize(matrix: list[list[float]]) -> dict[str, float | None]:
 TASK_KINDS = {"retrieval": METRIC, "classification": "top1"}  # each kind of task and its number in a matrix
 
 
-def eval_matrix(rows: dict[str, dict[str, dict]], task_names: list[str], metric=METRIC) -> dict:
+def eval_matrix(rows: dict[str, dict[str, dict]], task_names: list[str], initial: dict | None = None,
+                metric=METRIC) -> dict:
     """Assemble E from per-step rows {step name: {task name: metrics}} (steps in order). "matrix" and "summary"
-    are retrieval's (metric); result[kind] = {metric, matrix, summary} for each kind of TASK_KINDS measured
-    (a cell is None where a task lacks that kind, e.g. a year without classification data, or where it is not
-    measured yet, e.g. while a grown run evaluates its old models on the new task)."""
-    matrix = [[rows[step].get(task, {}).get(metric) for task in task_names] for step in rows]
+    are retrieval's (metric); result[kind] = {metric, matrix, summary, initial} for each kind of TASK_KINDS
+    measured (a cell is None where a task lacks that kind, e.g. a year without classification data, or where it
+    is not measured yet, e.g. while a grown run evaluates its old models on the new task). initial: the row of
+    the model the run began with (--init), kept apart from E and its summary, so E stays steps x tasks.
+    result["static"]: the static tasks' numbers (static_number), row by row, the last row's mean as the paper's
+    Table 2 reports it: the tasks in rows that are not in task_names."""
+    cells = lambda row, kind_metric: [row.get(task, {}).get(kind_metric) for task in task_names]  # noqa: E731
+    matrix = [cells(rows[step], metric) for step in rows]
     result = {"metric": metric, "steps": list(rows), "tasks": task_names, "matrix": matrix,
               "summary": summarize(matrix), "results": rows}
+    if initial:
+        result["initial"] = initial
     for kind, kind_metric in TASK_KINDS.items():
-        cells = [[rows[step].get(task, {}).get(kind_metric) for task in task_names] for step in rows]
-        if any(v is not None for row in cells for v in row):
-            result[kind] = {"metric": kind_metric, "matrix": cells, "summary": summarize(cells)}
+        kind_matrix = [cells(rows[step], kind_metric) for step in rows]
+        if any(v is not None for row in kind_matrix for v in row):
+            result[kind] = {"metric": kind_metric, "matrix": kind_matrix, "summary": summarize(kind_matrix),
+                            "initial": cells(initial, kind_metric) if initial else None}
+    static = list(dict.fromkeys(t for row in rows.values() for t in row if t not in task_names))
+    if static:
+        numbers = [[static_number(rows[step].get(t)) for t in static] for step in rows]
+        last = [v for v in numbers[-1] if v is not None]
+        result["static"] = {"tasks": static, "numbers": numbers, "final_mean": sum(last) / len(last) if last else None,
+                            "initial": [static_number((initial or {}).get(t)) for t in static] if initial else None}
     return result
+
+
+def static_number(metrics: dict | None) -> float | None:
+    """The one number of a static task: mean R@1 for retrieval, top-1 for classification (the paper's Table 2)."""
+    return None if not metrics else metrics.get(METRIC, metrics.get("top1"))
+
+
+def read_results(path: str, step_names: list[str]) -> tuple[dict, dict | None]:
+    """(rows, initial row) of an eval_matrix.json, if there is one: the rows of these steps, in their order."""
+    if not os.path.exists(path):
+        return {}, None
+    with open(path) as f:
+        result = json.load(f)
+    return {name: result["results"][name] for name in step_names if name in result["results"]}, result.get("initial")
 
 
 def format_matrix(result: dict) -> str:
@@ -214,6 +357,8 @@ def format_matrix(result: dict) -> str:
             continue
         lines.append(f"{kind} evaluation matrix: {table['metric']} (%), row = model after step, column = task")
         lines.append(" " * 12 + "".join(f"{t:>{width}}" for t in tasks))
+        if table.get("initial"):  # the model the run began with: above the matrix, not in it
+            lines.append(f"{'initial':<12}" + "".join(fmt(v, width) for v in table["initial"]))
         for step, row in zip(result["steps"], table["matrix"]):
             lines.append(f"{'after ' + step:<12}" + "".join(fmt(v, width) for v in row))
         s = table["summary"]
@@ -228,6 +373,16 @@ def format_matrix(result: dict) -> str:
             classes = next(last[t]["classes"] for t in images)
             lines.append("images per task: " + ", ".join(f"{t} {n}" for t, n in images.items())
                          + f"; {classes} classes, chance top-1 = {100 / classes:.2f}%")
+    static = result.get("static")
+    if static:
+        width = max(8, *(len(t) + 1 for t in static["tasks"]))
+        lines.append("static tasks: top-1 (classification) or mean R@1 (retrieval) (%), row = model after step")
+        lines.append(" " * 12 + "".join(f"{t:>{width}}" for t in static["tasks"]))
+        if static["initial"]:
+            lines.append(f"{'initial':<12}" + "".join(fmt(v, width) for v in static["initial"]))
+        lines += [f"{'after ' + step:<12}" + "".join(fmt(v, width) for v in row)
+                  for step, row in zip(result["steps"], static["numbers"])]
+        lines.append(f"mean of the static tasks after the last step: {fmt(static['final_mean'])}")
     return "\n".join(lines)
 
 
@@ -268,12 +423,13 @@ def parse_flags(argv: list[str], defaults: dict) -> dict:
 
 CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=clip-tokenizer.json --data_root=ROOT "
                     "[--steps=2014-2016,2017,...] [--quick_gelu=auto|true|false] [--device=cpu|cuda] [--out=FILE.json]"
-                    " [--precision=bf16|fp32] [--shard_cmd='aws s3 cp s3://bucket/tic/{path} -']")
+                    " [--precision=bf16|fp32] [--shard_cmd='aws s3 cp s3://bucket/tic/{path} -'] [--static=NAME=PATH,...]")
 FLAGS = {"run": "", "checkpoint": "", "tokenizer": "", "data_root": "", "steps": "", "quick_gelu": "auto",
          "device": "cuda" if torch.cuda.is_available() else "cpu", "out": "",
          "precision": "",  # "": bf16 on CUDA, fp32 elsewhere
          "shard_cmd": "",  # stream the shards through this command (train.py's shard_cmd); --run: the run's own
-         "max_bad_fraction": 0.05}  # a task with more of its samples unreadable is not scored
+         "max_bad_fraction": 0.05,  # a task with more of its samples unreadable is not scored
+         "static": ""}  # static tasks, NAME=PATH,... (train.py's static); data_root/static/ is added; --run: the run's
 
 
 def format_row(row: dict[str, dict]) -> str:
@@ -281,7 +437,8 @@ def format_row(row: dict[str, dict]) -> str:
     lines = [f"{'task':<12}{'mean_R@1':>9}{'R@5':>7}{'R@10':>7}{'gallery':>9}{'top1':>8}{'top5':>8}{'images':>8}"]
     for task, m in row.items():
         cls = f"{m['top1']:>8.2f}{m['top5']:>8.2f}{m['class_samples']:>8}" if "top1" in m else ""
-        recalls = f"{m['mean_R@1']:>9.2f}{m['mean_R@5']:>7.2f}{m['mean_R@10']:>7.2f}{m['gallery']:>9}"
+        recalls = f"{m['mean_R@1']:>9.2f}{m['mean_R@5']:>7.2f}{m['mean_R@10']:>7.2f}{m['gallery']:>9}" \
+            if "mean_R@1" in m else " " * 32  # a static classification task: no retrieval
         lines.append(f"{task:<12}{recalls}{cls}")
     return "\n".join(lines)
 
@@ -302,7 +459,8 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
                          f"model has {cfg.vocab_size} with {cfg.eot_token_id}; pass the tokenizer the model was trained "
                          f"with (CLIP's: python tools/prepare.py clip-tokenizer)")
     step_years = data.parse_steps(args["data_root"], args["steps"], split="retrieval")
-    tasks = tasks_of(args["data_root"], step_years, args["shard_cmd"])
+    tasks = {**tasks_of(args["data_root"], step_years, args["shard_cmd"]),
+             **static_tasks(args["data_root"], args["static"])}
     print(f"{args['checkpoint']}: ViT {cfg.vision_layers}x{cfg.vision_width} at {cfg.image_px}px, patch {cfg.patch_px}; "
           f"text {cfg.text_layers}x{cfg.text_width}; {'QuickGELU' if cfg.quick_gelu else 'GELU'}; "
           f"{model.num_params() / 1e6:.1f}M parameters; {len(tasks)} tasks")
@@ -333,7 +491,9 @@ def main(argv):
     tokenizer = Tokenizer.load(os.path.join(run, "tokenizer.json"))
     # every model on the tasks of the newest checkpoint's steps: a run grown by a step adds a column to all rows
     last = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
-    tasks = tasks_of(last["config"]["data_root"], last["steps"], last["config"]["shard_cmd"])
+    config = last["config"]
+    tasks = {**tasks_of(config["data_root"], last["steps"], config["shard_cmd"]),
+             **static_tasks(config["data_root"], config["static"])}
     rows = {}
     for path in checkpoints:
         t0 = time.time()
@@ -342,7 +502,7 @@ def main(argv):
                                                   precision=args["precision"] or None,
                                                   max_bad_fraction=args["max_bad_fraction"])
         print(f"evaluated {path} in {time.time() - t0:.1f}s")
-    result = eval_matrix(rows, list(tasks))
+    result = eval_matrix(rows, [data.step_name(ys) for ys in last["steps"]])
     data.write_json(os.path.join(run, "eval_matrix.json"), result)
     print(format_matrix(result))
 

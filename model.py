@@ -14,6 +14,7 @@ VisionTransformer configured as CLIP's; the text tower is written out here, nano
 attention keeps OpenCLIP's parameter layout (one fused q,k,v projection with bias, then an output
 projection) so that OpenCLIP checkpoints map onto it name by name.
 """
+import json
 import math
 import os
 import zipfile
@@ -431,8 +432,10 @@ def load_checkpoint(path: str, quick_gelu: bool | None = None) -> tuple[CLIP, di
     """(model, what else the file holds) from one of train.py's checkpoints (stepNN.pt: the rest is its record:
     config, steps, samples seen, ...) or an existing CLIP ({} beside it): OpenAI's TorchScript archive
     (ViT-B-32.pt ...), an OpenCLIP state dict (.bin, .pt or .safetensors) or OpenCLIP training checkpoint
-    ({"state_dict": ...} with DDP's "module." prefix). quick_gelu None: True for OpenAI's archives, else False.
-    The one way this project reads a model from a file; the model comes in eval mode, on the CPU."""
+    ({"state_dict": ...} with DDP's "module." prefix). The activation cannot be read from weights: quick_gelu None
+    takes it from the file where it says (OpenAI's archives: QuickGELU; an open_clip_config.json beside the
+    weights), else assumes GELU, as OpenCLIP's own models, with a line saying so. The one way this project reads
+    a model from a file; the model comes in eval mode, on the CPU."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such checkpoint file; pass --checkpoint=FILE (an OpenCLIP or OpenAI CLIP)")
     if _is_torchscript(path):
@@ -455,4 +458,42 @@ def load_checkpoint(path: str, quick_gelu: bool | None = None) -> tuple[CLIP, di
         return model.eval(), {k: v for k, v in state_dict.items() if k != "model"}
     state_dict = state_dict.get("state_dict", state_dict)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if quick_gelu is None:
+        quick_gelu = _quick_gelu_beside(path)
+    if quick_gelu is None:
+        print(f"note: {path} does not say which activation its model uses; assuming GELU, as OpenCLIP's models; "
+              f"for OpenAI's weights (or an OpenCLIP -quickgelu model) pass --quick_gelu=true")
     return load_openclip_state_dict(state_dict, openclip_config(state_dict, bool(quick_gelu))), {}
+
+
+def _quick_gelu_beside(path: str) -> bool | None:
+    """quick_gelu as an open_clip_config.json beside the weights gives it (Hugging Face's layout, or export's)."""
+    config_path = os.path.join(os.path.dirname(path), "open_clip_config.json")
+    if not os.path.exists(config_path):
+        return None
+    with open(config_path) as f:
+        config = json.load(f)
+    return config.get("model_cfg", config).get("quick_gelu")
+
+
+def to_openclip(model: CLIP) -> tuple[dict, dict]:
+    """(OpenCLIP state dict, OpenCLIP model config) of our model: the key map read backwards, so that
+    open_clip.CLIP(**config) loads the state dict with strict=True and gives the same embeddings. The config names
+    every shape, so shapes that open_clip has no name for (tiny, another vocabulary) load too; text pooling is at
+    the end-of-text id ("eos"), or at the largest id where that is end-of-text, as in CLIP's vocabulary."""
+    cfg, ours = model.cfg, model.state_dict()
+    state_dict = {}
+    for name, theirs in openclip_key_map(cfg).items():
+        value = ours[name].detach().cpu()
+        value = value.t() if name in _TRANSPOSED else value
+        state_dict[theirs] = value.reshape(value.shape[_LEADING_DIMS.get(name, 0):]).contiguous()
+    text_pool = dict(pool_type="argmax") if cfg.eot_token_id == cfg.vocab_size - 1 else \
+        dict(pool_type="eos", eos_id=cfg.eot_token_id)
+    config = {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
+              "vision_cfg": {"image_size": cfg.image_px, "patch_size": cfg.patch_px, "width": cfg.vision_width,
+                             "layers": cfg.vision_layers, "head_width": cfg.vision_width // cfg.vision_heads,
+                             "mlp_ratio": cfg.mlp_ratio},
+              "text_cfg": {"context_length": cfg.context_tokens, "vocab_size": cfg.vocab_size,
+                           "width": cfg.text_width, "heads": cfg.text_heads, "layers": cfg.text_layers,
+                           "mlp_ratio": cfg.mlp_ratio, **text_pool}}
+    return state_dict, config

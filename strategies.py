@@ -8,8 +8,9 @@ tests a strategy's name):
   3. how many samples may it see?          budget_steps(t) x C, C = budget_samples per step;
   4. is anything added to the loss?        batch_loss(model, step): a term on every batch (LwF's distillation);
   5. is anything done after training?     end_of_step(model, step): an action on the trained model (patching).
-Questions 4 and 5 relate the model to the one before it, so they are asked from the second step on. Both
-report the compute they add (flops_per_sample, "flops"), so the FLOPs ledger counts it.
+Questions 4 and 5 relate the model to the one before it, so they are asked from the second step on (from the
+first, when the run begins from an existing model, --init: it is the one before). Both report the compute they
+add (flops_per_sample, "flops"), so the FLOPs ledger counts it.
 
     python train.py --strategy=sequential        # any name of STRATEGIES
 
@@ -77,6 +78,7 @@ class TimeStep:
     device: torch.device
     master: bool                   # rank 0, or the only process: the one that evaluates and writes
     distributed: bool              # under torchrun: every rank must end the step with the same weights
+    initial: dict | None = None    # state dict of the model the run began with (--init), or None: random init
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,13 @@ class Strategy:
                                          # loss_fn.flops_per_sample: a term added to every batch's loss
     end_of_step: Callable | None = None  # (model, step) -> {what it did, "flops": compute}: may change model
 
-    def first_step(self) -> tuple:
-        """What the first step is made of. With no model before it, every strategy starts it from random init
-        without a batch loss or end-of-step action, so data and budget decide it: strategies whose first steps
-        are equal train the same step-1 model (tools/compare.py trains it once for all of them)."""
-        return tuple(sorted(self.replay(0).items())), self.budget_steps(0)
+    def first_step(self, from_initial: bool = False) -> tuple:
+        """What the first step is made of. Every strategy starts it from the same model (random init, or the
+        initial model of --init), so data and budget decide it, and, from an initial model, the batch loss and the
+        end-of-step action, which then have a model before them: strategies whose first steps are equal train
+        the same step-1 model (tools/compare.py trains it once for all of them)."""
+        hooks = (self.batch_loss, self.end_of_step) if from_initial else ()
+        return tuple(sorted(self.replay(0).items())), self.budget_steps(0), *hooks
 
 
 # ----------------------------------------------------------------------------- lwf

@@ -109,7 +109,7 @@ def _render_samples(rng: np.random.Generator, n: int, shape_p: np.ndarray, image
     images = images.astype(np.float32)
     rgb = np.clip(np.array(list(COLOURS.values()))[colours] + colour_jitter, 0, 255).astype(np.float32)
     colour_names = list(COLOURS)
-    captions = []
+    captions, objects_named = [], []  # objects_named: each image's (colour, shape, position) per object, caption order
     for k in range(n):
         words = []
         for j in range(objects):
@@ -123,13 +123,15 @@ def _render_samples(rng: np.random.Generator, n: int, shape_p: np.ndarray, image
             words.append((colour_names[colours[k, j]], SHAPES[shapes[k, j]], POSITIONS[q]))
         if objects == 1:
             captions.append("a {} {} at {}".format(*words[0]))
+            objects_named.append(words)
             continue
         if swap[k]:  # the caption names the objects in random order
             words.reverse()
+        objects_named.append(words)
         (c0, s0, p0), (c1, s1, p1) = words
         captions.append(TEMPLATES[templates[k]].format(c0=c0, s0=s0, p0=p0, c1=c1, s1=s1, p1=p1))
     names = [[SHAPES[i] for i in row] for row in shapes]
-    return np.round(images).clip(0, 255).astype(np.uint8), captions, names
+    return np.round(images).clip(0, 255).astype(np.uint8), captions, names, objects_named
 
 
 def _write_year(folder: str, rng: np.random.Generator, year: int, first_index: int, n_samples: int,
@@ -140,7 +142,7 @@ def _write_year(folder: str, rng: np.random.Generator, year: int, first_index: i
     sizes = {}
     for shard, start in enumerate(range(0, n_samples, samples_per_shard)):
         n = min(samples_per_shard, n_samples - start)
-        images, captions, pairs = _render_samples(rng, n, shape_p, image_px, 1 if classification else 2)
+        images, captions, pairs, _ = _render_samples(rng, n, shape_p, image_px, 1 if classification else 2)
         name = f"{shard:06d}.tar"
         with tarfile.open(os.path.join(folder, name), "w", format=tarfile.USTAR_FORMAT) as tf:
             for k in range(n):
@@ -164,22 +166,25 @@ def _write_year(folder: str, rng: np.random.Generator, year: int, first_index: i
 def make_synthetic_benchmark(root: str, seed: int = 0, years=(2018, 2019, 2020, 2021, 2022),
                              train_samples_per_year: int = 8000, eval_samples_per_year: int = 1000,
                              image_px: int = 32, samples_per_shard: int = 1000,
-                             classification_samples_per_year: int = 500) -> None:
+                             classification_samples_per_year: int = 500, static_samples: int = 500) -> None:
     """Write the synthetic time-continual benchmark to root (train/YEAR, eval/retrieval/YEAR,
-    eval/classification/YEAR with classnames.txt and templates.txt, benchmark.json).
+    eval/classification/YEAR with classnames.txt and templates.txt, static/shapes and static/shape-pairs,
+    benchmark.json).
     Deterministic from seed; built in a temporary folder beside root and renamed, so root is whole or absent."""
     t0 = time.time()
     years = [int(y) for y in years]
     params = dict(seed=seed, years=years, train_samples_per_year=train_samples_per_year,
                   eval_samples_per_year=eval_samples_per_year, image_px=image_px, samples_per_shard=samples_per_shard,
-                  classification_samples_per_year=classification_samples_per_year)
+                  classification_samples_per_year=classification_samples_per_year, static_samples=static_samples)
     T = len(years)
     weights = {str(y): {s: shape_weight(s, i, T) for s in SHAPES} for i, y in enumerate(years)}
     meta = {"params": params, "chance_recall_at_1": 1 / eval_samples_per_year, "shape_weights": weights,
             "groups": {"stable": STABLE, "fading": FADING, "emerging": EMERGING},
             "debut_year": {s: years[debut_year_index(s, T)] for s in EMERGING if T > 1},
             "colours": list(COLOURS), "positions": POSITIONS, "templates": TEMPLATES,
-            "classnames": SHAPES, "class_templates": CLASS_TEMPLATES}
+            "classnames": SHAPES, "class_templates": CLASS_TEMPLATES,
+            "static": {"shapes": "classification of one stable shape, uniform over them",
+                       "shape-pairs": "retrieval of two stable shapes, each image with its three captions"}}
     meta = json.loads(json.dumps(meta))  # tuples -> lists, as they read back from the file
     root = os.path.normpath(root)
     if os.path.exists(root):
@@ -195,6 +200,7 @@ def make_synthetic_benchmark(root: str, seed: int = 0, years=(2018, 2019, 2020, 
         _write_year(os.path.join(tmp, "eval", "retrieval", str(year)), np.random.default_rng([seed, year, 1]), year,
                     train_samples_per_year, eval_samples_per_year, p / p.sum(), image_px, samples_per_shard)
     _write_classification(os.path.join(tmp, "eval", "classification"), meta)
+    _write_static(os.path.join(tmp, "static"), seed, static_samples, image_px)
     with open(os.path.join(tmp, "benchmark.json"), "w") as f:
         json.dump(meta, f, indent=1)
     try:
@@ -223,6 +229,38 @@ def _write_classification(folder: str, meta: dict) -> None:
     for name, lines in (("classnames.txt", meta["classnames"]), ("templates.txt", meta["class_templates"])):
         with open(os.path.join(folder, name), "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def _write_static(folder: str, seed: int, n: int, image_px: int) -> None:
+    """Two static tasks in clip_benchmark's webdataset format (evaluate.StaticTask), drawn from the stable shapes
+    alone, the same in every year: shapes/ (classify one shape) and shape-pairs/ (retrieve images of two shapes,
+    each with its caption in all three templates, one a line)."""
+    if not n:
+        return
+    p = np.array([float(s in STABLE) for s in SHAPES])
+    for name, objects, rng in (("shapes", 1, np.random.default_rng([seed, 0, 3])),
+                               ("shape-pairs", 2, np.random.default_rng([seed, 0, 4]))):
+        os.makedirs(os.path.join(folder, name, "test"))
+        images, _, _, objects_named = _render_samples(rng, n, p / p.sum(), image_px, objects)
+        with tarfile.open(os.path.join(folder, name, "test", "0.tar"), "w", format=tarfile.USTAR_FORMAT) as tf:
+            for k in range(n):
+                png = io.BytesIO()
+                Image.fromarray(images[k]).save(png, format="PNG", compress_level=1)
+                add_member(tf, f"{name}_{k:07d}.png", png.getvalue())
+                if objects == 1:
+                    add_member(tf, f"{name}_{k:07d}.cls", str(STABLE.index(objects_named[k][0][1])).encode())
+                else:
+                    (c0, s0, p0), (c1, s1, p1) = objects_named[k]
+                    text = "\n".join(t.format(c0=c0, s0=s0, p0=p0, c1=c1, s1=s1, p1=p1) for t in TEMPLATES)
+                    add_member(tf, f"{name}_{k:07d}.txt", text.encode())
+        files = {"test/nshards.txt": "1", "dataset_type.txt": "classification" if objects == 1 else "retrieval"}
+        if objects == 1:
+            files.update({"classnames.txt": "\n".join(STABLE),
+                          "zeroshot_classification_templates.txt": "\n".join(t.replace("{}", "{c}")
+                                                                             for t in CLASS_TEMPLATES)})
+        for path, text in files.items():
+            with open(os.path.join(folder, name, path), "w") as f:
+                f.write(text + "\n")
 
 
 def _check_existing_benchmark(root: str, meta: dict) -> None:

@@ -53,11 +53,16 @@ out_dir = ""                   # run directory; "" = runs/STRATEGY
 tokenizer = ""                 # a tokenizer.json; "" = train a byte-level BPE on the first step's captions
 vocab_size = 1024              # of the BPE trained when tokenizer = ""
 tokenizer_samples = 100_000    # captions of the first step used to train that BPE
+static = ""                    # static tasks (ImageNet, Flickr30k, ...), NAME=PATH,... in clip_benchmark's webdataset
+                               # format, scored after every step; data_root/static/NAME folders are added by name
 shard_cmd = ""                 # stream each shard from this command's stdout, {path} = the shard's path under data_root
                                # (e.g. "aws s3 cp s3://bucket/tic/{path} -"); data_root then holds the sizes.json
 # strategy and model
 strategy = "cumulative-all"    # one of strategies.STRATEGIES (its settings: strategies.SETTINGS)
 model = "tiny"                 # a preset name of model.PRESETS
+init = ""                      # start from this CLIP instead of random init (OpenAI, OpenCLIP, a stepNN.pt); its shape
+                               # replaces --model's, and --tokenizer must be the one it was trained with
+quick_gelu = "auto"            # --init's activation: auto (as the file says, else GELU with a note), true or false
 # budget and optimisation (DataComp's values; lr and warmup scaled for the tiny CPU run)
 budget_samples = 56_000        # C: samples seen per time step (oracle: t x C at step t); 7 epochs of a synthetic year
 batch_size = 64                # global, over all processes (smaller batches learn more per sample here: README)
@@ -120,6 +125,13 @@ def check_config(cfg: SimpleNamespace) -> None:
     for key, (ok, use) in ranges.items():  # nan fails every comparison, so it is refused too
         if not ok:
             raise SystemExit(f"error: --{key}={getattr(cfg, key)} is out of range; use {use}")
+    if cfg.quick_gelu not in ("auto", "true", "false"):
+        raise SystemExit(f"error: --quick_gelu={cfg.quick_gelu}: use auto, true (OpenAI's models) or false")
+    if cfg.init and not os.path.isfile(cfg.init):
+        raise SystemExit(f"error: --init={cfg.init}: no such file; pass an OpenAI or OpenCLIP CLIP, or a stepNN.pt")
+    if cfg.init and not (cfg.tokenizer or os.path.exists(os.path.join(os.path.dirname(cfg.init), "tokenizer.json"))):
+        raise SystemExit(f"error: --init needs the tokenizer its model was trained with: for OpenAI's and OpenCLIP's, "
+                         f"--tokenizer=clip-tokenizer.json (made by python tools/prepare.py clip-tokenizer)")
     if cfg.shard_cmd and "{path}" not in cfg.shard_cmd:
         raise SystemExit(f"error: --shard_cmd={cfg.shard_cmd!r} has no {{path}} for the shard's path under data_root")
     check_device(cfg.device)
@@ -188,8 +200,8 @@ def start_world(cfg: SimpleNamespace) -> World:
 
 
 def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]], list[list[data.Part]], dict]:
-    """Each time step's year folders, its training data (a Part per year) and the evaluation tasks of every step.
-    The built-in benchmark is generated on first use."""
+    """Each time step's year folders, its training data (a Part per year), and the evaluation tasks: every step's,
+    then the static ones, by name. The built-in benchmark is generated on first use."""
     if world.master and cfg.data_root == os.path.abspath(SYNTH_ROOT):
         synthetic.make_synthetic_benchmark(cfg.data_root)
     world.barrier()
@@ -199,15 +211,21 @@ def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]],
     step_years = data.parse_steps(cfg.data_root, cfg.steps)
     step_data = [[data.Part(y, data.year_shards(cfg.data_root, y, shard_cmd=cfg.shard_cmd)) for y in ys]
                  for ys in step_years]
-    return step_years, step_data, evaluate.tasks_of(cfg.data_root, step_years, cfg.shard_cmd)
+    tasks = evaluate.tasks_of(cfg.data_root, step_years, cfg.shard_cmd)
+    static = evaluate.static_tasks(cfg.data_root, cfg.static)
+    if tasks.keys() & static.keys():
+        raise SystemExit(f"error: a static task is named as a time step ({', '.join(tasks.keys() & static.keys())}); "
+                         f"rename it in --static or in {cfg.data_root}/static")
+    return step_years, step_data, {**tasks, **static}
 
 
 def load_tokenizer(run_dir: str, cfg: SimpleNamespace, first_years: list[str], world: World) -> data.Tokenizer:
     """RUN/tokenizer.json, fixed for the whole run as CLIP's vocabulary is; made on first use from --tokenizer, or
     trained on the first step's captions."""
     path = os.path.join(run_dir, "tokenizer.json")
-    if world.master and not os.path.exists(path) and cfg.tokenizer:
-        data.Tokenizer.load(cfg.tokenizer).save(path)
+    given = cfg.tokenizer or (os.path.join(os.path.dirname(cfg.init), "tokenizer.json") if cfg.init else "")
+    if world.master and not os.path.exists(path) and given:  # a stepNN.pt as --init: its run's tokenizer
+        data.Tokenizer.load(given).save(path)
     elif world.master and not os.path.exists(path):
         captions = data.first_captions(cfg.data_root, first_years, cfg.tokenizer_samples, cfg.shard_cmd)
         data.Tokenizer.train(captions, cfg.vocab_size).save(path)
@@ -233,6 +251,24 @@ def prepare_run_dir(run_dir: str, world: World) -> None:
                 print(f"{folder}: removed {len(removed)} temporary file(s) that killed processes left "
                       f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
     world.barrier()
+
+
+def load_initial(cfg: SimpleNamespace, tokenizer: data.Tokenizer, world: World) -> CLIP | None:
+    """The model --init names, which the run starts from, or None: its shape, activation, context length and
+    end-of-text id come from the file (--model is ignored, with a line saying so)."""
+    if not cfg.init:
+        return None
+    model, _ = load_checkpoint(cfg.init, {"auto": None, "true": True, "false": False}[cfg.quick_gelu])
+    shape = model.cfg
+    if tokenizer.vocab_size > shape.vocab_size or tokenizer.eot_id != shape.eot_token_id:
+        raise SystemExit(f"error: the tokenizer has {tokenizer.vocab_size} ids with end-of-text {tokenizer.eot_id}, "
+                         f"but --init's model has {shape.vocab_size} with {shape.eot_token_id}; pass --tokenizer= "
+                         f"the one it was trained with (CLIP's: python tools/prepare.py clip-tokenizer)")
+    if world.master:
+        print(f"init {cfg.init}: ViT {shape.vision_layers}x{shape.vision_width} at {shape.image_px} px, patch "
+              f"{shape.patch_px}; text {shape.text_layers}x{shape.text_width}, {shape.context_tokens} tokens; "
+              f"{'QuickGELU' if shape.quick_gelu else 'GELU'} (--model is ignored: the shape is the file's)")
+    return model
 
 
 def run_log(run_dir: str, world: World):
@@ -396,7 +432,7 @@ class StepState:
                 "nonfinite": int(self.nonfinite), "nonfinite_in_row": int(self.in_row), "train_s": self.seconds(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None}
-        data.write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+        data.write_atomic(path, lambda f: torch.save(ckpt, f))
         for old in resume_checkpoints(run_dir, t)[cfg.keep_checkpoints:]:
             os.remove(old)
         return path
@@ -424,11 +460,14 @@ def lr_at(it: int, n_iters: int, warmup: int, lr_peak: float) -> float:
 
 
 def start_model(strategy: strategies.Strategy, step: strategies.TimeStep, model_cfg: CLIPConfig) -> CLIP:
-    """A fresh random init, or the model the step before ended with when the strategy warm-starts."""
+    """The model the step before ended with, when the strategy warm-starts; otherwise the initial model (--init),
+    or a fresh random init."""
     torch.manual_seed(step.config.seed + step.t)
     model = CLIP(model_cfg)
     if strategy.warm_start and step.previous is not None:
         model.load_state_dict(step.previous)  # weights and logit scale; optimizer and schedule restart
+    elif step.initial is not None:  # restart and oracle restart from the model the run began with
+        model.load_state_dict(step.initial)
     model.to(step.device)
     model.set_grad_checkpointing(step.config.grad_checkpointing)
     return model
@@ -538,11 +577,24 @@ def announce_step(step: strategies.TimeStep, strategy: strategies.Strategy, part
     n_iters, batch = budget // step.config.batch_size, step.config.batch_size
     mix = ", ".join(f"{p.name} {p.n_samples:.0f}" + (f" ({100 * p.keep_fraction:.0f}%)" if p.keep_fraction < 1 else "")
                     for p in parts)
-    start = "warm start" if strategy.warm_start and step.previous is not None else "random init"
+    start = "warm start" if strategy.warm_start and step.previous is not None else \
+        "the initial model" if step.initial is not None else "random init"
     print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): {start}, budget {n_iters * batch} "
           f"samples ({n_iters} iters), data: {mix}")
     log({"event": "step_start", "time_step": step.t + 1, "step": step.step_names[step.t],
          "mix": {p.name: p.n_samples for p in parts}, "budget_samples": n_iters * batch})
+
+
+def score(model: CLIP, row: dict | None, tasks: dict, tokenizer: data.Tokenizer, cfg: SimpleNamespace,
+          world: World) -> dict:
+    """A row of the evaluation matrix: row (measured earlier) completed with the tasks it lacks, all of them for a
+    new row (rank 0 evaluates; the other ranks return row as it is)."""
+    row = dict(row or {})
+    todo = {task_name: task for task_name, task in tasks.items() if task_name not in row}
+    if world.master and todo:
+        row.update(evaluate.evaluate_step(model, todo, tokenizer, world.device, cfg.eval_batch, cfg.precision,
+                                          max_bad_fraction=cfg.max_bad_fraction, max_image_pixels=cfg.max_image_pixels))
+    return row
 
 
 def save_step(path: str, model: CLIP, step: strategies.TimeStep, record: dict, world: World) -> None:
@@ -550,19 +602,22 @@ def save_step(path: str, model: CLIP, step: strategies.TimeStep, record: dict, w
     if world.master:
         ckpt = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                 "model_config": asdict(model.cfg), "config": vars(step.config), **record}
-        data.write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+        data.write_atomic(path, lambda f: torch.save(ckpt, f))
         StepState.clear(os.path.dirname(path), step.t)
 
 
 def report_step(step: strategies.TimeStep, record: dict, row: dict, log) -> None:
     """The step's line: samples, time, compute, R@1 per task, and what it skipped (rank 0)."""
     faults, nonfinite = record["faults"], record["nonfinite"]
-    cells = " ".join(f"{task} {m[evaluate.METRIC]:.1f}" for task, m in row.items())
+    cells = " ".join(f"{task} {m[evaluate.METRIC]:.1f}" for task, m in row.items() if task in step.step_names)
+    static = " ".join(f"{task} {evaluate.static_number(m):.1f}" for task, m in row.items()
+                      if task not in step.step_names)
     health = "".join([f"; skipped {faults['bad_samples']} of {faults['samples']} samples read "
                       f"({fault_summary(faults)})" if faults.get("bad_samples") else "",
                       f"; {nonfinite} non-finite losses (updates skipped)" if nonfinite else ""])
     print(f"step {step.t + 1}/{len(step.step_names)} ({record['step_name']}): {record['samples_seen']} samples in "
-          f"{record['train_s']:.0f}s, {record['flops']:.3g} FLOPs; {evaluate.METRIC} per task: {cells}{health}")
+          f"{record['train_s']:.0f}s, {record['flops']:.3g} FLOPs; {evaluate.METRIC} per task: {cells}"
+          f"{'; static tasks: ' + static if static else ''}{health}")
     log({"event": "step_end", "time_step": step.t + 1, "step": record["step_name"],
          **{k: record[k] for k in ("samples_seen", "flops", "train_s", "end_of_step", "faults", "nonfinite")},
          "eval": row})
@@ -580,19 +635,24 @@ def main(argv):
     step_years, step_data, tasks = load_benchmark(cfg, world)
     names = [data.step_name(ys) for ys in step_years]
     tokenizer = load_tokenizer(run_dir, cfg, step_years[0], world)
-    model_cfg = make_config(cfg.model, vocab_size=tokenizer.vocab_size, eot_token_id=tokenizer.eot_id)
+    initial_model = load_initial(cfg, tokenizer, world)  # an existing CLIP to start from (--init), or None
+    model_cfg = initial_model.cfg if initial_model else make_config(cfg.model, vocab_size=tokenizer.vocab_size,
+                                                                    eot_token_id=tokenizer.eot_id)
     log = run_log(run_dir, world)
     if world.master:
         print(f"run {run_dir}: strategy {cfg.strategy}, model {cfg.model}, {len(names)} steps ({', '.join(names)}), "
               f"{world.size} process(es) on {world.device.type}, global batch {cfg.batch_size}")
         log({"event": "config", "config": vars(cfg), "model_config": asdict(model_cfg)})
     matrix_path = os.path.join(run_dir, "eval_matrix.json")
-    rows = json.load(open(matrix_path))["results"] if os.path.exists(matrix_path) else {}  # {step: {task: metrics}}
-    rows = {name: rows[name] for name in names if name in rows}  # in step order; a step no longer in --steps goes
-    previous = None  # state dict of the model after the previous step (a warm start, lwf's teacher, patching)
+    rows, initial_row = evaluate.read_results(matrix_path, names)  # what an earlier run of this command measured
+    initial = None  # its weights: the first step's warm start, and where restart and oracle restart from
+    if initial_model:  # measured first: a row of its own, outside ID and the transfers
+        initial_row = score(initial_model.to(world.device), initial_row, tasks, tokenizer, cfg, world)
+        initial = {k: v.detach().cpu() for k, v in initial_model.cpu().state_dict().items()}
+    previous = initial  # the model after the step before: a warm start, lwf's teacher, patching's partner
     for t, name in enumerate(names):
         step = strategies.TimeStep(t, names, step_data, previous, cfg, tokenizer, world.device, world.master,
-                                   world.distributed)
+                                   world.distributed, initial)
         path = evaluate.step_checkpoint(run_dir, t)
         done = os.path.exists(path)
         if done:  # in an earlier run of this command
@@ -632,19 +692,15 @@ def main(argv):
             save_step(path, model, step, record, world)
         previous = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         # 5. evaluate on every step's task (a step done earlier: on the tasks a grown run has added since)
-        row = rows.get(name, {}) if done else {}
-        todo = {task_name: task for task_name, task in tasks.items() if task_name not in row}
-        if world.master and todo:
-            rows[name] = {**row, **evaluate.evaluate_step(model, todo, tokenizer, world.device, cfg.eval_batch,
-                                                          cfg.precision, max_bad_fraction=cfg.max_bad_fraction,
-                                                          max_image_pixels=cfg.max_image_pixels)}
-            data.write_json(matrix_path, evaluate.eval_matrix(rows, list(tasks)))
+        rows[name] = score(model, rows.get(name) if done else None, tasks, tokenizer, cfg, world)
+        if world.master:
+            data.write_json(matrix_path, evaluate.eval_matrix(rows, names, initial_row))
         if not done:
             if world.master:
                 report_step(step, record, rows[name], log)
             world.barrier()
     if world.master:
-        print(evaluate.format_matrix(evaluate.eval_matrix(rows, list(tasks))))
+        print(evaluate.format_matrix(evaluate.eval_matrix(rows, names, initial_row)))
         print(f"checkpoints, log.jsonl and eval_matrix.json in {run_dir}")
     world.finish()
 

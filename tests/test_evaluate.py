@@ -1,7 +1,7 @@
 """Retrieval metrics against a brute-force reference, and the evaluation-matrix summary."""
 import torch
 
-from evaluate import recall_at_k, summarize
+from evaluate import recall_any_at_k, recall_at_k, summarize
 
 
 def brute_force_recall(queries, gallery, k):
@@ -43,3 +43,24 @@ def test_summary_of_matrix():
     assert s["backward_transfer"] == (8.0 + 6.0 + 7.0) / 3
     assert s["forward_transfer"] == (1.0 + 2.0 + 3.0) / 3
     assert summarize([[5.0]]) == {"id": 5.0, "backward_transfer": None, "forward_transfer": None}
+
+
+def test_any_caption_recall_against_brute_force_with_the_third_of_five_captions_matching():
+    images = torch.eye(4)[:3]  # 3 images, 5 captions each: caption j belongs to image j // 5
+    owner = torch.arange(15) // 5
+    captions = torch.full((15, 4), 0.0)
+    captions[:, 3] = 1.0  # every caption points away from every image ...
+    captions[2] = images[0]  # ... but image 0's third caption is image 0 itself
+    captions[10] = 0.5 * images[1] + images[2]  # image 2's first caption: closer to image 2 than to image 1
+    i2t = recall_any_at_k(images, captions, owner, ks=(1, 5))
+    assert i2t[1] == 2 / 3  # image 0 by its 3rd caption, image 2 by its 1st; image 1's captions all tie at 0: a miss
+    t2i = recall_at_k(captions, images, ks=(1,), match=owner)
+    assert t2i[1] == 2 / 15  # per caption: only caption 2 (image 0) and caption 10 (image 2) find their image
+    g = torch.Generator().manual_seed(0)  # and against a brute force over random, tied scores
+    q, gallery = torch.randint(-1, 2, (9, 3), generator=g).float(), torch.randint(-1, 2, (30, 3), generator=g).float()
+    own = torch.randint(0, 9, (30,), generator=g)
+    for k in (1, 5):
+        hits = sum(sum(1 for j in range(30) if own[j] != i and gallery[j] @ q[i] >= max(
+            (gallery[m] @ q[i] for m in range(30) if own[m] == i), default=float("inf"))) < k for i in range(9)
+                   if (own == i).any())
+        assert recall_any_at_k(q, gallery, own, ks=(k,), chunk_queries=4)[k] == hits / 9

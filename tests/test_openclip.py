@@ -6,6 +6,7 @@ CLIP's vocabulary file that ships inside it; no pretrained weights are downloade
 
     python -m pytest -q tests/test_openclip.py
 """
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import data
 import evaluate
 import prepare
 import synthetic
-from conftest import REPO
+from conftest import REPO, train_in_process
 from model import load_checkpoint, load_openclip_state_dict, make_config, openclip_config
 
 
@@ -192,3 +193,74 @@ def test_evaluate_checkpoint_scores_as_open_clip(tmp_path, clip_tokenizer, capsy
             predicted = (F.normalize(theirs.encode_image(images), dim=-1) @ classifier.t()).argmax(1)
             assert row[year]["top1"] == pytest.approx(100 * (predicted == torch.tensor(labels)).float().mean().item())
             assert row[year]["gallery"] == 24 and row[year]["class_samples"] == 40
+
+
+# ----------------------------------------------------------------------------- --init, and back to open_clip
+def test_an_unstated_activation_is_assumed_gelu_with_a_note_and_a_config_beside_settles_it(tmp_path, capsys):
+    torch.save(tiny_openclip(quick_gelu=True).state_dict(), tmp_path / "model.pt")
+    assert not load_checkpoint(str(tmp_path / "model.pt"))[0].cfg.quick_gelu
+    note = capsys.readouterr().out
+    assert "does not say which activation its model uses; assuming GELU" in note and "--quick_gelu=true" in note
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
+    assert load_checkpoint(str(tmp_path / "model.pt"))[0].cfg.quick_gelu
+    assert "does not say" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_from_an_openclip_model_with_lr_0_keeps_it_and_scores_it_first(tmp_path, clip_tokenizer):
+    root = str(tmp_path / "bench")
+    synthetic.make_synthetic_benchmark(root, years=(2020, 2021), train_samples_per_year=64, eval_samples_per_year=24,
+                                       classification_samples_per_year=0, samples_per_shard=32)
+    init = tmp_path / "init" / "model.pt"  # QuickGELU, as OpenAI's models, said by the config beside it
+    init.parent.mkdir()
+    torch.save(tiny_openclip(quick_gelu=True).state_dict(), init)
+    (init.parent / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
+    clip_tokenizer.save(str(tmp_path / "tok.json"))
+    run = tmp_path / "run"
+    train_in_process([f"--data_root={root}", f"--out_dir={run}", f"--init={init}", f"--tokenizer={tmp_path}/tok.json",
+                      "--strategy=restart", "--lr=0", "--budget_samples=32", "--batch_size=16", "--workers=0",
+                      "--eval_batch=32", "--log_interval=100", "--warmup_iters=1", "--warmup_iters_later=1"])
+    initial, _ = load_checkpoint(str(init))
+    assert initial.cfg.quick_gelu and initial.cfg.context_tokens == 16 and initial.cfg.vocab_size == 49408
+    for step in (1, 2):  # at lr 0 nothing moves, and restart starts every step from the initial model
+        weights = torch.load(run / f"step0{step}.pt", weights_only=True)["model"]
+        assert all(torch.equal(weights[k], v) for k, v in initial.state_dict().items())
+    result = json.load(open(run / "eval_matrix.json"))
+    alone = evaluate.main([f"--checkpoint={init}", f"--tokenizer={tmp_path}/tok.json", f"--data_root={root}",
+                           "--device=cpu"])
+    assert result["initial"] == alone  # the initial row is the model scored as evaluate.py scores it
+    assert result["matrix"] == [[alone[t]["mean_R@1"] for t in ("2020", "2021")]] * 2  # and no step changed it
+    assert result["summary"]["id"] == alone["2020"]["mean_R@1"] / 2 + alone["2021"]["mean_R@1"] / 2
+
+
+@pytest.mark.parametrize("vocabulary", ["clip", "bpe"])
+def test_an_exported_model_loads_into_open_clip_strictly_with_the_same_embeddings(tmp_path, vocabulary):
+    import export
+    from dataclasses import asdict
+    from model import CLIP
+    if vocabulary == "clip":  # CLIP's vocabulary: open_clip pools at the largest id, end-of-text
+        ours, _ = load_checkpoint(_saved(tmp_path, tiny_openclip(quick_gelu=True)), quick_gelu=True)
+    else:  # a vocabulary of our own, end-of-text id 2: open_clip pools at that id ("eos")
+        torch.manual_seed(0)
+        ours = CLIP(make_config("tiny", vocab_size=300, eot_token_id=2)).eval()
+    path = tmp_path / "run" / "step01.pt"
+    path.parent.mkdir()
+    torch.save({"model": ours.state_dict(), "model_config": asdict(ours.cfg)}, path)
+    (path.parent / "tokenizer.json").write_text("{}")
+    export.main([str(path), f"--out={tmp_path / 'exported'}"])
+    theirs = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}").eval()  # loads its weights strictly
+    assert (tmp_path / "exported" / "tokenizer.json").exists()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, ours.cfg.image_px, ours.cfg.image_px, generator=g)
+    tokens = torch.randint(3, ours.cfg.vocab_size - 1, (2, ours.cfg.context_tokens), generator=g)
+    tokens[:, 9] = ours.cfg.eot_token_id
+    with torch.no_grad():
+        assert (theirs.encode_image(images) - ours.encode_image(images)).abs().max() < 1e-5
+        assert (theirs.encode_text(tokens) - ours.encode_text(tokens)).abs().max() < 1e-5
+    missing, unexpected = theirs.load_state_dict(torch.load(tmp_path / "exported" / "open_clip_pytorch_model.bin"))
+    assert not missing and not unexpected
+
+
+def _saved(folder, openclip_model) -> str:
+    torch.save(openclip_model.state_dict(), folder / "openclip.pt")
+    return str(folder / "openclip.pt")

@@ -293,3 +293,81 @@ def test_evaluation_rows_and_matrix_hold_both_kinds(bench, model_and_tokenizer, 
     text = evaluate.format_matrix(result)
     assert "retrieval evaluation matrix" in text and "classification evaluation matrix: top1" in text
     assert "n/a" in text and "16 classes" in text
+
+
+# ----------------------------------------------------------------------------- static tasks, TiC's own eval layout
+def write_wds_task(folder, kind, samples, classnames=None):
+    """A task in clip_benchmark's webdataset format: test/0.tar and test/nshards.txt, dataset_type.txt, and for
+    classification classnames.txt and zeroshot_classification_templates.txt ({c} for the class name)."""
+    (folder / "test").mkdir(parents=True)
+    label = (lambda i, y: (f"s{i}.cls", str(y).encode())) if kind == "classification" else \
+        (lambda i, y: (f"s{i}.txt", "\n".join(y).encode()))
+    write_tar(folder / "test" / "0.tar", [m for i, (img, y) in enumerate(samples) for m in ((f"s{i}.png", img),
+                                                                                           label(i, y))])
+    (folder / "test" / "nshards.txt").write_text("1\n")
+    (folder / "dataset_type.txt").write_text(kind + "\n")
+    if classnames:
+        (folder / "classnames.txt").write_text("\n".join(classnames))
+        (folder / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na {c}")
+
+
+def test_static_tasks_score_as_computed_directly(tmp_path, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    cpu, images = torch.device("cpu"), [image_bytes("PNG", v) for v in range(0, 250, 25)]  # 10 greys
+    classes = ["red circle", "blue moon", "white star"]
+    write_wds_task(tmp_path / "cls", "classification", [(im, i % 3) for i, im in enumerate(images)], classes)
+    captions = [[f"a picture number {i} of {j} {w}" for j, w in enumerate(["red", "blue", "white", "moon", "star"])]
+                for i in range(len(images))]
+    write_wds_task(tmp_path / "ret", "retrieval", list(zip(images, captions)))
+    tasks = evaluate.static_tasks(str(tmp_path / "no_root"), f"cls={tmp_path / 'cls'},ret={tmp_path / 'ret'}")
+    assert tasks["cls"].templates == ["a photo of a {}.", "a {}"] and tasks["ret"].kind == "retrieval"
+    row = evaluate.evaluate_step(model, tasks, tok, cpu, batch_samples=4)
+    with torch.no_grad():  # the same numbers, computed directly
+        pixels = torch.stack([data.ImageTransform(32, False)(Image.open(io.BytesIO(im))) for im in images])
+        img = F.normalize(model.encode_image(pixels), dim=-1)
+        classifier = evaluate.zero_shot_classifier(model, classes, ["a photo of a {}.", "a {}"], tok, cpu)
+        predicted, labels = (img @ classifier).argmax(1), torch.arange(10) % 3
+        per_class = [(predicted[labels == c] == c).float().mean().item() for c in range(3)]
+        flat = [c for cs in captions for c in cs]
+        txt = F.normalize(model.encode_text(tok(flat, model.cfg.context_tokens)), dim=-1)
+        owner, scores = [j // 5 for j in range(len(flat))], img @ txt.t()
+    i2t = sum(sum(float(scores[i, j]) >= max(float(scores[i, m]) for m in range(50) if owner[m] == i)
+                  for j in range(50) if owner[j] != i) < 1 for i in range(10)) / 10
+    t2i = sum(sum(float(scores[m, j]) >= float(scores[owner[j], j]) for m in range(10) if m != owner[j]) < 1
+              for j in range(50)) / 50
+    assert row["cls"]["top1"] == pytest.approx(100 * (predicted == labels).float().mean().item())
+    assert row["cls"]["mean_per_class_recall"] == pytest.approx(100 * sum(per_class) / 3)
+    assert row["ret"]["i2t_R@1"] == pytest.approx(100 * i2t) and row["ret"]["t2i_R@1"] == pytest.approx(100 * t2i)
+    assert row["ret"]["mean_R@1"] == pytest.approx(50 * (i2t + t2i)) and row["ret"]["captions"] == 50
+    result = evaluate.eval_matrix({"2018": {"2018": {"mean_R@1": 1.0, "gallery": 1}, **row}}, ["2018"])
+    assert result["matrix"] == [[1.0]] and result["static"]["tasks"] == ["cls", "ret"]  # static: outside E
+    assert result["static"]["numbers"] == [[row["cls"]["top1"], row["ret"]["mean_R@1"]]]
+    assert result["static"]["final_mean"] == pytest.approx((row["cls"]["top1"] + row["ret"]["mean_R@1"]) / 2)
+    assert "static tasks: top-1 (classification) or mean R@1 (retrieval)" in evaluate.format_matrix(result)
+    (tmp_path / "multi").mkdir()
+    (tmp_path / "multi" / "test").mkdir()
+    (tmp_path / "multi" / "test" / "nshards.txt").write_text("0")
+    (tmp_path / "multi" / "dataset_type.txt").write_text("multilabel")
+    with pytest.raises(SystemExit, match="'multilabel' tasks are not scored here"):
+        evaluate.static_task(str(tmp_path / "multi"))
+
+
+def test_tic_datacompnet_as_released_and_an_unknown_eval_folder(tmp_path, capsys):
+    root = tmp_path / "tic"
+    for split in ("retrieval", "datacompnet"):  # year folders as ml-tic-clip's convert_wds.sh leaves them
+        folder = root / "eval" / split / "2016"
+        folder.mkdir(parents=True)
+        write_tar(folder / "0.tar", [m for i in range(3) for m in (
+            (f"k{i}.jpg", image_bytes("JPEG")), (f"k{i}.txt", b"a caption") if split == "retrieval" else
+            (f"k{i}.cls", str(i % 2).encode()))])
+        (folder / "nshards.txt").write_text("1")
+        (folder / "count.txt").write_text("3")
+        (folder / "0.json").write_text("{}")
+    (root / "eval" / "datacompnet" / "2016" / "classnames.txt").write_text("cat\ndog")
+    (root / "eval" / "datacompnet" / "2016" / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.")
+    (root / "eval" / "imagenet").mkdir()
+    tasks = evaluate.tasks_of(str(root), [["2016"]])
+    assert "eval/imagenet: not an evaluation folder this program reads" in capsys.readouterr().err
+    task = tasks["2016"]
+    assert [n for _, n in task.classification] == [3] and task.classnames == ["cat", "dog"]
+    assert task.templates == ["a photo of a {}."] and [n for _, n in task.retrieval] == [3]

@@ -69,9 +69,11 @@ def run_record(run_dir: str) -> dict:
     ckpts = [torch.load(path, map_location="cpu", weights_only=True) for path in step_checkpoints(run_dir)]
     result = json.load(open(os.path.join(run_dir, "eval_matrix.json")))
     final_row = result["matrix"][-1]
+    static = result.get("static") or {"tasks": [], "numbers": [[]], "final_mean": None}
     return {"samples": sum(c["samples_seen"] for c in ckpts), "flops": sum(c["flops"] for c in ckpts),
             **result["summary"], "final_mean": sum(final_row) / len(final_row), "matrix": result["matrix"],
-            "tasks": result["tasks"]}
+            "tasks": result["tasks"], "static_mean": static["final_mean"],
+            **{f"static:{t}": v for t, v in zip(static["tasks"], static["numbers"][-1])}}
 
 
 def mean(xs):
@@ -80,10 +82,13 @@ def mean(xs):
 
 
 def make_table(records: dict[str, list[dict]]) -> tuple[list[dict], str]:
-    """Mean over seeds per strategy, compute relative to oracle where oracle was run."""
-    keys = ["samples", "flops", "id", "backward_transfer", "forward_transfer", "final_mean"]
-    rows = [{"strategy": name, "seeds": len(recs), **{k: mean([r[k] for r in recs]) for k in keys},
-             "per_seed": {k: [r[k] for r in recs] for k in keys[2:]}} for name, recs in records.items()]
+    """Mean over seeds per strategy, compute relative to oracle where oracle was run; the static tasks of the
+    final model, and their mean, where the runs had static tasks (the paper's Table 2)."""
+    static = list(dict.fromkeys(k for recs in records.values() for r in recs for k in r if k.startswith("static:")))
+    keys = ["samples", "flops", "id", "backward_transfer", "forward_transfer", "final_mean",
+            *(static + ["static_mean"] if static else [])]
+    rows = [{"strategy": name, "seeds": len(recs), **{k: mean([r.get(k) for r in recs]) for k in keys},
+             "per_seed": {k: [r.get(k) for r in recs] for k in keys[2:]}} for name, recs in records.items()]
     oracle = next((r for r in rows if r["strategy"] == "oracle"), None)
 
     def fmt(r, key):  # the mean, and the spread over seeds (half the range) where there are several
@@ -92,14 +97,16 @@ def make_table(records: dict[str, list[dict]]) -> tuple[list[dict], str]:
             return "n/a"
         spread = (max(values) - min(values)) / 2
         return f"{r[key]:.2f}" + (f" ± {spread:.2f}" if len(values) > 1 else "")
-    lines = ["| strategy | seeds | samples | FLOPs | compute vs oracle | ID | backward | forward | final model, all tasks |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    extra = [k.removeprefix("static:") for k in static] + ["static mean"] if static else []
+    lines = ["| strategy | seeds | samples | FLOPs | compute vs oracle | ID | backward | forward | final model, all "
+             "tasks |" + "".join(f" {name} |" for name in extra),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
     for r in rows:
         r["relative_compute"] = r["flops"] / oracle["flops"] if oracle else None
         relative = "n/a" if oracle is None else f"{r['relative_compute']:.2f}x"
         lines.append(f"| {r['strategy']} | {r['seeds']} | {r['samples']:,.0f} | {r['flops']:.3g} | {relative} | "
                      f"{fmt(r, 'id')} | {fmt(r, 'backward_transfer')} | {fmt(r, 'forward_transfer')} | "
-                     f"{fmt(r, 'final_mean')} |")
+                     f"{fmt(r, 'final_mean')} |" + "".join(f" {fmt(r, k)} |" for k in keys[6:]))
     return rows, "\n".join(lines)
 
 
@@ -184,7 +191,8 @@ def main(argv):
                 if finished(run_dir):
                     records[name].append(run_record(run_dir))
                 continue
-            first = strategies.STRATEGIES[name].first_step()
+            first = strategies.STRATEGIES[name].first_step(from_initial=any(a.startswith("--init=") and a != "--init="
+                                                                            for a in train_args))
             run_strategy(name, seed, run_dir, trained_first.get(first), opts["nproc"], train_args)
             trained_first.setdefault(first, run_dir)
             records[name].append(run_record(run_dir))

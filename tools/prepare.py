@@ -11,9 +11,10 @@ puts the source's extra columns: the first of TIME_FIELDS present (or --time_fie
 key with the seed falls below eval_fraction, to the held-out DST/eval/retrieval/YEAR/ (--by=month: YYYYMM
 folders), in shards of at most samples_per_shard with a sizes.json each. Every sample lands in exactly one
 place, or is skipped and counted: one without a usable time (--on_missing_time=error stops there instead), or
-one whose key its time folder holds already (the first is kept); the counts in and out are printed and checked. The output is built beside DST and renamed at the end,
-so DST is whole or absent. The held-out hash is independent of the replay-buffer and validation hashes
-(data.keep_sample with other seeds), so held-out pairs do not bias which training pairs a buffer keeps.
+one whose key its time folder holds already (the first is kept); the counts in and out are printed and checked.
+The output is built beside DST and renamed at the end, so DST is whole or absent. The held-out hash is
+independent of the replay-buffer and validation hashes (data.keep_sample with other seeds), so held-out pairs
+do not bias which training pairs a buffer keeps. Member names that are absolute or hold ".." are skipped too.
 
 clip-tokenizer writes CLIP's tokenizer (OpenAI's vocabulary, as open_clip's SimpleTokenizer) for the
 `tokenizers` package: byte-level BPE with "</w>" ending each word, split by CLIP's regex, with

@@ -1,0 +1,53 @@
+"""
+Hand a model back to OpenCLIP: a run's step checkpoint (or any CLIP this project loads) as a folder that
+open_clip builds and loads with strict=True, the run's tokenizer beside it.
+
+    python tools/export.py runs/cumulative-all/step05.pt --out=exported
+    python -c "import open_clip; model, _, preprocess = open_clip.create_model_and_transforms('local-dir:exported')"
+
+The folder holds open_clip_config.json (every shape, so shapes open_clip has no name for load too, and the
+preprocessing: CLIP's mean and std, bicubic resize), open_clip_pytorch_model.bin (the weights, by OpenCLIP's
+names) and, where the checkpoint's run has one, tokenizer.json (for this project's data.Tokenizer; for CLIP's
+vocabulary open_clip's own tokenizer gives the same ids, which tests/test_openclip.py checks).
+"""
+import os
+import shutil
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+import data  # noqa: E402
+from evaluate import parse_flags  # noqa: E402
+from model import load_checkpoint, to_openclip  # noqa: E402
+
+
+def export(checkpoint: str, out: str, quick_gelu: bool | None = None) -> None:
+    model, _ = load_checkpoint(checkpoint, quick_gelu)
+    state_dict, model_cfg = to_openclip(model)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"error: --out={out} is a file; pass a folder (made if new)")
+    os.makedirs(out, exist_ok=True)
+    preprocess = {"size": model.cfg.image_px, "mean": list(data.CLIP_MEAN), "std": list(data.CLIP_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}  # as data.ImageTransform's evaluation
+    data.write_json(os.path.join(out, "open_clip_config.json"), {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
+    data.write_atomic(os.path.join(out, "open_clip_pytorch_model.bin"), lambda f: torch.save(state_dict, f))
+    tokenizer = os.path.join(os.path.dirname(checkpoint), "tokenizer.json")
+    if os.path.exists(tokenizer):
+        shutil.copyfile(tokenizer, os.path.join(out, "tokenizer.json"))
+    print(f"wrote {out}: open_clip_config.json, open_clip_pytorch_model.bin"
+          f"{', tokenizer.json' if os.path.exists(tokenizer) else ''}; load it with "
+          f"open_clip.create_model_and_transforms('local-dir:{out}')")
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0].startswith("--"):
+        raise SystemExit("usage: python tools/export.py CHECKPOINT --out=FOLDER [--quick_gelu=auto|true|false]")
+    opts = parse_flags(argv[1:], {"out": "", "quick_gelu": "auto"})
+    if not opts["out"] or opts["quick_gelu"] not in ("auto", "true", "false"):
+        raise SystemExit("usage: python tools/export.py CHECKPOINT --out=FOLDER [--quick_gelu=auto|true|false]")
+    export(argv[0], opts["out"], {"auto": None, "true": True, "false": False}[opts["quick_gelu"]])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -352,6 +352,8 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 key = this_key
                 sample[ext] = tf.extractfile(member).read()
             if reads.last is not None and reads.last != bytes(tarfile.BLOCKSIZE):
+                if stream:  # a command that failed is the cause to report
+                    stream.check(wait_s=5, running_is_failure=False)
                 raise ShardError(f"{path}: breaks off after {n} samples, without the blocks of zeros that end a tar; "
                                  f"re-download or regenerate it") from RuntimeError("no end-of-archive marker")
         if stream:  # the tar has ended, so should the command; checked before the last sample, which a failure may cut
@@ -827,7 +829,10 @@ def eval_batches(shards: list, image_px: int, batch_samples: int, validation_onl
                     yield torch.stack(images), captions, keys
                     images, captions, keys = [], [], []
         except ShardError as e:
-            skipped["truncated_tar"] += max(1, (listed or 0) - read)
+            if listed is None:  # clip_benchmark's format lists no count per shard: the loss cannot be counted
+                raise SystemExit(f"error: {e}; the task lists no sample count per shard, so what is lost cannot be "
+                                 f"counted: it is not scored") from None
+            skipped["truncated_tar"] += max(1, listed - read)
             first.setdefault("truncated_tar", str(e))
         else:
             if whole and listed is not None and read < listed:
@@ -836,12 +841,13 @@ def eval_batches(shards: list, image_px: int, batch_samples: int, validation_onl
         listed_total += read if listed is None else listed
     if keys:
         yield torch.stack(images), captions, keys
-    if skipped:
-        n = sum(skipped.values())
+    if skipped:  # a share of all the samples listed, or of those the validation split (or max_samples) took
+        whole_task = not validation_only and max_samples is None
+        n, total = sum(skipped.values()), listed_total if whole_task else seen
         what = ", ".join(f"{kind} {count}" for kind, count in skipped.items())
-        line = f"{n} of {listed_total} samples listed could not be scored ({what}); the first: " + \
-            "; ".join(first.values())
-        if n > max_bad_fraction * listed_total:
+        line = f"{n} of {total} samples {'listed' if whole_task else 'looked at'} could not be scored ({what}); " \
+               f"the first: " + "; ".join(first.values())
+        if n > max_bad_fraction * total:
             raise SystemExit(f"error: {line}; over --max_bad_fraction={max_bad_fraction}, so the task is not scored; "
                              f"fix or re-download those shards")
         print(f"warning: {line}", file=sys.stderr)

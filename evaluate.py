@@ -49,8 +49,9 @@ def recall_at_k(queries, gallery, ks=(1, 5, 10), chunk_queries=1024, match=None)
         scores = queries[start:start + chunk_queries] @ gallery.t()           # [chunk, gallery]
         rows = torch.arange(len(scores), device=scores.device)
         true_score = scores[rows, rows + start if match is None else match[start:start + len(scores)]]
-        # how many items score >= the true match, the true match itself excluded
-        rank = (scores >= true_score[:, None]).sum(1) - 1
+        # how many items score >= the true match, the true match itself excluded ("not below": a nan counts too,
+        # so features gone non-finite retrieve nothing)
+        rank = (~(scores < true_score[:, None])).sum(1) - 1
         for k in ks:
             hits[k] += int((rank < k).sum())
     return {k: hits[k] / len(queries) for k in ks}
@@ -65,7 +66,7 @@ def recall_any_at_k(queries, gallery, owner, ks=(1, 5, 10), chunk_queries=1024) 
         scores = queries[start:start + chunk_queries] @ gallery.t()           # [chunk, gallery]
         true = owner[None, :] == torch.arange(start, start + len(scores), device=scores.device)[:, None]
         best = scores.masked_fill(~true, -math.inf).max(1).values
-        rank = ((scores >= best[:, None]) & ~true).sum(1)
+        rank = (~(scores < best[:, None]) & ~true).sum(1)
         for k in ks:
             hits[k] += int((rank < k).sum())
     return {k: hits[k] / len(queries) for k in ks}
@@ -77,7 +78,7 @@ def embed_pairs(model, shards, tokenizer, device, batch_samples=256, precision=N
     (None: bf16 on CUDA, fp32 elsewhere). read: eval_batches' options: max_bad_fraction, and validation_only and
     max_samples to embed the validation split instead."""
     cfg = model.cfg
-    images, texts = [], []
+    images, texts = [torch.zeros(0, cfg.embed_dim, device=device)], [torch.zeros(0, cfg.embed_dim, device=device)]
     for x, captions, _ in eval_batches(shards, cfg.image_px, batch_samples, **read):
         tokens = tokenizer(captions, cfg.context_tokens).to(device)
         with autocast(device, precision):
@@ -88,6 +89,9 @@ def embed_pairs(model, shards, tokenizer, device, batch_samples=256, precision=N
 
 def retrieval(model, shards, tokenizer, device, batch_samples=256, precision=None, **read) -> dict:
     img, txt = embed_pairs(model, shards, tokenizer, device, batch_samples, precision, **read)
+    if not len(img):
+        raise SystemExit(f"error: {shards[0][0]} ...: no pairs to score (validation pairs: the 2% of training pairs "
+                         f"data.is_validation picks; shards too small to hold any?)")
     i2t, t2i = recall_at_k(img, txt), recall_at_k(txt, img)
     out = {f"i2t_R@{k}": 100 * v for k, v in i2t.items()}
     out.update({f"t2i_R@{k}": 100 * v for k, v in t2i.items()})
@@ -492,8 +496,8 @@ def main(argv):
     # every model on the tasks of the newest checkpoint's steps: a run grown by a step adds a column to all rows
     last = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
     config = last["config"]
-    tasks = {**tasks_of(config["data_root"], last["steps"], config["shard_cmd"]),
-             **static_tasks(config["data_root"], config["static"])}
+    tasks = {**tasks_of(config["data_root"], last["steps"], config.get("shard_cmd", "")),
+             **static_tasks(config["data_root"], config.get("static", ""))}
     rows = {}
     for path in checkpoints:
         t0 = time.time()
@@ -502,7 +506,8 @@ def main(argv):
                                                   precision=args["precision"] or None,
                                                   max_bad_fraction=args["max_bad_fraction"])
         print(f"evaluated {path} in {time.time() - t0:.1f}s")
-    result = eval_matrix(rows, [data.step_name(ys) for ys in last["steps"]])
+    _, initial = read_results(os.path.join(run, "eval_matrix.json"), [])  # --init's row: kept as it was measured
+    result = eval_matrix(rows, [data.step_name(ys) for ys in last["steps"]], initial)
     data.write_json(os.path.join(run, "eval_matrix.json"), result)
     print(format_matrix(result))
 

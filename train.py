@@ -30,6 +30,7 @@ import traceback
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
@@ -132,6 +133,9 @@ def check_config(cfg: SimpleNamespace) -> None:
     if cfg.init and not (cfg.tokenizer or os.path.exists(os.path.join(os.path.dirname(cfg.init), "tokenizer.json"))):
         raise SystemExit(f"error: --init needs the tokenizer its model was trained with: for OpenAI's and OpenCLIP's, "
                          f"--tokenizer=clip-tokenizer.json (made by python tools/prepare.py clip-tokenizer)")
+    if 0 < cfg.ckpt_interval_samples < cfg.batch_size:
+        raise SystemExit(f"error: --ckpt_interval_samples={cfg.ckpt_interval_samples} is less than one batch "
+                         f"({cfg.batch_size}); use 0 (only on SIGTERM) or at least {cfg.batch_size}")
     if cfg.shard_cmd and "{path}" not in cfg.shard_cmd:
         raise SystemExit(f"error: --shard_cmd={cfg.shard_cmd!r} has no {{path}} for the shard's path under data_root")
     check_device(cfg.device)
@@ -187,8 +191,8 @@ def start_world(cfg: SimpleNamespace) -> World:
                          f"--accum_steps={cfg.accum_steps} micro-batches; use a batch_size that is a multiple of "
                          f"{world_size * cfg.accum_steps}")
     distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    if distributed:  # rank 0 alone evaluates while the others wait: an ImageNet may take longer than the 10 min default
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", timeout=timedelta(hours=2))
     rank, local_rank = (dist.get_rank(), int(os.environ["LOCAL_RANK"])) if distributed else (0, 0)
     world = World(rank, world_size, distributed, torch.device(f"cuda:{local_rank}" if cfg.device == "cuda"
                                                               else cfg.device))
@@ -292,9 +296,10 @@ def check_steps(record: dict, path: str, step_years: list[list[str]]) -> None:
 
 def check_shape(record: dict, path: str, model_cfg: CLIPConfig, model_name: str) -> None:
     if record["model_config"] != asdict(model_cfg):
-        raise SystemExit(f"error: {path} holds a model of another shape than --model={model_name} with this "
-                         f"tokenizer; rerun with the model it was trained with (--model={record['config']['model']}) "
-                         f"or use a new --out_dir")
+        was = record["config"]
+        raise SystemExit(f"error: {path} holds a model of another shape than this run's (--model={model_name} with "
+                         f"this tokenizer, or --init's); rerun as it was trained (--model={was['model']}"
+                         f"{', --init=' + was['init'] if was.get('init') else ''}) or use a new --out_dir")
 
 
 # ----------------------------------------------------------------------------- surviving kills and bad data
@@ -699,7 +704,7 @@ def main(argv):
             if world.master:
                 report_step(step, record, rows[name], log)
             world.barrier()
-    if world.master:
+    if world.master and rows:  # none yet if SIGTERM came before the first step ended
         print(evaluate.format_matrix(evaluate.eval_matrix(rows, names, initial_row)))
         print(f"checkpoints, log.jsonl and eval_matrix.json in {run_dir}")
     world.finish()
@@ -707,7 +712,7 @@ def main(argv):
 
 def run(argv: list[str]) -> None:
     """The command line: main, with an unexpected error (a bug, an exception in a DataLoader worker, a full disk)
-    ended in one line on stderr and a non-zero exit; its whole traceback goes to RUN/error.log, named in the line."""
+    ended in one line on stderr and a non-zero exit; its whole traceback goes to RUN/error-rankN.log, named there."""
     try:
         main(argv)
     except Exception as e:  # SystemExit, the one-line errors of bad input, passes through as it is

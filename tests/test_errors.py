@@ -75,10 +75,11 @@ def test_unknown_model(tmp_path, two_years):
     ("--lr=-1", "--lr=-1.0 is out of range"), ("--lr=nan", "--lr=nan is out of range"),
     ("--beta2=1", "--beta2=1.0 is out of range"), ("--seed=-1", "--seed=-1 is too small"),
     ("--vocab_size=100", "--vocab_size=100 is too small"), ("--device=tpu9", "--device=tpu9 is not a device"),
-    ("--accum_steps=0", "--accum_steps=0 is too small")])
+    ("--accum_steps=0", "--accum_steps=0 is too small"),
+    ("--ckpt_interval_samples=16", "--ckpt_interval_samples=16 is less than one batch (32)")])
 def test_values_that_cannot_work(arg, message):
     import train
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+    with pytest.raises(SystemExit, match=re.escape(message)):
         train.check_config(train.parse_config(["--batch_size=32", arg]))
 
 

@@ -32,6 +32,9 @@ def test_recall_perfect_and_collapsed():
     assert recall_at_k(eye, eye, ks=(1,))[1] == 1.0
     same = torch.ones(20, 8)  # every score tied: a collapsed model retrieves nothing
     assert recall_at_k(same, same, ks=(1, 5, 10)) == {1: 0.0, 5: 0.0, 10: 0.0}
+    broken = torch.full((20, 8), float("nan"))  # features gone non-finite retrieve nothing either
+    assert recall_at_k(broken, eye[:, :8], ks=(1,))[1] == 0.0
+    assert recall_any_at_k(broken, eye[:, :8], torch.arange(20), ks=(1,))[1] == 0.0
 
 
 def test_summary_of_matrix():

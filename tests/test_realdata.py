@@ -187,6 +187,10 @@ def test_split_skips_and_counts_undated_samples_and_repeated_keys(tmp_path, caps
     unsafe = prepare.split(str(src), str(tmp_path / "safe"), eval_fraction=0)
     assert unsafe["skipped"]["unsafe_name"] == 2 and unsafe["train"] == counts["train"]  # names kept out, not copied
     os.remove(src / "c.tar")
+    (src / "d.tar").write_bytes(open(src / "a.tar", "rb").read()[:3000])  # a download cut short: the rest goes on
+    cut = prepare.split(str(src), str(tmp_path / "cut"), eval_fraction=0)
+    assert cut["train"] == counts["train"] and "1 source shard(s) broke off (d.tar)" in capsys.readouterr().out
+    os.remove(src / "d.tar")
     by_month = prepare.split(str(src), str(tmp_path / "months"), by="month", eval_fraction=0)
     assert by_month["train"] == {"201504": 1} and by_month["skipped"] == {"no_time": 5}  # k3's month: its timestamp
 

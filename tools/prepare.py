@@ -126,6 +126,18 @@ class ShardWriter:
         return sum(self.sizes.values())
 
 
+def samples_of(paths: list[str], broken: list[str]):
+    """(shard, key, sample) of every source shard in turn. A shard that breaks off gives the samples before the
+    break and is named in broken (and in a warning), so one bad download does not stop a split of thousands."""
+    for path in paths:
+        try:
+            for key, sample in data.iter_tar(path):
+                yield path, key, sample
+        except data.ShardError as e:
+            broken.append(os.path.basename(path))
+            print(f"warning: {e}", file=sys.stderr)
+
+
 def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_field: str = "", by: str = "year",
           samples_per_shard: int = 10_000, on_missing_time: str = "skip") -> dict[str, dict[str, int]]:
     """Timestamped shards (a folder of .tar files or a glob) -> the TiC layout at dst. Samples without a usable
@@ -146,29 +158,29 @@ def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_f
         raise SystemExit(f"{dst}: exists already; pick a new --dst, or delete it to split again")
     tmp = f"{dst}.tmp{os.getpid()}"
     writers: dict[tuple[str, str], ShardWriter] = {}
+    os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
     keys = KeySet(f"{tmp}.keys")  # beside the output, not in it
-    samples_in, skipped, first_skipped, t0 = 0, Counter(), {}, time.time()
+    samples_in, skipped, first_skipped, broken, t0 = 0, Counter(), {}, [], time.time()
     try:
-        for path in paths:
-            for key, sample in data.iter_tar(path):
-                samples_in += 1
-                folder = time_folder(data.sample_json(sample), time_field, by)
-                if folder is None and on_missing_time == "error":
-                    raise SystemExit(f"{path}: sample {key} has no {by} in its json (looked for "
-                                     f"{time_field or ', '.join(TIME_FIELDS)}); pass --time_field=NAME of its time")
-                unsafe = key.startswith("/") or ".." in key.split("/")  # a name that would escape where it is unpacked
-                why = "unsafe_name" if unsafe else "no_time" if folder is None else \
-                    None if keys.add(folder, key) else "duplicate_key"
-                if why:
-                    skipped[why] += 1
-                    first_skipped.setdefault(why, f"{path}: sample {key}")
-                    continue
-                # held out by a hash of the key: the same samples for the same seed, whatever the shard order
-                split_name = "retrieval" if data.keep_sample(key, eval_fraction, f"heldout{seed}") else "train"
-                if (split_name, folder) not in writers:
-                    writers[split_name, folder] = ShardWriter(os.path.join(tmp, *data.SPLITS[split_name], folder),
-                                                              samples_per_shard)
-                writers[split_name, folder].write(key, sample, path)
+        for path, key, sample in samples_of(paths, broken):
+            samples_in += 1
+            folder = time_folder(data.sample_json(sample), time_field, by)
+            if folder is None and on_missing_time == "error":
+                raise SystemExit(f"{path}: sample {key} has no {by} in its json (looked for "
+                                 f"{time_field or ', '.join(TIME_FIELDS)}); pass --time_field=NAME of its time")
+            unsafe = key.startswith("/") or ".." in key.split("/")  # a name that would escape where it is unpacked
+            why = "unsafe_name" if unsafe else "no_time" if folder is None else \
+                None if keys.add(folder, key) else "duplicate_key"
+            if why:
+                skipped[why] += 1
+                first_skipped.setdefault(why, f"{path}: sample {key}")
+                continue
+            # held out by a hash of the key: the same samples for the same seed, whatever the shard order
+            split_name = "retrieval" if data.keep_sample(key, eval_fraction, f"heldout{seed}") else "train"
+            if (split_name, folder) not in writers:
+                writers[split_name, folder] = ShardWriter(os.path.join(tmp, *data.SPLITS[split_name], folder),
+                                                          samples_per_shard)
+            writers[split_name, folder].write(key, sample, path)
         counts = {"train": {}, "retrieval": {}}
         for (split_name, folder), writer in sorted(writers.items()):
             counts[split_name][folder] = writer.close()
@@ -199,6 +211,9 @@ def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_f
                "unsafe_name": "whose member names are absolute or hold '..' (other tools may unpack them)"}
     for why, n in skipped.items():
         print(f"skipped {n} samples {reasons[why]}; the first: {first_skipped[why]}")
+    if broken:
+        print(f"{len(broken)} source shard(s) broke off ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): "
+              f"the samples before each break were split, the rest is lost; re-download them to split them whole")
     return {**counts, "skipped": dict(skipped)}
 
 

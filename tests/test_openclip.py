@@ -54,7 +54,8 @@ def assert_same_embeddings(theirs, ours, image_px, context_tokens, batch=2):
 # ----------------------------------------------------------------------------- the model
 @pytest.mark.parametrize("name, quick_gelu, preset", [("ViT-B-32", False, "ViT-B-32"),
                                                        ("ViT-B-32-quickgelu", True, "ViT-B-32"),  # OpenAI's
-                                                       ("ViT-S-16", False, "ViT-S-16")])
+                                                       ("ViT-S-16", False, "ViT-S-16"),
+                                                       ("ViT-B-16", False, "ViT-B-16")])
 def test_openclip_state_dict_gives_the_same_embeddings(name, quick_gelu, preset):
     theirs = openclip_model(name)
     state_dict = theirs.state_dict()

@@ -516,6 +516,7 @@ class Part:
     name: str  # e.g. "2019"
     shards: list  # [(path, samples)]
     keep_fraction: float = 1.0  # keep a sample iff keep_sample(key, keep_fraction, seed)
+    share: float | None = None  # its share of the samples trained on; None: in proportion to its n_samples
 
     @property
     def n_samples(self) -> float:
@@ -603,7 +604,7 @@ class TrainStream(IterableDataset):
     """Endless resampled shards cut to a budget: this rank yields exactly budget_samples // global_batch
     local batches (images [b, 3, px, px], tokens [b, ctx], faults), spread over its DataLoader workers, so
     every rank takes the same number of steps. Shards are drawn with replacement, so the mix of parts follows
-    their sizes after replay-buffer filtering.
+    their sizes after replay-buffer filtering, or the shares that parts carry (Part.share).
 
     Exact resume: a worker makes its batches in chunks of chunk_samples, and each chunk draws its shards and
     fills its shuffle buffer from its own RNG, seeded by (seed, time_step, rank, worker, chunk): the batches
@@ -629,6 +630,13 @@ class TrainStream(IterableDataset):
         self.shards = [(path, n, p.keep_fraction) for p in parts for path, n in p.shards if n * p.keep_fraction > 0]
         if not self.shards:
             raise ValueError(f"no samples to train on in parts {[p.name for p in parts]}")
+        # Parts with shares (strategies.step_parts, new_data_fraction): a part's shards are drawn alike, each with
+        # probability proportional to share / the part's samples, so a draw yields the part's samples in its share
+        self.draw_p = None
+        if all(p.share is not None for p in parts):
+            weights = np.array([p.share / p.n_samples for p in parts for path, n in p.shards
+                                if n * p.keep_fraction > 0])
+            self.draw_p = weights / weights.sum()
         self.local_batch = global_batch // world_size
         self.n_batches = budget_samples // global_batch
         self.rank, self.seed, self.time_step = rank, seed, time_step
@@ -664,7 +672,9 @@ class TrainStream(IterableDataset):
         faults = Counter() if faults is None else faults
         empty_shards = 0
         while not too_bad():
-            path, listed, keep_fraction = self.shards[rng.integers(len(self.shards))]
+            drawn = rng.integers(len(self.shards)) if self.draw_p is None else \
+                rng.choice(len(self.shards), p=self.draw_p)
+            path, listed, keep_fraction = self.shards[drawn]
             keys, found, key = set(), False, None
             try:
                 for key, sample in iter_tar(path):

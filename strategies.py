@@ -1,16 +1,19 @@
 """
-The continual-learning strategies of TiC-CLIP: the paper's eight as one table, and everything that makes each
-one different. At every time step t, train.py asks the strategy five questions and nothing else (it never
-tests a strategy's name):
+The continual-learning strategies of TiC-CLIP: the paper's eight and two that merge models across time, as one
+table, and everything that makes each one different. At every time step t, train.py asks the strategy five
+questions and nothing else (it never tests a strategy's name):
 
-  1. which model does step t start from?   warm_start: the model after step t-1, or a fresh random init;
+  1. which model does step t start from?   warm_start: the one step t-1 left (continue_point), or a random init;
   2. which data does step t train on?      replay(t): {step s <= t: fraction of s's data kept in the buffer};
   3. how many samples may it see?          budget_steps(t) x C, C = budget_samples per step;
   4. is anything added to the loss?        batch_loss(model, step): a term on every batch (LwF's distillation);
-  5. is anything done after training?     end_of_step(model, step): an action on the trained model (patching).
+  5. is anything done after training?     end_of_step(model, step): an action on the trained model that makes
+                                           the model deployed (patching's interpolation, ema's merge).
 Questions 4 and 5 relate the model to the one before it, so they are asked from the second step on (from the
 first, when the run begins from an existing model, --init: it is the one before). Both report the compute they
-add (flops_per_sample, "flops"), so the FLOPs ledger counts it.
+add (flops_per_sample, "flops"), so the FLOPs ledger counts it. Two settings cut across every strategy: the
+learning-rate schedule through time (train.py's lr_schedule, schedules.py), and the share of each step's samples
+drawn from its new data (new_data_fraction, step_parts; by default in proportion to sizes).
 
     python train.py --strategy=sequential        # any name of STRATEGIES
 
@@ -72,13 +75,15 @@ class TimeStep:
     t: int                         # this step's index, from 0
     step_names: list[str]          # every step's name, e.g. ["2018", "2019", "2020"]
     step_data: list[list[Part]]    # every step's training data, one Part per year, all of it (keep_fraction 1)
-    previous: dict | None          # state dict of the model the step before ended with (None at the first step)
+    previous: dict | None          # state dict of the model the step before deployed (None at the first step)
     config: SimpleNamespace        # the run's settings: train.py's config and SETTINGS
     tokenizer: Tokenizer
     device: torch.device
     master: bool                   # rank 0, or the only process: the one that evaluates and writes
     distributed: bool              # under torchrun: every rank must end the step with the same weights
     initial: dict | None = None    # state dict of the model the run began with (--init), or None: random init
+    trunk: dict | None = None      # what a warm start continues from (continue_point): {"model": state dict,
+                                   # "optimizer": its state where the schedule carries it, else None, "iterations"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ class Strategy:
     batch_loss: Callable | None = None   # (model, step) -> loss_fn(images, tokens, image_f, text_f, scale), with
                                          # loss_fn.flops_per_sample: a term added to every batch's loss
     end_of_step: Callable | None = None  # (model, step) -> {what it did, "flops": compute}: may change model
+    continue_from_deployed: bool = True  # after an end-of-step action: the next step starts from the model it
+                                         # made (patching), or from the model as trained (False: ema)
 
     def first_step(self, from_initial: bool = False) -> tuple:
         """What the first step is made of. Every strategy starts it from the same model (random init, or the
@@ -178,6 +185,35 @@ def patch(model: CLIP, step: TimeStep) -> dict:
     return {"patch_alpha": best, "flops": pairs * model.flops_per_pair()}
 
 
+# ----------------------------------------------------------------------------- merging across time
+SETTINGS["ema_weight"] = 0.5  # w of the ema strategies: merge_t = w merge_(t-1) + (1 - w) model_t
+
+
+@torch.no_grad()
+def merge(model: CLIP, step: TimeStep) -> dict:
+    """The ema strategies' end of step: set model to the merge, w x the merge the step before deployed (step.previous)
+    + (1 - w) x the model as trained, parameter by parameter, the same on every rank. ema goes on training from the
+    unmerged model, so the merge is an average over its trajectory, kept beside it; ema-from-merge goes on from
+    the merge. The cost is a multiply-add per parameter, counted though negligible."""
+    trained = model.state_dict()
+    previous = {k: v.to(step.device) for k, v in step.previous.items()}
+    model.load_state_dict(interpolate(previous, trained, 1 - step.config.ema_weight))
+    return {"ema_weight": step.config.ema_weight, "flops": 2 * sum(p.numel() for p in model.parameters())}
+
+
+# ----------------------------------------------------------------------------- what the next step continues from
+def continue_point(strategy: Strategy, record: dict, deployed: dict) -> dict:
+    """What a warm start after this step continues from: {"model", "optimizer", "iterations"}. A schedule that
+    carries its optimizer (schedules.CARRIES_OPTIMIZER) wrote it as record["trunk"] (train.py's next_trunk); else
+    the weights alone: the deployed model, or, if the strategy's end-of-step action changed it and the strategy
+    goes on from the model as trained (ema), that one (record["trained"])."""
+    if record.get("trunk"):
+        return record["trunk"]
+    trained = record.get("trained")
+    weights = deployed if trained is None or strategy.continue_from_deployed else trained
+    return {"model": weights, "optimizer": None, "iterations": None}
+
+
 def check_settings(config: SimpleNamespace) -> None:
     """Strategy settings that parse but cannot work, refused before any compute is spent."""
     try:
@@ -190,6 +226,11 @@ def check_settings(config: SimpleNamespace) -> None:
         raise SystemExit(f"error: --validation_samples={config.validation_samples} is too small; use at least 1")
     if not 0 <= config.lwf_weight < math.inf:
         raise SystemExit(f"error: --lwf_weight={config.lwf_weight} is out of range; use 0 or more")
+    if not 0 <= config.ema_weight <= 1:
+        raise SystemExit(f"error: --ema_weight={config.ema_weight} is out of range; use a weight from 0 to 1")
+    if not (0 < config.new_data_fraction <= 1 or config.new_data_fraction == 0):
+        raise SystemExit(f"error: --new_data_fraction={config.new_data_fraction} is out of range; use 0 (in "
+                         f"proportion to sizes) or a share above 0, at most 1")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -203,6 +244,8 @@ STRATEGIES = {s.name: s for s in [
     Strategy("oracle",           False, everything, budget_steps=lambda t: t + 1),
     Strategy("lwf",              True,  new_only, batch_loss=Distillation),
     Strategy("patching",         True,  new_only, end_of_step=patch),
+    Strategy("ema",              True,  new_only, end_of_step=merge, continue_from_deployed=False),
+    Strategy("ema-from-merge",   True,  new_only, end_of_step=merge),
 ]}
 
 
@@ -212,8 +255,22 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
-def step_parts(strategy: Strategy, t: int, step_data: list[list[Part]]) -> list[Part]:
-    """The parts (one per year) that step t trains on, each with its replay-buffer fraction.
-    step_data[s] holds the Parts (keep_fraction 1) of time step s."""
-    return [Part(p.name, p.shards, keep_fraction=fraction)
-            for s, fraction in sorted(strategy.replay(t).items()) for p in step_data[s]]
+SETTINGS["new_data_fraction"] = 0.0  # share of each step's samples from its new data (0: in proportion to sizes)
+
+
+def step_parts(strategy: Strategy, t: int, step_data: list[list[Part]], new_data_fraction: float = 0.0) -> list[Part]:
+    """The parts (one per year) that step t trains on, each with its replay-buffer fraction. step_data[s] holds the
+    Parts (keep_fraction 1) of time step s. Shards are drawn in proportion to the parts' (buffered) sizes, unless
+    new_data_fraction > 0 fixes the share of samples from step t's own data (TiC-LM's fixed-ratio replay): the
+    parts of step t then share it in proportion to their sizes, the replayed parts the rest in proportion to
+    theirs (Part.share)."""
+    parts = [(s, Part(p.name, p.shards, keep_fraction=fraction))
+             for s, fraction in sorted(strategy.replay(t).items()) for p in step_data[s]]
+    old = [p for s, p in parts if s != t]
+    if new_data_fraction and old:  # with nothing to replay, the new data is all of it anyway
+        new = [p for s, p in parts if s == t]
+        for group, share in [(new, new_data_fraction), (old, 1 - new_data_fraction)]:
+            total = sum(p.n_samples for p in group)
+            for p in group:
+                p.share = share * p.n_samples / total
+    return [p for _, p in parts]

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
+import schedules
 import strategies
 import synthetic
 from model import CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, load_checkpoint, make_config
@@ -68,9 +69,16 @@ quick_gelu = "auto"            # --init's activation: auto (as the file says, el
 budget_samples = 56_000        # C: samples seen per time step (oracle: t x C at step t); 7 epochs of a synthetic year
 batch_size = 64                # global, over all processes (smaller batches learn more per sample here: README)
 accum_steps = 1                # micro-batches per process's batch: the same gradients, in less memory
-lr = 5e-4                      # peak learning rate, restarted at every step
+lr = 5e-4                      # peak learning rate
+lr_schedule = "cosine"         # the rate through time (schedules.py): cosine (the paper's, restarted at every step),
+                               # cosine-ar (peaks follow one cosine over the steps), const-cooldown, rsqrt
 warmup_iters = 20              # linear warmup of the first step (DataComp medium: 500)
-warmup_iters_later = 20        # warmup of the later steps
+warmup_iters_later = 20        # warmup of the later steps (of those that start a new optimizer)
+lr_min_fraction = 0.1          # cosine-ar: a step's peak is at least this share of lr
+ar_horizon = 0                 # cosine-ar: the steps its outer cosine spans (0: this run's number of steps)
+cooldown_fraction = 0.2        # const-cooldown, rsqrt: share of each step's iterations on the cooled branch
+continue_from = "trunk"        # const-cooldown, rsqrt: the next step goes on from the trunk or from the cooled branch
+rsqrt_timescale = 0            # rsqrt: iterations at the peak rate before 1/sqrt (0: one step's iterations)
 weight_decay = 0.2
 beta1 = 0.9
 beta2 = 0.98
@@ -112,6 +120,7 @@ def check_config(cfg: SimpleNamespace) -> None:
     if cfg.precision not in PRECISIONS:
         raise SystemExit(f"error: unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS)}")
     strategies.check_settings(cfg)
+    schedules.check_schedule(cfg)
     least = {"batch_size": 1, "accum_steps": 1, "budget_samples": cfg.batch_size, "log_interval": 1, "workers": 0,
              "ckpt_interval_samples": 0, "keep_checkpoints": 1, "max_nonfinite_in_row": 1, "seed": 0,
              "warmup_iters": 0, "warmup_iters_later": 0, "eval_batch": 1, "tokenizer_samples": 1,
@@ -341,6 +350,8 @@ class StepState:
     in_row: torch.Tensor | int = 0     # sync per step), read once per log interval
     worst_row: torch.Tensor | int = 0  # the longest run of non-finite losses since the last check
     path: str | None = None  # the resume checkpoint it was loaded from
+    trunk: dict | None = None  # schedules that carry the optimizer: model and optimizer where the cooldown began
+    end: dict | None = None    # ... and the optimizer at the step's end
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -375,7 +386,7 @@ class StepState:
         if world.master and changed:
             print(f"note: the config changed since that checkpoint: {', '.join(changed)}")
         state = cls(iteration=ckpt["iteration"], train_s=ckpt["train_s"], faults=faults, nonfinite=ckpt["nonfinite"],
-                    in_row=ckpt["nonfinite_in_row"], path=path)
+                    in_row=ckpt["nonfinite_in_row"], path=path, trunk=ckpt.get("trunk"))
         return state.on(world.device)
 
     def on(self, device: torch.device) -> "StepState":
@@ -435,7 +446,7 @@ class StepState:
                 "config": vars(cfg), "time_step": t + 1, "iteration": self.iteration,
                 "samples_seen": self.iteration * cfg.batch_size, "faults": all_faults,
                 "nonfinite": int(self.nonfinite), "nonfinite_in_row": int(self.in_row), "train_s": self.seconds(),
-                "rng_cpu": torch.get_rng_state(),
+                "trunk": self.trunk, "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None}
         data.write_atomic(path, lambda f: torch.save(ckpt, f))
         for old in resume_checkpoints(run_dir, t)[cfg.keep_checkpoints:]:
@@ -456,21 +467,13 @@ def fault_summary(faults: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- one time step
-def lr_at(it: int, n_iters: int, warmup: int, lr_peak: float) -> float:
-    """Linear warmup, then cosine decay to 0 over the rest of the step."""
-    if it < warmup:
-        return lr_peak * (it + 1) / warmup
-    progress = (it - warmup) / max(1, n_iters - warmup)
-    return lr_peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def start_model(strategy: strategies.Strategy, step: strategies.TimeStep, model_cfg: CLIPConfig) -> CLIP:
-    """The model the step before ended with, when the strategy warm-starts; otherwise the initial model (--init),
-    or a fresh random init."""
+    """The model the step before left to go on from (step.trunk), when the strategy warm-starts; otherwise the
+    initial model (--init), or a fresh random init."""
     torch.manual_seed(step.config.seed + step.t)
     model = CLIP(model_cfg)
-    if strategy.warm_start and step.previous is not None:
-        model.load_state_dict(step.previous)  # weights and logit scale; optimizer and schedule restart
+    if strategy.warm_start and step.trunk is not None:
+        model.load_state_dict(step.trunk["model"])  # weights and logit scale; the optimizer: train_step
     elif step.initial is not None:  # restart and oracle restart from the model the run began with
         model.load_state_dict(step.initial)
     model.to(step.device)
@@ -514,11 +517,19 @@ def forward_backward(train_model, images, tokens, extra_loss, world: World, prec
 
 def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, step: strategies.TimeStep,
                world: World, run_dir: str, log) -> StepState | None:
-    """Train model on parts for budget samples from a fresh optimizer and schedule, continuing from the newest
-    resume checkpoint if an earlier run left one. Returns the step's state; None if SIGTERM stopped it (saved)."""
+    """Train model on parts for budget samples at the rates of the step's schedule (schedules.py), with a new
+    optimizer or the one the step before left (step.trunk, schedules that carry it), continuing from the newest
+    resume checkpoint if an earlier run left one. Returns the step's state, with the trunk at the cooldown's start
+    and the optimizer at the end where the schedule carries it; None if SIGTERM stopped the step (saved)."""
     cfg, t, where = step.config, step.t, f"step {step.t + 1} ({step.step_names[step.t]})"
     n_iters = budget // cfg.batch_size
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    carries = cfg.lr_schedule in schedules.CARRIES_OPTIMIZER
+    before = None  # the iterations of the optimizer this step goes on with; None: a new one
+    if step.trunk is not None and step.trunk["optimizer"] is not None:
+        optimizer.load_state_dict(step.trunk["optimizer"])
+        before = step.trunk["iterations"]
+    schedule = schedules.step_schedule(cfg, t, len(step.step_names), n_iters, before)
     state = StepState.resume(run_dir, t, model, optimizer, cfg, world)
     if state.iteration:
         print(f"rank {world.rank}: {where}: resuming at sample {state.iteration * cfg.batch_size} of "
@@ -532,14 +543,16 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, ste
                               step.tokenizer, model.cfg.context_tokens, keep_seed=cfg.seed,
                               start_batch=state.iteration, max_bad_fraction=cfg.max_bad_fraction,
                               max_image_pixels=cfg.max_image_pixels)
-    warmup = cfg.warmup_iters if t == 0 else cfg.warmup_iters_later
     ckpt_every = cfg.ckpt_interval_samples // cfg.batch_size  # iterations between resume checkpoints; 0: none
     t_log, it_log = time.time(), state.iteration
     with data.workers_stopped():  # however the loop ends, no loader worker outlives it
         for it, (images, tokens, faults) in enumerate(data.train_loader(stream, cfg.workers), state.iteration):
             state.count_faults(faults, images is None, stream.min_read, cfg, where)
+            if carries and it == schedule.cooldown_start:  # the branch leaves the trunk here: keep the trunk
+                state.trunk = {"model": cpu_copy(model.state_dict()), "optimizer": cpu_copy(optimizer.state_dict()),
+                               "iterations": (before or 0) + it}
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(it, n_iters, warmup, cfg.lr)
+                group["lr"] = schedule.lr(it)
             images, tokens = images.to(world.device, non_blocking=True), tokens.to(world.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss = forward_backward(train_model, images, tokens, extra_loss, world, cfg.precision, cfg.accum_steps)
@@ -557,7 +570,7 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, ste
                 now = time.time()  # .item() syncs with the device: only once per log interval
                 samples_per_s = (state.iteration - it_log) * cfg.batch_size / (now - t_log)
                 record = {"samples": state.iteration * cfg.batch_size, "loss": loss.item(),
-                          "lr": lr_at(it, n_iters, warmup, cfg.lr), "logit_scale": model.logit_scale.exp().item()}
+                          "lr": schedule.lr(it), "logit_scale": model.logit_scale.exp().item()}
                 print(f"step {t + 1}/{len(step.step_names)} ({step.step_names[t]}) | {record['samples']}/"
                       f"{n_iters * cfg.batch_size} samples | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                       f"logit scale {record['logit_scale']:.1f} | {samples_per_s:.0f} samples/s | "
@@ -571,7 +584,33 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, ste
                     print(f"SIGTERM: saved {saved} at sample {state.iteration * cfg.batch_size} of step {t + 1}; "
                           f"rerun the same command to continue")
                 return None
+    if carries:
+        state.end = {"optimizer": cpu_copy(optimizer.state_dict()), "iterations": (before or 0) + n_iters}
     return state
+
+
+def cpu_copy(obj):
+    """A copy of a state dict (a model's or an optimizer's) in CPU memory, kept apart from the live one."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    return [cpu_copy(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def next_trunk(strategy: strategies.Strategy, cfg: SimpleNamespace, state: StepState, trained: dict,
+               deployed: dict) -> dict | None:
+    """Where the schedule carries its optimizer, what the next step goes on from ({"model", "optimizer",
+    "iterations"}): the trunk, as it was where the cooldown branched off (continue_from=trunk); or the end of the
+    cooled branch (continue_from=cooled, or no cooldown); or, for a strategy that goes on from the model its
+    end-of-step action made (patching, ema-from-merge), that model with the branch's optimizer. None otherwise."""
+    if state.end is None:
+        return None
+    if trained is not deployed and strategy.continue_from_deployed:
+        return {**state.end, "model": deployed}
+    if state.trunk is not None and cfg.continue_from == "trunk":
+        return state.trunk
+    return {**state.end, "model": trained}
 
 
 def announce_step(step: strategies.TimeStep, strategy: strategies.Strategy, parts: list[data.Part], budget: int,
@@ -581,9 +620,11 @@ def announce_step(step: strategies.TimeStep, strategy: strategies.Strategy, part
         return
     n_iters, batch = budget // step.config.batch_size, step.config.batch_size
     mix = ", ".join(f"{p.name} {p.n_samples:.0f}" + (f" ({100 * p.keep_fraction:.0f}%)" if p.keep_fraction < 1 else "")
-                    for p in parts)
-    start = "warm start" if strategy.warm_start and step.previous is not None else \
+                    + (f" [{100 * p.share:.0f}% of samples]" if p.share is not None else "") for p in parts)
+    start = "warm start" if step.trunk is not None else \
         "the initial model" if step.initial is not None else "random init"
+    if step.trunk is not None and step.trunk["optimizer"] is not None:
+        start += f" with the optimizer carried over ({step.trunk['iterations']} iterations)"
     print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): {start}, budget {n_iters * batch} "
           f"samples ({n_iters} iters), data: {mix}")
     log({"event": "step_start", "time_step": step.t + 1, "step": step.step_names[step.t],
@@ -654,10 +695,11 @@ def main(argv):
     if initial_model:  # measured first: a row of its own, outside ID and the transfers
         initial_row = score(initial_model.to(world.device), initial_row, tasks, tokenizer, cfg, world)
         initial = {k: v.detach().cpu() for k, v in initial_model.cpu().state_dict().items()}
-    previous = initial  # the model after the step before: a warm start, lwf's teacher, patching's partner
+    previous = initial  # the model the step before deployed: lwf's teacher, patching's and ema's partner
+    trunk = strategies.continue_point(strategy, {}, initial) if initial else None  # what a warm start goes on from
     for t, name in enumerate(names):
         step = strategies.TimeStep(t, names, step_data, previous, cfg, tokenizer, world.device, world.master,
-                                   world.distributed, initial)
+                                   world.distributed, initial, trunk if strategy.warm_start else None)
         path = evaluate.step_checkpoint(run_dir, t)
         done = os.path.exists(path)
         if done:  # in an earlier run of this command
@@ -665,6 +707,7 @@ def main(argv):
             check_shape(record, path, model_cfg, cfg.model)
             check_steps(record, path, step_years)
             model.to(world.device)
+            deployed = cpu_copy(model.state_dict())
             if world.master:
                 StepState.clear(run_dir, t)  # left if a kill came between stepNN.pt and their removal
                 print(f"step {t + 1}/{len(names)} ({name}): done already ({path})")
@@ -676,7 +719,7 @@ def main(argv):
             # 1. ask the strategy: the start model, the data, the budget, any extra loss on a batch
             model = start_model(strategy, step, model_cfg)
             extra_loss = strategy.batch_loss(model, step) if strategy.batch_loss and previous is not None else None
-            parts = strategies.step_parts(strategy, t, step_data)
+            parts = strategies.step_parts(strategy, t, step_data, cfg.new_data_fraction)
             budget = cfg.budget_samples * strategy.budget_steps(t)
             announce_step(step, strategy, parts, budget, log)
             # 2. train the step
@@ -686,16 +729,22 @@ def main(argv):
                 world.finish()
                 return
             summary = state.summary(world)  # time, faults of every rank, non-finite losses
-            # 3. the strategy's end-of-step action (patching's interpolation)
-            action = strategy.end_of_step(model, step) if strategy.end_of_step and previous is not None else {}
+            # 3. the strategy's end-of-step action (patching's interpolation, ema's merge) makes the deployed model
+            acts = strategy.end_of_step is not None and previous is not None
+            trained = cpu_copy(model.state_dict())
+            action = strategy.end_of_step(model, step) if acts else {}
+            deployed = cpu_copy(model.state_dict()) if acts else trained
             # 4. the checkpoint, with the compute the step cost: training is 3 forward passes' worth per pair
             seen = budget // cfg.batch_size * cfg.batch_size
             flops = seen * (3 * model.flops_per_pair() + getattr(extra_loss, "flops_per_sample", 0)) \
                 + action.get("flops", 0)
             record = {"steps": step_years, "time_step": t + 1, "step_name": name, "samples_seen": seen,
-                      "flops": flops, "strategy": cfg.strategy, "end_of_step": action, **summary}
+                      "flops": flops, "strategy": cfg.strategy, "end_of_step": action, **summary,
+                      **({"trained": trained} if acts else {}),  # the model before the action (ema's unmerged)
+                      "trunk": next_trunk(strategy, cfg, state, trained, deployed)}
             save_step(path, model, step, record, world)
-        previous = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        previous = deployed
+        trunk = strategies.continue_point(strategy, record, previous)
         # 5. evaluate on every step's task (a step done earlier: on the tasks a grown run has added since)
         rows[name] = score(model, rows.get(name) if done else None, tasks, tokenizer, cfg, world)
         if world.master:

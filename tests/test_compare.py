@@ -108,3 +108,35 @@ def test_first_step_is_shared_only_where_it_is_the_same(tmp_path, two_years, mon
     assert first["cumulative-all"]["strategy"] == "sequential"  # copied from sequential's run, not retrained
     same = lambda a, b: all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # noqa: E731
     assert same(first["sequential"], first["cumulative-all"]) and not same(first["sequential"], first["double-first"])
+
+
+def test_a_grid_of_strategies_schedules_and_settings_names_its_rows_and_shares_equal_first_steps(
+        tmp_path, two_years, monkeypatch):
+    launched = []
+
+    def launch(train_args, nproc):
+        launched.append([a for a in train_args if not a.startswith(("--seed=", "--out_dir="))][:1]
+                        + [a for a in train_args if a.startswith(("--lr_schedule=", "--new_data_fraction="))])
+        train_in_process(train_args)
+        return True
+
+    monkeypatch.setattr(compare, "launch", launch)
+    out = str(tmp_path / "cmp")
+    compare.main(["--strategies=sequential,cumulative-all", "--schedules=cosine,const-cooldown",
+                  "--rows=cumulative-all+cosine+new_data_fraction=0.5", f"--out={out}", f"--data_root={two_years}",
+                  "--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=100",
+                  "--eval_batch=64", "--warmup_iters=1", "--warmup_iters_later=1"])
+    rows = ["sequential+cosine", "sequential+const-cooldown", "cumulative-all+cosine", "cumulative-all+const-cooldown",
+            "cumulative-all+cosine+new_data_fraction=0.5"]
+    assert [r["strategy"] for r in json.load(open(os.path.join(out, "table.json")))["rows"]] == rows
+    assert launched[1] == ["--strategy=sequential", "--lr_schedule=const-cooldown"]
+    assert launched[4] == ["--strategy=cumulative-all", "--lr_schedule=cosine", "--new_data_fraction=0.5"]
+    first = {row: torch.load(os.path.join(out, "seed0", row, "step01.pt"), weights_only=True) for row in rows}
+    trained_by = {row: (first[row]["strategy"], first[row]["config"]["lr_schedule"]) for row in rows}
+    # one first step per schedule: the replay ratio changes nothing where there is nothing to replay
+    assert trained_by == {row: ("sequential", row.split("+")[1]) for row in rows}
+    assert first["cumulative-all+const-cooldown"]["trunk"] is not None and first["sequential+cosine"]["trunk"] is None
+    for row in rows:
+        assert os.path.getsize(os.path.join(out, f"heatmap_{row}.png")) > 0
+    with pytest.raises(SystemExit, match="unknown lr_schedule 'cosin'"):  # checked before anything runs
+        compare.main(["--strategies=sequential", "--schedules=cosin", f"--out={out}"])

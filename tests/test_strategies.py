@@ -105,9 +105,10 @@ def test_a_strategy_defined_here_merges_at_the_end_of_each_step(tmp_path, two_ye
         return {"ema_keep": keep, "flops": 7}
 
     monkeypatch.setitem(SETTINGS, "ema_keep", 0.5)
-    monkeypatch.setitem(STRATEGIES, "ema", Strategy("ema", True, new_only, end_of_step=ema_merge))
+    monkeypatch.setitem(STRATEGIES, "my-ema", Strategy("my-ema", True, new_only, end_of_step=ema_merge))
     run_dir = str(tmp_path / "run")
-    train_in_process([f"--data_root={two_years}", f"--out_dir={run_dir}", "--strategy=ema", "--ema_keep=0.25", *TINY])
+    train_in_process([f"--data_root={two_years}", f"--out_dir={run_dir}", "--strategy=my-ema", "--ema_keep=0.25",
+                      *TINY])
     step1, step2 = (torch.load(f"{run_dir}/step0{i}.pt", weights_only=True) for i in (1, 2))
     assert [t for t, _, _ in calls] == [1]  # asked from the second step on: at the first there is nothing to merge
     _, previous, finetuned = calls[0]

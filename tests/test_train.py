@@ -1,4 +1,4 @@
-"""The config parser, the step grouping, the schedule, and short end-to-end runs of train.py."""
+"""The config parser, the step grouping, and short end-to-end runs of train.py (schedules: test_schedules.py)."""
 import json
 import os
 
@@ -42,13 +42,6 @@ def test_parse_steps(tmp_path):
     assert data.parse_steps(root, "201801,201802") == [["201801"], ["201802"]]
     with pytest.raises(SystemExit, match="step '2019' names no year folder"):
         data.parse_steps(root, "2017,2019")
-
-
-def test_schedule_warmup_then_cosine_to_zero():
-    lrs = [train.lr_at(i, 100, 10, 1.0) for i in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone after warmup
-    assert lrs[-1] < 0.01
 
 
 def tiny_args(root, run, strategy="sequential"):

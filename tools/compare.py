@@ -1,16 +1,22 @@
 """
 Run several TiC strategies on the same benchmark and write the paper's Table 2 for it, with pictures.
 
-    python tools/compare.py                                   # all eight strategies, seed 0, built-in benchmark
+    python tools/compare.py                                   # every strategy, seed 0, built-in benchmark
     python tools/compare.py --strategies=sequential,cumulative-all,oracle --seeds=0,1 --budget_samples=8000
     python tools/compare.py --nproc=8 --data_root=/data/tic-datacomp --model=ViT-B-16 ...   # every run via torchrun
     python tools/compare.py --seeds=0,1 --table_only=true     # tabulate the finished runs only, whatever their seeds
+    python tools/compare.py --strategies=sequential,cumulative-all --schedules=cosine,cosine-ar,const-cooldown
+    python tools/compare.py --strategies=cumulative-all --sweep=new_data_fraction=0.25,0.5 --rows=ema,ema-from-merge
 
-Every other --key=value goes to train.py unchanged. Runs live in OUT/seedS/STRATEGY (OUT = --out, default
-runs/compare); a finished run is reused, not retrained, when the command is run again. As the paper's "every
-method starts from the same step-1 model", the first time step is trained once per seed for all strategies
-whose first steps are the same (Strategy.first_step: the same data and budget) and copied to the others; a
-strategy with a first step of its own trains it. Writes OUT/table.md and table.json (per strategy: compute in
+A row of the comparison is a strategy, with a schedule (lr_schedule) and other settings if given: the grid of
+--strategies x --schedules x the values of --sweep=KEY=V1,V2,..., then the rows that --rows lists by name. A
+row's name says what it is, STRATEGY[+SCHEDULE][+KEY=VALUE], e.g. cumulative-all+cosine-ar or
+cumulative-all+cosine+new_data_fraction=0.25, and names its run folder. Every other --key=value goes to train.py
+unchanged. Runs live in OUT/seedS/ROW (OUT = --out, default runs/compare); a finished run is reused, not
+retrained, when the command is run again. As the paper's "every method starts from the same step-1 model", the
+first time step is trained once per seed for all rows whose first steps are the same (first_step: the same data,
+budget and learning rates, and the same settings) and copied to the others; a row with a first step of its own
+trains it. Writes OUT/table.md and table.json (per row: compute in
 samples and FLOPs, also relative to oracle; ID, backward and forward transfer; the final model's mean R@1 over
 all tasks; the mean over seeds), OUT/compute_vs_retrieval.png, one heatmap of the evaluation matrix per
 strategy (mean over seeds, heatmap_STRATEGY.png) and all of them on one sheet (heatmaps.png).
@@ -26,12 +32,50 @@ from PIL import Image, ImageDraw, ImageFont
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
+import schedules  # noqa: E402
 import strategies  # noqa: E402
+import train  # noqa: E402
 from data import write_json  # noqa: E402
 from evaluate import parse_flags, step_checkpoint, step_checkpoints  # noqa: E402
 
-OPTIONS = {"strategies": ",".join(strategies.STRATEGIES), "seeds": "0", "out": "runs/compare", "nproc": 1,
-           "table_only": False}  # compare.py's own keys; the rest go to train.py
+OPTIONS = {"strategies": "", "schedules": "", "sweep": "", "rows": "", "seeds": "0", "out": "runs/compare",
+           "nproc": 1, "table_only": False}  # compare.py's own keys; the rest go to train.py
+
+
+def row_names(opts: dict) -> list[str]:
+    """The rows to run, in order: the grid, then --rows; every strategy when neither is given."""
+    names = opts["strategies"] or ("" if opts["rows"] else ",".join(strategies.STRATEGIES))
+    scheds = opts["schedules"].split(",") if opts["schedules"] else [""]
+    key, _, values = opts["sweep"].partition("=")
+    if opts["sweep"] and not (key and values):
+        raise SystemExit(f"error: --sweep={opts['sweep']}: use --sweep=KEY=V1,V2,..., e.g. new_data_fraction=0.25,0.5")
+    swept = [f"{key}={v}" for v in values.split(",")] if opts["sweep"] else [""]
+    grid = ["+".join(p for p in (name, sched, setting) if p) for name in names.split(",") if name
+            for sched in scheds for setting in swept]
+    return list(dict.fromkeys(grid + (opts["rows"].split(",") if opts["rows"] else [])))
+
+
+def row_args(row: str) -> list[str]:
+    """train.py's arguments for a row: --strategy=STRATEGY, --lr_schedule=SCHEDULE, --KEY=VALUE."""
+    name, *rest = row.split("+")
+    return [f"--strategy={name}"] + [f"--{part}" if "=" in part else f"--lr_schedule={part}" for part in rest]
+
+
+def first_step(row: str, train_args: list[str]) -> tuple:
+    """What the first step of a row's run is made of: rows with equal ones train the same step01.pt. The strategy's
+    first step (Strategy.first_step), the learning rate of each of its iterations, what its checkpoint keeps for
+    the next step (a carried optimizer's trunk), and the row's other settings, except new_data_fraction where the
+    first step replays nothing."""
+    cfg = train.parse_config(train_args + row_args(row))  # train.py's own checks, before anything runs
+    train.check_config(cfg)
+    strategy = strategies.get_strategy(cfg.strategy)
+    n_iters = cfg.budget_samples * strategy.budget_steps(0) // cfg.batch_size
+    rates = schedules.step_schedule(cfg, 0, 1, n_iters, None)
+    carries = cfg.lr_schedule in schedules.CARRIES_OPTIMIZER
+    settings = [part for part in row.split("+")[1:] if "=" in part
+                and not (part.startswith("new_data_fraction=") and set(strategy.replay(0)) == {0})]
+    return (strategy.first_step(from_initial=bool(cfg.init)), tuple(rates.lr(i) for i in range(n_iters)), carries,
+            cfg.continue_from if carries else None, tuple(sorted(settings)))
 
 
 def launch(train_args: list[str], nproc: int) -> bool:
@@ -43,15 +87,16 @@ def launch(train_args: list[str], nproc: int) -> bool:
     return subprocess.run(cmd).returncode == 0
 
 
-def run_strategy(strategy: str, seed: int, run_dir: str, shared_first: str | None, nproc: int, train_args: list):
-    """Train (or finish) one run; copy in the first step that another strategy trained, when it shares it."""
+def run_row(row: str, seed: int, run_dir: str, shared_first: str | None, nproc: int, train_args: list):
+    """Train (or finish) one run; copy in the first step that another row trained, when it shares it."""
     os.makedirs(run_dir, exist_ok=True)
     if shared_first and not os.path.exists(step_checkpoint(run_dir, 0)):
         for source, target in [(os.path.join(shared_first, "tokenizer.json"), os.path.join(run_dir, "tokenizer.json")),
                                (step_checkpoint(shared_first, 0), step_checkpoint(run_dir, 0))]:
             shutil.copyfile(source, target)
-    if not launch([f"--strategy={strategy}", f"--seed={seed}", f"--out_dir={run_dir}", *train_args], nproc):
-        raise SystemExit(f"error: the {strategy} run (seed {seed}) failed; see its output above, fix it and rerun "
+    strategy, *settings = row_args(row)
+    if not launch([strategy, f"--seed={seed}", f"--out_dir={run_dir}", *train_args, *settings], nproc):
+        raise SystemExit(f"error: the {row} run (seed {seed}) failed; see its output above, fix it and rerun "
                          f"this command: finished runs are kept")
 
 
@@ -178,27 +223,24 @@ def main(argv):
     own = [arg for arg in argv if arg[2:].split("=", 1)[0] in OPTIONS]
     opts = parse_flags(own, OPTIONS)
     train_args = [arg for arg in argv if arg not in own]  # train.py checks these
-    names = opts["strategies"].split(",")
-    for name in names:
-        strategies.get_strategy(name)
+    names = row_names(opts)
+    firsts = {name: first_step(name, train_args) for name in names}  # also checks every row's settings
     seeds, out = [int(s) for s in opts["seeds"].split(",")], opts["out"]
     records = {name: [] for name in names}
     for seed in seeds:
-        trained_first = {}  # Strategy.first_step -> the run that trained that first step, for this seed
+        trained_first = {}  # first_step -> the run that trained that first step, for this seed
         for name in names:
             run_dir = os.path.join(out, f"seed{seed}", name)
             if opts["table_only"]:  # tabulate the finished runs, train nothing
                 if finished(run_dir):
                     records[name].append(run_record(run_dir))
                 continue
-            first = strategies.STRATEGIES[name].first_step(from_initial=any(a.startswith("--init=") and a != "--init="
-                                                                            for a in train_args))
-            run_strategy(name, seed, run_dir, trained_first.get(first), opts["nproc"], train_args)
-            trained_first.setdefault(first, run_dir)
+            run_row(name, seed, run_dir, trained_first.get(firsts[name]), opts["nproc"], train_args)
+            trained_first.setdefault(firsts[name], run_dir)
             records[name].append(run_record(run_dir))
     records = {name: recs for name, recs in records.items() if recs}
     if not records:
-        raise SystemExit(f"error: no finished runs under {out} for these strategies and seeds; run without --table_only")
+        raise SystemExit(f"error: no finished runs under {out} for these rows and seeds; run without --table_only")
     names = list(records)
     rows, table = make_table(records)
     with open(os.path.join(out, "table.md"), "w") as f:

@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 SCHEDULES = ("cosine", "cosine-ar", "const-cooldown", "rsqrt")
 CARRIES_OPTIMIZER = ("const-cooldown", "rsqrt")  # one optimizer for the whole run; the others restart it every step
+FIRST_STEP_AS = {"cosine-ar": "cosine"}  # schedules whose first step is another's at any setting (peak_0 = lr)
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ class Strategy:
         initial model of --init), so data and budget decide it, and, from an initial model, the batch loss and the
         end-of-step action, which then have a model before them: strategies whose first steps are equal train
         the same step-1 model (tools/compare.py trains it once for all of them)."""
-        hooks = (self.batch_loss, self.end_of_step) if from_initial else ()
+        hooks = (self.batch_loss, self.end_of_step, self.continue_from_deployed) if from_initial else ()
         return tuple(sorted(self.replay(0).items())), self.budget_steps(0), *hooks
 
 
@@ -228,7 +228,7 @@ def check_settings(config: SimpleNamespace) -> None:
         raise SystemExit(f"error: --lwf_weight={config.lwf_weight} is out of range; use 0 or more")
     if not 0 <= config.ema_weight <= 1:
         raise SystemExit(f"error: --ema_weight={config.ema_weight} is out of range; use a weight from 0 to 1")
-    if not (0 < config.new_data_fraction <= 1 or config.new_data_fraction == 0):
+    if not 0 <= config.new_data_fraction <= 1:
         raise SystemExit(f"error: --new_data_fraction={config.new_data_fraction} is out of range; use 0 (in "
                          f"proportion to sizes) or a share above 0, at most 1")
 
@@ -266,11 +266,10 @@ def step_parts(strategy: Strategy, t: int, step_data: list[list[Part]], new_data
     theirs (Part.share)."""
     parts = [(s, Part(p.name, p.shards, keep_fraction=fraction))
              for s, fraction in sorted(strategy.replay(t).items()) for p in step_data[s]]
-    old = [p for s, p in parts if s != t]
-    if new_data_fraction and old:  # with nothing to replay, the new data is all of it anyway
-        new = [p for s, p in parts if s == t]
-        for group, share in [(new, new_data_fraction), (old, 1 - new_data_fraction)]:
-            total = sum(p.n_samples for p in group)
+    new, old = [p for s, p in parts if s == t], [p for s, p in parts if s != t]
+    totals = [sum(p.n_samples for p in group) for group in (new, old)]
+    if new_data_fraction and all(totals):  # with nothing to replay (or nothing new), what there is is all of it
+        for group, total, share in [(new, totals[0], new_data_fraction), (old, totals[1], 1 - new_data_fraction)]:
             for p in group:
                 p.share = share * p.n_samples / total
     return [p for _, p in parts]

@@ -527,7 +527,7 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, ste
     carries = cfg.lr_schedule in schedules.CARRIES_OPTIMIZER
     before = None  # the iterations of the optimizer this step goes on with; None: a new one
     if step.trunk is not None and step.trunk["optimizer"] is not None:
-        optimizer.load_state_dict(step.trunk["optimizer"])
+        optimizer.load_state_dict(cpu_copy(step.trunk["optimizer"]))  # a copy: the optimizer updates it in place
         before = step.trunk["iterations"]
     schedule = schedules.step_schedule(cfg, t, len(step.step_names), n_iters, before)
     state = StepState.resume(run_dir, t, model, optimizer, cfg, world)
@@ -603,8 +603,9 @@ def next_trunk(strategy: strategies.Strategy, cfg: SimpleNamespace, state: StepS
     """Where the schedule carries its optimizer, what the next step goes on from ({"model", "optimizer",
     "iterations"}): the trunk, as it was where the cooldown branched off (continue_from=trunk); or the end of the
     cooled branch (continue_from=cooled, or no cooldown); or, for a strategy that goes on from the model its
-    end-of-step action made (patching, ema-from-merge), that model with the branch's optimizer. None otherwise."""
-    if state.end is None:
+    end-of-step action made (patching, ema-from-merge), that model with the branch's optimizer. None otherwise, and
+    for a strategy that starts every step afresh (restart, oracle)."""
+    if state.end is None or not strategy.warm_start:
         return None
     if trained is not deployed and strategy.continue_from_deployed:
         return {**state.end, "model": deployed}

@@ -82,6 +82,7 @@ def test_every_paper_strategy_has_the_same_first_step():
     assert {name for name, first in firsts.items() if first == firsts["sequential"]} == \
         {"sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "restart", "oracle"}
     assert len({firsts["sequential"], firsts["lwf"], firsts["patching"]}) == 3
+    assert firsts["ema"] != firsts["ema-from-merge"]  # the same merge, but the next step goes on from another model
 
 
 def test_first_step_is_shared_only_where_it_is_the_same(tmp_path, two_years, monkeypatch):

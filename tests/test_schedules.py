@@ -139,6 +139,13 @@ def test_cosine_keeps_no_trunk_and_goes_on_from_the_deployed_model(two_years, tm
     assert load(run, 1)["trunk"] is None and same(starts[1], load(run, 1)["model"])
 
 
+def test_a_strategy_that_starts_afresh_keeps_no_trunk_under_a_carried_schedule(two_years, tmp_path):
+    run = str(tmp_path / "run")
+    train_in_process([f"--data_root={two_years}", f"--out_dir={run}", "--strategy=restart",
+                      "--lr_schedule=const-cooldown", *TINY])
+    assert load(run, 1)["trunk"] is None and load(run, 2)["trunk"] is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["const-cooldown", "rsqrt"])
 def test_a_run_stopped_mid_cooldown_resumes_bitwise(two_years, tmp_path, monkeypatch, kind):

@@ -15,11 +15,11 @@ cumulative-all+cosine+new_data_fraction=0.25, and names its run folder. Every ot
 unchanged. Runs live in OUT/seedS/ROW (OUT = --out, default runs/compare); a finished run is reused, not
 retrained, when the command is run again. As the paper's "every method starts from the same step-1 model", the
 first time step is trained once per seed for all rows whose first steps are the same (first_step: the same data,
-budget and learning rates, and the same settings) and copied to the others; a row with a first step of its own
-trains it. Writes OUT/table.md and table.json (per row: compute in
-samples and FLOPs, also relative to oracle; ID, backward and forward transfer; the final model's mean R@1 over
-all tasks; the mean over seeds), OUT/compute_vs_retrieval.png, one heatmap of the evaluation matrix per
-strategy (mean over seeds, heatmap_STRATEGY.png) and all of them on one sheet (heatmaps.png).
+budget and schedule, and the same settings) and copied to the others; a row with a first step of its own trains
+it. Writes OUT/table.md and table.json (per row: compute in samples and FLOPs, also relative to oracle; ID,
+backward and forward transfer; the final model's mean R@1 over all tasks; the mean over seeds),
+OUT/compute_vs_retrieval.png, one heatmap of the evaluation matrix per row (mean over seeds, heatmap_ROW.png)
+and all of them on one sheet (heatmaps.png).
 """
 import json
 import os
@@ -34,7 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
 import schedules  # noqa: E402
 import strategies  # noqa: E402
-import train  # noqa: E402
 from data import write_json  # noqa: E402
 from evaluate import parse_flags, step_checkpoint, step_checkpoints  # noqa: E402
 
@@ -56,26 +55,28 @@ def row_names(opts: dict) -> list[str]:
 
 
 def row_args(row: str) -> list[str]:
-    """train.py's arguments for a row: --strategy=STRATEGY, --lr_schedule=SCHEDULE, --KEY=VALUE."""
+    """train.py's arguments for a row: --strategy=STRATEGY, --lr_schedule=SCHEDULE, --KEY=VALUE. The strategy and
+    the schedule are checked here, before anything runs; train.py checks the rest."""
     name, *rest = row.split("+")
+    strategies.get_strategy(name)
+    for part in rest:
+        if "=" not in part and part not in schedules.SCHEDULES:
+            raise SystemExit(f"error: row {row}: unknown lr_schedule '{part}'; choose one of: "
+                             f"{', '.join(schedules.SCHEDULES)}, or write a setting as KEY=VALUE")
     return [f"--strategy={name}"] + [f"--{part}" if "=" in part else f"--lr_schedule={part}" for part in rest]
 
 
 def first_step(row: str, train_args: list[str]) -> tuple:
     """What the first step of a row's run is made of: rows with equal ones train the same step01.pt. The strategy's
-    first step (Strategy.first_step), the learning rate of each of its iterations, what its checkpoint keeps for
-    the next step (a carried optimizer's trunk), and the row's other settings, except new_data_fraction where the
-    first step replays nothing."""
-    cfg = train.parse_config(train_args + row_args(row))  # train.py's own checks, before anything runs
-    train.check_config(cfg)
-    strategy = strategies.get_strategy(cfg.strategy)
-    n_iters = cfg.budget_samples * strategy.budget_steps(0) // cfg.batch_size
-    rates = schedules.step_schedule(cfg, 0, 1, n_iters, None)
-    carries = cfg.lr_schedule in schedules.CARRIES_OPTIMIZER
+    first step (Strategy.first_step), the schedule's (schedules.FIRST_STEP_AS: cosine-ar's first step is cosine's),
+    and the row's settings, except new_data_fraction where the first step replays nothing."""
+    args = dict(arg[2:].partition("=")[::2] for arg in train_args + row_args(row))  # the last value of a key wins
+    strategy = strategies.get_strategy(args["strategy"])
+    schedule = args.get("lr_schedule", "cosine")
     settings = [part for part in row.split("+")[1:] if "=" in part
                 and not (part.startswith("new_data_fraction=") and set(strategy.replay(0)) == {0})]
-    return (strategy.first_step(from_initial=bool(cfg.init)), tuple(rates.lr(i) for i in range(n_iters)), carries,
-            cfg.continue_from if carries else None, tuple(sorted(settings)))
+    return (strategy.first_step(from_initial=bool(args.get("init"))), schedules.FIRST_STEP_AS.get(schedule, schedule),
+            tuple(sorted(settings)))
 
 
 def launch(train_args: list[str], nproc: int) -> bool:
@@ -224,7 +225,7 @@ def main(argv):
     opts = parse_flags(own, OPTIONS)
     train_args = [arg for arg in argv if arg not in own]  # train.py checks these
     names = row_names(opts)
-    firsts = {name: first_step(name, train_args) for name in names}  # also checks every row's settings
+    firsts = {name: first_step(name, train_args) for name in names}  # checks each strategy and schedule
     seeds, out = [int(s) for s in opts["seeds"].split(",")], opts["out"]
     records = {name: [] for name in names}
     for seed in seeds:

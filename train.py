@@ -626,6 +626,8 @@ def announce_step(step: strategies.TimeStep, strategy: strategies.Strategy, part
         "the initial model" if step.initial is not None else "random init"
     if step.trunk is not None and step.trunk["optimizer"] is not None:
         start += f" with the optimizer carried over ({step.trunk['iterations']} iterations)"
+    if step.config.new_data_fraction and step.t > 0 and all(p.share is None for p in parts):
+        mix += " (new_data_fraction has no effect: nothing is replayed)"
     print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): {start}, budget {n_iters * batch} "
           f"samples ({n_iters} iters), data: {mix}")
     log({"event": "step_start", "time_step": step.t + 1, "step": step.step_names[step.t],

@@ -170,12 +170,13 @@ def test_a_run_stopped_mid_cooldown_resumes_bitwise(two_years, tmp_path, monkeyp
 
 # ----------------------------------------------------------------------------- merging across time
 @pytest.mark.parametrize("name", ["ema", "ema-from-merge"])
-def test_ema_deploys_the_merge_of_the_unmerged_models(three_years, tmp_path, monkeypatch, name):
+def test_ema_deploys_the_merge_of_the_unmerged_models(three_years, tmp_path, monkeypatch, capsys, name):
     starts = starts_of(monkeypatch)
     run, w = str(tmp_path / "run"), 0.3
     train_in_process([f"--data_root={three_years}", f"--out_dir={run}", f"--strategy={name}", f"--ema_weight={w}",
-                      "--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0",
+                      "--new_data_fraction=0.5", "--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0",
                       "--log_interval=100", "--eval_batch=64", "--warmup_iters=1", "--warmup_iters_later=1"])
+    assert capsys.readouterr().out.count("new_data_fraction has no effect: nothing is replayed") == 2  # steps 2, 3
     ckpts = [load(run, s) for s in (1, 2, 3)]
     assert "trained" not in ckpts[0]  # nothing to merge with at the first step: the model is its own merge
     m1, m2, m3 = ckpts[0]["model"], ckpts[1]["trained"], ckpts[2]["trained"]

@@ -1,17 +1,10 @@
 """
-Data for time-continual CLIP training: webdataset-style tar shards in the TiC-DataComp layout, the image
-transforms, a BPE tokenizer, and the training stream that gives every rank the same number of batches.
-(The built-in synthetic benchmark that writes such shards is synthetic.py.)
-
-Layout (as TiC-DataComp): ROOT/train/YEAR/*.tar with ROOT/train/YEAR/sizes.json
-(shard name -> samples; counted from the shards and saved on first use if missing), held-out pairs in
-ROOT/eval/retrieval/YEAR/*.tar, and labelled images in ROOT/eval/classification/YEAR/*.tar with
-classnames.txt and templates.txt beside the year folders. YEAR is YYYY or YYYYMM. Inside a tar the
-members of one sample share a key and sit next to each other: KEY.png (or jpg/jpeg/webp), KEY.txt
-(caption; else the json's "caption"), KEY.json (uid, year), KEY.cls (class id; else the json's "cls").
-Follows the webdataset conventions that OpenCLIP reads (resampled shards, a shuffle buffer, equal batches
-per rank) written from scratch without the webdataset package. tools/prepare.py makes this layout from
-timestamped shards.
+Data for time-continual CLIP training: the samples of the TiC layout's tar shards (shards.py reads them), the
+image transforms, a BPE tokenizer, the replay and validation selections, the training stream that gives every
+rank the same number of batches, and the evaluation batches. (The built-in synthetic benchmark that writes such
+shards is synthetic.py.) Follows the webdataset conventions that OpenCLIP reads (resampled shards, a shuffle
+buffer, equal batches per rank) written from scratch without the webdataset package. tools/prepare.py makes the
+layout from timestamped shards.
 """
 import hashlib
 import html
@@ -20,23 +13,20 @@ import json
 import math
 import multiprocessing
 import os
-import shlex
 import signal
-import subprocess
 import sys
-import tarfile
-import tempfile
-import time
 import unicodedata
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards import ShardError, iter_tar, write_atomic, year_shards
 
 # tokenizers warns on every DataLoader fork once its thread pool has run; one caption batch is too small
 # to gain from threads anyway
@@ -48,326 +38,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 # -----------------------------------------------------------------------------
-# Writing files
-
-class WriteError(SystemExit):
-    """A file that could not be written (no space, too large, no permission): one line naming it and the cause."""
-
-
-def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """write(f) into a temporary file beside path, then rename it over path: a reader (or a rerun after a kill)
-    sees the old file or the new one, never half of one. Every file the program keeps is written so. A failure
-    leaves no temporary file and is a WriteError; a kill leaves PATH.tmpPID, which remove_stale_temporaries
-    clears once that process is gone."""
-    tmp = f"{path}.tmp{os.getpid()}"  # one per process: ranks that write the same file do not collide
-    f = None
-    try:
-        with open(tmp, "wb") as raw:
-            f = KeepsOSError(raw)
-            write(f)
-        os.replace(tmp, path)
-    except Exception as e:
-        cause = f.error if f is not None and f.error else e
-        if not isinstance(cause, OSError):
-            raise
-        raise WriteError(f"error: could not write {path}: {cause.strerror or cause}; free some space or fix the "
-                         f"folder's permissions, then rerun") from cause
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-class KeepsOSError:
-    """A file that keeps the OS's error of a failed write (no space, too large): torch.save reports it only as
-    "unexpected pos", which says nothing of the cause."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
-def write_json(path: str, obj) -> None:
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-def remove_stale_temporaries(folder: str) -> list[str]:
-    """Remove the FILE.tmpPID that write_atomic left in folder when a kill stopped process PID, unless that process
-    is still alive (another rank, another run writing there). Returns what was removed."""
-    removed = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        stem, _, pid = name.rpartition(".tmp")
-        if stem and pid.isdigit() and os.path.isfile(os.path.join(folder, name)) and not _alive(int(pid)):
-            os.remove(os.path.join(folder, name))
-            removed.append(name)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: the same seed gives the same bytes
-    tf.addfile(info, io.BytesIO(data))
-
-
-# -----------------------------------------------------------------------------
-# Reading shards
-
-SPLITS = {"train": ("train",), "retrieval": ("eval", "retrieval"), "classification": ("eval", "classification"),
-          "datacompnet": ("eval", "datacompnet")}  # TiC-DataCompNet as ml-tic-clip ships it: names and prompts per year
-
-
-def _split_dir(root: str, split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
-    return os.path.join(root, *SPLITS[split])
-
-
-def years_in(root: str, split: str = "train") -> list[str]:
-    """Sorted year (YYYY or YYYYMM) folder names under ROOT/train, ROOT/eval/retrieval or ROOT/eval/classification."""
-    folder = _split_dir(root, split)
-    if not os.path.isdir(folder):
-        raise SystemExit(f"{folder}: no such folder; point the data root at a TiC layout (ROOT/train/YEAR/*.tar) "
-                         f"or write the synthetic one with `python synthetic.py {root}`")
-    years = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    if not years:
-        raise SystemExit(f"{folder}: holds no year folders; expected {folder}/YEAR/*.tar with a sizes.json")
-    return years
-
-
-def parse_steps(root: str, spec: str, split: str = "train") -> list[list[str]]:
-    """Year folders of each time step: '2014-2016,2017' -> [['2014', '2015', '2016'], ['2017']]; '': one per year."""
-    years = years_in(root, split)
-    if not spec:
-        return [[y] for y in years]
-    groups = []
-    for group in spec.split(","):
-        first, _, last = group.strip().partition("-")
-        last = last or first
-        if not (first.isdigit() and last.isdigit()):
-            raise SystemExit(f"error: --steps={spec}: '{group}' is not a year (2019), a month (201905) or a range of "
-                             f"them (2014-2016); separate the steps by commas, e.g. --steps=2014-2016,2017,2018")
-        chosen = [y for y in years if first <= y[:len(first)] <= last]  # YYYY or YYYYMM folders
-        if not chosen:
-            raise SystemExit(f"error: step '{group}' names no year folder under {_split_dir(root, split)} "
-                             f"(found: {', '.join(years)}); fix --steps")
-        again = next((y for y in chosen for earlier in groups if y in earlier), None)
-        if again:
-            raise SystemExit(f"error: --steps={spec}: {again} is in two steps; a year's data belongs to one step")
-        groups.append(chosen)
-    return groups
-
-
-def step_name(years: list[str]) -> str:
-    """A time step's name: its year, or its first and last year ('2014-2016')."""
-    return years[0] if len(years) == 1 else f"{years[0]}-{years[-1]}"
-
-
-def year_shards(root: str, year: str, split: str = "train", shard_cmd: str = "") -> list[tuple[str, int]]:
-    """[(shard path, samples)] of one year, from its sizes.json; without one, the shards are read once to count
-    their samples and the counts are saved as sizes.json beside them. With a shard_cmd the shards are streamed
-    (stream_path) and sizes.json, required then, is their list: ROOT holds only the sizes.json files."""
-    folder = os.path.join(_split_dir(root, split), str(year))
-    sizes_path = os.path.join(folder, "sizes.json")
-    if not os.path.isdir(folder):
-        raise SystemExit(f"{folder}: no such folder; check the data root and year (have: {years_in(root, split)})")
-    if not os.path.exists(sizes_path) and shard_cmd:
-        raise SystemExit(f"{sizes_path}: missing; streamed shards (--shard_cmd) are listed by the sizes.json of "
-                         f"each year folder (shard name -> samples), which is never counted remotely")
-    if not os.path.exists(sizes_path):
-        sizes = count_samples(folder)
-    else:
-        sizes = read_sizes(sizes_path)
-    unlisted = [] if shard_cmd else sorted(f for f in os.listdir(folder) if f.endswith(".tar") and f not in sizes)
-    if unlisted:  # copied in after sizes.json was written: counted now, or never read
-        sizes.update(count_samples(folder, unlisted))
-        print(f"{folder}: {len(unlisted)} shard(s) not in sizes.json ({', '.join(unlisted[:3])}"
-              f"{', ...' if len(unlisted) > 3 else ''}): counted and added")
-    shards = [(os.path.join(folder, name), n) for name, n in sorted(sizes.items())]
-    if not shards:
-        raise SystemExit(f"{sizes_path}: lists no shards; add the year's tars to it or drop the year")
-    if shard_cmd:
-        return [(stream_path(shard_cmd, os.path.relpath(path, root)), n) for path, n in shards]
-    missing = [p for p, _ in shards if not os.path.exists(p)]
-    if missing:
-        raise SystemExit(f"{missing[0]}: listed in {sizes_path} but missing ({len(missing)} in all); "
-                         f"re-download the shards or fix sizes.json")
-    return shards
-
-
-def read_sizes(path: str) -> dict[str, int]:
-    """A sizes.json: {shard name: samples}, each a count of at least 0, and not all 0."""
-    try:
-        with open(path) as f:
-            sizes = json.load(f)
-    except ValueError as e:
-        raise SystemExit(f"{path}: not valid JSON ({e}); delete it to have the shards counted again")
-    bad = next((k for k, n in sizes.items() if type(n) is not int or n < 0), None) if isinstance(sizes, dict) else ""
-    if bad is not None:
-        what = f"the count of {bad} is {sizes[bad]!r}" if bad else "it is not an object"
-        raise SystemExit(f"{path}: {what}; it should map shard names to sample counts, e.g. {{\"000000.tar\": "
-                         f"10000}}; fix it, or delete it to have the shards counted again")
-    if sizes and not any(sizes.values()):
-        raise SystemExit(f"{path}: every shard is listed with 0 samples; delete it to have the shards counted again")
-    return sizes
-
-
-def count_samples(folder: str, names: list[str] | None = None) -> dict[str, int]:
-    """{shard name: samples} of every *.tar in folder (or of those names), by reading them; saved in
-    folder/sizes.json beside the counts already there (all processes of a run may count at once: each writes its
-    own temporary file, all with the same counts). A shard that does not end as a tar should is reported with the
-    samples read before the break (the loader skips the rest and counts it); then sizes.json is not saved, so the
-    folder is counted again once the shard is fixed."""
-    names = names or sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
-    if not names:
-        raise SystemExit(f"{folder}: holds no .tar shards and no sizes.json; put the year's webdataset shards there")
-    t0 = time.time()
-    sizes, broken = {}, []
-    for name in names:
-        sizes[name] = 0
-        try:
-            for _ in iter_tar(os.path.join(folder, name)):
-                sizes[name] += 1
-        except ShardError as e:
-            broken.append(name)
-            print(f"warning: {e}; counted the {sizes[name]} samples before the break", file=sys.stderr)
-    if broken:
-        saved = f"sizes.json not saved because of {len(broken)} broken shard(s) ({', '.join(broken[:3])})"
-    else:
-        sizes_path = os.path.join(folder, "sizes.json")
-        try:
-            write_json(sizes_path, {**(read_sizes(sizes_path) if os.path.exists(sizes_path) else {}), **sizes})
-            saved = "saved in sizes.json"
-        except WriteError as e:  # a read-only copy of the data: count again next time
-            saved = f"could not save sizes.json ({e.__cause__.strerror})"
-    print(f"{folder}: counted {sum(sizes.values())} samples in {len(names)} shards in {time.time() - t0:.1f}s; {saved}")
-    return sizes
-
-
-class ShardError(RuntimeError):
-    """A tar shard that cannot be read to its end (truncated, or not a tar)."""
-
-
-def stream_path(shard_cmd: str, relative_path: str) -> str:
-    """The path of a streamed shard: "pipe:" and the shell command that writes it to stdout (webdataset's form), with
-    {path} in shard_cmd (e.g. "aws s3 cp s3://bucket/tic/{path} -") the shard's path relative to the data root."""
-    return "pipe:" + shard_cmd.replace("{path}", shlex.quote(relative_path))
-
-
-class ShardStream:
-    """The stdout of a "pipe:" path's command, read as the shard. check() raises a ShardError, with the command's
-    stderr, if the command failed; close() kills a command whose output was not read to its end."""
-
-    def __init__(self, path: str):
-        self.path, self.stderr = path, tempfile.TemporaryFile()  # a file, not a pipe: stderr can never block it
-        self.proc = subprocess.Popen(path[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     start_new_session=True)  # a group of its own: close() ends all it started
-
-    def check(self, wait_s: float, running_is_failure: bool) -> None:
-        try:
-            code = self.proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            if not running_is_failure:
-                return
-            code = f"none: still running {wait_s:.0f}s after its tar ended"
-        if code != 0:
-            self.stderr.seek(0)
-            said = self.stderr.read().decode(errors="replace").strip().splitlines()[-3:]
-            raise ShardError(f"{self.path}: the command failed; run it by hand to see why") from RuntimeError(
-                f"exit status {code}" + (f": {' | '.join(said)}" if said else ""))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc.stdout.close()
-        self.stderr.close()
-
-
-MAX_MEMBER_BYTES = 64 << 20  # an image or caption larger than this is not a training sample: skipped, not read
-_oversized = set()  # (shard, member) already reported by this process
-
-
-class LastRead:
-    """A tar's byte stream that keeps the last block read from it. Python's tarfile takes a header cut short, or
-    garbage, for the end of the archive and stops without a word; a tar that really ends, ends in a block of zeros,
-    and that block is the last one read (None: nothing read after opening, which tarfile checks itself)."""
-
-    def __init__(self, f):
-        self.f, self.last = f, None
-
-    def read(self, *size):
-        self.last = self.f.read(*size)
-        return self.last
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
-def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream one tar, grouping consecutive members by key: "dir.v2/000.seg.txt" has key "dir.v2/000"
-    and extension "seg.txt". Yields (key, {ext: bytes}); reads sequentially, so it works on pipes too: a path
-    "pipe:COMMAND" reads COMMAND's stdout, and a command that fails is a broken shard (ShardError)."""
-    key, sample, n = None, {}, 0
-    stream = ShardStream(path) if path.startswith("pipe:") else None
-    try:
-        with (tarfile.open(fileobj=stream.proc.stdout, mode="r|*") if stream else
-              tarfile.open(path, mode="r|*")) as tf:
-            tf.fileobj = reads = LastRead(tf.fileobj)
-            for member in tf:
-                tf.members = []  # tarfile remembers every member it has read; forget them so memory stays flat
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition("/")
-                dot = base.find(".")
-                if dot <= 0:  # no extension, or a hidden file: not part of a sample
-                    continue
-                this_key, ext = f"{folder}/{base[:dot]}" if folder else base[:dot], base[dot + 1:].lower()
-                if member.size > MAX_MEMBER_BYTES:  # not read into memory: its sample then lacks it, and is skipped
-                    if (path, member.name) not in _oversized:  # once per process, however often the shard is drawn
-                        _oversized.add((path, member.name))
-                        print(f"warning: {path}: member {member.name} of {member.size} bytes skipped, over the "
-                              f"{MAX_MEMBER_BYTES >> 20} MB a sample's part may hold", file=sys.stderr)
-                    continue
-                if (this_key != key or ext in sample) and sample:  # a repeated member starts a new sample (a
-                    yield key, sample                                # duplicate key), rather than overwrite one
-                    sample, n = {}, n + 1
-                key = this_key
-                sample[ext] = tf.extractfile(member).read()
-            if reads.last is not None and reads.last != bytes(tarfile.BLOCKSIZE):
-                if stream:  # a command that failed is the cause to report
-                    stream.check(wait_s=5, running_is_failure=False)
-                raise ShardError(f"{path}: breaks off after {n} samples, without the blocks of zeros that end a tar; "
-                                 f"re-download or regenerate it") from RuntimeError("no end-of-archive marker")
-        if stream:  # the tar has ended, so should the command; checked before the last sample, which a failure may cut
-            stream.check(wait_s=60, running_is_failure=True)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        if stream:  # a command that failed is the cause to report
-            stream.check(wait_s=5, running_is_failure=False)
-        raise ShardError(f"{path}: unreadable tar shard ({e}); re-download or regenerate it") from e
-    finally:
-        if stream:
-            stream.close()  # kills the command if the reader stopped early
-    if sample:
-        yield key, sample
-
+# Selecting samples by hash
 
 VALIDATION_FRACTION = 0.02  # of every year's training pairs: never trained on, for tuning (patching's coefficient)
 VALIDATION_SEED = 2 ** 31 - 1  # apart from the replay-buffer seeds, so the two selections are independent

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import data
 from data import Tokenizer, eval_batches
 from model import PRECISIONS, autocast, load_checkpoint
+import shards
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
 
@@ -155,14 +155,14 @@ def step_tasks(root: str, years: list[str], shard_cmd: str = "") -> Task:
     """A time step's tasks: retrieval on its years' held-out pairs (ROOT/eval/retrieval/YEAR), and classification
     where ROOT/eval/classification/YEAR exists, with classnames.txt and templates.txt beside the year folders, or
     ROOT/eval/datacompnet/YEAR, with them inside each year folder (TiC-DataCompNet as ml-tic-clip ships it).
-    shard_cmd: see data.year_shards."""
-    task = Task([s for y in years for s in data.year_shards(root, y, "retrieval", shard_cmd)])
+    shard_cmd: see shards.year_shards."""
+    task = Task([s for y in years for s in shards.year_shards(root, y, "retrieval", shard_cmd)])
     for split in ("classification", "datacompnet"):
-        folder = os.path.join(root, *data.SPLITS[split])
+        folder = os.path.join(root, *shards.SPLITS[split])
         labelled = [y for y in years if os.path.isdir(os.path.join(folder, y))]
         if labelled:
             names_at = folder if split == "classification" else os.path.join(folder, labelled[0])
-            task.classification = [s for y in labelled for s in data.year_shards(root, y, split, shard_cmd)]
+            task.classification = [s for y in labelled for s in shards.year_shards(root, y, split, shard_cmd)]
             task.classnames = read_lines(os.path.join(names_at, "classnames.txt"))
             task.templates = read_templates(names_at)
             break
@@ -170,14 +170,14 @@ def step_tasks(root: str, years: list[str], shard_cmd: str = "") -> Task:
 
 
 def tasks_of(root: str, step_years: list[list[str]], shard_cmd: str = "") -> dict[str, Task]:
-    """{step name: its tasks} for every time step (step_years: data.parse_steps). An eval folder of another kind
+    """{step name: its tasks} for every time step (step_years: shards.parse_steps). An eval folder of another kind
     is named in a warning, never passed over in silence."""
     eval_dir = os.path.join(root, "eval")
     for other in sorted(set(os.listdir(eval_dir) if os.path.isdir(eval_dir) else []) - {"retrieval", "classification",
                                                                                         "datacompnet"}):
         print(f"warning: {eval_dir}/{other}: not an evaluation folder this program reads (retrieval, classification, "
               f"datacompnet); skipped", file=sys.stderr)
-    return {data.step_name(ys): step_tasks(root, ys, shard_cmd) for ys in step_years}
+    return {shards.step_name(ys): step_tasks(root, ys, shard_cmd) for ys in step_years}
 
 
 def read_lines(path: str) -> list[str]:
@@ -462,7 +462,7 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
         raise SystemExit(f"{args['tokenizer']}: {tokenizer.vocab_size} ids with end-of-text {tokenizer.eot_id}, but the "
                          f"model has {cfg.vocab_size} with {cfg.eot_token_id}; pass the tokenizer the model was trained "
                          f"with (CLIP's: python tools/prepare.py clip-tokenizer)")
-    step_years = data.parse_steps(args["data_root"], args["steps"], split="retrieval")
+    step_years = shards.parse_steps(args["data_root"], args["steps"], split="retrieval")
     tasks = {**tasks_of(args["data_root"], step_years, args["shard_cmd"]),
              **static_tasks(args["data_root"], args["static"])}
     print(f"{args['checkpoint']}: ViT {cfg.vision_layers}x{cfg.vision_width} at {cfg.image_px}px, patch {cfg.patch_px}; "
@@ -474,7 +474,7 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
     print(format_row(row))
     print(f"evaluated in {time.time() - t0:.0f}s")
     if args["out"]:
-        data.write_json(args["out"], {"checkpoint": args["checkpoint"], "steps": step_years, "results": row})
+        shards.write_json(args["out"], {"checkpoint": args["checkpoint"], "steps": step_years, "results": row})
     return row
 
 
@@ -507,8 +507,8 @@ def main(argv):
                                                   max_bad_fraction=args["max_bad_fraction"])
         print(f"evaluated {path} in {time.time() - t0:.1f}s")
     _, initial = read_results(os.path.join(run, "eval_matrix.json"), [])  # --init's row: kept as it was measured
-    result = eval_matrix(rows, [data.step_name(ys) for ys in last["steps"]], initial)
-    data.write_json(os.path.join(run, "eval_matrix.json"), result)
+    result = eval_matrix(rows, [shards.step_name(ys) for ys in last["steps"]], initial)
+    shards.write_json(os.path.join(run, "eval_matrix.json"), result)
     print(format_matrix(result))
 
 

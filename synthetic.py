@@ -1,6 +1,6 @@
 """
 The built-in synthetic time-continual benchmark: 32 px images of two coloured shapes with captions, written
-in the TiC-DataComp layout (data.py reads it like any real TiC data), with real temporal drift.
+in the TiC-DataComp layout (train.py reads it like any real TiC data), with real temporal drift.
 
     python synthetic.py data/tic-synth     # write it (~10 s, 5 years); train.py does this on first use
 
@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from data import add_member
+from shards import add_member
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 220, 40),
            "purple": (150, 60, 210), "pink": (245, 130, 195), "white": (235, 235, 235), "cyan": (40, 215, 220)}

@@ -16,7 +16,7 @@ strategies' own settings (strategies.SETTINGS). The run directory (out_dir) hold
 per step (stepNN.pt, with the full config), log.jsonl and eval_matrix.json. Rerunning a command skips the steps
 whose checkpoint exists and continues a step from its newest checkpoint in resume/ (kept every
 ckpt_interval_samples and on SIGTERM), exactly where it stopped: same weights as a run never stopped. Corrupt
-or missing data is skipped, counted and reported; non-finite losses skip their update (StepState). Bad settings
+or missing data is skipped, counted and reported; non-finite losses skip their update (survive.py). Bad settings
 are one line before any compute; an unexpected error is one line too, its traceback in RUN/error-rankN.log (run).
 Follows nanoGPT's train.py for shape, open_clip for the CLIP details, DataComp for the hyperparameters.
 """
@@ -27,9 +27,8 @@ import signal
 import sys
 import time
 import traceback
-from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -40,7 +39,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import evaluate
 import schedules
+import shards
 import strategies
+import survive
 import synthetic
 from model import CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, load_checkpoint, make_config
 
@@ -140,8 +141,8 @@ def check_config(cfg: SimpleNamespace) -> None:
     if cfg.init and not os.path.isfile(cfg.init):
         raise SystemExit(f"error: --init={cfg.init}: no such file; pass an OpenAI or OpenCLIP CLIP, or a stepNN.pt")
     if cfg.init and not (cfg.tokenizer or os.path.exists(os.path.join(os.path.dirname(cfg.init), "tokenizer.json"))):
-        raise SystemExit(f"error: --init needs the tokenizer its model was trained with: for OpenAI's and OpenCLIP's, "
-                         f"--tokenizer=clip-tokenizer.json (made by python tools/prepare.py clip-tokenizer)")
+        raise SystemExit("error: --init needs the tokenizer its model was trained with: for OpenAI's and OpenCLIP's, "
+                         "--tokenizer=clip-tokenizer.json (made by python tools/prepare.py clip-tokenizer)")
     if 0 < cfg.ckpt_interval_samples < cfg.batch_size:
         raise SystemExit(f"error: --ckpt_interval_samples={cfg.ckpt_interval_samples} is less than one batch "
                          f"({cfg.batch_size}); use 0 (only on SIGTERM) or at least {cfg.batch_size}")
@@ -221,8 +222,8 @@ def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]],
     if not os.path.isdir(os.path.join(cfg.data_root, "train")):
         raise SystemExit(f"error: no {cfg.data_root}/train folder; point --data_root at a TiC layout "
                          f"(train/YEAR/*.tar with sizes.json) or leave it at {SYNTH_ROOT} for the built-in benchmark")
-    step_years = data.parse_steps(cfg.data_root, cfg.steps)
-    step_data = [[data.Part(y, data.year_shards(cfg.data_root, y, shard_cmd=cfg.shard_cmd)) for y in ys]
+    step_years = shards.parse_steps(cfg.data_root, cfg.steps)
+    step_data = [[data.Part(y, shards.year_shards(cfg.data_root, y, shard_cmd=cfg.shard_cmd)) for y in ys]
                  for ys in step_years]
     tasks = evaluate.tasks_of(cfg.data_root, step_years, cfg.shard_cmd)
     static = evaluate.static_tasks(cfg.data_root, cfg.static)
@@ -248,7 +249,7 @@ def load_tokenizer(run_dir: str, cfg: SimpleNamespace, first_years: list[str], w
 
 def prepare_run_dir(run_dir: str, world: World) -> None:
     """The run folder, made if new and checked to be writable (by rank 0), without the temporary files that killed
-    processes left in it (data.write_atomic): a rerun cleans up after the run it continues."""
+    processes left in it (shards.write_atomic): a rerun cleans up after the run it continues."""
     if world.master:
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise SystemExit(f"error: --out_dir={run_dir} is a file, not a folder; pick another --out_dir")
@@ -256,10 +257,10 @@ def prepare_run_dir(run_dir: str, world: World) -> None:
             os.makedirs(run_dir, exist_ok=True)
         except OSError as e:
             raise SystemExit(f"error: cannot make the run folder {run_dir}: {e.strerror}; pick another --out_dir")
-        data.write_atomic(os.path.join(run_dir, ".writable"), lambda f: None)  # a WriteError line if it is not
+        shards.write_atomic(os.path.join(run_dir, ".writable"), lambda f: None)  # a WriteError line if it is not
         os.remove(os.path.join(run_dir, ".writable"))
         for folder in (run_dir, os.path.join(run_dir, "resume")):
-            removed = data.remove_stale_temporaries(folder)
+            removed = shards.remove_stale_temporaries(folder)
             if removed:
                 print(f"{folder}: removed {len(removed)} temporary file(s) that killed processes left "
                       f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
@@ -291,179 +292,6 @@ def run_log(run_dir: str, world: World):
             with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
     return log
-
-
-def check_steps(record: dict, path: str, step_years: list[list[str]]) -> None:
-    """A run grows by steps added at its end: a step checkpoint is matched to a time step by position, so the
-    steps it was trained among must begin the run's steps now (or the other way round)."""
-    old, n = record["steps"], min(len(record["steps"]), len(step_years))
-    if old[:n] != step_years[:n]:
-        name = lambda groups: ",".join(data.step_name(ys) for ys in groups)  # noqa: E731
-        raise SystemExit(f"error: {path} belongs to a run of the steps {name(old)}, which do not begin --steps="
-                         f"{name(step_years)}; a run can only grow by steps added at the end; use a new --out_dir")
-
-
-def check_shape(record: dict, path: str, model_cfg: CLIPConfig, model_name: str) -> None:
-    if record["model_config"] != asdict(model_cfg):
-        was = record["config"]
-        raise SystemExit(f"error: {path} holds a model of another shape than this run's (--model={model_name} with "
-                         f"this tokenizer, or --init's); rerun as it was trained (--model={was['model']}"
-                         f"{', --init=' + was['init'] if was.get('init') else ''}) or use a new --out_dir")
-
-
-# ----------------------------------------------------------------------------- surviving kills and bad data
-sigterm = False  # set when the cluster asks the run to stop (preemption); acted on at the next log interval
-
-
-def on_sigterm(signum, frame) -> None:
-    global sigterm
-    sigterm = True
-
-
-def stop_requested(world: World) -> bool:
-    return any(world.gather(sigterm))  # SIGTERM on any rank: every rank stops at the same iteration
-
-
-def resume_checkpoint(run_dir: str, t: int, iteration: int | None = None) -> str:
-    """RUN/resume/stepNN-IIIIIII.pt: time step t's checkpoint at iteration IIIIIII, named after the RUN/stepNN.pt
-    it leads to; with no iteration, the start that all of step t's share."""
-    stem = os.path.basename(evaluate.step_checkpoint(run_dir, t)).removesuffix(".pt")
-    return os.path.join(run_dir, "resume", f"{stem}-" + ("" if iteration is None else f"{iteration:07d}.pt"))
-
-
-def resume_checkpoints(run_dir: str, t: int) -> list[str]:
-    """Step t's resume checkpoints, newest first."""
-    folder, start = os.path.join(run_dir, "resume"), resume_checkpoint(run_dir, t)
-    paths = [os.path.join(folder, f) for f in os.listdir(folder)] if os.path.isdir(folder) else []
-    return sorted((p for p in paths if p.startswith(start) and p.endswith(".pt")), reverse=True)
-
-
-@dataclass
-class StepState:
-    """A step in progress, beyond its model and optimizer: where it is, how long it has trained, the data it
-    skipped and the non-finite losses it met. Saved with them in resume checkpoints, so a killed run continues
-    exactly; checked once per log interval, so broken data or a diverging run stops with a clear error."""
-    iteration: int = 0       # optimizer steps done
-    train_s: float = 0.0     # seconds trained by earlier processes (a resumed step)
-    faults: Counter = field(default_factory=Counter)  # this rank's skipped data by kind (data.FAULTS)
-    nonfinite: torch.Tensor | int = 0  # non-finite losses so far, and in a row: counted on the device (no host
-    in_row: torch.Tensor | int = 0     # sync per step), read once per log interval
-    worst_row: torch.Tensor | int = 0  # the longest run of non-finite losses since the last check
-    path: str | None = None  # the resume checkpoint it was loaded from
-    trunk: dict | None = None  # schedules that carry the optimizer: model and optimizer where the cooldown began
-    end: dict | None = None    # ... and the optimizer at the step's end
-    started: float = field(default_factory=time.time)
-
-    @classmethod
-    def resume(cls, run_dir: str, t: int, model: CLIP, optimizer, cfg: SimpleNamespace, world: World) -> "StepState":
-        """The state of the newest of step t's resume checkpoints that loads (rank 0 chooses, so every rank
-        resumes from the same one), with its weights, optimizer and RNG put back; a fresh state if none."""
-        ckpt, path = None, None
-        if world.master:
-            for path in resume_checkpoints(run_dir, t):
-                try:
-                    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-                    break
-                except Exception as e:  # damaged after it was written: fall back to the one before
-                    print(f"warning: {path} does not load ({e}); trying the one before", file=sys.stderr)
-            path = path if ckpt else None
-        if world.distributed:
-            chosen = [path]
-            dist.broadcast_object_list(chosen, 0)
-            path = chosen[0]
-            ckpt = torch.load(path, map_location="cpu", weights_only=True) if path and not world.master else ckpt
-        if not ckpt:
-            return cls().on(world.device)
-        check_shape(ckpt, path, model.cfg, cfg.model)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if world.device.type == "cuda" and ckpt["rng_cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], world.device)
-        faults = Counter(ckpt["faults"][world.rank] if world.rank < len(ckpt["faults"]) else {})  # each rank its own
-        old = ckpt["config"]
-        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in vars(cfg).items() if old.get(k) != v]
-        if world.master and changed:
-            print(f"note: the config changed since that checkpoint: {', '.join(changed)}")
-        state = cls(iteration=ckpt["iteration"], train_s=ckpt["train_s"], faults=faults, nonfinite=ckpt["nonfinite"],
-                    in_row=ckpt["nonfinite_in_row"], path=path, trunk=ckpt.get("trunk"))
-        return state.on(world.device)
-
-    def on(self, device: torch.device) -> "StepState":
-        self.nonfinite = torch.tensor(self.nonfinite, device=device)
-        self.in_row = torch.tensor(self.in_row, device=device)
-        self.worst_row = self.in_row.clone()
-        return self
-
-    def count_faults(self, new_faults: dict, gave_up: bool, min_read: int, cfg: SimpleNamespace, where: str) -> None:
-        """Add the faults that came with a batch (counted in the loader's workers); stop past max_bad_fraction of
-        the samples read (data.too_much_bad), or where a loader worker did (it sends no batch then)."""
-        self.faults.update(new_faults)
-        bad, read = self.faults["bad_samples"], self.faults["samples"]
-        if gave_up or data.too_much_bad(bad, read, cfg.max_bad_fraction, min_read):
-            raise SystemExit(f"error: {where}: {bad} of {read} samples read were bad ({fault_summary(self.faults)}), "
-                             f"over --max_bad_fraction={cfg.max_bad_fraction}; fix or drop the shards named above")
-
-    def optimizer_step(self, model: CLIP, optimizer) -> None:
-        """optimizer.step(), skipped where the loss or a gradient is not finite (the same on every rank, as
-        gradients are all-reduced), and counted."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        if optimizer.defaults["fused"]:
-            optimizer.found_inf = bad.float()  # the fused kernel skips the whole update where 1: no host sync
-            optimizer.step()
-        elif not bad:  # the unfused optimizer (CPU): reading bad syncs with the device, free on CPU
-            optimizer.step()
-        self.nonfinite += bad
-        self.in_row = (self.in_row + 1) * bad
-        self.worst_row = torch.maximum(self.worst_row, self.in_row)
-
-    def check_nonfinite(self, run_dir: str, t: int, cfg: SimpleNamespace, where: str) -> None:
-        if int(self.worst_row) >= cfg.max_nonfinite_in_row:
-            last = next(iter(resume_checkpoints(run_dir, t) + evaluate.step_checkpoints(run_dir)[::-1]), "none")
-            raise SystemExit(f"error: {where}: {int(self.worst_row)} non-finite losses in a row by sample "
-                             f"{self.iteration * cfg.batch_size}; stopped with the last good checkpoint ({last}) "
-                             f"intact; lower --lr or check the data, then rerun")
-        self.worst_row = self.in_row.clone()
-
-    def seconds(self) -> float:
-        return self.train_s + time.time() - self.started
-
-    def summary(self, world: World) -> dict:
-        """What the finished step reports and records: its training time, the faults of all ranks, non-finite losses."""
-        faults = sum((Counter(f) for f in world.gather(dict(self.faults))), Counter())
-        return {"train_s": self.seconds(), "faults": dict(faults), "nonfinite": int(self.nonfinite)}
-
-    def save(self, run_dir: str, t: int, model: CLIP, optimizer, cfg: SimpleNamespace, world: World) -> str | None:
-        """RUN/resume/stepNN-ITERATION.pt (rank 0 writes it; the other ranks send their fault counts), keeping the
-        newest keep_checkpoints."""
-        all_faults = world.gather(dict(self.faults))  # each rank resumes with its own counts
-        if not world.master:
-            return None
-        path = resume_checkpoint(run_dir, t, self.iteration)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(model.cfg),
-                "config": vars(cfg), "time_step": t + 1, "iteration": self.iteration,
-                "samples_seen": self.iteration * cfg.batch_size, "faults": all_faults,
-                "nonfinite": int(self.nonfinite), "nonfinite_in_row": int(self.in_row), "train_s": self.seconds(),
-                "trunk": self.trunk, "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None}
-        data.write_atomic(path, lambda f: torch.save(ckpt, f))
-        for old in resume_checkpoints(run_dir, t)[cfg.keep_checkpoints:]:
-            os.remove(old)
-        return path
-
-    @staticmethod
-    def clear(run_dir: str, t: int) -> None:
-        """Once stepNN.pt is written: its resume checkpoints, and any temporary file a kill left half-written."""
-        folder, start = os.path.join(run_dir, "resume"), resume_checkpoint(run_dir, t)
-        for path in [os.path.join(folder, f) for f in os.listdir(folder)] if os.path.isdir(folder) else []:
-            if path.startswith(start):
-                os.remove(path)
-
-
-def fault_summary(faults: dict) -> str:
-    return ", ".join(f"{kind} {faults[kind]}" for kind in data.FAULTS if faults.get(kind)) or "none"
 
 
 # ----------------------------------------------------------------------------- one time step
@@ -516,7 +344,7 @@ def forward_backward(train_model, images, tokens, extra_loss, world: World, prec
 
 
 def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, step: strategies.TimeStep,
-               world: World, run_dir: str, log) -> StepState | None:
+               world: World, run_dir: str, log) -> survive.StepState | None:
     """Train model on parts for budget samples at the rates of the step's schedule (schedules.py), with a new
     optimizer or the one the step before left (step.trunk, schedules that carry it), continuing from the newest
     resume checkpoint if an earlier run left one. Returns the step's state, with the trunk at the cooldown's start
@@ -530,7 +358,7 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, ste
         optimizer.load_state_dict(cpu_copy(step.trunk["optimizer"]))  # a copy: the optimizer updates it in place
         before = step.trunk["iterations"]
     schedule = schedules.step_schedule(cfg, t, len(step.step_names), n_iters, before)
-    state = StepState.resume(run_dir, t, model, optimizer, cfg, world)
+    state = survive.StepState.resume(run_dir, t, model, optimizer, cfg, world)
     if state.iteration:
         print(f"rank {world.rank}: {where}: resuming at sample {state.iteration * cfg.batch_size} of "
               f"{n_iters * cfg.batch_size} from {state.path}")
@@ -565,7 +393,7 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, ste
                 continue
             # once per log interval (and checkpoint): read the device's counters, log, save, stop if asked
             state.check_nonfinite(run_dir, t, cfg, where)
-            stop = stop_requested(world)
+            stop = survive.stop_requested(world)
             if world.master and log_due:
                 now = time.time()  # .item() syncs with the device: only once per log interval
                 samples_per_s = (state.iteration - it_log) * cfg.batch_size / (now - t_log)
@@ -598,7 +426,7 @@ def cpu_copy(obj):
     return [cpu_copy(v) for v in obj] if isinstance(obj, list) else obj
 
 
-def next_trunk(strategy: strategies.Strategy, cfg: SimpleNamespace, state: StepState, trained: dict,
+def next_trunk(strategy: strategies.Strategy, cfg: SimpleNamespace, state: survive.StepState, trained: dict,
                deployed: dict) -> dict | None:
     """Where the schedule carries its optimizer, what the next step goes on from ({"model", "optimizer",
     "iterations"}): the trunk, as it was where the cooldown branched off (continue_from=trunk); or the end of the
@@ -646,13 +474,27 @@ def score(model: CLIP, row: dict | None, tasks: dict, tokenizer: data.Tokenizer,
     return row
 
 
-def save_step(path: str, model: CLIP, step: strategies.TimeStep, record: dict, world: World) -> None:
-    """RUN/stepNN.pt, the model the step ended with and its record (rank 0); the step's resume checkpoints go."""
+def save_step(path: str, deployed: dict, model_cfg: CLIPConfig, step: strategies.TimeStep, record: dict,
+              world: World) -> None:
+    """RUN/stepNN.pt, the model the step deployed (its weights on the CPU) and its record (rank 0); the step's
+    resume checkpoints go."""
     if world.master:
-        ckpt = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "model_config": asdict(model.cfg), "config": vars(step.config), **record}
-        data.write_atomic(path, lambda f: torch.save(ckpt, f))
-        StepState.clear(os.path.dirname(path), step.t)
+        ckpt = {"model": deployed, "model_config": asdict(model_cfg), "config": vars(step.config), **record}
+        shards.write_atomic(path, lambda f: torch.save(ckpt, f))
+        survive.StepState.clear(os.path.dirname(path), step.t)
+
+
+def load_step(path: str, step: strategies.TimeStep, model_cfg: CLIPConfig, step_years: list[list[str]],
+              world: World) -> tuple[CLIP, dict]:
+    """The model (on the device) and record of a step that an earlier run of this command finished, checked to
+    belong to this run; the step's resume checkpoints go (left if a kill came between stepNN.pt and their removal)."""
+    model, record = load_checkpoint(path)
+    survive.check_shape(record, path, model_cfg, step.config.model)
+    survive.check_steps(record, path, step_years)
+    if world.master:
+        survive.StepState.clear(os.path.dirname(path), step.t)
+        print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): done already ({path})")
+    return model.to(world.device), record
 
 
 def report_step(step: strategies.TimeStep, record: dict, row: dict, log) -> None:
@@ -662,7 +504,7 @@ def report_step(step: strategies.TimeStep, record: dict, row: dict, log) -> None
     static = " ".join(f"{task} {evaluate.static_number(m):.1f}" for task, m in row.items()
                       if task not in step.step_names)
     health = "".join([f"; skipped {faults['bad_samples']} of {faults['samples']} samples read "
-                      f"({fault_summary(faults)})" if faults.get("bad_samples") else "",
+                      f"({survive.fault_summary(faults)})" if faults.get("bad_samples") else "",
                       f"; {nonfinite} non-finite losses (updates skipped)" if nonfinite else ""])
     print(f"step {step.t + 1}/{len(step.step_names)} ({record['step_name']}): {record['samples_seen']} samples in "
           f"{record['train_s']:.0f}s, {record['flops']:.3g} FLOPs; {evaluate.METRIC} per task: {cells}"
@@ -678,11 +520,11 @@ def main(argv):
     check_config(cfg)
     strategy = strategies.get_strategy(cfg.strategy)
     world = start_world(cfg)
-    signal.signal(signal.SIGTERM, on_sigterm)  # save and exit at the next log interval, rather than die mid-step
+    signal.signal(signal.SIGTERM, survive.on_sigterm)  # save, then exit at the next log interval
     run_dir = cfg.out_dir or os.path.join("runs", cfg.strategy)
     prepare_run_dir(run_dir, world)
     step_years, step_data, tasks = load_benchmark(cfg, world)
-    names = [data.step_name(ys) for ys in step_years]
+    names = [shards.step_name(ys) for ys in step_years]
     tokenizer = load_tokenizer(run_dir, cfg, step_years[0], world)
     initial_model = load_initial(cfg, tokenizer, world)  # an existing CLIP to start from (--init), or None
     model_cfg = initial_model.cfg if initial_model else make_config(cfg.model, vocab_size=tokenizer.vocab_size,
@@ -706,15 +548,9 @@ def main(argv):
         path = evaluate.step_checkpoint(run_dir, t)
         done = os.path.exists(path)
         if done:  # in an earlier run of this command
-            model, record = load_checkpoint(path)
-            check_shape(record, path, model_cfg, cfg.model)
-            check_steps(record, path, step_years)
-            model.to(world.device)
+            model, record = load_step(path, step, model_cfg, step_years, world)
             deployed = cpu_copy(model.state_dict())
-            if world.master:
-                StepState.clear(run_dir, t)  # left if a kill came between stepNN.pt and their removal
-                print(f"step {t + 1}/{len(names)} ({name}): done already ({path})")
-        elif stop_requested(world):
+        elif survive.stop_requested(world):
             if world.master:
                 print(f"SIGTERM: stopped before step {t + 1}; rerun the same command to continue")
             break
@@ -745,13 +581,13 @@ def main(argv):
                       "flops": flops, "strategy": cfg.strategy, "end_of_step": action, **summary,
                       **({"trained": trained} if acts else {}),  # the model before the action (ema's unmerged)
                       "trunk": next_trunk(strategy, cfg, state, trained, deployed)}
-            save_step(path, model, step, record, world)
+            save_step(path, deployed, model.cfg, step, record, world)
         previous = deployed
         trunk = strategies.continue_point(strategy, record, previous)
         # 5. evaluate on every step's task (a step done earlier: on the tasks a grown run has added since)
         rows[name] = score(model, rows.get(name) if done else None, tasks, tokenizer, cfg, world)
         if world.master:
-            data.write_json(matrix_path, evaluate.eval_matrix(rows, names, initial_row))
+            shards.write_json(matrix_path, evaluate.eval_matrix(rows, names, initial_row))
         if not done:
             if world.master:
                 report_step(step, record, rows[name], log)

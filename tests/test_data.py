@@ -1,4 +1,4 @@
-"""Tests for data.py: tar grouping, rank x worker splitting, mix proportions, replay-buffer hashing, the
+"""Tests for data.py and shards.py: tar grouping, rank x worker splitting, mix proportions, replay-buffer hashing, the
 tokenizer and the synthetic benchmark. Hermetic and CPU-only: every test builds its own tiny shards.
 
     python -m pytest -q tests/test_data.py
@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import data
+import shards
 import synthetic
 from conftest import all_files, png_bytes, write_tar
 
@@ -50,7 +51,7 @@ def test_iter_tar_groups_consecutive_members_by_key(tmp_path):
     write_tar(path, [("a.b/000.jpg", b"i0"), ("a.b/000.txt", b"t0"), ("a.b/000.json", b"{}"),
                      ("a.b/001.TXT", b"t1"), ("x/y.seg.txt", b"s"), ("x/y.jpg", b"i"),
                      ("k1.txt", b"1"), ("k2.txt", b"2"), ("k1.jpg", b"3"), ("noext", b"?"), ("x/.hidden", b"?")])
-    got = list(data.iter_tar(str(path)))
+    got = list(shards.iter_tar(str(path)))
     assert got == [("a.b/000", {"jpg": b"i0", "txt": b"t0", "json": b"{}"}), ("a.b/001", {"txt": b"t1"}),
                    ("x/y", {"seg.txt": b"s", "jpg": b"i"}),
                    ("k1", {"txt": b"1"}), ("k2", {"txt": b"2"}), ("k1", {"jpg": b"3"})]  # consecutive only
@@ -60,7 +61,7 @@ def test_iter_tar_names_the_bad_shard(tmp_path):
     path = tmp_path / "bad.tar"
     path.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(RuntimeError, match="bad.tar"):
-        list(data.iter_tar(str(path)))
+        list(shards.iter_tar(str(path)))
 
 
 def test_every_rank_gets_the_same_batch_count(tmp_path, tokenizer):
@@ -96,7 +97,7 @@ def test_mix_follows_buffered_part_sizes_and_filters_replay(tmp_path, tokenizer)
     old = data.Part("2020", [write_shard(tmp_path / f"old{i}.tar", f"old{i}", 20) for i in range(2)], keep_fraction=0.5)
     assert new.n_samples == 60 and old.n_samples == 20
     stream = make_stream([new, old], tokenizer, budget_samples=2400)
-    old_kept = sum(data.keep_sample(k, 0.5, seed=0) for p, _ in old.shards for k, _ in data.iter_tar(p))
+    old_kept = sum(data.keep_sample(k, 0.5, seed=0) for p, _ in old.shards for k, _ in shards.iter_tar(p))
     expected = 60 / (60 + old_kept)  # ~0.75; weighting the shard draw by size as well would give ~0.85
     n_draws, counts = 8000, {"new": 0, "old": 0}
     samples = stream.samples(np.random.default_rng(0))  # the raw draw under the batches: keys say the source
@@ -180,17 +181,17 @@ def test_benchmark_is_deterministic_and_reused(bench, tmp_path):
 
 
 def test_benchmark_sizes_match_and_eval_is_held_out(bench):
-    assert data.years_in(bench) == data.years_in(bench, "retrieval") == [str(y) for y in SMALL["years"]]
+    assert shards.years_in(bench) == shards.years_in(bench, "retrieval") == [str(y) for y in SMALL["years"]]
     train_keys, eval_keys = set(), set()
-    for year in data.years_in(bench):
+    for year in shards.years_in(bench):
         for split, keys in (("train", train_keys), ("retrieval", eval_keys)):
-            shards = data.year_shards(bench, year, split)
-            for path, n in shards:
-                samples = list(data.iter_tar(path))
+            listed = shards.year_shards(bench, year, split)
+            for path, n in listed:
+                samples = list(shards.iter_tar(path))
                 assert len(samples) == n and all(set(s) == {"png", "txt", "json"} for _, s in samples)
                 assert all(json.loads(s["json"])["year"] == int(year) for _, s in samples)
                 keys.update(k for k, _ in samples)
-            assert sum(n for _, n in shards) == SMALL["train_samples_per_year" if split == "train" else
+            assert sum(n for _, n in listed) == SMALL["train_samples_per_year" if split == "train" else
                                                         "eval_samples_per_year"]
     assert len(train_keys) == 5 * 100 and len(eval_keys) == 5 * 30 and not train_keys & eval_keys
 
@@ -201,10 +202,10 @@ def test_benchmark_drift_schedule(bench):
     debut = meta["debut_year"]
     assert sorted(debut) == sorted(synthetic.EMERGING) and min(debut.values()) == 2019 and max(debut.values()) == 2022
     seen = {}  # year -> shapes named in its training captions
-    for year in data.years_in(bench):
+    for year in shards.years_in(bench):
         words = set()
-        for path, _ in data.year_shards(bench, year):
-            for _, s in data.iter_tar(path):
+        for path, _ in shards.year_shards(bench, year):
+            for _, s in shards.iter_tar(path):
                 words.update(s["txt"].decode().replace(",", " ").split())
         seen[int(year)] = words & set(synthetic.SHAPES)
     for shape, year in debut.items():
@@ -218,12 +219,12 @@ def test_benchmark_drift_schedule(bench):
 
 def test_missing_year_folder_is_a_clear_error(bench):
     with pytest.raises(SystemExit, match="2030"):
-        data.year_shards(bench, "2030")
+        shards.year_shards(bench, "2030")
 
 
 def test_eval_batches_in_order(bench):
-    shards = data.year_shards(bench, "2019", "retrieval")
-    batches = list(data.eval_batches(shards, image_px=32, batch_samples=8))
+    listed = shards.year_shards(bench, "2019", "retrieval")
+    batches = list(data.eval_batches(listed, image_px=32, batch_samples=8))
     keys = [k for _, _, ks in batches for k in ks]
     assert keys == [f"2019_{100 + i:07d}" for i in range(30)] and [len(b[2]) for b in batches] == [8, 8, 8, 6]
     assert batches[0][0].shape == (8, 3, 32, 32) and all(isinstance(c, str) and c for c in batches[0][1])
@@ -232,8 +233,8 @@ def test_eval_batches_in_order(bench):
 # ----------------------------------------------------------------------------- streamed shards (shard_cmd)
 def test_streamed_shards_read_as_local_ones_and_a_failing_command_is_a_counted_fault(two_years, tokenizer, capfd,
                                                                                      tmp_path):
-    local = data.year_shards(two_years, "2018")
-    streamed = data.year_shards(two_years, "2018", shard_cmd=f"cat {two_years}/{{path}}")
+    local = shards.year_shards(two_years, "2018")
+    streamed = shards.year_shards(two_years, "2018", shard_cmd=f"cat {two_years}/{{path}}")
     assert [n for _, n in streamed] == [n for _, n in local] and streamed[0][0].startswith("pipe:cat ")
     make = lambda shards: data.TrainStream([data.Part("2018", shards)], 8 * 12, 8, 0, 1, seed=0,  # noqa: E731
                                            time_step=0, image_px=32, tokenizer=tokenizer, context_tokens=16,
@@ -241,11 +242,11 @@ def test_streamed_shards_read_as_local_ones_and_a_failing_command_is_a_counted_f
     for a, b in zip(make(local).batches(0, 1), make(streamed).batches(0, 1), strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     eval_keys = lambda shards: [k for *_, ks in data.eval_batches(shards, 32, 16) for k in ks]  # noqa: E731
-    assert eval_keys(data.year_shards(two_years, "2019", "retrieval", f"cat {two_years}/{{path}}")) == \
-        eval_keys(data.year_shards(two_years, "2019", "retrieval"))
+    assert eval_keys(shards.year_shards(two_years, "2019", "retrieval", f"cat {two_years}/{{path}}")) == \
+        eval_keys(shards.year_shards(two_years, "2019", "retrieval"))
     # a command that fails halfway through a shard: the rest of the shard is a counted truncated_tar, with its stderr
     cut = f"head -c 30000 {two_years}/{{path}}; echo gone >&2; exit 3"
-    failing = data.year_shards(two_years, "2018", shard_cmd=cut)
+    failing = shards.year_shards(two_years, "2018", shard_cmd=cut)
     faults = sum((Counter(f) for *_, f in make(failing).batches(0, 1)), Counter())
     assert faults["truncated_tar"] > 0 and faults["bad_samples"] > faults["truncated_tar"]
     assert "exit status 3: gone" in capfd.readouterr().err
@@ -253,14 +254,14 @@ def test_streamed_shards_read_as_local_ones_and_a_failing_command_is_a_counted_f
     unlisted.mkdir(parents=True)
     write_shard(unlisted / "0.tar", "s", 2)
     with pytest.raises(SystemExit, match="sizes.json: missing; streamed shards"):  # never counted remotely
-        data.year_shards(str(tmp_path), "2018", shard_cmd="cat {path}")
+        shards.year_shards(str(tmp_path), "2018", shard_cmd="cat {path}")
 
 
 # ----------------------------------------------------------------------------- damage that tarfile alone misses
 def test_every_cut_that_loses_a_sample_is_reported(tmp_path, tokenizer, two_years, capfd):
     """Python's tarfile takes a header cut short for the end of the archive; the reader checks the end itself, and
     the training stream and evaluation check what they read against the listed count."""
-    path, listed = data.year_shards(two_years, "2018")[0]
+    path, listed = shards.year_shards(two_years, "2018")[0]
     whole = open(path, "rb").read()
     last_member_end = max(i for i in range(0, len(whole), 512) if any(whole[i:i + 512])) + 512
     for offset in sorted(np.random.default_rng(0).choice(len(whole), 20, replace=False)):
@@ -285,7 +286,7 @@ def test_sizes_json_and_the_shards_on_disk_agree(tmp_path, tokenizer, capsys):
     write_shard(folder / "a.tar", "a", 3)
     (folder / "sizes.json").write_text('{"a.tar": 3}')
     write_shard(folder / "b.tar", "b", 2)  # copied in after sizes.json was written
-    assert data.year_shards(str(tmp_path), "2018") == [(str(folder / "a.tar"), 3), (str(folder / "b.tar"), 2)]
+    assert shards.year_shards(str(tmp_path), "2018") == [(str(folder / "a.tar"), 3), (str(folder / "b.tar"), 2)]
     assert "1 shard(s) not in sizes.json (b.tar): counted and added" in capsys.readouterr().out
     assert json.load(open(folder / "sizes.json")) == {"a.tar": 3, "b.tar": 2}
     # a count below what the shard holds loses nothing, but the mix of years follows it: said once
@@ -302,9 +303,9 @@ def test_caps_on_captions_members_and_pixels(tmp_path, monkeypatch):
     assert data.caption({"txt": b"  \n "}) is None and data.caption({"json": b'{"caption": ""}'}) is None
     lone = data.caption({"json": b'{"caption": "a \\ud800 b"}'})  # a lone surrogate: no text codec takes it
     assert lone == "a ? b" and data.Tokenizer.train(["a b"] * 4, 300)([lone], 8).shape == (1, 8)
-    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 50)
+    monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", 50)
     write_tar(tmp_path / "big.tar", [("k.png", png_bytes(1, px=64)), ("k.txt", b"fine")])  # the PNG is > 50 B
-    assert [set(s) for _, s in data.iter_tar(str(tmp_path / "big.tar"))] == [{"txt"}]  # not read: missing image
+    assert [set(s) for _, s in shards.iter_tar(str(tmp_path / "big.tar"))] == [{"txt"}]  # not read: missing image
     sample = {"png": png_bytes(1, px=200), "txt": b"a big image"}
     assert data._decode(sample)[0].size == (200, 200)
     with pytest.raises(ValueError, match="200x200 pixels, over the cap of 10000"):
@@ -313,10 +314,10 @@ def test_caps_on_captions_members_and_pixels(tmp_path, monkeypatch):
 
 def test_write_failures_leave_no_temporary_file_and_stale_ones_are_cleared(tmp_path):
     target = tmp_path / "missing" / "file.json"  # the folder is not there: the write fails
-    with pytest.raises(data.WriteError, match=f"could not write {target}: No such file or directory"):
-        data.write_json(str(target), {"a": 1})
-    data.write_json(str(tmp_path / "ok.json"), {"a": 1})
+    with pytest.raises(shards.WriteError, match=f"could not write {target}: No such file or directory"):
+        shards.write_json(str(target), {"a": 1})
+    shards.write_json(str(tmp_path / "ok.json"), {"a": 1})
     (tmp_path / "step02.pt.tmp999999999").write_bytes(b"a kill left me")  # no such process: stale
     (tmp_path / f"step03.pt.tmp{os.getpid()}").write_bytes(b"still being written")  # this process is alive
-    assert data.remove_stale_temporaries(str(tmp_path)) == ["step02.pt.tmp999999999"]
+    assert shards.remove_stale_temporaries(str(tmp_path)) == ["step02.pt.tmp999999999"]
     assert sorted(os.listdir(tmp_path)) == ["ok.json", f"step03.pt.tmp{os.getpid()}"]

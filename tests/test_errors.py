@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-import data
+import shards
 
 from conftest import ENV, REPO, train_command, train_refused
 
@@ -94,7 +94,7 @@ def test_cuda_on_a_machine_without_a_gpu(tmp_path, two_years):
                                             ("2018-2019,2019", "2019 is in two steps")])
 def test_steps_that_do_not_name_distinct_years(two_years, steps, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
-        data.parse_steps(two_years, steps)
+        shards.parse_steps(two_years, steps)
 
 
 @pytest.mark.parametrize("sizes, message", [('{"0.tar": "10"}', "the count of 0.tar is '10'"),
@@ -106,7 +106,7 @@ def test_a_malformed_sizes_json(tmp_path, sizes, message):
     folder.mkdir(parents=True)
     (folder / "sizes.json").write_text(sizes)
     with pytest.raises(SystemExit, match=re.escape(f"{folder}/sizes.json: {message}")):
-        data.year_shards(str(tmp_path / "d"), "2018")
+        shards.year_shards(str(tmp_path / "d"), "2018")
 
 
 def test_an_out_dir_that_cannot_be_one(tmp_path, two_years):

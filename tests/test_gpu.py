@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import data
 import evaluate
+import survive
 import synthetic
-import train
 from model import CLIP, clip_loss, make_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -65,7 +65,7 @@ def test_compiled_model_gives_the_eager_features_and_gradients():
 def test_fused_adamw_skips_a_nonfinite_step_exactly_and_counts_it():
     model = tiny_model().to(CUDA)
     optimizer = model.configure_optimizer(lr=1e-3)
-    state = train.StepState().on(CUDA)
+    state = survive.StepState().on(CUDA)
     images, tokens = (x.to(CUDA) for x in batch())
     clip_loss(*model(images, tokens)).backward()
     state.optimizer_step(model, optimizer)  # a good step first, so AdamW has moments to keep

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import data
 import evaluate
 import prepare
+import shards
 import synthetic
 from conftest import REPO, train_in_process
 from model import load_checkpoint, load_openclip_state_dict, make_config, openclip_config
@@ -184,12 +185,12 @@ def test_evaluate_checkpoint_scores_as_open_clip(tmp_path, clip_tokenizer, capsy
         prompts = F.normalize(theirs.encode_text(prompts), dim=-1)
         classifier = F.normalize(prompts.view(len(names), len(templates), -1).mean(1), dim=-1)
         for year in ("2020", "2021"):
-            images, captions, _ = next(data.eval_batches(data.year_shards(root, year, "retrieval"), 32, 1000))
+            images, captions, _ = next(data.eval_batches(shards.year_shards(root, year, "retrieval"), 32, 1000))
             img = F.normalize(theirs.encode_image(images), dim=-1)
             txt = F.normalize(theirs.encode_text(open_clip.tokenize(captions, 16)), dim=-1)
             i2t, t2i = evaluate.recall_at_k(img, txt, ks=(1,)), evaluate.recall_at_k(txt, img, ks=(1,))
             assert row[year]["mean_R@1"] == pytest.approx(100 * (i2t[1] + t2i[1]) / 2)
-            images, labels, _ = next(data.eval_batches(data.year_shards(root, year, "classification"), 32, 1000,
+            images, labels, _ = next(data.eval_batches(shards.year_shards(root, year, "classification"), 32, 1000,
                                                        target="class"))
             predicted = (F.normalize(theirs.encode_image(images), dim=-1) @ classifier.t()).argmax(1)
             assert row[year]["top1"] == pytest.approx(100 * (predicted == torch.tensor(labels)).float().mean().item())

@@ -20,6 +20,7 @@ from PIL import Image
 import data
 import evaluate
 import prepare
+import shards
 import synthetic
 from conftest import REPO, all_files, write_tar
 from model import CLIP, make_config
@@ -37,16 +38,16 @@ def test_year_shards_counts_once_and_caches_sizes(tmp_path, monkeypatch, capsys)
     folder.mkdir(parents=True)
     for name, n in (("b.tar", 3), ("a.tar", 5)):
         write_tar(folder / name, [(f"{name[0]}{i}.{ext}", b"x") for i in range(n) for ext in ("jpg", "txt")])
-    shards = data.year_shards(str(tmp_path), "201505")
-    assert shards == [(str(folder / "a.tar"), 5), (str(folder / "b.tar"), 3)]
+    listed = shards.year_shards(str(tmp_path), "201505")
+    assert listed == [(str(folder / "a.tar"), 5), (str(folder / "b.tar"), 3)]
     assert json.load(open(folder / "sizes.json")) == {"a.tar": 5, "b.tar": 3}
     assert sorted(os.listdir(folder)) == ["a.tar", "b.tar", "sizes.json"]  # no temporary file left
     assert "counted 8 samples in 2 shards" in capsys.readouterr().out
-    monkeypatch.setattr(data, "iter_tar", lambda path: pytest.fail("read a shard although sizes.json exists"))
-    assert data.year_shards(str(tmp_path), "201505") == shards
+    monkeypatch.setattr(shards, "iter_tar", lambda path: pytest.fail("read a shard although sizes.json exists"))
+    assert shards.year_shards(str(tmp_path), "201505") == listed
     (tmp_path / "train" / "2016").mkdir()
     with pytest.raises(SystemExit, match="2016: holds no .tar shards"):
-        data.year_shards(str(tmp_path), "2016")
+        shards.year_shards(str(tmp_path), "2016")
 
 
 def test_counting_a_truncated_shard_warns_and_saves_nothing(tmp_path, capsys):
@@ -56,8 +57,8 @@ def test_counting_a_truncated_shard_warns_and_saves_nothing(tmp_path, capsys):
     write_tar(folder / "a.tar", members)
     whole = open(write_tar(folder / "b.tar", members), "rb").read()
     (folder / "b.tar").write_bytes(whole[:2 * 2048 + 700])  # two whole samples, then the break
-    shards = data.year_shards(str(tmp_path), "2017")  # no traceback: the readable samples are counted
-    assert shards == [(str(folder / "a.tar"), 4), (str(folder / "b.tar"), 2)]
+    listed = shards.year_shards(str(tmp_path), "2017")  # no traceback: the readable samples are counted
+    assert listed == [(str(folder / "a.tar"), 4), (str(folder / "b.tar"), 2)]
     out, err = capsys.readouterr()
     assert "b.tar: unreadable tar shard" in err and "counted the 2 samples before the break" in err
     assert "sizes.json not saved because of 1 broken shard(s) (b.tar)" in out
@@ -115,9 +116,9 @@ def read_layout(root):
     """{key: (split, folder, sample)} of every sample under root, checking each sizes.json on the way."""
     found = {}
     for split in ("train", "retrieval"):
-        for year in data.years_in(root, split):
-            for path, n in data.year_shards(root, year, split):
-                samples = list(data.iter_tar(path))
+        for year in shards.years_in(root, split):
+            for path, n in shards.year_shards(root, year, split):
+                samples = list(shards.iter_tar(path))
                 assert len(samples) == n
                 for key, sample in samples:
                     assert key not in found, f"{key} written twice"
@@ -162,7 +163,7 @@ def test_split_by_month_and_errors_leave_nothing_behind(tmp_path):
     write_tar(src / "0.tar", [(f"m{i}.json", json.dumps({"date_uploaded": t}).encode()) for i, t in enumerate(times)])
     counts = prepare.split(str(src), out, by="month", eval_fraction=0)
     months = sorted({datetime.fromtimestamp(t, timezone.utc).strftime("%Y%m") for t in times})
-    assert counts["retrieval"] == {} and sum(counts["train"].values()) == 12 and data.years_in(out) == months
+    assert counts["retrieval"] == {} and sum(counts["train"].values()) == 12 and shards.years_in(out) == months
     with pytest.raises(SystemExit, match="none of the 12 samples has a usable year"):
         prepare.split(str(src), str(tmp_path / "none"), time_field="year")
 
@@ -178,7 +179,7 @@ def test_split_skips_and_counts_undated_samples_and_repeated_keys(tmp_path, caps
     counts = prepare.split(str(src), out, eval_fraction=0)
     assert counts["skipped"] == {"no_time": 1, "duplicate_key": 1}  # k2; k1 again in 2015 (k4 in 2017 is new there)
     assert counts["train"] == {"2015": 2, "2016": 1, "2017": 1}
-    first_k1 = [s for p, _ in data.year_shards(out, "2015") for k, s in data.iter_tar(p) if k == "k1"]
+    first_k1 = [s for p, _ in shards.year_shards(out, "2015") for k, s in shards.iter_tar(p) if k == "k1"]
     assert [json.loads(s["json"]) for s in first_k1] == [{"year": 2015}]  # the first kept
     printed = capsys.readouterr().out
     assert "skipped 1 samples without a usable year" in printed and "a.tar: sample k2" in printed
@@ -224,10 +225,10 @@ def test_classification_split_follows_each_years_shapes(bench):
     assert evaluate.read_lines(os.path.join(folder, "classnames.txt")) == list(synthetic.SHAPES)
     assert evaluate.read_lines(os.path.join(folder, "templates.txt")) == list(synthetic.CLASS_TEMPLATES)
     meta = json.load(open(os.path.join(bench, "benchmark.json")))
-    for year in data.years_in(bench, "classification"):
+    for year in shards.years_in(bench, "classification"):
         classes = []
-        for path, n in data.year_shards(bench, year, "classification"):
-            samples = list(data.iter_tar(path))
+        for path, n in shards.year_shards(bench, year, "classification"):
+            samples = list(shards.iter_tar(path))
             assert len(samples) == n and all(set(s) == {"json", "png", "cls"} for _, s in samples)
             classes += [data.class_id(s) for _, s in samples]
             assert all(json.loads(s["json"])["cls"] == data.class_id(s) for _, s in samples)
@@ -264,9 +265,9 @@ def test_classifier_and_accuracy_match_a_brute_force_reference(bench, model_and_
             prompts = F.normalize(model.encode_text(tokens), dim=-1)
             mean = prompts.mean(0)
             torch.testing.assert_close(classifier[:, c], mean / mean.norm(), rtol=0, atol=1e-5)
-        shards = data.year_shards(bench, "2020", "classification")
-        got = evaluate.classification(model, shards, classifier, torch.device("cpu"), batch_samples=64)
-        decoded = [data._decode(sample, "class") for path, _ in shards for _, sample in data.iter_tar(path)]
+        listed = shards.year_shards(bench, "2020", "classification")
+        got = evaluate.classification(model, listed, classifier, torch.device("cpu"), batch_samples=64)
+        decoded = [data._decode(sample, "class") for path, _ in listed for _, sample in shards.iter_tar(path)]
         images = torch.stack([data.ImageTransform(32, False)(image) for image, _ in decoded])
         all_scores = F.normalize(model.encode_image(images), dim=-1) @ classifier
         hits1 = hits5 = 0

@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
+import shards
 import strategies
 import train
 from conftest import run_train, train_in_process, train_refused
@@ -37,11 +38,11 @@ def test_parse_steps(tmp_path):
     for year in ["2014", "2015", "2016", "2017", "201801", "201802"]:
         os.makedirs(tmp_path / "train" / year)
     root = str(tmp_path)
-    assert data.parse_steps(root, "") == [["2014"], ["2015"], ["2016"], ["2017"], ["201801"], ["201802"]]
-    assert data.parse_steps(root, "2014-2016,2017,2018") == [["2014", "2015", "2016"], ["2017"], ["201801", "201802"]]
-    assert data.parse_steps(root, "201801,201802") == [["201801"], ["201802"]]
+    assert shards.parse_steps(root, "") == [["2014"], ["2015"], ["2016"], ["2017"], ["201801"], ["201802"]]
+    assert shards.parse_steps(root, "2014-2016,2017,2018") == [["2014", "2015", "2016"], ["2017"], ["201801", "201802"]]
+    assert shards.parse_steps(root, "201801,201802") == [["201801"], ["201802"]]
     with pytest.raises(SystemExit, match="step '2019' names no year folder"):
-        data.parse_steps(root, "2017,2019")
+        shards.parse_steps(root, "2017,2019")
 
 
 def tiny_args(root, run, strategy="sequential"):

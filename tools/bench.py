@@ -41,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
 import data  # noqa: E402
+import shards  # noqa: E402
 import synthetic  # noqa: E402
 from evaluate import parse_flags  # noqa: E402
 from model import CLIP, clip_loss, make_config  # noqa: E402
@@ -286,17 +287,17 @@ def write_jpeg_shards(folder: str, n_samples: int, width: int, height: int, samp
     """Webdataset shards of KEY.jpg + KEY.txt in folder: ([(path, samples)], captions)."""
     rng = np.random.default_rng(seed)
     noise = [rng.integers(-3, 4, (height, width, 3), dtype=np.int16) for _ in range(4)]  # 4 textures, reused
-    shards, captions = [], []
+    written, captions = [], []
     for shard, start in enumerate(range(0, n_samples, samples_per_shard)):
         path, n = os.path.join(folder, f"{shard:06d}.tar"), min(samples_per_shard, n_samples - start)
         with tarfile.open(path, "w") as tf:
             for i in range(start, start + n):
                 colour, shape = rng.choice(list(synthetic.COLOURS)), rng.choice(synthetic.SHAPES)
                 captions.append(f"a photo of a {colour} {shape}, number {i}")
-                data.add_member(tf, f"{i:07d}.jpg", synthetic_jpeg(rng, width, height, noise[i % len(noise)]))
-                data.add_member(tf, f"{i:07d}.txt", captions[-1].encode())
-        shards.append((path, n))
-    return shards, captions
+                shards.add_member(tf, f"{i:07d}.jpg", synthetic_jpeg(rng, width, height, noise[i % len(noise)]))
+                shards.add_member(tf, f"{i:07d}.txt", captions[-1].encode())
+        written.append((path, n))
+    return written, captions
 
 
 def ours_loader(shards, tok, args, draft: bool = True):
@@ -415,10 +416,10 @@ def write_jpeg_benchmark(root: str, years, train_samples: int, eval_samples: int
     """A TiC layout of generated px x px JPEGs: ROOT/train/YEAR and ROOT/eval/retrieval/YEAR with sizes.json."""
     for i, year in enumerate(years):
         for j, (split, n) in enumerate((("train", train_samples), ("retrieval", eval_samples))):
-            folder = os.path.join(root, *data.SPLITS[split], str(year))
+            folder = os.path.join(root, *shards.SPLITS[split], str(year))
             os.makedirs(folder)
-            shards, _ = write_jpeg_shards(folder, n, px, px, seed=2 * i + j)
-            data.write_json(os.path.join(folder, "sizes.json"), {os.path.basename(p): k for p, k in shards})
+            written, _ = write_jpeg_shards(folder, n, px, px, seed=2 * i + j)
+            shards.write_json(os.path.join(folder, "sizes.json"), {os.path.basename(p): k for p, k in written})
 
 
 def bench_run(args, device) -> dict:
@@ -543,7 +544,7 @@ def main(argv: list[str]) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     results = BENCHMARKS[args.benchmark](args, device)
     if args.json:
-        data.write_json(args.json, {"benchmark": args.benchmark, "args": vars(args), "device": device_name(device),
+        shards.write_json(args.json, {"benchmark": args.benchmark, "args": vars(args), "device": device_name(device),
                                     "results": results})
     torch.set_num_threads(threads)
     return results

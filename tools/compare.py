@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
 import schedules  # noqa: E402
 import strategies  # noqa: E402
-from data import write_json  # noqa: E402
+from shards import write_json  # noqa: E402
 from evaluate import parse_flags, step_checkpoint, step_checkpoints  # noqa: E402
 
 OPTIONS = {"strategies": "", "schedules": "", "sweep": "", "rows": "", "seeds": "0", "out": "runs/compare",

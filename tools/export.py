@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import data  # noqa: E402
+import shards  # noqa: E402
 from evaluate import parse_flags  # noqa: E402
 from model import load_checkpoint, to_openclip  # noqa: E402
 
@@ -30,8 +31,8 @@ def export(checkpoint: str, out: str, quick_gelu: bool | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     preprocess = {"size": model.cfg.image_px, "mean": list(data.CLIP_MEAN), "std": list(data.CLIP_STD),
                   "interpolation": "bicubic", "resize_mode": "shortest"}  # as data.ImageTransform's evaluation
-    data.write_json(os.path.join(out, "open_clip_config.json"), {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
-    data.write_atomic(os.path.join(out, "open_clip_pytorch_model.bin"), lambda f: torch.save(state_dict, f))
+    shards.write_json(os.path.join(out, "open_clip_config.json"), {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
+    shards.write_atomic(os.path.join(out, "open_clip_pytorch_model.bin"), lambda f: torch.save(state_dict, f))
     tokenizer = os.path.join(os.path.dirname(checkpoint), "tokenizer.json")
     if os.path.exists(tokenizer):
         shutil.copyfile(tokenizer, os.path.join(out, "tokenizer.json"))

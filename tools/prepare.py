@@ -39,6 +39,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import data  # noqa: E402
+import shards  # noqa: E402
 from evaluate import parse_flags  # noqa: E402
 
 TIME_FIELDS = ("year", "timestamp", "created_utc", "date_uploaded", "date_taken")  # tried in this order
@@ -111,7 +112,7 @@ class ShardWriter:
             self.tar = tarfile.open(os.path.join(self.folder, self.name), "w", format=tarfile.PAX_FORMAT)
             self.sizes[self.name] = 0
         for ext, payload in sample.items():
-            data.add_member(self.tar, f"{key}.{ext}", payload)
+            shards.add_member(self.tar, f"{key}.{ext}", payload)
         self.sizes[self.name] += 1
 
     def close_shard(self) -> None:
@@ -131,9 +132,9 @@ def samples_of(paths: list[str], broken: list[str]):
     break and is named in broken (and in a warning), so one bad download does not stop a split of thousands."""
     for path in paths:
         try:
-            for key, sample in data.iter_tar(path):
+            for key, sample in shards.iter_tar(path):
                 yield path, key, sample
-        except data.ShardError as e:
+        except shards.ShardError as e:
             broken.append(os.path.basename(path))
             print(f"warning: {e}", file=sys.stderr)
 
@@ -178,7 +179,7 @@ def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_f
             # held out by a hash of the key: the same samples for the same seed, whatever the shard order
             split_name = "retrieval" if data.keep_sample(key, eval_fraction, f"heldout{seed}") else "train"
             if (split_name, folder) not in writers:
-                writers[split_name, folder] = ShardWriter(os.path.join(tmp, *data.SPLITS[split_name], folder),
+                writers[split_name, folder] = ShardWriter(os.path.join(tmp, *shards.SPLITS[split_name], folder),
                                                           samples_per_shard)
             writers[split_name, folder].write(key, sample, path)
         counts = {"train": {}, "retrieval": {}}

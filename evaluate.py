@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import shards
 from data import Tokenizer, eval_batches
 from model import PRECISIONS, autocast, load_checkpoint
-import shards
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
 

@@ -1,8 +1,9 @@
 """
-Files on disk: the TiC layout (year folders, time steps, sizes.json), reading webdataset-style tar shards
-(from a file or streamed from a command's stdout), and writing every file the program keeps atomically.
-data.py builds the training stream and the evaluation batches on top of it; synthetic.py and tools/prepare.py
-write shards with it.
+Shards and files: writing every file the program keeps atomically (checkpoints, sizes.json, eval_matrix.json,
+shards), the TiC layout (year folders, time steps, sizes.json), and reading webdataset-style tar shards, from a
+file or streamed from a command's stdout. data.py builds the training stream and the evaluation batches on top of
+it; synthetic.py and tools/prepare.py write shards with it. Follows webdataset's conventions (a sample's members
+grouped by key in a tar, "pipe:COMMAND" paths), written from scratch.
 
 Layout (as TiC-DataComp): ROOT/train/YEAR/*.tar with ROOT/train/YEAR/sizes.json
 (shard name -> samples; counted from the shards and saved on first use if missing), held-out pairs in
@@ -22,6 +23,7 @@ import tarfile
 import tempfile
 import time
 from typing import BinaryIO, Callable, Iterator
+
 
 # -----------------------------------------------------------------------------
 # Writing files
@@ -98,13 +100,14 @@ def _alive(pid: int) -> bool:
 
 
 def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Write one member (a sample's image, caption, json) into a tar being written."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: the same seed gives the same bytes
     tf.addfile(info, io.BytesIO(data))
 
 
 # -----------------------------------------------------------------------------
-# Reading shards
+# The TiC layout and time steps
 
 SPLITS = {"train": ("train",), "retrieval": ("eval", "retrieval"), "classification": ("eval", "classification"),
           "datacompnet": ("eval", "datacompnet")}  # TiC-DataCompNet as ml-tic-clip ships it: names and prompts per year
@@ -236,6 +239,9 @@ def count_samples(folder: str, names: list[str] | None = None) -> dict[str, int]
     print(f"{folder}: counted {sum(sizes.values())} samples in {len(names)} shards in {time.time() - t0:.1f}s; {saved}")
     return sizes
 
+
+# -----------------------------------------------------------------------------
+# Reading tar shards
 
 class ShardError(RuntimeError):
     """A tar shard that cannot be read to its end (truncated, or not a tar)."""

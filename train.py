@@ -478,7 +478,7 @@ def save_step(path: str, deployed: dict, model_cfg: CLIPConfig, step: strategies
               world: World) -> None:
     """RUN/stepNN.pt, the model the step deployed (its weights on the CPU) and its record (rank 0); the step's
     resume checkpoints go."""
-    if world.master:
+    if world.master:  # deployed may also be record["trunk"]["model"]: torch.save stores it once, loads it as one
         ckpt = {"model": deployed, "model_config": asdict(model_cfg), "config": vars(step.config), **record}
         shards.write_atomic(path, lambda f: torch.save(ckpt, f))
         survive.StepState.clear(os.path.dirname(path), step.t)

@@ -13,6 +13,7 @@ import torch
 import data
 import schedules
 import strategies
+import survive
 import train
 from conftest import train_in_process
 from model import load_checkpoint
@@ -156,7 +157,7 @@ def test_a_run_stopped_mid_cooldown_resumes_bitwise(two_years, tmp_path, monkeyp
     train_in_process([f"--out_dir={reference}", *args])
     # as SIGTERM would: the check at iteration 12 asks to stop, once the checkpoint of iteration 10 exists
     asked = lambda world: os.path.exists(os.path.join(stopped, "resume", "step01-0000010.pt"))  # noqa: E731
-    monkeypatch.setattr(train, "stop_requested", asked)
+    monkeypatch.setattr(survive, "stop_requested", asked)
     train_in_process([f"--out_dir={stopped}", *args])
     assert not os.path.exists(os.path.join(stopped, "step01.pt"))
     resume = torch.load(os.path.join(stopped, "resume", "step01-0000012.pt"), weights_only=True)

@@ -31,7 +31,8 @@ def export(checkpoint: str, out: str, quick_gelu: bool | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     preprocess = {"size": model.cfg.image_px, "mean": list(data.CLIP_MEAN), "std": list(data.CLIP_STD),
                   "interpolation": "bicubic", "resize_mode": "shortest"}  # as data.ImageTransform's evaluation
-    shards.write_json(os.path.join(out, "open_clip_config.json"), {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
+    shards.write_json(os.path.join(out, "open_clip_config.json"),
+                      {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
     shards.write_atomic(os.path.join(out, "open_clip_pytorch_model.bin"), lambda f: torch.save(state_dict, f))
     tokenizer = os.path.join(os.path.dirname(checkpoint), "tokenizer.json")
     if os.path.exists(tokenizer):

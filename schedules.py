@@ -82,6 +82,17 @@ def step_schedule(cfg: SimpleNamespace, t: int, n_steps: int, n_iters: int, befo
                         cfg.rsqrt_timescale or cfg.budget_samples // cfg.batch_size)
 
 
+def horizon_note(cfg: SimpleNamespace, trained: dict, steps_then: int, steps_now: int) -> str | None:
+    """A line for a run that has grown since its first step was trained under cosine-ar (trained: that step's
+    config) with another horizon than now: ar_horizon = 0 takes the run's number of steps, so the peaks of the
+    steps still to train follow a longer cosine than the steps before them did."""
+    then, now = trained.get("ar_horizon", 0) or steps_then, cfg.ar_horizon or steps_now
+    if cfg.lr_schedule != "cosine-ar" or trained.get("lr_schedule") != "cosine-ar" or then == now:
+        return None
+    return (f"note: cosine-ar's horizon was {then} steps when step 1 was trained and is {now} now: the steps still "
+            f"to train follow the new outer cosine; rerun with --ar_horizon={then} to keep the old one")
+
+
 def check_schedule(cfg: SimpleNamespace) -> None:
     """Schedule settings that parse but cannot work, refused before any compute is spent."""
     if cfg.lr_schedule not in SCHEDULES:

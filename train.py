@@ -487,13 +487,17 @@ def save_step(path: str, deployed: dict, model_cfg: CLIPConfig, step: strategies
 def load_step(path: str, step: strategies.TimeStep, model_cfg: CLIPConfig, step_years: list[list[str]],
               world: World) -> tuple[CLIP, dict]:
     """The model (on the device) and record of a step that an earlier run of this command finished, checked to
-    belong to this run; the step's resume checkpoints go (left if a kill came between stepNN.pt and their removal)."""
+    belong to this run; the step's resume checkpoints go (left if a kill came between stepNN.pt and their removal).
+    A run grown since its first step under cosine-ar says so where that moved the schedule's horizon."""
     model, record = load_checkpoint(path)
     survive.check_shape(record, path, model_cfg, step.config.model)
     survive.check_steps(record, path, step_years)
+    note = schedules.horizon_note(step.config, record["config"], len(record["steps"]), len(step_years))
     if world.master:
         survive.StepState.clear(os.path.dirname(path), step.t)
         print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): done already ({path})")
+        if note and step.t == 0:  # said once, at the first step
+            print(note)
     return model.to(world.device), record
 
 

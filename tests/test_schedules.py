@@ -87,6 +87,22 @@ def test_schedule_settings_are_checked():
             train.check_config(train.parse_config(bad))
 
 
+def test_a_grown_cosine_ar_run_says_its_horizon_moved(three_years, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    args = [f"--data_root={three_years}", f"--out_dir={run}", "--lr_schedule=cosine-ar", "--budget_samples=64",
+            "--batch_size=32", "--vocab_size=300", "--workers=0", "--eval_batch=64"]
+    train_in_process([*args, "--steps=2018,2019"])  # H = 2
+    assert "horizon" not in capsys.readouterr().out
+    train_in_process([*args, "--steps=2018,2019,2020"])  # grown: H = 3 for step 3
+    assert capsys.readouterr().out.count("cosine-ar's horizon was 2 steps when step 1 was trained and is 3 now") == 1
+    train_in_process([*args, "--steps=2018,2019,2020", "--ar_horizon=2"])  # the old horizon kept: nothing to say
+    assert "horizon" not in capsys.readouterr().out
+    trained = {"lr_schedule": "cosine-ar", "ar_horizon": 0}
+    assert schedules.horizon_note(config("cosine-ar"), trained, 5, 5) is None
+    assert schedules.horizon_note(config("cosine-ar", ar_horizon=7), {**trained, "ar_horizon": 7}, 5, 6) is None
+    assert schedules.horizon_note(config("cosine"), {**trained, "lr_schedule": "cosine"}, 5, 6) is None
+
+
 # ----------------------------------------------------------------------------- runs that carry the optimizer
 # 16 iterations a step; a 50% cooldown branches off at iteration 8; a resume checkpoint every 2 iterations
 TINY = ["--budget_samples=512", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=4",

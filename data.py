@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards import ShardError, iter_tar, write_atomic, year_shards
+import shards
 
 # tokenizers warns on every DataLoader fork once its thread pool has run; one caption batch is too small
 # to gain from threads anyway
@@ -160,7 +160,7 @@ class Tokenizer:
             raise SystemExit(f"{path}: not a readable tokenizer.json ({e}); point at the run's tokenizer.json")
 
     def save(self, path: str) -> None:
-        write_atomic(path, lambda f: f.write(self.tok.to_str(pretty=True).encode()))
+        shards.write_atomic(path, lambda f: f.write(self.tok.to_str(pretty=True).encode()))
 
     def __getstate__(self):  # pickle as JSON text, so DataLoader workers get a copy
         return self.tok.to_str()
@@ -219,16 +219,16 @@ def caption(sample: dict[str, bytes]) -> str | None:
 def first_captions(root: str, years: list[str], n_captions: int, shard_cmd: str = "") -> Iterator[str]:
     """The first n_captions captions of these years' training shards, in order (to train a tokenizer on)."""
     seen = 0
-    for shard, _ in (s for year in years for s in year_shards(root, year, shard_cmd=shard_cmd)):
+    for shard, _ in (s for year in years for s in shards.year_shards(root, year, shard_cmd=shard_cmd)):
         try:
-            for _, sample in iter_tar(shard):
+            for _, sample in shards.iter_tar(shard):
                 if seen >= n_captions:
                     return
                 text = caption(sample)
                 if text is not None:
                     seen += 1
                     yield text
-        except ShardError as e:  # counted and reported by the training stream
+        except shards.ShardError as e:  # counted and reported by the training stream
             print(f"warning: {e}", file=sys.stderr)
 
 
@@ -348,7 +348,7 @@ class TrainStream(IterableDataset):
             path, listed, keep_fraction = self.shards[drawn]
             keys, found, key = set(), False, None
             try:
-                for key, sample in iter_tar(path):
+                for key, sample in shards.iter_tar(path):
                     faults["samples"] += 1
                     fault = ("duplicate_key" if key in keys else
                              "missing_image" if not any(ext in sample for ext in IMAGE_EXTS) else
@@ -360,7 +360,7 @@ class TrainStream(IterableDataset):
                                                                                         self.keep_seed)):
                         found = True
                         yield path, key, sample
-            except ShardError as e:  # truncated or not a tar: keep what came before the break, count the rest
+            except shards.ShardError as e:  # truncated or not a tar: keep what came before the break, count the rest
                 lost = max(1, listed - len(keys))
                 faults["samples"] += lost
                 where = f"the rest of the shard after sample {key}" if key else "the shard"
@@ -467,12 +467,12 @@ def workers_stopped():
             worker.join()
 
 
-def eval_batches(shards: list, image_px: int, batch_samples: int, validation_only: bool = False,
+def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation_only: bool = False,
                  max_samples: int | None = None, target: str = "caption", max_bad_fraction: float = 0.05,
                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[torch.Tensor, list, list[str]]]:
     """Held-out samples in shard order: (images [b, 3, px, px], captions, keys), or class ids instead of captions
-    for target="class", lists of captions for "captions"; deterministic, one process. shards: [(path, samples
-    listed, or None where no count is listed)].
+    for target="class", lists of captions for "captions"; deterministic, one process. shard_list: [(path,
+    samples listed, or None where no count is listed)].
     validation_only: only the training pairs of the validation split, at most max_samples of them.
     What cannot be scored (a corrupt or missing image, a missing caption or class, samples missing from a shard
     against its listed count) is skipped, counted and reported in one line at the end; past max_bad_fraction of
@@ -480,12 +480,12 @@ def eval_batches(shards: list, image_px: int, batch_samples: int, validation_onl
     transform = ImageTransform(image_px, train=False)
     images, captions, keys = [], [], []
     seen, listed_total, skipped, first = 0, 0, Counter(), {}
-    for path, listed in shards:
+    for path, listed in shard_list:
         if max_samples is not None and seen >= max_samples:
             break
         read, whole = 0, not validation_only and max_samples is None  # whole: the shard is read to its end
         try:
-            for key, sample in iter_tar(path):
+            for key, sample in shards.iter_tar(path):
                 read += 1
                 if validation_only and not is_validation(key):
                     continue
@@ -509,7 +509,7 @@ def eval_batches(shards: list, image_px: int, batch_samples: int, validation_onl
                 if len(keys) == batch_samples:
                     yield torch.stack(images), captions, keys
                     images, captions, keys = [], [], []
-        except ShardError as e:
+        except shards.ShardError as e:
             if listed is None:  # clip_benchmark's format lists no count per shard: the loss cannot be counted
                 raise SystemExit(f"error: {e}; the task lists no sample count per shard, so what is lost cannot be "
                                  f"counted: it is not scored") from None

@@ -492,11 +492,12 @@ def load_step(path: str, step: strategies.TimeStep, model_cfg: CLIPConfig, step_
     model, record = load_checkpoint(path)
     survive.check_shape(record, path, model_cfg, step.config.model)
     survive.check_steps(record, path, step_years)
-    note = schedules.horizon_note(step.config, record["config"], len(record["steps"]), len(step_years))
     if world.master:
         survive.StepState.clear(os.path.dirname(path), step.t)
         print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): done already ({path})")
-        if note and step.t == 0:  # said once, at the first step
+        note = step.t == 0 and schedules.horizon_note(step.config, record["config"], len(record["steps"]),
+                                                      len(step_years))  # said once, from the first step's record
+        if note:
             print(note)
     return model.to(world.device), record
 

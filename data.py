@@ -99,7 +99,8 @@ def _char_fixes() -> dict[int, str | None]:
     """The character fixes of ftfy.fix_text, which CLIP runs on every caption: Latin ligatures spelled out,
     full-width forms made normal width, curly quotes straightened, stray control characters dropped."""
     quotes = {**{c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"}, **{c: '"' for c in "\u201c\u201d\u201e\u201f"}}
-    ligatures = dict(zip("ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ", "IJ ij ʼn DZ Dz dz DŽ Dž dž LJ Lj lj NJ Nj nj ff fi fl ffi ffl ſt st".split()))
+    ligatures = dict(zip("ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ",
+                         "IJ ij ʼn DZ Dz dz DŽ Dž dž LJ Lj lj NJ Nj nj ff fi fl ffi ffl ſt st".split()))
     fixes = {c: s.translate(str.maketrans(quotes)) for c, s in ligatures.items()}  # "ŉ" -> "'n", as ftfy's loop
     fixes.update(quotes)
     fixes["\u3000"] = " "  # the ideographic space

@@ -426,8 +426,9 @@ def parse_flags(argv: list[str], defaults: dict) -> dict:
 
 
 CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=clip-tokenizer.json --data_root=ROOT "
-                    "[--steps=2014-2016,2017,...] [--quick_gelu=auto|true|false] [--device=cpu|cuda] [--out=FILE.json]"
-                    " [--precision=bf16|fp32] [--shard_cmd='aws s3 cp s3://bucket/tic/{path} -'] [--static=NAME=PATH,...]")
+                    "[--steps=2014-2016,2017,...] [--quick_gelu=auto|true|false] [--device=cpu|cuda] "
+                    "[--out=FILE.json] [--precision=bf16|fp32] [--shard_cmd='aws s3 cp s3://bucket/tic/{path} -'] "
+                    "[--static=NAME=PATH,...]")
 FLAGS = {"run": "", "checkpoint": "", "tokenizer": "", "data_root": "", "steps": "", "quick_gelu": "auto",
          "device": "cuda" if torch.cuda.is_available() else "cpu", "out": "",
          "precision": "",  # "": bf16 on CUDA, fp32 elsewhere
@@ -459,13 +460,14 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
     tokenizer = Tokenizer.load(args["tokenizer"])
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size or tokenizer.eot_id != cfg.eot_token_id:
-        raise SystemExit(f"{args['tokenizer']}: {tokenizer.vocab_size} ids with end-of-text {tokenizer.eot_id}, but the "
-                         f"model has {cfg.vocab_size} with {cfg.eot_token_id}; pass the tokenizer the model was trained "
-                         f"with (CLIP's: python tools/prepare.py clip-tokenizer)")
+        raise SystemExit(f"{args['tokenizer']}: {tokenizer.vocab_size} ids with end-of-text {tokenizer.eot_id}, "
+                         f"but the model has {cfg.vocab_size} with {cfg.eot_token_id}; pass the tokenizer the model "
+                         f"was trained with (CLIP's: python tools/prepare.py clip-tokenizer)")
     step_years = shards.parse_steps(args["data_root"], args["steps"], split="retrieval")
     tasks = {**tasks_of(args["data_root"], step_years, args["shard_cmd"]),
              **static_tasks(args["data_root"], args["static"])}
-    print(f"{args['checkpoint']}: ViT {cfg.vision_layers}x{cfg.vision_width} at {cfg.image_px}px, patch {cfg.patch_px}; "
+    print(f"{args['checkpoint']}: ViT {cfg.vision_layers}x{cfg.vision_width} at {cfg.image_px}px, "
+          f"patch {cfg.patch_px}; "
           f"text {cfg.text_layers}x{cfg.text_width}; {'QuickGELU' if cfg.quick_gelu else 'GELU'}; "
           f"{model.num_params() / 1e6:.1f}M parameters; {len(tasks)} tasks")
     t0 = time.time()

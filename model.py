@@ -376,7 +376,8 @@ def openclip_config(state_dict: dict, quick_gelu: bool) -> CLIPConfig:
     mlp_ratios = {sd[f"{p}resblocks.0.mlp.c_fc.weight"].shape[0] / w for p, w in
                   (("visual.transformer.", vision_width), ("transformer.", text_width))}
     if len(mlp_ratios) != 1:
-        raise SystemExit(f"the image and text MLPs have different width ratios {sorted(mlp_ratios)}; CLIPConfig has one")
+        raise SystemExit(f"the image and text MLPs have different width ratios {sorted(mlp_ratios)}; "
+                         "CLIPConfig has one")
     vocab_size = sd["token_embedding.weight"].shape[0]
     return CLIPConfig(image_px=grid * patch_px, patch_px=patch_px, vision_width=vision_width,
                       vision_layers=layers("visual.transformer.resblocks"), vision_heads=vision_width // 64,

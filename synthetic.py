@@ -148,7 +148,8 @@ def _write_year(folder: str, rng: np.random.Generator, year: int, first_index: i
             for k in range(n):
                 key = f"{year}_{first_index + start + k:07d}"
                 png = io.BytesIO()
-                Image.fromarray(images[k]).save(png, format="PNG", compress_level=1)  # fast; these tiny images barely compress more
+                # compress_level=1 is fast, and these tiny images barely compress more
+                Image.fromarray(images[k]).save(png, format="PNG", compress_level=1)
                 meta = {"uid": key, "year": year, "shapes": pairs[k]}
                 if classification:
                     meta["cls"] = SHAPES.index(pairs[k][0])

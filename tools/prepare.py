@@ -206,7 +206,8 @@ def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_f
         print(f"{folder}: {counts['train'].get(folder, 0)} train, {counts['retrieval'].get(folder, 0)} held out")
     held_out = sum(counts["retrieval"].values())
     print(f"read {samples_in} samples from {len(paths)} shards in {time.time() - t0:.0f}s; wrote {samples_out} = "
-          f"{samples_out - held_out} train + {held_out} held out ({100 * held_out / max(1, samples_out):.2f}%) to {dst}")
+          f"{samples_out - held_out} train + {held_out} held out "
+          f"({100 * held_out / max(1, samples_out):.2f}%) to {dst}")
     reasons = {"no_time": f"without a usable {by} (looked for {time_field or ', '.join(TIME_FIELDS)})",
                "duplicate_key": "whose key their time folder held already (the first was kept)",
                "unsafe_name": "whose member names are absolute or hold '..' (other tools may unpack them)"}
@@ -273,7 +274,8 @@ def main(argv: list[str]) -> None:
     opts = parse_flags(argv[1:], COMMANDS[argv[0]])
     if argv[0] == "split":
         if not opts["src"] or not opts["dst"]:
-            raise SystemExit("usage: python tools/prepare.py split --src=FOLDER_OR_GLOB --dst=ROOT [--eval_fraction=0.01]")
+            raise SystemExit("usage: python tools/prepare.py split --src=FOLDER_OR_GLOB --dst=ROOT "
+                             "[--eval_fraction=0.01]")
         split(**opts)
     else:
         bpe = opts["bpe"] or default_bpe()

@@ -467,8 +467,8 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
     tasks = {**tasks_of(args["data_root"], step_years, args["shard_cmd"]),
              **static_tasks(args["data_root"], args["static"])}
     print(f"{args['checkpoint']}: ViT {cfg.vision_layers}x{cfg.vision_width} at {cfg.image_px}px, "
-          f"patch {cfg.patch_px}; "
-          f"text {cfg.text_layers}x{cfg.text_width}; {'QuickGELU' if cfg.quick_gelu else 'GELU'}; "
+          f"patch {cfg.patch_px}; text {cfg.text_layers}x{cfg.text_width}; "
+          f"{'QuickGELU' if cfg.quick_gelu else 'GELU'}; "
           f"{model.num_params() / 1e6:.1f}M parameters; {len(tasks)} tasks")
     t0 = time.time()
     row = evaluate_step(model, tasks, tokenizer, device, precision=args["precision"] or None,

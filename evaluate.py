@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import shards
 from data import Tokenizer, eval_batches
 from model import PRECISIONS, autocast, load_checkpoint
+from settings import parse_flags
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
 
@@ -400,29 +401,6 @@ def step_checkpoints(run: str) -> list[str]:
     """A run's step checkpoints, in step order."""
     names = sorted(os.listdir(run)) if os.path.isdir(run) else []
     return [os.path.join(run, f) for f in names if re.fullmatch(r"step\d+\.pt", f)]
-
-
-def parse_flags(argv: list[str], defaults: dict) -> dict:
-    """--key=value overrides of defaults, each converted to its default's type (bool: true/false/1/0; numbers
-    may hold _). Unknown keys and values of the wrong type are one-line errors that list what is valid."""
-    flags = dict(defaults)
-    for arg in argv:
-        key, sep, value = arg[2:].partition("=")
-        if not arg.startswith("--") or not sep:
-            raise SystemExit(f"error: bad argument '{arg}': use --key=value; keys: {', '.join(defaults)}")
-        if key not in flags:
-            raise SystemExit(f"error: unknown config key '{key}'; valid keys: {', '.join(defaults)}")
-        kind = type(defaults[key])
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                flags[key] = value.lower() in ("true", "1")
-            else:
-                flags[key] = kind(value.replace("_", "")) if kind in (int, float) else value
-        except ValueError:
-            raise SystemExit(f"error: --{key}={value} is not a {kind.__name__} (default: {defaults[key]!r})")
-    return flags
 
 
 CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=clip-tokenizer.json --data_root=ROOT "

@@ -1,39 +1,53 @@
 """
-The continual-learning strategies of TiC-CLIP: the paper's eight and two that merge models across time, as one
-table, and everything that makes each one different. At every time step t, train.py asks the strategy five
-questions and nothing else (it never tests a strategy's name):
+The continual-learning strategies of TiC-CLIP, the paper's eight and two that merge models across time, as one
+table (STRATEGIES) with everything that makes each one different. At every time step t, train.py asks the
+run's strategy these questions, and never tests its name:
 
-  1. which model does step t start from?   warm_start: the one step t-1 left (continue_point), or a random init;
-  2. which data does step t train on?      replay(t): {step s <= t: fraction of s's data kept in the buffer};
-  3. how many samples may it see?          budget_steps(t) x C, C = budget_samples per step;
-  4. is anything added to the loss?        batch_loss(model, step): a term on every batch (LwF's distillation);
-  5. is anything done after training?     end_of_step(model, step): an action on the trained model that makes
-                                           the model deployed (patching's interpolation, ema's merge).
-Questions 4 and 5 relate the model to the one before it, so they are asked from the second step on (from the
-first, when the run begins from an existing model, --init: it is the one before). Both report the compute they
-add (flops_per_sample, "flops"), so the FLOPs ledger counts it. Two settings cut across every strategy: the
-learning-rate schedule through time (train.py's lr_schedule, schedules.py), and the share of each step's samples
-drawn from its new data (new_data_fraction, step_parts; by default in proportion to sizes).
+  warm_start       which model does step t start from? the continue point step t-1 left, else a fresh one
+  replay(t)        which data? {step s <= t: the fraction of step s's data in the replay buffer}
+  budget_units(t)  how many samples? budget_units(t) x C, C = budget_samples
+  start_of_step    anything before training? (model, step) -> report (Fisher estimates, teachers' embeddings)
+  batch_loss       anything added to the loss? (model, step) -> a term on every batch (LwF's distillation)
+  end_of_step      anything after training? (model, step) -> report; it may change the model into the one
+                   deployed (patching's interpolation, ema's merge)
 
-    python train.py --strategy=sequential        # any name of STRATEGIES
+The models of a step, called so here, in train.py and in the README:
+  initial          the model the run began with (--init), or none: random init
+  previous         the model step t-1 deployed (at the first step: the initial model, if any)
+  start            the model step t trains from: the continue point (warm start), else initial or random
+  trained          the model when step t's training ends
+  deployed         what step t hands out (evaluated, saved as stepNN.pt): trained, after the end-of-step action
+  continue point   what the next warm start goes on from: weights, and the optimizer where the schedule carries it
 
-To add a strategy: write what differs (a replay rule, a batch loss, an end-of-step action) and add a row to
-STRATEGIES below; a setting it reads goes into SETTINGS beside its code (and a check into check_settings), and
-becomes a --key=value setting of train.py like any other, read as step.config.KEY. Or, without touching this
-file, register it from a script of your own that then runs train.py's main, e.g. training on the last two
-steps only (tests/test_strategies.py does this; tools/compare.py runs train.py afresh, so it needs the row here):
+The three hooks relate the model to the previous one, so they run from the second step on (from the first
+with --init). What they can rely on:
+  - a batch loss is called once per batch with the whole batch's features, whatever accum_steps is, so its
+    gradient is one batch's, through the features and through the weights alike (train.forward_backward);
+  - compute is declared: a batch loss's flops_per_sample, a report's "flops" (once per step); train.py adds
+    both to the FLOPs ledger, and a missing one is an error, not a zero;
+  - state across steps: a report's "state" (a dict; tensors are fine) becomes step.state, is saved in
+    stepNN.pt and is step.state at the next step, also after a kill, a resume or a grown run (a resumed step
+    reuses its start_of_step report, kept in RUN/resume until the step ends);
+  - settings: SETTINGS[KEY] = Setting(default, help, check, use) is train.py's --KEY=VALUE, read as
+    step.config.KEY and checked with the others before any compute.
+
+To add a strategy, write what differs and add a row to STRATEGIES. From a file of your own, as examples/ewc.py
+does, touching no file here (tools/compare.py --module=FILE gives it a row of a comparison):
     import sys, strategies, train
-    last_two = lambda t: {s: 1.0 for s in range(max(0, t - 1), t + 1)}
-    strategies.STRATEGIES["recent"] = strategies.Strategy("recent", True, last_two)
-    train.main(sys.argv[1:])                      # python my_strategy.py --strategy=recent
+    from settings import Setting
+    strategies.SETTINGS["ewc_weight"] = Setting(1e4, "lambda of ewc's penalty", lambda w: w >= 0, "0 or more")
+    strategies.STRATEGIES["ewc"] = strategies.Strategy("ewc", True, strategies.new_only,
+                                                       start_of_step=fisher, batch_loss=Penalty)
+    train.run(["--strategy=ewc", *sys.argv[1:]])    # python my_strategy.py --steps=2018,2019
 
 Replay buffers are never materialised: a sample of step s is in the buffer at step t iff
 keep_sample(key, fraction, seed) holds, a hash of its key compared with the fraction (data.py). So the
 selection needs no index file at any scale, is identical on every rank, and buffers stay nested as they
 shrink: a sample dropped once never comes back, because its hash stays above every smaller fraction.
 """
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable
 
@@ -42,10 +56,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import evaluate
+import settings
 from data import Part, Tokenizer
 from model import CLIP
+from settings import Setting
 
-SETTINGS = {}  # --key=value settings of train.py that strategies read (as step.config.KEY); declared with their code
+SETTINGS = {}  # train.py's --key=value settings that strategies read (step.config.KEY), declared with their code
 
 
 # ----------------------------------------------------------------------------- which data, per step
@@ -75,40 +91,88 @@ class TimeStep:
     t: int                         # this step's index, from 0
     step_names: list[str]          # every step's name, e.g. ["2018", "2019", "2020"]
     step_data: list[list[Part]]    # every step's training data, one Part per year, all of it (keep_fraction 1)
-    previous: dict | None          # state dict of the model the step before deployed (None at the first step)
-    config: SimpleNamespace        # the run's settings: train.py's config and SETTINGS
+    config: SimpleNamespace        # the run's settings: train.py's config and the SETTINGS
     tokenizer: Tokenizer
     device: torch.device
     master: bool                   # rank 0, or the only process: the one that evaluates and writes
     distributed: bool              # under torchrun: every rank must end the step with the same weights
-    initial: dict | None = None    # state dict of the model the run began with (--init), or None: random init
-    trunk: dict | None = None      # what a warm start continues from (continue_point): {"model": state dict,
-                                   # "optimizer": its state where the schedule carries it, else None, "iterations"}
+    initial: dict | None = None    # state dict of the initial model, None for random init
+    previous: dict | None = None   # state dict of the previous model, None at the first step without --init
+    continue_point: dict | None = None  # {"model": state dict, "optimizer": its state where the schedule
+                                        # carries it, else None, "iterations"}, None at the first step
+    state: dict = field(default_factory=dict)  # what the strategy's hooks kept from earlier steps ("state")
 
 
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    warm_start: bool                                  # start from the model after step t-1 (else random init)
+    warm_start: bool                                  # start from the continue point (else initial or random)
     replay: Callable[[int], dict[int, float]]         # t -> {step: fraction of its data trained on}
-    budget_steps: Callable[[int], int] = lambda t: 1  # the step's budget in units of C
-    batch_loss: Callable | None = None   # (model, step) -> loss_fn(images, tokens, image_f, text_f, scale), with
-                                         # loss_fn.flops_per_sample: a term added to every batch's loss
-    end_of_step: Callable | None = None  # (model, step) -> {what it did, "flops": compute}: may change model
-    continue_from_deployed: bool = True  # after an end-of-step action: the next step starts from the model it
-                                         # made (patching), or from the model as trained (False: ema)
+    budget_units: Callable[[int], int] = lambda t: 1  # the step's budget in units of C
+    start_of_step: Callable | None = None  # (start model, step) -> report {"flops": compute, "state"?: ...}
+    batch_loss: Callable | None = None     # (model, step) -> loss_fn(images, tokens, image_f, text_f, scale)
+                                           # with loss_fn.flops_per_sample: a term added to every batch's loss
+    end_of_step: Callable | None = None    # (trained model, step) -> report: may change the model in place
+    continue_from_deployed: bool = True    # after an end-of-step action: the next step goes on from the model
+                                           # it made (patching), or from the trained one (False: ema)
 
     def first_step(self, from_initial: bool = False) -> tuple:
         """What the first step is made of. Every strategy starts it from the same model (random init, or the
-        initial model of --init), so data and budget decide it, and, from an initial model, the batch loss and the
-        end-of-step action, which then have a model before them: strategies whose first steps are equal train
-        the same step-1 model (tools/compare.py trains it once for all of them)."""
-        hooks = (self.batch_loss, self.end_of_step, self.continue_from_deployed) if from_initial else ()
-        return tuple(sorted(self.replay(0).items())), self.budget_steps(0), *hooks
+        initial model of --init), so data and budget decide it, and, from an initial model, the hooks, which then
+        have a model before them: strategies whose first steps are equal train the same step-1 model
+        (tools/compare.py trains it once for all of them)."""
+        hooks = (self.start_of_step, self.batch_loss, self.end_of_step, self.continue_from_deployed) \
+            if from_initial else ()
+        return tuple(sorted(self.replay(0).items())), self.budget_units(0), *hooks
+
+
+def check_strategy(strategy: Strategy, n_steps: int) -> None:
+    """A row's data and budget at every step of the run, refused at start-up where the loop cannot use them."""
+    for t in range(n_steps):
+        replay, units = strategy.replay(t), strategy.budget_units(t)
+        if not isinstance(replay, dict) or t not in replay or \
+                not all(isinstance(s, int) and 0 <= s <= t and 0 < f <= 1 for s, f in replay.items()):
+            raise SystemExit(f"error: strategy {strategy.name}: replay({t}) = {replay!r}; return {{step s <= {t}: "
+                             f"fraction of its data, above 0, at most 1}}, step {t} (the new data) included")
+        if not isinstance(units, int) or units < 1:
+            raise SystemExit(f"error: strategy {strategy.name}: budget_units({t}) = {units!r}; return a whole "
+                             f"number of budgets C, 1 or more")
+
+
+def act(strategy: Strategy, hook: str, model: CLIP, step: TimeStep) -> dict:
+    """Run the strategy's start_of_step or end_of_step on model; its report, without the state it keeps (which
+    becomes step.state), checked to declare its compute and to be loggable."""
+    report = getattr(strategy, hook)(model, step)
+    flops = report.get("flops") if isinstance(report, dict) else None
+    if not isinstance(flops, (int, float)) or not 0 <= flops < math.inf:
+        raise SystemExit(f"error: strategy {strategy.name}: {hook} returned {str(report)[:80]}; return a dict "
+                         f"with 'flops', the compute it spent (0 if none), and any other numbers to report")
+    if "state" in report:
+        if not isinstance(report["state"], dict):
+            raise SystemExit(f"error: strategy {strategy.name}: {hook}'s 'state' is not a dict")
+        step.state = report["state"]
+    report = {k: v for k, v in report.items() if k != "state"}
+    try:
+        json.dumps(report)
+    except TypeError:
+        raise SystemExit(f"error: strategy {strategy.name}: {hook}'s report {str(report)[:80]} is logged as JSON; "
+                         f"return numbers and strings there, and keep tensors in 'state'") from None
+    return report
+
+
+def make_batch_loss(strategy: Strategy, model: CLIP, step: TimeStep):
+    """The strategy's batch loss for this step, checked to declare the compute it adds per sample."""
+    loss_fn = strategy.batch_loss(model, step)
+    flops = getattr(loss_fn, "flops_per_sample", None)
+    if not isinstance(flops, (int, float)) or not 0 <= flops < math.inf:
+        raise SystemExit(f"error: strategy {strategy.name}: its batch loss has no flops_per_sample; set it to the "
+                         f"compute it adds per sample (0 if none), e.g. a teacher's forward pass")
+    return loss_fn
 
 
 # ----------------------------------------------------------------------------- lwf
-SETTINGS["lwf_weight"] = 1.0  # weight of lwf's distillation term
+SETTINGS["lwf_weight"] = Setting(1.0, "lwf: weight of the distillation term", lambda w: 0 <= w < math.inf,
+                                 "0 or more")
 
 
 def distillation_loss(student_img, student_txt, student_scale, teacher_img, teacher_txt, teacher_scale):
@@ -132,18 +196,28 @@ class Distillation:
         self.teacher.to(step.device).eval().requires_grad_(False)
         self.weight = step.config.lwf_weight
         self.flops_per_sample = self.teacher.flops_per_pair()
-        self.images, self.teacher_out = None, None
 
     def __call__(self, images, tokens, image_features, text_features, scale):
-        if images is not self.images:  # once a batch, also when gradient accumulation asks once a micro-batch
-            with torch.no_grad():
-                self.images, self.teacher_out = images, self.teacher(images, tokens)
-        return self.weight * distillation_loss(image_features, text_features, scale, *self.teacher_out)
+        with torch.no_grad():
+            teacher_out = self.teacher(images, tokens)
+        return self.weight * distillation_loss(image_features, text_features, scale, *teacher_out)
 
 
 # ----------------------------------------------------------------------------- patching
-SETTINGS["patch_alphas"] = "0,0.25,0.5,0.75,1"  # coefficients tried, theta = (1-a) theta_prev + a theta_finetuned
-SETTINGS["validation_samples"] = 1000           # validation pairs per past step used to choose the coefficient
+def numbers(text: str) -> list[float]:
+    """"0,0.5,1" -> [0.0, 0.5, 1.0]; [nan] where it is not a list of finite numbers."""
+    try:
+        values = [float(a) for a in text.split(",")]
+    except ValueError:
+        return [math.nan]
+    return values if all(math.isfinite(a) for a in values) else [math.nan]
+
+
+SETTINGS["patch_alphas"] = Setting("0,0.25,0.5,0.75,1", "patching: coefficients a tried, (1-a) previous + a "
+                                   "trained", lambda text: math.nan not in numbers(text),
+                                   "a list of numbers, e.g. 0,0.5,1")
+SETTINGS["validation_samples"] = Setting(1000, "patching: validation pairs per past step that choose a",
+                                         lambda n: n >= 1, "at least 1")
 
 
 @torch.no_grad()
@@ -161,7 +235,7 @@ def patch(model: CLIP, step: TimeStep) -> dict:
     pass per validation pair and coefficient."""
     finetuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
     previous = {k: v.to(step.device) for k, v in step.previous.items()}
-    alphas = [float(a) for a in step.config.patch_alphas.split(",")]
+    alphas = numbers(step.config.patch_alphas)
     scores = torch.zeros(len(alphas), device=step.device)
     pairs = 0  # validation pairs embedded, over all coefficients
     if step.master:
@@ -186,7 +260,8 @@ def patch(model: CLIP, step: TimeStep) -> dict:
 
 
 # ----------------------------------------------------------------------------- merging across time
-SETTINGS["ema_weight"] = 0.5  # w of the ema strategies: merge_t = w merge_(t-1) + (1 - w) model_t
+SETTINGS["ema_weight"] = Setting(0.5, "ema: w of merge_t = w merge_(t-1) + (1 - w) trained_t",
+                                 lambda w: 0 <= w <= 1, "a weight from 0 to 1")
 
 
 @torch.no_grad()
@@ -204,7 +279,7 @@ def merge(model: CLIP, step: TimeStep) -> dict:
 # ----------------------------------------------------------------------------- what the next step continues from
 def continue_point(strategy: Strategy, record: dict, deployed: dict) -> dict:
     """What a warm start after this step continues from: {"model", "optimizer", "iterations"}. A schedule that
-    carries its optimizer (schedules.CARRIES_OPTIMIZER) wrote it as record["trunk"] (train.py's next_trunk); else
+    carries its optimizer (Schedule.carries_optimizer) wrote it as record["trunk"] (train.py's next_trunk); else
     the weights alone: the deployed model, or, if the strategy's end-of-step action changed it and the strategy
     goes on from the model as trained (ema), that one (record["trained"])."""
     if record.get("trunk"):
@@ -214,34 +289,15 @@ def continue_point(strategy: Strategy, record: dict, deployed: dict) -> dict:
     return {"model": weights, "optimizer": None, "iterations": None}
 
 
-def check_settings(config: SimpleNamespace) -> None:
-    """Strategy settings that parse but cannot work, refused before any compute is spent."""
-    try:
-        alphas = [float(a) for a in config.patch_alphas.split(",")]
-    except ValueError:
-        alphas = [math.nan]
-    if not all(math.isfinite(a) for a in alphas):
-        raise SystemExit(f"error: --patch_alphas={config.patch_alphas} is not a list of numbers; e.g. 0,0.5,1")
-    if config.validation_samples < 1:  # patching's search scores on them: with none there is nothing to choose by
-        raise SystemExit(f"error: --validation_samples={config.validation_samples} is too small; use at least 1")
-    if not 0 <= config.lwf_weight < math.inf:
-        raise SystemExit(f"error: --lwf_weight={config.lwf_weight} is out of range; use 0 or more")
-    if not 0 <= config.ema_weight <= 1:
-        raise SystemExit(f"error: --ema_weight={config.ema_weight} is out of range; use a weight from 0 to 1")
-    if not 0 <= config.new_data_fraction <= 1:
-        raise SystemExit(f"error: --new_data_fraction={config.new_data_fraction} is out of range; use 0 (in "
-                         f"proportion to sizes) or a share above 0, at most 1")
-
-
 # ----------------------------------------------------------------------------- the table
 STRATEGIES = {s.name: s for s in [
-    #        name                warm   data           budget, extra loss, end of step
+    #        name                warm   data           budget, hooks
     Strategy("sequential",       True,  new_only),
     Strategy("cumulative-all",   True,  everything),
     Strategy("cumulative-exp",   True,  exp_buffer),
     Strategy("cumulative-equal", True,  equal_buffer),
     Strategy("restart",          False, everything),
-    Strategy("oracle",           False, everything, budget_steps=lambda t: t + 1),
+    Strategy("oracle",           False, everything, budget_units=lambda t: t + 1),
     Strategy("lwf",              True,  new_only, batch_loss=Distillation),
     Strategy("patching",         True,  new_only, end_of_step=patch),
     Strategy("ema",              True,  new_only, end_of_step=merge, continue_from_deployed=False),
@@ -255,7 +311,15 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
-SETTINGS["new_data_fraction"] = 0.0  # share of each step's samples from its new data (0: in proportion to sizes)
+def check_settings(config: SimpleNamespace) -> None:
+    """The chosen strategy and the settings of all, refused before any compute where they cannot work."""
+    get_strategy(config.strategy)
+    settings.check(SETTINGS, config)
+
+
+SETTINGS["new_data_fraction"] = Setting(0.0, "share of each step's samples from its new data (0: in "
+                                        "proportion to sizes)", lambda f: 0 <= f <= 1,
+                                        "0 (in proportion to sizes) or a share above 0, at most 1")
 
 
 def step_parts(strategy: Strategy, t: int, step_data: list[list[Part]], new_data_fraction: float = 0.0) -> list[Part]:

@@ -33,13 +33,13 @@ def descendants(pid):
     return [p for c in children for p in [int(c), *descendants(int(c))]]
 
 
-def kill_mid_step(args, run_dir, sig, nproc=None):
-    """Start the run; once step 2 has a resume checkpoint, send sig to all its processes (torchrun starts each
-    worker in a session of its own, so the process group alone would miss them)."""
-    proc = subprocess.Popen(train_command(args, nproc), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+def kill_mid_step(args, run_dir, sig, nproc=None, command=None):
+    """Start the run (train.py with args, or command); once step 2 has a resume checkpoint, send sig to all its
+    processes (torchrun starts each worker in a session of its own, so the process group alone would miss them)."""
+    proc = subprocess.Popen(command or train_command(args, nproc), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
-    while not glob.glob(os.path.join(run_dir, "resume", "step02-*.pt")):
+    while not glob.glob(os.path.join(run_dir, "resume", "step02-[0-9]*.pt")):  # a resume checkpoint
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.005)
     for pid in [proc.pid, *descendants(proc.pid)]:

@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)  # the project's modules
 import data  # noqa: E402
 import shards  # noqa: E402
 import synthetic  # noqa: E402
-from evaluate import parse_flags  # noqa: E402
+from settings import parse_flags  # noqa: E402
 from model import CLIP, clip_loss, make_config  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets; the first key found in the device's

@@ -7,12 +7,14 @@ Run several TiC strategies on the same benchmark and write the paper's Table 2 f
     python tools/compare.py --seeds=0,1 --table_only=true     # tabulate the finished runs only, whatever their seeds
     python tools/compare.py --strategies=sequential,cumulative-all --schedules=cosine,cosine-ar,const-cooldown
     python tools/compare.py --strategies=cumulative-all --sweep=new_data_fraction=0.25,0.5 --rows=ema,ema-from-merge
+    python tools/compare.py --module=examples/ewc.py --strategies=sequential,ewc   # a strategy of your own file
 
 A row of the comparison is a strategy, with a schedule (lr_schedule) and other settings if given: the grid of
 --strategies x --schedules x the values of --sweep=KEY=V1,V2,..., then the rows that --rows lists by name. A
 row's name says what it is, STRATEGY[+SCHEDULE][+KEY=VALUE], e.g. cumulative-all+cosine-ar or
 cumulative-all+cosine+new_data_fraction=0.25, and names its run folder. Every other --key=value goes to train.py
-unchanged. Runs live in OUT/seedS/ROW (OUT = --out, default runs/compare); a finished run is reused, not
+unchanged. With --module=FILE, a file that registers strategies or schedules and then runs train.py's main (as
+examples/ewc.py does), every run goes through that file instead of train.py, so its rows can be compared. Runs live in OUT/seedS/ROW (OUT = --out, default runs/compare); a finished run is reused, not
 retrained, when the command is run again. As the paper's "every method starts from the same step-1 model", the
 first time step is trained once per seed for all rows whose first steps are the same (first_step: the same data,
 budget and schedule, and the same settings) and copied to the others; a row with a first step of its own trains
@@ -21,6 +23,7 @@ backward and forward transfer; the final model's mean R@1 over all tasks; the me
 OUT/compute_vs_retrieval.png, one heatmap of the evaluation matrix per row (mean over seeds, heatmap_ROW.png)
 and all of them on one sheet (heatmaps.png).
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -34,11 +37,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
 import schedules  # noqa: E402
 import strategies  # noqa: E402
+from evaluate import step_checkpoint, step_checkpoints  # noqa: E402
+from settings import parse_flags  # noqa: E402
 from shards import write_json  # noqa: E402
-from evaluate import parse_flags, step_checkpoint, step_checkpoints  # noqa: E402
 
 OPTIONS = {"strategies": "", "schedules": "", "sweep": "", "rows": "", "seeds": "0", "out": "runs/compare",
-           "nproc": 1, "table_only": False}  # compare.py's own keys; the rest go to train.py
+           "nproc": 1, "table_only": False, "module": ""}  # compare.py's own keys; the rest go to train.py
+
+
+def load_module(path: str) -> str:
+    """Import a file that registers strategies or schedules (not as __main__, so it trains nothing), so that
+    their rows resolve here; the program every run goes through: that file, or train.py."""
+    if not path:
+        return os.path.join(ROOT, "train.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --module={path}: no such file; pass a file that registers a strategy or a "
+                         f"schedule and runs train.py's main, e.g. examples/ewc.py")
+    spec = importlib.util.spec_from_file_location("compared_module", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    return os.path.abspath(path)
 
 
 def row_names(opts: dict) -> list[str]:
@@ -60,7 +77,7 @@ def row_args(row: str) -> list[str]:
     name, *rest = row.split("+")
     strategies.get_strategy(name)
     for part in rest:
-        if "=" not in part and part not in schedules.SCHEDULES:
+        if "=" not in part and part not in schedules.SCHEDULES:  # a forker's rows too (--module)
             raise SystemExit(f"error: row {row}: unknown lr_schedule '{part}'; choose one of: "
                              f"{', '.join(schedules.SCHEDULES)}, or write a setting as KEY=VALUE")
     return [f"--strategy={name}"] + [f"--{part}" if "=" in part else f"--lr_schedule={part}" for part in rest]
@@ -68,27 +85,29 @@ def row_args(row: str) -> list[str]:
 
 def first_step(row: str, train_args: list[str]) -> tuple:
     """What the first step of a row's run is made of: rows with equal ones train the same step01.pt. The strategy's
-    first step (Strategy.first_step), the schedule's (schedules.FIRST_STEP_AS: cosine-ar's first step is cosine's),
+    first step (Strategy.first_step), the schedule's (Schedule.first_step_as: cosine-ar's first step is cosine's),
     and the row's settings, except new_data_fraction where the first step replays nothing."""
     args = dict(arg[2:].partition("=")[::2] for arg in train_args + row_args(row))  # the last value of a key wins
     strategy = strategies.get_strategy(args["strategy"])
     schedule = args.get("lr_schedule", "cosine")
     settings = [part for part in row.split("+")[1:] if "=" in part
                 and not (part.startswith("new_data_fraction=") and set(strategy.replay(0)) == {0})]
-    return (strategy.first_step(from_initial=bool(args.get("init"))), schedules.FIRST_STEP_AS.get(schedule, schedule),
-            tuple(sorted(settings)))
+    return (strategy.first_step(from_initial=bool(args.get("init"))),
+            schedules.get_schedule(schedule).first_step_as or schedule, tuple(sorted(settings)))
 
 
-def launch(train_args: list[str], nproc: int) -> bool:
-    """Run train.py with these arguments in a process of its own (torchrun for nproc > 1); True if it succeeded."""
+def launch(program: str, train_args: list[str], nproc: int) -> bool:
+    """Run program (train.py, or --module's file) with these arguments in a process of its own (torchrun for
+    nproc > 1); True if it succeeded."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
-    cmd = launcher + [os.path.join(ROOT, "train.py"), *train_args]
+    cmd = launcher + [program, *train_args]
     print(" ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode == 0
 
 
-def run_row(row: str, seed: int, run_dir: str, shared_first: str | None, nproc: int, train_args: list):
+def run_row(row: str, seed: int, run_dir: str, shared_first: str | None, nproc: int, train_args: list,
+            program: str):
     """Train (or finish) one run; copy in the first step that another row trained, when it shares it."""
     os.makedirs(run_dir, exist_ok=True)
     if shared_first and not os.path.exists(step_checkpoint(run_dir, 0)):
@@ -96,7 +115,7 @@ def run_row(row: str, seed: int, run_dir: str, shared_first: str | None, nproc: 
                                (step_checkpoint(shared_first, 0), step_checkpoint(run_dir, 0))]:
             shutil.copyfile(source, target)
     strategy, *settings = row_args(row)
-    if not launch([strategy, f"--seed={seed}", f"--out_dir={run_dir}", *train_args, *settings], nproc):
+    if not launch(program, [strategy, f"--seed={seed}", f"--out_dir={run_dir}", *train_args, *settings], nproc):
         raise SystemExit(f"error: the {row} run (seed {seed}) failed; see its output above, fix it and rerun "
                          f"this command: finished runs are kept")
 
@@ -224,6 +243,7 @@ def main(argv):
     own = [arg for arg in argv if arg[2:].split("=", 1)[0] in OPTIONS]
     opts = parse_flags(own, OPTIONS)
     train_args = [arg for arg in argv if arg not in own]  # train.py checks these
+    program = load_module(opts["module"])
     names = row_names(opts)
     firsts = {name: first_step(name, train_args) for name in names}  # checks each strategy and schedule
     seeds, out = [int(s) for s in opts["seeds"].split(",")], opts["out"]
@@ -236,7 +256,7 @@ def main(argv):
                 if finished(run_dir):
                     records[name].append(run_record(run_dir))
                 continue
-            run_row(name, seed, run_dir, trained_first.get(firsts[name]), opts["nproc"], train_args)
+            run_row(name, seed, run_dir, trained_first.get(firsts[name]), opts["nproc"], train_args, program)
             trained_first.setdefault(firsts[name], run_dir)
             records[name].append(run_record(run_dir))
     records = {name: recs for name, recs in records.items() if recs}

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import data  # noqa: E402
 import shards  # noqa: E402
-from evaluate import parse_flags  # noqa: E402
+from settings import parse_flags  # noqa: E402
 from model import load_checkpoint, to_openclip  # noqa: E402
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import pictures
 import shards
 from data import Tokenizer, eval_batches
 from model import PRECISIONS, autocast, load_checkpoint
@@ -489,6 +490,7 @@ def main(argv):
     _, initial = read_results(os.path.join(run, "eval_matrix.json"), [])  # --init's row: kept as it was measured
     result = eval_matrix(rows, [shards.step_name(ys) for ys in last["steps"]], initial)
     shards.write_json(os.path.join(run, "eval_matrix.json"), result)
+    pictures.write_eval_matrix(run, result)
     print(format_matrix(result))
 
 

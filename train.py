@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
+import pictures
 import schedules
 import shards
 import strategies
@@ -656,6 +657,7 @@ def main(argv):
             world.barrier()
     if world.master and rows:  # none yet if SIGTERM came before the first step ended
         print(evaluate.format_matrix(evaluate.eval_matrix(rows, names, initial_row)))
+        pictures.write_eval_matrix(run_dir, evaluate.eval_matrix(rows, names, initial_row))
         print(f"checkpoints, log.jsonl and eval_matrix.json in {run_dir}")
     world.finish()
 

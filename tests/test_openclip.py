@@ -15,9 +15,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import evaluate
+import pictures
 import prepare
 import shards
 import synthetic
@@ -233,6 +235,8 @@ def test_a_run_from_an_openclip_model_with_lr_0_keeps_it_and_scores_it_first(tmp
     assert result["initial"] == alone  # the initial row is the model scored as evaluate.py scores it
     assert result["matrix"] == [[alone[t]["mean_R@1"] for t in ("2020", "2021")]] * 2  # and no step changed it
     assert result["summary"]["id"] == alone["2020"]["mean_R@1"] / 2 + alone["2021"]["mean_R@1"] / 2
+    with Image.open(run / "eval_matrix.png") as picture:  # with the initial row: test_pictures.py
+        assert picture.tobytes() == pictures.run_picture(result, str(run)).tobytes()
 
 
 @pytest.mark.parametrize("vocabulary", ["clip", "bpe"])

@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
+import pictures
 import shards
 import strategies
 import train
@@ -62,6 +64,8 @@ def test_end_to_end_two_steps_writes_matrix_and_resumes(tmp_path, two_years):
     assert all(0 <= v <= 100 for r in result["matrix"] for v in r)
     assert result["results"]["2019"]["2018"]["gallery"] == 64
     assert len(result["classification"]["matrix"]) == 2 and result["results"]["2019"]["2018"]["class_samples"] == 32
+    with Image.open(os.path.join(run, "eval_matrix.png")) as picture:  # what it shows: test_pictures.py
+        assert picture.format == "PNG" and picture.tobytes() == pictures.run_picture(result, run).tobytes()
     assert sorted(f for f in os.listdir(run) if f.endswith(".pt")) == ["step01.pt", "step02.pt"]
     ckpt = torch.load(os.path.join(run, "step02.pt"), weights_only=True)
     assert ckpt["samples_seen"] == 256 and ckpt["config"]["strategy"] == "sequential"
@@ -107,9 +111,11 @@ def test_a_finished_run_grows_by_a_year_without_retraining(tmp_path, three_years
     model, _ = load_checkpoint(os.path.join(run, "step01.pt"))
     new_cell = evaluate.evaluate_step(model, evaluate.tasks_of(three_years, [["2020"]]), tok, torch.device("cpu"))
     assert grown["matrix"][0][2] == pytest.approx(new_cell["2020"]["mean_R@1"])
-    # evaluate.py --run gives the same matrix for the grown run
+    # evaluate.py --run gives the same matrix for the grown run, and draws it
+    os.remove(os.path.join(run, "eval_matrix.png"))
     evaluate.main([f"--run={run}", "--device=cpu"])
     assert json.load(open(os.path.join(run, "eval_matrix.json")))["matrix"] == grown["matrix"]
+    assert Image.open(os.path.join(run, "eval_matrix.png")).format == "PNG"
     # steps that do not begin with the run's steps cannot be matched to its checkpoints by position
     line = train_refused([*tiny_args(three_years, run), "--steps=2019,2020"])
     assert "step01.pt belongs to a run of the steps 2018,2019, which do not begin --steps=2019,2020" in line

@@ -31,13 +31,13 @@ import subprocess
 import sys
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
+import pictures  # noqa: E402
 import schedules  # noqa: E402
 import strategies  # noqa: E402
-from evaluate import step_checkpoint, step_checkpoints  # noqa: E402
+from evaluate import step_checkpoint, step_checkpoints, summarize  # noqa: E402
 from settings import parse_flags  # noqa: E402
 from shards import write_json  # noqa: E402
 
@@ -175,70 +175,6 @@ def make_table(records: dict[str, list[dict]]) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- pictures (pillow only)
-def plot_compute(rows: list[dict], path: str) -> None:
-    """Each strategy's final-model mean R@1 (all tasks) against its total FLOPs."""
-    W, H, pad = 720, 480, 70
-    img = Image.new("RGB", (W, H), "white")
-    d, font = ImageDraw.Draw(img), ImageFont.load_default()
-    xs, ys = [r["flops"] for r in rows], [r["final_mean"] for r in rows]
-    x_hi, y_lo, y_hi = max(xs) * 1.1, min(ys) - 2, max(ys) + 2
-    px = lambda x: pad + (W - 2 * pad) * x / x_hi
-    py = lambda y: H - pad - (H - 2 * pad) * (y - y_lo) / (y_hi - y_lo)
-    d.line([(pad, pad), (pad, H - pad), (W - pad, H - pad)], fill="black")
-    for i in range(5):
-        y = y_lo + (y_hi - y_lo) * i / 4
-        d.text((5, py(y) - 5), f"{y:.1f}", fill="black", font=font)
-        x = x_hi * i / 4
-        d.text((px(x) - 15, H - pad + 8), f"{x:.2g}", fill="black", font=font)
-    d.text((W // 2 - 60, H - 30), "total training FLOPs", fill="black", font=font)
-    d.text((5, 15), "final model: mean R@1 over all time steps (%)", fill="black", font=font)
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    points = [(px(r["flops"]), py(r["final_mean"]), palette[i % len(palette)], r["strategy"])
-              for i, r in enumerate(rows)]
-    labels = []  # (x, y) of the labels drawn so far: close points get their labels stacked top to bottom
-    for x, y, c, name in sorted(points, key=lambda p: p[1]):
-        d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=c)
-        ly = max([y - 6] + [y0 + 13 for x0, y0 in labels if abs(x - x0) < 20])
-        d.text((x + 9, ly), name, fill=c, font=font)
-        labels.append((x, ly))
-    img.save(path)
-
-
-def plot_heatmap(matrix: list[list[float]], tasks: list[str], title: str, path: str,
-                 lo: float | None = None, hi: float | None = None) -> None:
-    """E[i][j] as coloured cells with their values: rows = model after step i, columns = task j. The colour runs
-    from white at lo to dark blue at hi (default: this matrix's range; one range for all strategies compares them)."""
-    n, cell, left, top = len(tasks), 64, 90, 50
-    img = Image.new("RGB", (left + cell * n + 20, top + cell * len(matrix) + 40), "white")
-    d, font = ImageDraw.Draw(img), ImageFont.load_default()
-    lo = min(min(r) for r in matrix) if lo is None else lo
-    hi = max(max(r) for r in matrix) if hi is None else hi
-    d.text((10, 10), title, fill="black", font=font)
-    for j, name in enumerate(tasks):
-        d.text((left + j * cell + 10, top - 15), name, fill="black", font=font)
-    for i, row in enumerate(matrix):
-        d.text((5, top + i * cell + cell // 2 - 5), f"after {tasks[i] if i < n else i}", fill="black", font=font)
-        for j, v in enumerate(row):
-            u = (v - lo) / (hi - lo) if hi > lo else 0.5  # white (low) to dark blue (high)
-            color = (int(255 - 225 * u), int(255 - 180 * u), int(255 - 80 * u))
-            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
-            d.rectangle(box, fill=color)
-            d.text((box[0] + 14, box[1] + cell // 2 - 6), f"{v:.1f}", fill="white" if u > 0.6 else "black", font=font)
-    img.save(path)
-
-
-def tile(paths: list[str], path: str, columns: int = 4) -> None:
-    """The pictures at paths on one sheet, columns per row."""
-    images = [Image.open(p) for p in paths]
-    w, h = max(i.size[0] for i in images), max(i.size[1] for i in images)
-    rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (w * min(columns, len(images)), h * rows), "white")
-    for k, image in enumerate(images):
-        sheet.paste(image, ((k % columns) * w, (k // columns) * h))
-    sheet.save(path)
-
-
 def main(argv):
     own = [arg for arg in argv if arg[2:].split("=", 1)[0] in OPTIONS]
     opts = parse_flags(own, OPTIONS)
@@ -267,17 +203,21 @@ def main(argv):
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
     write_json(os.path.join(out, "table.json"), {"rows": rows, "seeds": seeds, "train_args": train_args})
-    plot_compute(rows, os.path.join(out, "compute_vs_retrieval.png"))
+    pictures.save(pictures.compute_plot(rows), os.path.join(out, "compute_vs_retrieval.png"))
     # the evaluation matrix of each strategy, averaged over its seeds, on one colour scale for all strategies
     matrices = {name: [[mean(cells) for cells in zip(*seed_rows)] for seed_rows in zip(*(r["matrix"] for r in recs))]
                 for name, recs in records.items()}
     cells = [v for m in matrices.values() for row in m for v in row]
+    lo, hi = min(cells), max(cells)
+    heatmaps = []
     for name in names:
         seeds_run = len(records[name])
-        plot_heatmap(matrices[name], records[name][0]["tasks"], f"{name}: mean R@1 (%)"
-                     + (f", mean of {seeds_run} seeds" if seeds_run > 1 else ""),
-                     os.path.join(out, f"heatmap_{name}.png"), min(cells), max(cells))
-    tile([os.path.join(out, f"heatmap_{name}.png") for name in names], os.path.join(out, "heatmaps.png"))
+        title = f"{name}: mean R@1 (%)" + (f", mean of {seeds_run} seeds" if seeds_run > 1 else "")
+        matrix, tasks = matrices[name], records[name][0]["tasks"]
+        summary = summarize(matrix)  # of the mean matrix: the table's means over seeds
+        heatmaps.append(pictures.draw_matrix(title, matrix, tasks, summary, lo=lo, hi=hi))
+        pictures.save(heatmaps[-1], os.path.join(out, f"heatmap_{name}.png"))
+    pictures.save(pictures.sheet(heatmaps), os.path.join(out, "heatmaps.png"))
     print(table)
     print(f"table.md, table.json and PNGs in {out}")
 

@@ -149,9 +149,11 @@ def test_image_transform_shape_and_normalisation():
     img = Image.new("RGBA", (40, 24), (255, 0, 128, 255))  # not RGB, not square
     for train in (False, True):
         x = data.ImageTransform(16, train)(img)
-        assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+        assert x.shape == (3, 16, 16) and x.dtype == torch.uint8
         expected = (torch.tensor([255, 0, 128]) / 255 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
-        assert torch.allclose(x.mean((1, 2)), expected, atol=1e-3)
+        assert torch.allclose(data.normalize_images(x).mean((1, 2)), expected, atol=1e-3)
+    with pytest.raises(TypeError, match="got torch.float32 images; pass the loader's uint8 pixels"):
+        data.normalize_images(data.normalize_images(x))  # twice would feed the model wrong inputs
 
 
 # -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import pictures
 import shards
-from data import Tokenizer, eval_batches
+from data import Tokenizer, eval_batches, normalize_images
 from model import PRECISIONS, autocast, load_checkpoint
 from settings import parse_flags
 
@@ -82,9 +82,10 @@ def embed_pairs(model, shards, tokenizer, device, batch_samples=256, precision=N
     cfg = model.cfg
     images, texts = [torch.zeros(0, cfg.embed_dim, device=device)], [torch.zeros(0, cfg.embed_dim, device=device)]
     for x, captions, _ in eval_batches(shards, cfg.image_px, batch_samples, **read):
+        x = normalize_images(x.to(device))
         tokens = tokenizer(captions, cfg.context_tokens).to(device)
         with autocast(device, precision):
-            images.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1))
+            images.append(F.normalize(model.encode_image(x).float(), dim=-1))
             texts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     return torch.cat(images), torch.cat(texts)
 
@@ -128,8 +129,9 @@ def classification(model, shards, classifier, device, batch_samples=256, precisi
         if labels.max() >= n_classes or labels.min() < 0:
             bad = keys[int(((labels >= n_classes) | (labels < 0)).nonzero()[0])]
             raise SystemExit(f"sample {bad}: class id out of range for {n_classes} class names; fix classnames.txt")
+        x = normalize_images(x.to(device))
         with autocast(device, precision):
-            image_features = F.normalize(model.encode_image(x.to(device)).float(), dim=-1)
+            image_features = F.normalize(model.encode_image(x).float(), dim=-1)
         top = (image_features @ classifier).topk(min(5, n_classes), dim=1).indices.cpu()
         hits1 += int((top[:, 0] == labels).sum())
         hits5 += int((top == labels[:, None]).any(dim=1).sum())
@@ -254,8 +256,9 @@ def multi_caption_retrieval(model, shards, tokenizer, device, batch_samples=256,
         flat = [c for lst in caption_lists for c in lst]
         owner += [n_images + i for i, lst in enumerate(caption_lists) for _ in lst]
         n_images += len(caption_lists)
+        x = normalize_images(x.to(device))
         with torch.no_grad(), autocast(device, precision):
-            images.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1))
+            images.append(F.normalize(model.encode_image(x).float(), dim=-1))
             for start in range(0, len(flat), batch_samples):
                 tokens = tokenizer(flat[start:start + batch_samples], cfg.context_tokens).to(device)
                 texts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))

@@ -188,12 +188,13 @@ def test_evaluate_checkpoint_scores_as_open_clip(tmp_path, clip_tokenizer, capsy
         classifier = F.normalize(prompts.view(len(names), len(templates), -1).mean(1), dim=-1)
         for year in ("2020", "2021"):
             images, captions, _ = next(data.eval_batches(shards.year_shards(root, year, "retrieval"), 32, 1000))
-            img = F.normalize(theirs.encode_image(images), dim=-1)
+            img = F.normalize(theirs.encode_image(data.normalize_images(images)), dim=-1)
             txt = F.normalize(theirs.encode_text(open_clip.tokenize(captions, 16)), dim=-1)
             i2t, t2i = evaluate.recall_at_k(img, txt, ks=(1,)), evaluate.recall_at_k(txt, img, ks=(1,))
             assert row[year]["mean_R@1"] == pytest.approx(100 * (i2t[1] + t2i[1]) / 2)
             images, labels, _ = next(data.eval_batches(shards.year_shards(root, year, "classification"), 32, 1000,
                                                        target="class"))
+            images = data.normalize_images(images)
             predicted = (F.normalize(theirs.encode_image(images), dim=-1) @ classifier.t()).argmax(1)
             assert row[year]["top1"] == pytest.approx(100 * (predicted == torch.tensor(labels)).float().mean().item())
             assert row[year]["gallery"] == 24 and row[year]["class_samples"] == 40

@@ -51,8 +51,9 @@ def fisher(model: CLIP, step: strategies.TimeStep) -> dict:
         if images is None:
             raise SystemExit(f"error: ewc: too much bad data in step {source + 1}'s shards for the Fisher")
         previous.zero_grad(set_to_none=True)
+        images, tokens = data.normalize_images(images.to(step.device)), tokens.to(step.device)
         with autocast(step.device, cfg.precision):
-            loss = clip_loss(*previous(images.to(step.device), tokens.to(step.device)))
+            loss = clip_loss(*previous(images, tokens))
         loss.backward()
         for k, p in previous.named_parameters():
             new[k] += p.grad.float() ** 2 / cfg.ewc_batches

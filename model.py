@@ -17,7 +17,9 @@ projection) so that OpenCLIP checkpoints map onto it name by name.
 import json
 import math
 import os
+import pickle
 import zipfile
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -421,6 +423,99 @@ def load_openclip_state_dict(state_dict: dict, cfg: CLIPConfig) -> CLIP:
     return model.eval()
 
 
+class _ScriptObject:
+    """A module (or other object) of a TorchScript archive, as the attributes its pickle gives:
+    its class's code, which torch.jit.load would compile and run, is never looked at."""
+    attributes: dict = {}  # until the pickle's BUILD gives this object its own
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):  # a __getstate__ of its own: only its __setstate__ knows it
+            raise _NotPlainData(f"{type(self).__name__}.__setstate__")
+        self.attributes = state
+
+
+class _NotPlainData(Exception):
+    """What an archive's pickle needs beyond tensors, storages, containers and modules."""
+
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "DoubleStorage": torch.float64,
+                   "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8,
+                   "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's data.pkl. A pickle reaches every function it calls through
+    find_class, so answering only with tensor rebuilds, storage dtypes, containers and
+    _ScriptObject classes lets nothing else run. Storages are read from ARCHIVE/data/ as bytes."""
+
+    def __init__(self, archive: zipfile.ZipFile, folder: str):
+        super().__init__(archive.open(f"{folder}/data.pkl"))
+        self.archive, self.folder, self.classes, self.storages = archive, folder, {}, {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):  # a module's TorchScript class
+            qualname = f"{module}.{name}"
+            return self.classes.setdefault(qualname, type(qualname, (_ScriptObject,), {}))
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]  # a tag of a storage's elements, never called
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda flat, offset, size, stride, *_: flat.as_strided(size, stride, offset)
+        if (module, name) == ("collections", "OrderedDict"):  # a tensor's backward hooks: none
+            return OrderedDict
+        if module == "torch.jit._pickle" and name.startswith(("build_", "restore_type_tag")):
+            return lambda value, *type_tag: value  # a typed list or dict: the value, untyped
+        raise _NotPlainData(f"{module}.{name}")
+
+    def persistent_load(self, saved_id):
+        kind, dtype, key, *_ = saved_id  # ("storage", dtype, key, device, elements)
+        if kind != "storage" or not isinstance(dtype, torch.dtype) or not isinstance(key, str):
+            raise _NotPlainData("a persistent id that is not a storage")
+        if key not in self.storages:  # one flat tensor per storage; its tensors are views of it
+            data = bytearray(self.archive.read(f"{self.folder}/data/{key}"))
+            self.storages[key] = torch.frombuffer(data, dtype=dtype) if data else \
+                torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+
+def read_torchscript(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor the modules of a TorchScript archive hold, by dotted name: the keys of
+    torch.jit.load(path).state_dict(), and any other tensor attribute (a causal mask). OpenAI's
+    CLIPs are such archives, and torch.jit.load runs the code inside one (its __setstate__
+    methods); here nothing in the file is run, and an archive that needs more than tensors, plain
+    containers and modules' attributes to be rebuilt is refused in one line."""
+
+    def tensors(obj: _ScriptObject, prefix: str, seen: set) -> dict[str, torch.Tensor]:
+        seen.add(id(obj))  # a pickle can make an object its own attribute: each is walked once
+        found = {}
+        for name, value in obj.attributes.items():
+            if isinstance(value, torch.Tensor):
+                found[f"{prefix}{name}"] = value
+            elif isinstance(value, _ScriptObject) and id(value) not in seen:
+                found.update(tensors(value, f"{prefix}{name}.", seen))
+        return found
+
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        try:
+            if not pickles:
+                raise ValueError("no data.pkl")
+            root = _ArchiveUnpickler(archive, pickles[0].removesuffix("/data.pkl")).load()
+            if not isinstance(root, _ScriptObject):
+                raise ValueError(f"it holds a {type(root).__name__}, not a module")
+            return tensors(root, "", set())
+        except _NotPlainData as e:
+            raise SystemExit(f"{path}: refused: this TorchScript archive needs {e} to be "
+                             f"rebuilt, and no code a file names is run (only tensors, containers "
+                             f"and modules' attributes are read); pass its weights as a state dict "
+                             f"(torch.save's .pt, or .safetensors)") from None
+        except Exception as e:
+            raise SystemExit(f"{path}: not a readable TorchScript archive ({type(e).__name__}: "
+                             f"{e}); pass an OpenAI or OpenCLIP CLIP (an archive, a state dict or "
+                             f".safetensors)") from None
+
+
 def _is_torchscript(path: str) -> bool:
     """A TorchScript archive is a zip holding constants.pkl (torch.save's zips do not); looked up without unpickling."""
     if not zipfile.is_zipfile(path):
@@ -440,7 +535,7 @@ def load_checkpoint(path: str, quick_gelu: bool | None = None) -> tuple[CLIP, di
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such checkpoint file; pass --checkpoint=FILE (an OpenCLIP or OpenAI CLIP)")
     if _is_torchscript(path):
-        state_dict = torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI's releases are TorchScript
+        state_dict = read_torchscript(path)  # OpenAI's releases are TorchScript: read, never run
         quick_gelu = True if quick_gelu is None else quick_gelu
     elif path.endswith(".safetensors"):
         from safetensors.torch import load_file  # installed with timm

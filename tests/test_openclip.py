@@ -8,8 +8,10 @@ CLIP's vocabulary file that ships inside it; no pretrained weights are downloade
 """
 import json
 import os
+import pickle
 import subprocess
 import sys
+import zipfile
 
 import open_clip
 import pytest
@@ -22,7 +24,8 @@ import prepare
 import shards
 import synthetic
 from conftest import REPO, train_in_process
-from model import load_checkpoint, load_openclip_state_dict, make_config, openclip_config
+from model import (load_checkpoint, load_openclip_state_dict, make_config, openclip_config,
+                   read_torchscript)
 
 
 def openclip_model(name: str, seed: int = 0):
@@ -112,6 +115,90 @@ def test_checkpoint_files_of_every_kind(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(SystemExit, match="junk.pt: not a readable torch checkpoint"):
         load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+# ----------------------------------------------------------------------------- archives that would run code
+class BuffersOfEveryKind(torch.nn.Module):
+    """float16 and int64 tensors, a bias-less Linear, and a buffer that is a strided view of another."""
+    ints: list[int]  # a typed list, which TorchScript pickles through a helper
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4, bias=False).half()
+        self.register_buffer("table", torch.arange(12).view(3, 4))
+        self.register_buffer("column", self.table.t()[1:])  # an offset into a shared storage
+        self.ints = [1, 2]
+
+    def forward(self, x):
+        return self.linear(x) + self.column.sum()
+
+
+class WritesAFile(torch.nn.Module):
+    """A module whose __setstate__, which torch.jit.load runs, maps a file it names, creating it."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path, self.mapped = path, torch.zeros(1)
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return self.path, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.path, self.training = state
+        self.mapped = torch.from_file(self.path, shared=True, size=16)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_a_torchscript_archive_gives_jit_loads_weights_without_running_it(tmp_path, monkeypatch):
+    theirs = tiny_openclip(quick_gelu=True)
+    traced = torch.jit.trace(theirs, (torch.zeros(1, 3, 32, 32), open_clip.tokenize(["a"], 16)),
+                             check_trace=False)
+    traced.save(str(tmp_path / "openai.pt"))
+    torch.jit.script(BuffersOfEveryKind()).save(str(tmp_path / "kinds.pt"))
+    jit = {name: torch.jit.load(str(tmp_path / name)).state_dict() for name in ("openai.pt", "kinds.pt")}
+    for name, expected in jit.items():
+        got = read_torchscript(str(tmp_path / name))
+        assert list(got) == list(expected)
+        assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in expected.items())
+    monkeypatch.setattr(torch.jit, "load", None)  # the loader must not need it
+    ours, _ = load_checkpoint(str(tmp_path / "openai.pt"))
+    before = load_openclip_state_dict(jit["openai.pt"], ours.cfg)  # what the torch.jit.load path gave
+    assert all(torch.equal(v, before.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+def test_an_archive_made_to_write_a_file_writes_nothing_and_is_refused_in_a_line(tmp_path, clip_tokenizer):
+    written = tmp_path / "written"
+    torch.jit.script(WritesAFile(str(written))).save(str(tmp_path / "evil.pt"))
+    clip_tokenizer.save(str(tmp_path / "tok.json"))
+    root = str(tmp_path / "bench")
+    synthetic.make_synthetic_benchmark(root, years=(2020,), train_samples_per_year=4, eval_samples_per_year=4,
+                                       classification_samples_per_year=0, samples_per_shard=4)
+    with pytest.raises(SystemExit) as evaluated:
+        evaluate.main([f"--checkpoint={tmp_path / 'evil.pt'}", f"--tokenizer={tmp_path / 'tok.json'}",
+                       f"--data_root={root}", "--device=cpu"])
+    with pytest.raises(SystemExit) as trained:
+        train_in_process([f"--data_root={root}", f"--out_dir={tmp_path / 'run'}", f"--init={tmp_path / 'evil.pt'}",
+                          f"--tokenizer={tmp_path / 'tok.json'}", "--workers=0"])
+    assert not written.exists()
+    for refusal in (evaluated, trained):
+        assert "evil.pt: refused: this TorchScript archive needs __torch__" in str(refusal.value)
+        assert "WritesAFile.__setstate__ to be rebuilt" in str(refusal.value)
+        assert "\n" not in str(refusal.value)
+    # a pickle that calls a function of its own choosing is refused by name, before the call
+    class Touch:
+        def __reduce__(self):
+            return os.system, (f"touch {written}",)
+    with zipfile.ZipFile(tmp_path / "calls.pt", "w") as archive:
+        archive.writestr("calls/data.pkl", pickle.dumps(Touch(), protocol=2))
+        archive.writestr("calls/constants.pkl", pickle.dumps((), protocol=2))
+    with pytest.raises(SystemExit, match=r"calls.pt: refused: this TorchScript archive needs (posix|os)\.system"):
+        load_checkpoint(str(tmp_path / "calls.pt"))
+    assert not written.exists()
 
 
 # ----------------------------------------------------------------------------- the tokenizer

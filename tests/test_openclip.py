@@ -117,9 +117,9 @@ def test_checkpoint_files_of_every_kind(tmp_path):
         load_checkpoint(str(tmp_path / "junk.pt"))
 
 
-# ----------------------------------------------------------------------------- archives that would run code
+# ------------------------------------------------------------------- archives that would run code
 class BuffersOfEveryKind(torch.nn.Module):
-    """float16 and int64 tensors, a bias-less Linear, and a buffer that is a strided view of another."""
+    """float16 and int64 tensors, a bias-less Linear, and a buffer that is a strided view."""
     ints: list[int]  # a typed list, which TorchScript pickles through a helper
 
     def __init__(self):
@@ -160,30 +160,33 @@ def test_a_torchscript_archive_gives_jit_loads_weights_without_running_it(tmp_pa
                              check_trace=False)
     traced.save(str(tmp_path / "openai.pt"))
     torch.jit.script(BuffersOfEveryKind()).save(str(tmp_path / "kinds.pt"))
-    jit = {name: torch.jit.load(str(tmp_path / name)).state_dict() for name in ("openai.pt", "kinds.pt")}
+    jit = {name: torch.jit.load(str(tmp_path / name)).state_dict()
+           for name in ("openai.pt", "kinds.pt")}
     for name, expected in jit.items():
         got = read_torchscript(str(tmp_path / name))
         assert list(got) == list(expected)
         assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in expected.items())
     monkeypatch.setattr(torch.jit, "load", None)  # the loader must not need it
     ours, _ = load_checkpoint(str(tmp_path / "openai.pt"))
-    before = load_openclip_state_dict(jit["openai.pt"], ours.cfg)  # what the torch.jit.load path gave
+    before = load_openclip_state_dict(jit["openai.pt"], ours.cfg)  # as the torch.jit.load path gave
     assert all(torch.equal(v, before.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
-def test_an_archive_made_to_write_a_file_writes_nothing_and_is_refused_in_a_line(tmp_path, clip_tokenizer):
+def test_an_archive_made_to_write_a_file_writes_nothing_and_is_refused_in_a_line(tmp_path,
+                                                                                  clip_tokenizer):
     written = tmp_path / "written"
     torch.jit.script(WritesAFile(str(written))).save(str(tmp_path / "evil.pt"))
     clip_tokenizer.save(str(tmp_path / "tok.json"))
     root = str(tmp_path / "bench")
-    synthetic.make_synthetic_benchmark(root, years=(2020,), train_samples_per_year=4, eval_samples_per_year=4,
-                                       classification_samples_per_year=0, samples_per_shard=4)
+    synthetic.make_synthetic_benchmark(root, years=(2020,), train_samples_per_year=4,
+                                       eval_samples_per_year=4, classification_samples_per_year=0,
+                                       samples_per_shard=4)
     with pytest.raises(SystemExit) as evaluated:
-        evaluate.main([f"--checkpoint={tmp_path / 'evil.pt'}", f"--tokenizer={tmp_path / 'tok.json'}",
+        evaluate.main([f"--checkpoint={tmp_path}/evil.pt", f"--tokenizer={tmp_path}/tok.json",
                        f"--data_root={root}", "--device=cpu"])
     with pytest.raises(SystemExit) as trained:
-        train_in_process([f"--data_root={root}", f"--out_dir={tmp_path / 'run'}", f"--init={tmp_path / 'evil.pt'}",
-                          f"--tokenizer={tmp_path / 'tok.json'}", "--workers=0"])
+        train_in_process([f"--data_root={root}", f"--out_dir={tmp_path}/run", "--workers=0",
+                          f"--init={tmp_path}/evil.pt", f"--tokenizer={tmp_path}/tok.json"])
     assert not written.exists()
     for refusal in (evaluated, trained):
         assert "evil.pt: refused: this TorchScript archive needs __torch__" in str(refusal.value)
@@ -196,7 +199,7 @@ def test_an_archive_made_to_write_a_file_writes_nothing_and_is_refused_in_a_line
     with zipfile.ZipFile(tmp_path / "calls.pt", "w") as archive:
         archive.writestr("calls/data.pkl", pickle.dumps(Touch(), protocol=2))
         archive.writestr("calls/constants.pkl", pickle.dumps((), protocol=2))
-    with pytest.raises(SystemExit, match=r"calls.pt: refused: this TorchScript archive needs (posix|os)\.system"):
+    with pytest.raises(SystemExit, match=r"calls.pt: refused: .* archive needs (posix|os)\.system"):
         load_checkpoint(str(tmp_path / "calls.pt"))
     assert not written.exists()
 

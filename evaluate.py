@@ -432,7 +432,7 @@ CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=cli
 FLAGS = {"run": "", "checkpoint": "", "tokenizer": "", "data_root": "", "steps": "", "quick_gelu": "auto",
          "device": "cuda" if torch.cuda.is_available() else "cpu", "out": "",
          "precision": "",  # "": bf16 on CUDA, fp32 elsewhere
-         "shard_cmd": "",  # stream the shards through this command (train.py's shard_cmd); --run: the run's own
+         "shard_cmd": "",  # stream the shards through this command; never taken from a run
          "max_bad_fraction": 0.05,  # a task with more of its samples unreadable is not scored
          "static": ""}  # static tasks, NAME=PATH,... (train.py's static); data_root/static/ is added; --run: the run's
 
@@ -486,9 +486,10 @@ def main(argv):
         raise SystemExit(f"--precision={args['precision']}: use {' or '.join(PRECISIONS)}")
     if args["checkpoint"]:
         return evaluate_checkpoint(args)
-    if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS
-                              if k not in ("run", "device", "precision", "max_bad_fraction")):
-        raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda] [--precision=bf16|fp32]\n"
+    run_flags = ("run", "device", "precision", "max_bad_fraction", "shard_cmd")
+    if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS if k not in run_flags):
+        raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda] "
+                         "[--precision=bf16|fp32] [--shard_cmd=COMMAND]\n"
                          "   or: " + CHECKPOINT_USAGE[7:])
     run, device = args["run"], torch.device(args["device"])
     checkpoints = step_checkpoints(run)
@@ -498,7 +499,11 @@ def main(argv):
     # every model on the tasks of the newest checkpoint's steps: a run grown by a step adds a column to all rows
     last = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
     config = last["config"]
-    tasks = {**tasks_of(config["data_root"], last["steps"], config.get("shard_cmd", "")),
+    if config.get("shard_cmd") and not args["shard_cmd"]:  # a command from a file is never run
+        raise SystemExit(f"error: {run} streamed its shards with --shard_cmd="
+                         f"{config['shard_cmd']!r}; a run folder's commands are not run: pass "
+                         f"--shard_cmd yourself (that one, once read and trusted, or your own)")
+    tasks = {**tasks_of(config["data_root"], last["steps"], args["shard_cmd"]),
              **static_tasks(config["data_root"], config.get("static", ""))}
     rows = {}
     for path in checkpoints:

@@ -341,11 +341,18 @@ def static_number(metrics: dict | None) -> float | None:
 
 
 def read_results(path: str, step_names: list[str]) -> tuple[dict, dict | None]:
-    """(rows, initial row) of an eval_matrix.json, if there is one: the rows of these steps, in their order."""
+    """(rows, initial row) of an eval_matrix.json, if there is one: the rows of these steps, in
+    their order. A run grows by steps added at its end and never shrinks: a matrix of more steps
+    than step_names, which begin them, is a one-line error, so that it is not rewritten smaller."""
     if not os.path.exists(path):
         return {}, None
     with open(path) as f:
         result = json.load(f)
+    if len(result["tasks"]) > len(step_names) and result["tasks"][:len(step_names)] == step_names:
+        raise SystemExit(f"error: {path} is the matrix of the steps {', '.join(result['tasks'])}, "
+                         f"and only its first {len(step_names)} are named; a run grows by steps "
+                         f"added at its end and never shrinks: rerun with all of its steps, or "
+                         f"pass another --out_dir")
     return {name: result["results"][name] for name in step_names if name in result["results"]}, result.get("initial")
 
 
@@ -513,8 +520,9 @@ def main(argv):
                                                   precision=args["precision"] or None,
                                                   max_bad_fraction=args["max_bad_fraction"])
         print(f"evaluated {path} in {time.time() - t0:.1f}s")
-    _, initial = read_results(os.path.join(run, "eval_matrix.json"), [])  # --init's row: kept as it was measured
-    result = eval_matrix(rows, [shards.step_name(ys) for ys in last["steps"]], initial)
+    names = [shards.step_name(ys) for ys in last["steps"]]
+    _, initial = read_results(os.path.join(run, "eval_matrix.json"), names)  # --init's row, kept
+    result = eval_matrix(rows, names, initial)
     shards.write_json(os.path.join(run, "eval_matrix.json"), result)
     print(format_matrix(result))
 

@@ -116,3 +116,16 @@ def test_evaluate_run_never_runs_the_command_a_run_folder_holds(tmp_path, one_ye
     assert not ran.exists()
     result = json.load(open(os.path.join(run, "eval_matrix.json")))
     assert result["results"]["2020"]["2020"]["gallery"] == 8
+
+
+# ------------------------------------------------------------------- a run never shrinks
+def test_a_matrix_is_not_read_back_for_fewer_of_its_steps(tmp_path):
+    names = ["2018", "2019", "2020"]
+    rows = {step: {task: {"mean_R@1": 10.0 * i + j} for j, task in enumerate(names)}
+            for i, step in enumerate(names)}
+    path = str(tmp_path / "eval_matrix.json")
+    shards.write_json(path, evaluate.eval_matrix(rows, names))
+    assert evaluate.read_results(path, names)[0] == rows
+    assert evaluate.read_results(path, names + ["2021"])[0] == rows  # a run grown by a step
+    with pytest.raises(SystemExit, match="steps 2018, 2019, 2020, and only its first 2 are named"):
+        evaluate.read_results(path, names[:2])

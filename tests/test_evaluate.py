@@ -118,6 +118,20 @@ def test_evaluate_run_never_runs_the_command_a_run_folder_holds(tmp_path, one_ye
     assert result["results"]["2020"]["2020"]["gallery"] == 8
 
 
+def test_a_failing_shard_cmds_stderr_is_in_evaluation_errors_and_tokenizer_warnings(one_year,
+                                                                                    capsys):
+    failing = "echo no such bucket: {path} >&2; exit 3"
+    task = evaluate.tasks_of(one_year, [["2020"]], failing)["2020"]
+    torch.manual_seed(0)
+    model = CLIP(make_config("tiny", vocab_size=300))
+    tok = data.Tokenizer.train(["a red circle"] * 8, vocab_size=300)
+    said = "the command failed.*exit status 3: no such bucket: eval/retrieval/2020"
+    with pytest.raises(SystemExit, match=said):
+        evaluate.retrieval(model, task.retrieval, tok, torch.device("cpu"))
+    assert list(data.first_captions(one_year, ["2020"], 4, failing)) == []
+    assert "exit status 3: no such bucket: train/2020" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------- a run never shrinks
 def test_a_matrix_is_not_read_back_for_fewer_of_its_steps(tmp_path):
     names = ["2018", "2019", "2020"]

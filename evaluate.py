@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import shards
 from data import Tokenizer, eval_batches
-from model import PRECISIONS, autocast, load_checkpoint
+from model import PRECISIONS, autocast, load_checkpoint, parse_heads
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
 
@@ -435,8 +435,9 @@ def parse_flags(argv: list[str], defaults: dict) -> dict:
 CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=clip-tokenizer.json --data_root=ROOT "
                     "[--steps=2014-2016,2017,...] [--quick_gelu=auto|true|false] [--device=cpu|cuda] "
                     "[--out=FILE.json] [--precision=bf16|fp32] [--shard_cmd='aws s3 cp s3://bucket/tic/{path} -'] "
-                    "[--static=NAME=PATH,...]")
+                    "[--static=NAME=PATH,...] [--heads=auto|IMAGE,TEXT]")
 FLAGS = {"run": "", "checkpoint": "", "tokenizer": "", "data_root": "", "steps": "", "quick_gelu": "auto",
+         "heads": "auto",  # attention heads (image, text): auto (see load_checkpoint) or e.g. 16,16
          "device": "cuda" if torch.cuda.is_available() else "cpu", "out": "",
          "precision": "",  # "": bf16 on CUDA, fp32 elsewhere
          "shard_cmd": "",  # stream the shards through this command; never taken from a run
@@ -463,7 +464,8 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
         raise SystemExit(f"--quick_gelu={args['quick_gelu']}: use auto (OpenAI's archives: true), true or false")
     quick_gelu = {"auto": None, "true": True, "false": False}[args["quick_gelu"]]
     device = torch.device(args["device"])
-    model = load_checkpoint(args["checkpoint"], quick_gelu)[0].to(device)
+    heads = parse_heads(args["heads"])
+    model = load_checkpoint(args["checkpoint"], quick_gelu, heads)[0].to(device)
     tokenizer = Tokenizer.load(args["tokenizer"])
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size or tokenizer.eot_id != cfg.eot_token_id:

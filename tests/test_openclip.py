@@ -117,6 +117,64 @@ def test_checkpoint_files_of_every_kind(tmp_path):
         load_checkpoint(str(tmp_path / "junk.pt"))
 
 
+def openclip_with_heads(vision_width: int, head_width: int, text_width: int, text_heads: int,
+                        layers: int = 2, image_px: int = 32, patch_px: int = 8):
+    """A random open_clip ViT CLIP with image heads head_width wide and text_heads text heads, and
+    its model config as an open_clip_config.json holds it."""
+    torch.manual_seed(0)
+    vision = dict(image_size=image_px, patch_size=patch_px, width=vision_width,
+                  head_width=head_width, layers=layers)
+    text = dict(context_length=16, vocab_size=49408, width=text_width, heads=text_heads,
+                layers=layers)
+    model_cfg = {"embed_dim": 64, "vision_cfg": vision, "text_cfg": text}
+    return open_clip.CLIP(**model_cfg).eval(), model_cfg
+
+
+@pytest.mark.parametrize("head_width, width", [(32, 128), (80, 320)])  # guessed: 2 and 5 heads
+def test_heads_other_than_64_wide_come_from_the_config_beside_or_the_setting_or_a_stated_guess(
+        tmp_path, capsys, head_width, width):
+    import export
+    heads = (width // head_width, width // head_width)
+    theirs, model_cfg = openclip_with_heads(width, head_width, width, heads[1])
+    path = _saved(tmp_path, theirs)
+    guessed, _ = load_checkpoint(path)  # no config beside, no open_clip model of these widths
+    note = capsys.readouterr().out
+    assert f"no open_clip model of its widths ({width} image, {width} text)" in note
+    assert "pass --heads=IMAGE,TEXT" in note
+    assert (guessed.cfg.vision_heads, guessed.cfg.text_heads) != heads
+    with torch.no_grad():  # the guess is wrong here, which the line says may be
+        images = torch.randn(2, 3, 32, 32)
+        assert (guessed.encode_image(images) - theirs.encode_image(images)).abs().max() > 1e-3
+    assert_same_embeddings(theirs, load_checkpoint(path, heads=heads)[0], 32, 16)  # --heads
+    with pytest.raises(SystemExit, match="7 attention heads do not divide the image tower's width"):
+        load_checkpoint(path, heads=(7, 1))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    assert_same_embeddings(theirs, load_checkpoint(path)[0], 32, 16)  # the config beside names them
+    assert "attention heads" not in capsys.readouterr().out
+    export.main([path, f"--out={tmp_path / 'exported'}"])  # and export writes them back
+    written = json.load(open(tmp_path / "exported" / "open_clip_config.json"))["model_cfg"]
+    assert written["vision_cfg"]["head_width"] == head_width
+    assert written["text_cfg"]["heads"] == heads[1]
+    exported = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}").eval()
+    assert_same_embeddings(theirs, exported, 32, 16)
+
+
+def test_an_open_clip_shape_with_80_wide_image_heads_is_known_by_its_widths(tmp_path, capsys):
+    theirs, _ = openclip_with_heads(1280, 80, 1024, 16, layers=1, image_px=28, patch_px=14)  # ViT-H
+    ours, _ = load_checkpoint(_saved(tmp_path, theirs))
+    assert (ours.cfg.vision_heads, ours.cfg.text_heads) == (16, 16)
+    assert "attention heads" not in capsys.readouterr().out
+    assert_same_embeddings(theirs, ours, 28, 16)
+
+
+def test_the_heads_setting_is_checked(tmp_path):
+    import train
+    with pytest.raises(SystemExit, match="--heads=16: use auto, or the attention heads of the"):
+        train.check_config(train.parse_config(["--heads=16"]))
+    with pytest.raises(SystemExit, match="--heads=0,8: use auto"):
+        evaluate.main([f"--checkpoint={tmp_path}", "--tokenizer=t", "--data_root=d", "--heads=0,8"])
+
+
 # ------------------------------------------------------------------- archives that would run code
 class BuffersOfEveryKind(torch.nn.Module):
     """float16 and int64 tensors, a bias-less Linear, and a buffer that is a strided view."""
@@ -172,6 +230,7 @@ def test_a_torchscript_archive_gives_jit_loads_weights_without_running_it(tmp_pa
     assert all(torch.equal(v, before.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script's: the archive is the point
 def test_an_archive_made_to_write_a_file_writes_nothing_and_is_refused_in_a_line(tmp_path,
                                                                                   clip_tokenizer):
     written = tmp_path / "written"

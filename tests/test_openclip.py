@@ -1,4 +1,5 @@
 """Existing CLIP models: OpenCLIP and OpenAI state dicts load into our model and give open_clip's embeddings;
+attention heads of any width load right; TorchScript archives are read without running anything in them;
 our CLIP tokenizer gives open_clip's token ids; evaluate.py --checkpoint scores a model as open_clip would.
 
 Needs open-clip-torch (test-only: pip install -r requirements-test.txt), for random-weight models and

@@ -248,7 +248,7 @@ def first_captions(root: str, years: list[str], n_captions: int, shard_cmd: str 
                     seen += 1
                     yield text
         except shards.ShardError as e:  # counted and reported by the training stream
-            print(f"warning: {e}", file=sys.stderr)
+            print(f"warning: {e} ({e.__cause__})", file=sys.stderr)  # the cause: a command's stderr
 
 
 def captions(sample: dict[str, bytes]) -> list[str] | None:
@@ -532,10 +532,10 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
                     images, captions, keys = [], [], []
         except shards.ShardError as e:
             if listed is None:  # clip_benchmark's format lists no count per shard: the loss cannot be counted
-                raise SystemExit(f"error: {e}; the task lists no sample count per shard, so what is lost cannot be "
-                                 f"counted: it is not scored") from None
+                raise SystemExit(f"error: {e} ({e.__cause__}); the task lists no sample count per "
+                                 f"shard, so what is lost cannot be counted: not scored") from None
             skipped["truncated_tar"] += max(1, listed - read)
-            first.setdefault("truncated_tar", str(e))
+            first.setdefault("truncated_tar", f"{e} ({e.__cause__})")  # a command's stderr, too
         else:
             if whole and listed is not None and read < listed:
                 skipped["truncated_tar"] += listed - read

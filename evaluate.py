@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import pictures
 import shards
 from data import Tokenizer, eval_batches, normalize_images
-from model import PRECISIONS, autocast, load_checkpoint
+from model import PRECISIONS, autocast, load_checkpoint, parse_heads
 from settings import parse_flags
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
@@ -346,11 +346,18 @@ def static_number(metrics: dict | None) -> float | None:
 
 
 def read_results(path: str, step_names: list[str]) -> tuple[dict, dict | None]:
-    """(rows, initial row) of an eval_matrix.json, if there is one: the rows of these steps, in their order."""
+    """(rows, initial row) of an eval_matrix.json, if there is one: the rows of these steps, in
+    their order. A run grows by steps added at its end and never shrinks: a matrix of more steps
+    than step_names, which begin them, is a one-line error, so that it is not rewritten smaller."""
     if not os.path.exists(path):
         return {}, None
     with open(path) as f:
         result = json.load(f)
+    if len(result["tasks"]) > len(step_names) and result["tasks"][:len(step_names)] == step_names:
+        raise SystemExit(f"error: {path} is the matrix of the steps {', '.join(result['tasks'])}, "
+                         f"and only its first {len(step_names)} are named; a run grows by steps "
+                         f"added at its end and never shrinks: rerun with all of its steps, or "
+                         f"pass another --out_dir")
     return {name: result["results"][name] for name in step_names if name in result["results"]}, result.get("initial")
 
 
@@ -410,11 +417,12 @@ def step_checkpoints(run: str) -> list[str]:
 CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=clip-tokenizer.json --data_root=ROOT "
                     "[--steps=2014-2016,2017,...] [--quick_gelu=auto|true|false] [--device=cpu|cuda] "
                     "[--out=FILE.json] [--precision=bf16|fp32] [--shard_cmd='aws s3 cp s3://bucket/tic/{path} -'] "
-                    "[--static=NAME=PATH,...]")
+                    "[--static=NAME=PATH,...] [--heads=auto|IMAGE,TEXT]")
 FLAGS = {"run": "", "checkpoint": "", "tokenizer": "", "data_root": "", "steps": "", "quick_gelu": "auto",
+         "heads": "auto",  # attention heads (image, text): auto (see load_checkpoint) or e.g. 16,16
          "device": "cuda" if torch.cuda.is_available() else "cpu", "out": "",
          "precision": "",  # "": bf16 on CUDA, fp32 elsewhere
-         "shard_cmd": "",  # stream the shards through this command (train.py's shard_cmd); --run: the run's own
+         "shard_cmd": "",  # stream the shards through this command; never taken from a run
          "max_bad_fraction": 0.05,  # a task with more of its samples unreadable is not scored
          "static": ""}  # static tasks, NAME=PATH,... (train.py's static); data_root/static/ is added; --run: the run's
 
@@ -438,7 +446,8 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
         raise SystemExit(f"--quick_gelu={args['quick_gelu']}: use auto (OpenAI's archives: true), true or false")
     quick_gelu = {"auto": None, "true": True, "false": False}[args["quick_gelu"]]
     device = torch.device(args["device"])
-    model = load_checkpoint(args["checkpoint"], quick_gelu)[0].to(device)
+    heads = parse_heads(args["heads"])
+    model = load_checkpoint(args["checkpoint"], quick_gelu, heads)[0].to(device)
     tokenizer = Tokenizer.load(args["tokenizer"])
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size or tokenizer.eot_id != cfg.eot_token_id:
@@ -468,9 +477,10 @@ def main(argv):
         raise SystemExit(f"--precision={args['precision']}: use {' or '.join(PRECISIONS)}")
     if args["checkpoint"]:
         return evaluate_checkpoint(args)
-    if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS
-                              if k not in ("run", "device", "precision", "max_bad_fraction")):
-        raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda] [--precision=bf16|fp32]\n"
+    run_flags = ("run", "device", "precision", "max_bad_fraction", "shard_cmd")
+    if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS if k not in run_flags):
+        raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda] "
+                         "[--precision=bf16|fp32] [--shard_cmd=COMMAND]\n"
                          "   or: " + CHECKPOINT_USAGE[7:])
     run, device = args["run"], torch.device(args["device"])
     checkpoints = step_checkpoints(run)
@@ -480,7 +490,11 @@ def main(argv):
     # every model on the tasks of the newest checkpoint's steps: a run grown by a step adds a column to all rows
     last = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
     config = last["config"]
-    tasks = {**tasks_of(config["data_root"], last["steps"], config.get("shard_cmd", "")),
+    if config.get("shard_cmd") and not args["shard_cmd"]:  # a command from a file is never run
+        raise SystemExit(f"error: {run} streamed its shards with --shard_cmd="
+                         f"{config['shard_cmd']!r}; a run folder's commands are not run: pass "
+                         f"--shard_cmd yourself (that one, once read and trusted, or your own)")
+    tasks = {**tasks_of(config["data_root"], last["steps"], args["shard_cmd"]),
              **static_tasks(config["data_root"], config.get("static", ""))}
     rows = {}
     for path in checkpoints:
@@ -490,8 +504,9 @@ def main(argv):
                                                   precision=args["precision"] or None,
                                                   max_bad_fraction=args["max_bad_fraction"])
         print(f"evaluated {path} in {time.time() - t0:.1f}s")
-    _, initial = read_results(os.path.join(run, "eval_matrix.json"), [])  # --init's row: kept as it was measured
-    result = eval_matrix(rows, [shards.step_name(ys) for ys in last["steps"]], initial)
+    names = [shards.step_name(ys) for ys in last["steps"]]
+    _, initial = read_results(os.path.join(run, "eval_matrix.json"), names)  # --init's row, kept
+    result = eval_matrix(rows, names, initial)
     shards.write_json(os.path.join(run, "eval_matrix.json"), result)
     pictures.write_eval_matrix(run, result)
     print(format_matrix(result))

@@ -17,7 +17,9 @@ projection) so that OpenCLIP checkpoints map onto it name by name.
 import json
 import math
 import os
+import pickle
 import zipfile
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -357,9 +359,32 @@ def openclip_key_map(cfg: CLIPConfig) -> dict[str, str]:
     return keys
 
 
-def openclip_config(state_dict: dict, quick_gelu: bool) -> CLIPConfig:
-    """The CLIPConfig of an OpenCLIP / OpenAI ViT state dict, read from its shapes (heads: width / 64, as both use).
-    quick_gelu cannot be read from weights: OpenAI's models use it, OpenCLIP's "-quickgelu" models too."""
+# Attention heads (image, text) of open_clip's ViT CLIPs by their widths (image, text): heads
+# 64 wide, but in the image towers of ViT-H (80 wide), ViT-g (88), ViT-bigG (104), ViT-e (112)
+OPENCLIP_HEADS = {(384, 256): (6, 4), (384, 384): (6, 6), (512, 384): (8, 6),  # ViT-S, ViT-M
+                  (512, 512): (8, 8), (768, 512): (12, 8), (896, 640): (14, 10),  # ViT-M, B, B-plus
+                  (1024, 768): (16, 12), (1280, 1024): (16, 16), (1408, 1024): (16, 16),  # L, H, g
+                  (1664, 1280): (16, 20), (1792, 1280): (16, 20)}  # ViT-bigG, ViT-e
+
+
+def parse_heads(spec: str) -> tuple[int, int] | None:
+    """The --heads setting: "auto" (None; see openclip_config) or IMAGE,TEXT, e.g. "16,16"."""
+    if spec == "auto":
+        return None
+    image, _, text = spec.partition(",")
+    if not (image.isdigit() and text.isdigit() and int(image) > 0 and int(text) > 0):
+        raise SystemExit(f"error: --heads={spec}: use auto, or the attention heads of the image "
+                         f"and the text tower, e.g. --heads=16,16 (ViT-H-14)")
+    return int(image), int(text)
+
+
+def openclip_config(state_dict: dict, quick_gelu: bool, heads: tuple[int, int] | None = None,
+                    model_cfg: dict | None = None) -> CLIPConfig:
+    """The CLIPConfig of an OpenCLIP / OpenAI ViT state dict, read from its shapes. Weights do not
+    show the activation: quick_gelu (OpenAI's models use it, OpenCLIP's "-quickgelu" models too);
+    nor the attention heads (image, text): heads, or None for those that model_cfg, open_clip's
+    model config (an open_clip_config.json), names, else those of open_clip's model of the same
+    widths (OPENCLIP_HEADS), else 64-wide heads."""
     sd = state_dict
     need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
             "positional_embedding", "token_embedding.weight", "ln_final.weight"]
@@ -379,9 +404,20 @@ def openclip_config(state_dict: dict, quick_gelu: bool) -> CLIPConfig:
         raise SystemExit(f"the image and text MLPs have different width ratios {sorted(mlp_ratios)}; "
                          "CLIPConfig has one")
     vocab_size = sd["token_embedding.weight"].shape[0]
+    vision, text = (model_cfg or {}).get("vision_cfg"), (model_cfg or {}).get("text_cfg")
+    if not heads and vision is not None and text is not None:  # open_clip's defaults where unsaid
+        heads = vision_width // vision.get("head_width", 64), text.get("heads", 8)
+    heads = heads or OPENCLIP_HEADS.get((vision_width, text_width),
+                                        (max(1, vision_width // 64), max(1, text_width // 64)))
+    for tower, width, n in (("image", vision_width, heads[0]), ("text", text_width, heads[1])):
+        if width % n:
+            raise SystemExit(f"{n} attention heads do not divide the {tower} tower's width "
+                             f"{width}; pass --heads=IMAGE,TEXT that divide {vision_width} and "
+                             f"{text_width}")
     return CLIPConfig(image_px=grid * patch_px, patch_px=patch_px, vision_width=vision_width,
-                      vision_layers=layers("visual.transformer.resblocks"), vision_heads=vision_width // 64,
-                      text_width=text_width, text_layers=layers("transformer.resblocks"), text_heads=text_width // 64,
+                      vision_layers=layers("visual.transformer.resblocks"), vision_heads=heads[0],
+                      text_width=text_width, text_layers=layers("transformer.resblocks"),
+                      text_heads=heads[1],
                       context_tokens=sd["positional_embedding"].shape[0], vocab_size=vocab_size,
                       embed_dim=sd["text_projection"].shape[1], mlp_ratio=mlp_ratios.pop(), quick_gelu=quick_gelu,
                       eot_token_id=vocab_size - 1)  # <|endoftext|>, the last id of CLIP's vocabulary
@@ -421,6 +457,99 @@ def load_openclip_state_dict(state_dict: dict, cfg: CLIPConfig) -> CLIP:
     return model.eval()
 
 
+class _ScriptObject:
+    """A module (or other object) of a TorchScript archive, as the attributes its pickle gives:
+    its class's code, which torch.jit.load would compile and run, is never looked at."""
+    attributes: dict = {}  # until the pickle's BUILD gives this object its own
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):  # a __getstate__ of its own: only its __setstate__ knows it
+            raise _NotPlainData(f"{type(self).__name__}.__setstate__")
+        self.attributes = state
+
+
+class _NotPlainData(Exception):
+    """What an archive's pickle needs beyond tensors, storages, containers and modules."""
+
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "DoubleStorage": torch.float64,
+                   "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8,
+                   "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's data.pkl. A pickle reaches every function it calls through
+    find_class, so answering only with tensor rebuilds, storage dtypes, containers and
+    _ScriptObject classes lets nothing else run. Storages are read from ARCHIVE/data/ as bytes."""
+
+    def __init__(self, archive: zipfile.ZipFile, folder: str):
+        super().__init__(archive.open(f"{folder}/data.pkl"))
+        self.archive, self.folder, self.classes, self.storages = archive, folder, {}, {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):  # a module's TorchScript class
+            qualname = f"{module}.{name}"
+            return self.classes.setdefault(qualname, type(qualname, (_ScriptObject,), {}))
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]  # a tag of a storage's elements, never called
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda flat, offset, size, stride, *_: flat.as_strided(size, stride, offset)
+        if (module, name) == ("collections", "OrderedDict"):  # a tensor's backward hooks: none
+            return OrderedDict
+        if module == "torch.jit._pickle" and name.startswith(("build_", "restore_type_tag")):
+            return lambda value, *type_tag: value  # a typed list or dict: the value, untyped
+        raise _NotPlainData(f"{module}.{name}")
+
+    def persistent_load(self, saved_id):
+        kind, dtype, key, *_ = saved_id  # ("storage", dtype, key, device, elements)
+        if kind != "storage" or not isinstance(dtype, torch.dtype) or not isinstance(key, str):
+            raise _NotPlainData("a persistent id that is not a storage")
+        if key not in self.storages:  # one flat tensor per storage; its tensors are views of it
+            data = bytearray(self.archive.read(f"{self.folder}/data/{key}"))
+            self.storages[key] = torch.frombuffer(data, dtype=dtype) if data else \
+                torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+
+def read_torchscript(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor the modules of a TorchScript archive hold, by dotted name: the keys of
+    torch.jit.load(path).state_dict(), and any other tensor attribute (a causal mask). OpenAI's
+    CLIPs are such archives, and torch.jit.load runs the code inside one (its __setstate__
+    methods); here nothing in the file is run, and an archive that needs more than tensors, plain
+    containers and modules' attributes to be rebuilt is refused in one line."""
+
+    def tensors(obj: _ScriptObject, prefix: str, seen: set) -> dict[str, torch.Tensor]:
+        seen.add(id(obj))  # a pickle can make an object its own attribute: each is walked once
+        found = {}
+        for name, value in obj.attributes.items():
+            if isinstance(value, torch.Tensor):
+                found[f"{prefix}{name}"] = value
+            elif isinstance(value, _ScriptObject) and id(value) not in seen:
+                found.update(tensors(value, f"{prefix}{name}.", seen))
+        return found
+
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        try:
+            if not pickles:
+                raise ValueError("no data.pkl")
+            root = _ArchiveUnpickler(archive, pickles[0].removesuffix("/data.pkl")).load()
+            if not isinstance(root, _ScriptObject):
+                raise ValueError(f"it holds a {type(root).__name__}, not a module")
+            return tensors(root, "", set())
+        except _NotPlainData as e:
+            raise SystemExit(f"{path}: refused: this TorchScript archive needs {e} to be "
+                             f"rebuilt, and no code a file names is run (only tensors, containers "
+                             f"and modules' attributes are read); pass its weights as a state dict "
+                             f"(torch.save's .pt, or .safetensors)") from None
+        except Exception as e:
+            raise SystemExit(f"{path}: not a readable TorchScript archive ({type(e).__name__}: "
+                             f"{e}); pass an OpenAI or OpenCLIP CLIP (an archive, a state dict or "
+                             f".safetensors)") from None
+
+
 def _is_torchscript(path: str) -> bool:
     """A TorchScript archive is a zip holding constants.pkl (torch.save's zips do not); looked up without unpickling."""
     if not zipfile.is_zipfile(path):
@@ -429,18 +558,22 @@ def _is_torchscript(path: str) -> bool:
         return any(name.endswith("/constants.pkl") for name in z.namelist())
 
 
-def load_checkpoint(path: str, quick_gelu: bool | None = None) -> tuple[CLIP, dict]:
-    """(model, what else the file holds) from one of train.py's checkpoints (stepNN.pt: the rest is its record:
-    config, steps, samples seen, ...) or an existing CLIP ({} beside it): OpenAI's TorchScript archive
-    (ViT-B-32.pt ...), an OpenCLIP state dict (.bin, .pt or .safetensors) or OpenCLIP training checkpoint
-    ({"state_dict": ...} with DDP's "module." prefix). The activation cannot be read from weights: quick_gelu None
-    takes it from the file where it says (OpenAI's archives: QuickGELU; an open_clip_config.json beside the
-    weights), else assumes GELU, as OpenCLIP's own models, with a line saying so. The one way this project reads
-    a model from a file; the model comes in eval mode, on the CPU."""
+def load_checkpoint(path: str, quick_gelu: bool | None = None,
+                    heads: tuple[int, int] | None = None) -> tuple[CLIP, dict]:
+    """(model, what else the file holds) from one of train.py's checkpoints (stepNN.pt: the rest
+    is its record: config, steps, samples seen, ...) or an existing CLIP ({} beside it): OpenAI's
+    TorchScript archive (ViT-B-32.pt ...), an OpenCLIP state dict (.bin, .pt or .safetensors) or
+    OpenCLIP training checkpoint ({"state_dict": ...} with DDP's "module." prefix). Two things
+    cannot be read from weights. The activation: quick_gelu None takes it from the file where it
+    says (OpenAI's archives: QuickGELU; an open_clip_config.json beside the weights), else assumes
+    GELU, as OpenCLIP's own models, with a line saying so. The attention heads (image, text): heads
+    None takes them from an open_clip_config.json beside the weights, else from open_clip's model of
+    the same widths, else assumes 64-wide heads, with a line saying so. The one way this project
+    reads a model from a file; the model comes in eval mode, on the CPU."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such checkpoint file; pass --checkpoint=FILE (an OpenCLIP or OpenAI CLIP)")
     if _is_torchscript(path):
-        state_dict = torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI's releases are TorchScript
+        state_dict = read_torchscript(path)  # OpenAI's releases are TorchScript: read, never run
         quick_gelu = True if quick_gelu is None else quick_gelu
     elif path.endswith(".safetensors"):
         from safetensors.torch import load_file  # installed with timm
@@ -459,22 +592,31 @@ def load_checkpoint(path: str, quick_gelu: bool | None = None) -> tuple[CLIP, di
         return model.eval(), {k: v for k, v in state_dict.items() if k != "model"}
     state_dict = state_dict.get("state_dict", state_dict)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    beside = _openclip_config_beside(path)
     if quick_gelu is None:
-        quick_gelu = _quick_gelu_beside(path)
+        quick_gelu = beside.get("quick_gelu")
     if quick_gelu is None:
         print(f"note: {path} does not say which activation its model uses; assuming GELU, as OpenCLIP's models; "
               f"for OpenAI's weights (or an OpenCLIP -quickgelu model) pass --quick_gelu=true")
-    return load_openclip_state_dict(state_dict, openclip_config(state_dict, bool(quick_gelu))), {}
+    cfg = openclip_config(state_dict, bool(quick_gelu), heads, beside)
+    said = heads or "vision_cfg" in beside and "text_cfg" in beside
+    if not said and (cfg.vision_width, cfg.text_width) not in OPENCLIP_HEADS:
+        print(f"note: {path}: no open_clip_config.json beside it, and no open_clip model of "
+              f"its widths ({cfg.vision_width} image, {cfg.text_width} text), says its attention "
+              f"heads; assuming {cfg.vision_heads} image and {cfg.text_heads} text heads; if it "
+              f"has others, pass --heads=IMAGE,TEXT")
+    return load_openclip_state_dict(state_dict, cfg), {}
 
 
-def _quick_gelu_beside(path: str) -> bool | None:
-    """quick_gelu as an open_clip_config.json beside the weights gives it (Hugging Face's layout, or export's)."""
+def _openclip_config_beside(path: str) -> dict:
+    """The open_clip model config in an open_clip_config.json beside the weights (Hugging Face's
+    layout, or export's); {} where there is none."""
     config_path = os.path.join(os.path.dirname(path), "open_clip_config.json")
     if not os.path.exists(config_path):
-        return None
+        return {}
     with open(config_path) as f:
         config = json.load(f)
-    return config.get("model_cfg", config).get("quick_gelu")
+    return config.get("model_cfg", config)
 
 
 def to_openclip(model: CLIP) -> tuple[dict, dict]:

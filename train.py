@@ -45,7 +45,8 @@ import shards
 import strategies
 import survive
 import synthetic
-from model import CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, load_checkpoint, make_config
+from model import (CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, load_checkpoint,
+                   make_config, parse_heads)
 from settings import parse_flags
 
 # ----------------------------------------------------------------------------- config
@@ -69,6 +70,8 @@ model = "tiny"                 # a preset name of model.PRESETS
 init = ""                      # start from this CLIP instead of random init (OpenAI, OpenCLIP, a stepNN.pt); its shape
                                # replaces --model's, and --tokenizer must be the one it was trained with
 quick_gelu = "auto"            # --init's activation: auto (as the file says, else GELU with a note), true or false
+heads = "auto"                 # --init's attention heads: auto (as its files say, else 64 wide,
+                               # with a note) or IMAGE,TEXT, e.g. 16,16 for ViT-H-14
 # budget and optimisation (DataComp's values; lr and warmup scaled for the tiny CPU run)
 budget_samples = 56_000        # C: samples seen per time step (oracle: t x C at step t); 7 epochs of a synthetic year
 batch_size = 64                # global, over all processes (smaller batches learn more per sample here: README)
@@ -147,6 +150,7 @@ def check_config(cfg: SimpleNamespace) -> None:
             raise SystemExit(f"error: --{key}={getattr(cfg, key)} is out of range; use {use}")
     if cfg.quick_gelu not in ("auto", "true", "false"):
         raise SystemExit(f"error: --quick_gelu={cfg.quick_gelu}: use auto, true (OpenAI's models) or false")
+    parse_heads(cfg.heads)  # a one-line error if it is neither auto nor IMAGE,TEXT
     if cfg.init and not os.path.isfile(cfg.init):
         raise SystemExit(f"error: --init={cfg.init}: no such file; pass an OpenAI or OpenCLIP CLIP, or a stepNN.pt")
     if cfg.init and not (cfg.tokenizer or os.path.exists(os.path.join(os.path.dirname(cfg.init), "tokenizer.json"))):
@@ -281,7 +285,8 @@ def load_initial(cfg: SimpleNamespace, tokenizer: data.Tokenizer, world: World) 
     end-of-text id come from the file (--model is ignored, with a line saying so)."""
     if not cfg.init:
         return None
-    model, _ = load_checkpoint(cfg.init, {"auto": None, "true": True, "false": False}[cfg.quick_gelu])
+    quick_gelu = {"auto": None, "true": True, "false": False}[cfg.quick_gelu]
+    model, _ = load_checkpoint(cfg.init, quick_gelu, parse_heads(cfg.heads))
     shape = model.cfg
     if tokenizer.vocab_size > shape.vocab_size or tokenizer.eot_id != shape.eot_token_id:
         raise SystemExit(f"error: the tokenizer has {tokenizer.vocab_size} ids with end-of-text {tokenizer.eot_id}, "

@@ -119,6 +119,11 @@ def test_a_finished_run_grows_by_a_year_without_retraining(tmp_path, three_years
     # steps that do not begin with the run's steps cannot be matched to its checkpoints by position
     line = train_refused([*tiny_args(three_years, run), "--steps=2019,2020"])
     assert "step01.pt belongs to a run of the steps 2018,2019, which do not begin --steps=2019,2020" in line
+    # nor can fewer steps: the third year's column would be read back as a static task, rewritten 2x2
+    before = open(os.path.join(run, "eval_matrix.json")).read()
+    line = train_refused([*tiny_args(three_years, run), "--steps=2018,2019"])
+    assert "only its first 2 are named; a run grows by steps added at its end and never shrinks" in line
+    assert open(os.path.join(run, "eval_matrix.json")).read() == before
 
 
 def test_precision_setting_reaches_training_and_evaluation(tmp_path, two_years):

@@ -1,12 +1,12 @@
 """
-The --key=value command line of train.py, evaluate.py and the tools, and the settings that strategies and
-schedules declare beside the code that reads them.
+The --key=value command line of train.py, evaluate.py and the tools, and the settings that
+strategies and schedules declare beside the code that reads them.
 
     parse_flags(["--lr=1e-3"], {"lr": 5e-4, "seed": 0})   # {"lr": 0.001, "seed": 0}
 
 A strategy's or a schedule's setting is declared with its default, a one-line help and its check:
-    SETTINGS["lwf_weight"] = Setting(1.0, "weight of lwf's distillation term", lambda w: 0 <= w < inf, "0 or more")
-train.py reads it as cfg.lwf_weight, like its own config, and checks it before any compute (check).
+    SETTINGS["lwf_weight"] = Setting(1.0, "lwf: weight of the term", lambda w: w >= 0, "0 or more")
+train.py reads it as cfg.lwf_weight, like its own config, and checks it before any compute.
 """
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class Setting:
-    default: Any                                    # its type is the setting's: --key=value is read as one
+    default: Any                                    # its type is the setting's type
     help: str                                       # one line, shown by --help
     ok: Callable[[Any], bool] = lambda value: True  # False for a value that cannot work
     use: str = ""                                   # what to use instead, said when ok is False
@@ -30,9 +30,9 @@ def check(settings: dict[str, Setting], cfg: SimpleNamespace) -> None:
 
 
 def parse_flags(argv: list[str], defaults: dict, helps: dict[str, str] | None = None) -> dict:
-    """--key=value overrides of defaults, each converted to its default's type (bool: true/false/1/0; numbers
-    may hold _). Unknown keys and values of the wrong type are one-line errors; --help lists the keys with
-    their defaults and helps."""
+    """--key=value overrides of defaults, each read as its default's type (bool: true/false/1/0;
+    numbers may hold _). An unknown key or a value of the wrong type is a one-line error; --help
+    lists the keys with their defaults and helps."""
     flags = dict(defaults)
     for arg in argv:
         if arg in ("--help", "-h"):
@@ -41,9 +41,11 @@ def parse_flags(argv: list[str], defaults: dict, helps: dict[str, str] | None = 
             raise SystemExit(0)
         key, sep, value = arg[2:].partition("=")
         if not arg.startswith("--") or not sep:
-            raise SystemExit(f"error: bad argument '{arg}': use --key=value; keys: {', '.join(defaults)}")
+            raise SystemExit(f"error: bad argument '{arg}': use --key=value; "
+                             f"keys: {', '.join(defaults)}")
         if key not in flags:
-            raise SystemExit(f"error: unknown config key '{key}'; valid keys: {', '.join(defaults)}")
+            raise SystemExit(f"error: unknown config key '{key}'; "
+                             f"valid keys: {', '.join(defaults)}")
         kind = type(defaults[key])
         try:
             if kind is bool:
@@ -53,5 +55,6 @@ def parse_flags(argv: list[str], defaults: dict, helps: dict[str, str] | None = 
             else:
                 flags[key] = kind(value.replace("_", "")) if kind in (int, float) else value
         except ValueError:
-            raise SystemExit(f"error: --{key}={value} is not a {kind.__name__} (default: {defaults[key]!r})")
+            raise SystemExit(f"error: --{key}={value} is not a {kind.__name__} "
+                             f"(default: {defaults[key]!r})")
     return flags

@@ -9,8 +9,10 @@ parses, passes check_config, and the batch divides over the processes. For compa
 resolves, and every run it would launch passes train.py's checks. A command that no check knows
 fails: add its check here."""
 import ast
+import contextlib
 import functools
 import importlib.metadata
+import importlib.util
 import os
 import re
 import shlex
@@ -73,12 +75,36 @@ def check_train(args: list[str], processes: int) -> None:
     assert cfg.batch_size % (processes * cfg.accum_steps) == 0, f"{processes} processes"
 
 
+@contextlib.contextmanager
+def registered(path: str | None):
+    """A file of examples/ run as a module (its strategies and schedules registered) while the
+    block runs; the tables are put back afterwards."""
+    import schedules
+    import strategies
+    tables = [strategies.STRATEGIES, strategies.SETTINGS, schedules.SCHEDULES, schedules.SETTINGS]
+    saved = [dict(table) for table in tables]
+    try:
+        if path:
+            spec = importlib.util.spec_from_file_location("readme_example", os.path.join(REPO, path))
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        yield
+    finally:
+        for table, before in zip(tables, saved):
+            table.clear()
+            table.update(before)
+
+
 def check_compare(args: list[str]) -> None:
     """Every row resolves, and every run that compare.main would launch passes train.py's checks."""
     import compare
     own = [arg for arg in args if arg[2:].split("=", 1)[0] in compare.OPTIONS]
     opts = refused(compare.parse_flags, own, compare.OPTIONS)
-    train_args = [arg for arg in args if arg not in own]
+    with registered(opts["module"]):
+        check_compare_rows(opts, [arg for arg in args if arg not in own])
+
+
+def check_compare_rows(opts: dict, train_args: list[str]) -> None:
+    import compare
     for row in refused(compare.row_names, opts):
         refused(compare.first_step, row, train_args)
         strategy, *settings = compare.row_args(row)
@@ -135,6 +161,9 @@ def check(argv: list[str], folder) -> None:
         check_train(argv[at + 1:], processes)
     elif program == ["python", "train.py"]:
         check_train(args, 1)
+    elif argv[0] == "python" and argv[1].startswith("examples/"):  # train.py, with the file's rows
+        with registered(argv[1]):
+            check_train(args, 1)
     elif program == ["python", "tools/compare.py"]:
         check_compare(args)
     elif program == ["python", "evaluate.py"]:

@@ -91,7 +91,7 @@ def test_first_step_is_shared_only_where_it_is_the_same(tmp_path, two_years, mon
         "double-first", True, strategies.new_only, budget_units=lambda t: 2 if t == 0 else 1))
     launched = []
 
-    def launch(train_args, nproc):  # train.py in this process, where the test's strategy is registered
+    def launch(program, train_args, nproc):  # train.py in this process, where the test's strategy is registered
         launched.append(train_args[0])
         train_in_process(train_args)
         return True
@@ -115,7 +115,7 @@ def test_a_grid_of_strategies_schedules_and_settings_names_its_rows_and_shares_e
         tmp_path, two_years, monkeypatch):
     launched = []
 
-    def launch(train_args, nproc):
+    def launch(program, train_args, nproc):
         launched.append([a for a in train_args if not a.startswith(("--seed=", "--out_dir="))][:1]
                         + [a for a in train_args if a.startswith(("--lr_schedule=", "--new_data_fraction="))])
         train_in_process(train_args)

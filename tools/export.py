@@ -1,14 +1,14 @@
 """
-Hand a model back to OpenCLIP: a run's step checkpoint (or any CLIP this project loads) as a folder that
-open_clip builds and loads with strict=True, the run's tokenizer beside it.
+Hand a model back to OpenCLIP: a run's step checkpoint (or any CLIP this project loads) as a folder
+that open_clip builds and loads with strict=True, with the run's tokenizer beside it.
 
     python tools/export.py runs/cumulative-all/step05.pt --out=exported
-    python -c "import open_clip; model, _, preprocess = open_clip.create_model_and_transforms('local-dir:exported')"
+    python -c "import open_clip; open_clip.create_model_and_transforms('local-dir:exported')"
 
-The folder holds open_clip_config.json (every shape, so shapes open_clip has no name for load too, and the
-preprocessing: CLIP's mean and std, bicubic resize), open_clip_pytorch_model.bin (the weights, by OpenCLIP's
-names) and, where the checkpoint's run has one, tokenizer.json (for this project's data.Tokenizer; for CLIP's
-vocabulary open_clip's own tokenizer gives the same ids, which tests/test_openclip.py checks).
+The folder holds open_clip_config.json (every shape, so shapes open_clip has no name for load too,
+and the preprocessing), open_clip_pytorch_model.bin (the weights, by OpenCLIP's names) and, where
+the run has one, tokenizer.json for data.Tokenizer. With CLIP's vocabulary, open_clip's own
+tokenizer gives the same ids (tests/test_openclip.py checks it).
 """
 import os
 import shutil
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 import data  # noqa: E402
 import shards  # noqa: E402
 from model import load_checkpoint, parse_heads, to_openclip  # noqa: E402
@@ -25,16 +25,20 @@ from settings import parse_flags  # noqa: E402
 
 def export(checkpoint: str, out: str, quick_gelu: bool | None = None,
            heads: tuple[int, int] | None = None) -> None:
+    """Write checkpoint as an OpenCLIP folder at out (made if new). quick_gelu and heads: as
+    model.load_checkpoint's, None to read them from the file."""
     model, _ = load_checkpoint(checkpoint, quick_gelu, heads)
     state_dict, model_cfg = to_openclip(model)
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --out={out} is a file; pass a folder (made if new)")
     os.makedirs(out, exist_ok=True)
-    preprocess = {"size": model.cfg.image_px, "mean": list(data.CLIP_MEAN), "std": list(data.CLIP_STD),
-                  "interpolation": "bicubic", "resize_mode": "shortest"}  # as data.ImageTransform's evaluation
+    preprocess = {"size": model.cfg.image_px, "mean": list(data.CLIP_MEAN),
+                  "std": list(data.CLIP_STD), "interpolation": "bicubic",
+                  "resize_mode": "shortest"}  # as data.ImageTransform evaluates
     shards.write_json(os.path.join(out, "open_clip_config.json"),
                       {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
-    shards.write_atomic(os.path.join(out, "open_clip_pytorch_model.bin"), lambda f: torch.save(state_dict, f))
+    shards.write_atomic(os.path.join(out, "open_clip_pytorch_model.bin"),
+                        lambda f: torch.save(state_dict, f))
     tokenizer = os.path.join(os.path.dirname(checkpoint), "tokenizer.json")
     if os.path.exists(tokenizer):
         shutil.copyfile(tokenizer, os.path.join(out, "tokenizer.json"))

@@ -1,24 +1,18 @@
 """
-Prepare real data for TiC training, once: split timestamped webdataset shards into the TiC layout, and turn
-CLIP's BPE vocabulary into a tokenizer.json.
+Prepare real data for TiC training, once: split timestamped webdataset shards into the TiC layout,
+and write CLIP's BPE vocabulary as a tokenizer.json. See docs/data.md.
 
-    python tools/prepare.py split --src='/data/redcaps/*.tar' --dst=/data/tic-redcaps [--eval_fraction=0.01 --seed=0]
-    python tools/prepare.py clip-tokenizer --out=clip-tokenizer.json [--bpe=bpe_simple_vocab_16e6.txt.gz]
+    python tools/prepare.py split --src='/data/redcaps/*.tar' --dst=/data/tic-redcaps
+        [--eval_fraction=0.01 --seed=0 --time_field=NAME --by=year|month
+         --samples_per_shard=10000 --on_missing_time=skip|error]
+    python tools/prepare.py clip-tokenizer --out=clip-tokenizer.json [--bpe=PATH]
 
-split reads every sample of the source shards once and takes its time from its json, where img2dataset
-puts the source's extra columns: the first of TIME_FIELDS present (or --time_field), a year, unix seconds
-(or milliseconds) or an ISO date. It writes the sample unchanged to DST/train/YEAR/ or, when a hash of its
-key with the seed falls below eval_fraction, to the held-out DST/eval/retrieval/YEAR/ (--by=month: YYYYMM
-folders), in shards of at most samples_per_shard with a sizes.json each. Every sample lands in exactly one
-place, or is skipped and counted: one without a usable time (--on_missing_time=error stops there instead), or
-one whose key its time folder holds already (the first is kept); the counts in and out are printed and checked.
-The output is built beside DST and renamed at the end, so DST is whole or absent. The held-out hash is
-independent of the replay-buffer and validation hashes (data.keep_sample with other seeds), so held-out pairs
-do not bias which training pairs a buffer keeps. Member names that are absolute or hold ".." are skipped too.
+split files each sample, unchanged, by the time in its json (where img2dataset puts the source's
+extra columns) into DST/train/YEAR/ or the held-out DST/eval/retrieval/YEAR/; split() says how.
 
-clip-tokenizer writes CLIP's tokenizer (OpenAI's vocabulary, as open_clip's SimpleTokenizer) for the
-`tokenizers` package: byte-level BPE with "</w>" ending each word, split by CLIP's regex, with
-<start_of_text> = 49406 and <end_of_text> = 49407. data.Tokenizer adds CLIP's text cleaning (clean_text).
+clip-tokenizer writes CLIP's tokenizer (OpenAI's vocabulary, as open_clip's SimpleTokenizer) for
+the `tokenizers` package; data.Tokenizer adds CLIP's text cleaning (clean_text). --bpe defaults to
+the merges file inside the open-clip-torch package, where it is installed.
 """
 import glob
 import gzip
@@ -37,19 +31,21 @@ from datetime import datetime, timezone
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 import data  # noqa: E402
 import shards  # noqa: E402
 from settings import parse_flags  # noqa: E402
 
-TIME_FIELDS = ("year", "timestamp", "created_utc", "date_uploaded", "date_taken")  # tried in this order
+TIME_FIELDS = ("year", "timestamp", "created_utc", "date_uploaded", "date_taken")  # in this order
 
 
 # ----------------------------------------------------------------------------- split
 def parse_time(value) -> tuple[int, int | None] | None:
-    """(year, month or None) of a json time value: a year (2014), unix seconds (1400000000, also as a string),
-    unix milliseconds (numbers above 1e11, year 5138 in seconds), or an ISO date ("2014-05-13 08:00:00")."""
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d*)?\s*", value) and len(value.strip()) > 4:
+    """(year, month or None) of a json time value, or None: a year (2014), unix seconds
+    (1400000000, also as a string), unix milliseconds (numbers above 1e11, year 5138 in seconds),
+    or an ISO date ("2014-05-13 08:00:00")."""
+    if (isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d*)?\s*", value)
+            and len(value.strip()) > 4):
         value = float(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if 1000 <= value <= 9999:
@@ -65,8 +61,8 @@ def parse_time(value) -> tuple[int, int | None] | None:
 
 
 def time_folder(meta: dict, time_field: str, by: str) -> str | None:
-    """The folder name (YYYY or YYYYMM) of a sample from its json: from the first field that holds a year (or,
-    by month, a month), or None when none does."""
+    """The folder name (YYYY, or YYYYMM by month) of a sample from its json: from time_field, else
+    the first of TIME_FIELDS that holds a year (by month: a month); None when none does."""
     for field in [time_field] if time_field else TIME_FIELDS:
         year, month = parse_time(meta.get(field)) or (None, None)
         if year is not None and by == "year":
@@ -77,18 +73,20 @@ def time_folder(meta: dict, time_field: str, by: str) -> str | None:
 
 
 class KeySet:
-    """The keys written to each output folder so far, on disk (SQLite, in the standard library): a split of
-    billions of samples must not hold its keys in memory. add() says whether the key is new to that folder."""
+    """The keys written to each output folder so far, in an SQLite file at path, so that billions
+    of keys need no memory. add() says whether the key is new to that folder."""
 
     def __init__(self, path: str):
         self.db = sqlite3.connect(path)
-        self.db.execute("CREATE TABLE keys (folder TEXT, key TEXT, PRIMARY KEY (folder, key)) WITHOUT ROWID")
+        self.db.execute("CREATE TABLE keys (folder TEXT, key TEXT, PRIMARY KEY (folder, key)) "
+                        "WITHOUT ROWID")
         self.pending = 0
 
     def add(self, folder: str, key: str) -> bool:
-        new = self.db.execute("INSERT OR IGNORE INTO keys VALUES (?, ?)", (folder, key)).rowcount == 1
+        new = self.db.execute("INSERT OR IGNORE INTO keys VALUES (?, ?)",
+                              (folder, key)).rowcount == 1
         self.pending += 1
-        if self.pending == 100_000:  # one transaction per 100k keys: SQLite is slow when each is its own
+        if self.pending == 100_000:  # a transaction per key is slow in SQLite; commit in batches
             self.db.commit()
             self.pending = 0
         return new
@@ -98,7 +96,8 @@ class KeySet:
 
 
 class ShardWriter:
-    """Samples into FOLDER/000000.tar, 000001.tar, ... at most samples_per_shard each; close() adds sizes.json."""
+    """Samples into folder/000000.tar, 000001.tar, ..., at most samples_per_shard each; close()
+    adds sizes.json and returns the samples written."""
 
     def __init__(self, folder: str, samples_per_shard: int):
         self.folder, self.samples_per_shard = folder, samples_per_shard
@@ -109,7 +108,8 @@ class ShardWriter:
         if self.tar is None or self.sizes[self.name] == self.samples_per_shard:
             self.close_shard()
             self.name = f"{len(self.sizes):06d}.tar"
-            self.tar = tarfile.open(os.path.join(self.folder, self.name), "w", format=tarfile.PAX_FORMAT)
+            self.tar = tarfile.open(os.path.join(self.folder, self.name), "w",
+                                    format=tarfile.PAX_FORMAT)
             self.sizes[self.name] = 0
         for ext, payload in sample.items():
             shards.add_member(self.tar, f"{key}.{ext}", payload)
@@ -128,8 +128,8 @@ class ShardWriter:
 
 
 def samples_of(paths: list[str], broken: list[str]):
-    """(shard, key, sample) of every source shard in turn. A shard that breaks off gives the samples before the
-    break and is named in broken (and in a warning), so one bad download does not stop a split of thousands."""
+    """(shard, key, sample) of every source shard in turn. A shard that breaks off gives the samples
+    before the break and is named in broken and in a warning: one bad download stops nothing."""
     for path in paths:
         try:
             for key, sample in shards.iter_tar(path):
@@ -139,21 +139,28 @@ def samples_of(paths: list[str], broken: list[str]):
             print(f"warning: {e}", file=sys.stderr)
 
 
-def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_field: str = "", by: str = "year",
-          samples_per_shard: int = 10_000, on_missing_time: str = "skip") -> dict[str, dict[str, int]]:
-    """Timestamped shards (a folder of .tar files or a glob) -> the TiC layout at dst. Samples without a usable
-    time are skipped and counted (on_missing_time="error": stop at the first), and so is every sample whose key
-    its time folder holds already (the first is kept). Returns {"train": {folder: samples}, "retrieval": {...},
-    "skipped": {"no_time": n, "duplicate_key": n}}."""
+def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_field: str = "",
+          by: str = "year", samples_per_shard: int = 10_000,
+          on_missing_time: str = "skip") -> dict[str, dict[str, int]]:
+    """Timestamped shards (a folder of .tar files, or a glob) -> the TiC layout at dst, built
+    beside it and renamed at the end, so dst is whole or absent. Each sample goes to its time
+    folder (time_folder) of train/, or of eval/retrieval/ when a hash of its key with the seed
+    falls below eval_fraction, in shards of at most samples_per_shard with a sizes.json. Skipped
+    and counted: a sample without a usable time (on_missing_time="error": stop at the first), one
+    whose key its time folder holds already (the first is kept), one whose member names are
+    absolute or hold "..". Prints the counts. Returns {"train": {folder: samples},
+    "retrieval": {...}, "skipped": {"no_time": n, "duplicate_key": n, "unsafe_name": n}}."""
     if by not in ("year", "month"):
         raise SystemExit(f"--by={by}: use year (YYYY folders) or month (YYYYMM folders)")
     if on_missing_time not in ("skip", "error"):
-        raise SystemExit(f"--on_missing_time={on_missing_time}: use skip (count and report them) or error")
+        raise SystemExit(f"--on_missing_time={on_missing_time}: use skip (count and report them) "
+                         f"or error")
     if not 0 <= eval_fraction < 1:
         raise SystemExit(f"--eval_fraction={eval_fraction}: use a fraction in [0, 1), e.g. 0.01")
     paths = sorted(glob.glob(os.path.join(src, "*.tar")) if os.path.isdir(src) else glob.glob(src))
     if not paths:
-        raise SystemExit(f"{src}: no .tar shards found; pass --src=FOLDER or --src='GLOB' (quoted) of webdataset tars")
+        raise SystemExit(f"{src}: no .tar shards found; pass --src=FOLDER or --src='GLOB' (quoted) "
+                         f"of webdataset tars")
     dst = os.path.normpath(dst)
     if os.path.exists(dst):
         raise SystemExit(f"{dst}: exists already; pick a new --dst, or delete it to split again")
@@ -168,30 +175,33 @@ def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_f
             folder = time_folder(data.sample_json(sample), time_field, by)
             if folder is None and on_missing_time == "error":
                 raise SystemExit(f"{path}: sample {key} has no {by} in its json (looked for "
-                                 f"{time_field or ', '.join(TIME_FIELDS)}); pass --time_field=NAME of its time")
-            unsafe = key.startswith("/") or ".." in key.split("/")  # a name that would escape where it is unpacked
-            why = "unsafe_name" if unsafe else "no_time" if folder is None else \
-                None if keys.add(folder, key) else "duplicate_key"
+                                 f"{time_field or ', '.join(TIME_FIELDS)}); "
+                                 f"pass --time_field=NAME of its time")
+            unsafe = key.startswith("/") or ".." in key.split("/")  # would escape where unpacked
+            why = ("unsafe_name" if unsafe else "no_time" if folder is None else
+                   None if keys.add(folder, key) else "duplicate_key")
             if why:
                 skipped[why] += 1
                 first_skipped.setdefault(why, f"{path}: sample {key}")
                 continue
-            # held out by a hash of the key: the same samples for the same seed, whatever the shard order
-            split_name = "retrieval" if data.keep_sample(key, eval_fraction, f"heldout{seed}") else "train"
+            # a hash of the key, not the shard order; its own seed keeps it apart from replay's
+            split_name = ("retrieval" if data.keep_sample(key, eval_fraction, f"heldout{seed}")
+                          else "train")
             if (split_name, folder) not in writers:
-                writers[split_name, folder] = ShardWriter(os.path.join(tmp, *shards.SPLITS[split_name], folder),
-                                                          samples_per_shard)
+                writers[split_name, folder] = ShardWriter(
+                    os.path.join(tmp, *shards.SPLITS[split_name], folder), samples_per_shard)
             writers[split_name, folder].write(key, sample, path)
         counts = {"train": {}, "retrieval": {}}
         for (split_name, folder), writer in sorted(writers.items()):
             counts[split_name][folder] = writer.close()
         samples_out = sum(n for c in counts.values() for n in c.values())
-        if samples_out + sum(skipped.values()) != samples_in:  # cannot happen; checked, as a silent loss is worse
-            raise SystemExit(f"{dst}: read {samples_in} samples but wrote {samples_out} and skipped "
-                             f"{sum(skipped.values())}; nothing was written")
+        if samples_out + sum(skipped.values()) != samples_in:  # cannot happen; silent loss is worse
+            raise SystemExit(f"{dst}: read {samples_in} samples but wrote {samples_out} "
+                             f"and skipped {sum(skipped.values())}; nothing was written")
         if not samples_out:
-            raise SystemExit(f"{src}: none of the {samples_in} samples has a usable {by} (looked for "
-                             f"{time_field or ', '.join(TIME_FIELDS)}); pass --time_field=NAME of its time")
+            raise SystemExit(f"{src}: none of the {samples_in} samples has a usable {by} "
+                             f"(looked for {time_field or ', '.join(TIME_FIELDS)}); "
+                             f"pass --time_field=NAME of its time")
         os.rename(tmp, dst)
     except BaseException:
         for writer in writers.values():
@@ -203,61 +213,72 @@ def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_f
         if os.path.exists(f"{tmp}.keys"):
             os.remove(f"{tmp}.keys")
     for folder in sorted(set(counts["train"]) | set(counts["retrieval"])):
-        print(f"{folder}: {counts['train'].get(folder, 0)} train, {counts['retrieval'].get(folder, 0)} held out")
+        print(f"{folder}: {counts['train'].get(folder, 0)} train, "
+              f"{counts['retrieval'].get(folder, 0)} held out")
     held_out = sum(counts["retrieval"].values())
-    print(f"read {samples_in} samples from {len(paths)} shards in {time.time() - t0:.0f}s; wrote {samples_out} = "
-          f"{samples_out - held_out} train + {held_out} held out "
+    print(f"read {samples_in} samples from {len(paths)} shards in {time.time() - t0:.0f}s; "
+          f"wrote {samples_out} = {samples_out - held_out} train + {held_out} held out "
           f"({100 * held_out / max(1, samples_out):.2f}%) to {dst}")
-    reasons = {"no_time": f"without a usable {by} (looked for {time_field or ', '.join(TIME_FIELDS)})",
+    reasons = {"no_time": f"without a usable {by} "
+                          f"(looked for {time_field or ', '.join(TIME_FIELDS)})",
                "duplicate_key": "whose key their time folder held already (the first was kept)",
-               "unsafe_name": "whose member names are absolute or hold '..' (other tools may unpack them)"}
+               "unsafe_name": "whose member names are absolute or hold '..' "
+                              "(other tools may unpack them)"}
     for why, n in skipped.items():
         print(f"skipped {n} samples {reasons[why]}; the first: {first_skipped[why]}")
     if broken:
-        print(f"{len(broken)} source shard(s) broke off ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): "
-              f"the samples before each break were split, the rest is lost; re-download them to split them whole")
+        print(f"{len(broken)} source shard(s) broke off "
+              f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): "
+              f"the samples before each break were split, the rest is lost; "
+              f"re-download them to split them whole")
     return {**counts, "skipped": dict(skipped)}
 
 
 # ----------------------------------------------------------------------------- CLIP's tokenizer
 def byte_characters() -> list[str]:
-    """CLIP's (GPT-2's) stand-ins for the 256 bytes, in the order of CLIP's vocabulary: the printable bytes stand
-    for themselves, the others follow as chr(256), chr(257), ..., so no byte becomes whitespace or a control
-    character. The ByteLevel pre-tokenizer maps bytes with the same table."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """CLIP's (GPT-2's) stand-ins for the 256 bytes, in the order of CLIP's vocabulary: the
+    printable bytes stand for themselves, the others follow as chr(256), chr(257), ..., so no byte
+    becomes whitespace or a control character. The ByteLevel pre-tokenizer uses the same table."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
 
 
 def clip_tokenizer(bpe_path: str) -> tokenizers.Tokenizer:
-    """CLIP's BPE from its merges file. CLIP's vocabulary, in id order: the 256 byte characters, the same with
-    "</w>" (end of word), the merged pair of each of the first 48,894 merges, then <start_of_text> and
-    <end_of_text>: 49,408 ids."""
+    """CLIP's BPE from its merges file (bpe_simple_vocab_16e6.txt.gz). Its vocabulary, in id
+    order: the 256 byte characters, the same with "</w>" (end of word), the merged pair of each of
+    the first 48,894 merges, then <start_of_text> = 49406 and <end_of_text> = 49407."""
     try:
         lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     except OSError as e:
-        raise SystemExit(f"{bpe_path}: not a readable bpe_simple_vocab_16e6.txt.gz ({e}); pass --bpe=PATH to it")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # line 0 is a version header
+        raise SystemExit(f"{bpe_path}: not a readable bpe_simple_vocab_16e6.txt.gz ({e}); "
+                         f"pass --bpe=PATH to it")
+    merges = [tuple(line.split())
+              for line in lines[1:49152 - 256 - 2 + 1]]  # line 0 is a version header
     chars = byte_characters()
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
-    tok = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges, end_of_word_suffix="</w>"))
-    # whitespace as Python's str.split() sees it, collapsed to one space (clean_text has done the rest)
+    tok = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges,
+                                          end_of_word_suffix="</w>"))
+    # collapse whitespace as str.split() sees it to one space (clean_text has done the rest)
     whitespace = "".join(f"\\x{{{i:x}}}" for i in range(0x110000) if chr(i).isspace())
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(f"[{whitespace}]+"), " "),
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(),
+                                           normalizers.Replace(Regex(f"[{whitespace}]+"), " "),
                                            normalizers.Strip(), normalizers.Lowercase()])
-    # CLIP's regex: contractions, runs of letters, single digits, runs of anything else; spaces are dropped
+    # CLIP's regex: contractions, letter runs, single digits, other runs; spaces are dropped
     split_re = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split_re), behavior="removed", invert=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split_re), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("</w>", " ")])
-    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=True)  # also when written in a caption
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=True)  # in text too
                             for t in ("<start_of_text>", "<end_of_text>")])
     assert tok.get_vocab_size() == 49408 and tok.token_to_id("<end_of_text>") == 49407
     return tok
 
 
 def default_bpe() -> str | None:
-    """The merges file that ships inside the open-clip-torch package, if it is installed (found, not imported)."""
-    spec = importlib.util.find_spec("open_clip")
+    """The merges file inside the open-clip-torch package, or None where it is not installed."""
+    spec = importlib.util.find_spec("open_clip")  # found, not imported
     path = spec and os.path.join(spec.submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
     return path if path and os.path.exists(path) else None
 
@@ -270,7 +291,8 @@ COMMANDS = {"split": dict(src="", dst="", eval_fraction=0.01, seed=0, time_field
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python tools/prepare.py {'|'.join(COMMANDS)} --key=value ...; see the docstring")
+        raise SystemExit(f"usage: python tools/prepare.py {'|'.join(COMMANDS)} --key=value ...; "
+                         f"see the docstring")
     opts = parse_flags(argv[1:], COMMANDS[argv[0]])
     if argv[0] == "split":
         if not opts["src"] or not opts["dst"]:
@@ -280,11 +302,12 @@ def main(argv: list[str]) -> None:
     else:
         bpe = opts["bpe"] or default_bpe()
         if not bpe:
-            raise SystemExit("pass --bpe=PATH to CLIP's bpe_simple_vocab_16e6.txt.gz (it ships in the open-clip-torch "
-                             "package and in github.com/openai/CLIP, folder clip/)")
+            raise SystemExit("pass --bpe=PATH to CLIP's bpe_simple_vocab_16e6.txt.gz (it ships "
+                             "in the open-clip-torch package and in github.com/openai/CLIP, "
+                             "folder clip/)")
         data.Tokenizer(clip_tokenizer(bpe)).save(opts["out"])
-        print(f"wrote CLIP's tokenizer (49408 ids, from {bpe}) to {opts['out']}; train or evaluate with "
-              f"--tokenizer={opts['out']}")
+        print(f"wrote CLIP's tokenizer (49408 ids, from {bpe}) to {opts['out']}; "
+              f"train or evaluate with --tokenizer={opts['out']}")
 
 
 if __name__ == "__main__":

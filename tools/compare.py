@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -194,6 +195,7 @@ def make_table(records: dict[str, list[dict]]) -> tuple[list[dict], str]:
 
 
 def main(argv):
+    started = time.time()
     own = [arg for arg in argv if arg[2:].split("=", 1)[0] in OPTIONS]
     opts = parse_flags(own, OPTIONS)
     train_args = [arg for arg in argv if arg not in own]  # train.py checks these
@@ -240,7 +242,8 @@ def main(argv):
         pictures.save(heatmaps[-1], os.path.join(out, f"heatmap_{name}.png"))
     pictures.save(pictures.sheet(heatmaps), os.path.join(out, "heatmaps.png"))
     print(table)
-    print(f"table.md, table.json and PNGs in {out}")
+    minutes, seconds = divmod(round(time.time() - started), 60)
+    print(f"table.md, table.json and PNGs in {out}; this command took {minutes} min {seconds} s")
 
 
 if __name__ == "__main__":

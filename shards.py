@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -303,15 +304,31 @@ class LastRead:
         return getattr(self.f, name)
 
 
+def open_file(path: str) -> BinaryIO:
+    """A local shard, opened for reading without waiting: where a shard should be, a FIFO (which
+    open() would wait on for a writer forever, deaf to SIGTERM), a socket, a device or a folder is a
+    ShardError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # a FIFO opens, writer or not
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device"
+        raise ShardError(f"{path}: {kind}, not a tar file; put the shard there or drop it from "
+                         f"sizes.json") from RuntimeError(f"{kind}, not a file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream one tar, grouping consecutive members by key: "dir.v2/000.seg.txt" has key "dir.v2/000"
     and extension "seg.txt". Yields (key, {ext: bytes}); reads sequentially, so it works on pipes too: a path
-    "pipe:COMMAND" reads COMMAND's stdout, and a command that fails is a broken shard (ShardError)."""
-    key, sample, n = None, {}, 0
+    "pipe:COMMAND" reads COMMAND's stdout, and a command that fails is a broken shard (ShardError),
+    as is a path that is not a file (open_file)."""
+    key, sample, n, file = None, {}, 0, None
     stream = ShardStream(path) if path.startswith("pipe:") else None
     try:
-        with (tarfile.open(fileobj=stream.proc.stdout, mode="r|*") if stream else
-              tarfile.open(path, mode="r|*")) as tf:
+        file = stream.proc.stdout if stream else open_file(path)
+        with tarfile.open(fileobj=file, mode="r|*") as tf:
             tf.fileobj = reads = LastRead(tf.fileobj)
             for member in tf:
                 tf.members = []  # tarfile remembers every member it has read; forget them so memory stays flat
@@ -347,5 +364,7 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     finally:
         if stream:
             stream.close()  # kills the command if the reader stopped early
+        elif file:
+            file.close()
     if sample:
         yield key, sample

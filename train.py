@@ -25,8 +25,10 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -140,15 +142,38 @@ def check_config(cfg: SimpleNamespace) -> None:
         raise SystemExit(f"error: --quick_gelu={cfg.quick_gelu}: use auto, true (OpenAI's models) or false")
     if cfg.init and not os.path.isfile(cfg.init):
         raise SystemExit(f"error: --init={cfg.init}: no such file; pass an OpenAI or OpenCLIP CLIP, or a stepNN.pt")
-    if cfg.init and not (cfg.tokenizer or os.path.exists(os.path.join(os.path.dirname(cfg.init), "tokenizer.json"))):
+    if cfg.init and not is_checkpoint_file(cfg.init):
+        raise SystemExit(f"error: --init={cfg.init}: not a checkpoint (a torch.save or TorchScript "
+                         f"zip, whole, or a .safetensors file); pass an OpenAI or OpenCLIP CLIP, "
+                         f"or a stepNN.pt")
+    beside_init = os.path.join(os.path.dirname(cfg.init), "tokenizer.json") if cfg.init else ""
+    if cfg.init and not (cfg.tokenizer or os.path.isfile(beside_init)):
         raise SystemExit("error: --init needs the tokenizer its model was trained with: for OpenAI's and OpenCLIP's, "
                          "--tokenizer=clip-tokenizer.json (made by python tools/prepare.py clip-tokenizer)")
+    if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
+        raise SystemExit(f"error: --tokenizer={cfg.tokenizer}: no such file; pass a tokenizer.json,"
+                         f" or leave --tokenizer empty to train one on the first step's captions")
+    if cfg.tokenizer or cfg.init:
+        data.Tokenizer.load(cfg.tokenizer or beside_init)  # refused now, not after counting data
+    evaluate.static_tasks(cfg.data_root, cfg.static)  # the same: each --static path must be a task
     if 0 < cfg.ckpt_interval_samples < cfg.batch_size:
         raise SystemExit(f"error: --ckpt_interval_samples={cfg.ckpt_interval_samples} is less than one batch "
                          f"({cfg.batch_size}); use 0 (only on SIGTERM) or at least {cfg.batch_size}")
     if cfg.shard_cmd and "{path}" not in cfg.shard_cmd:
         raise SystemExit(f"error: --shard_cmd={cfg.shard_cmd!r} has no {{path}} for the shard's path under data_root")
     check_device(cfg.device)
+
+
+def is_checkpoint_file(path: str) -> bool:
+    """Does path hold what model.load_checkpoint reads, judged from its first and last bytes: a
+    whole zip (torch.save's format, OpenAI's TorchScript), torch.save's old pickle, safetensors?"""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.endswith(".safetensors"):
+        return head[8:9] == b"{"  # an 8-byte header length, then the JSON header
+    return head.startswith(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19")  # torch.save's magic number
 
 
 def check_device(name: str) -> None:
@@ -223,6 +248,7 @@ def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]],
         raise SystemExit(f"error: no {cfg.data_root}/train folder; point --data_root at a TiC layout "
                          f"(train/YEAR/*.tar with sizes.json) or leave it at {SYNTH_ROOT} for the built-in benchmark")
     step_years = shards.parse_steps(cfg.data_root, cfg.steps)
+    shards.check_sizes(cfg.data_root, [y for ys in step_years for y in ys])  # before any counting
     step_data = [[data.Part(y, shards.year_shards(cfg.data_root, y, shard_cmd=cfg.shard_cmd)) for y in ys]
                  for ys in step_years]
     tasks = evaluate.tasks_of(cfg.data_root, step_years, cfg.shard_cmd)
@@ -286,11 +312,12 @@ def load_initial(cfg: SimpleNamespace, tokenizer: data.Tokenizer, world: World) 
 
 
 def run_log(run_dir: str, world: World):
-    """log(record): one JSON line appended to RUN/log.jsonl, by rank 0."""
+    """log(record): one JSON line appended to RUN/log.jsonl by rank 0 (a failed write names it)."""
+    path = os.path.join(run_dir, "log.jsonl")
+
     def log(record: dict) -> None:
         if world.master:
-            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            shards.append_line(path, json.dumps(record))
     return log
 
 

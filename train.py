@@ -229,6 +229,8 @@ def start_world(cfg: SimpleNamespace) -> World:
     if distributed:  # rank 0 alone evaluates while the others wait: an ImageNet may take longer than the 10 min default
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", timeout=timedelta(hours=2))
     rank, local_rank = (dist.get_rank(), int(os.environ["LOCAL_RANK"])) if distributed else (0, 0)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun, then this process's parent
+        watch_launcher(local_rank)
     world = World(rank, world_size, distributed, torch.device(f"cuda:{local_rank}" if cfg.device == "cuda"
                                                               else cfg.device))
     if world.device.type == "cuda":
@@ -238,12 +240,37 @@ def start_world(cfg: SimpleNamespace) -> World:
     return world
 
 
+LAUNCHER_GONE_GRACE_S = 30  # a rank whose torchrun died has this long to save and stop
+
+
+def watch_launcher(local_rank: int) -> None:
+    """When torchrun dies alone (killed), its ranks live on, holding their GPUs: each then stops as
+    on SIGTERM (saving at its next log interval), and ends itself LAUNCHER_GONE_GRACE_S later if it
+    has not stopped by then (waiting on a rank that is gone). This, not the process-group timeout,
+    bounds the wait, which stays long: rank 0 alone evaluates while the others wait."""
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:  # an orphan passes to another parent (init, or a subreaper)
+            time.sleep(1)
+        if local_rank == 0:
+            print(f"torchrun (pid {launcher}) is gone: the run stops as on SIGTERM, within "
+                  f"{LAUNCHER_GONE_GRACE_S}s", file=sys.stderr)
+        survive.on_sigterm(signal.SIGTERM, None)
+        time.sleep(LAUNCHER_GONE_GRACE_S)
+        os._exit(1)
+    threading.Thread(target=watch, name="watch_launcher", daemon=True).start()
+
+
 def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]], list[list[data.Part]], dict]:
     """Each time step's year folders, its training data (a Part per year), and the evaluation tasks: every step's,
-    then the static ones, by name. The built-in benchmark is generated on first use."""
+    then the static ones, by name. The built-in benchmark is generated on first use. Rank 0 goes
+    first: the others read what it wrote (the benchmark, sizes.json), and what is wrong is its line
+    alone (run)."""
+    if not world.master:
+        world.barrier()
     if world.master and cfg.data_root == os.path.abspath(SYNTH_ROOT):
         synthetic.make_synthetic_benchmark(cfg.data_root)
-    world.barrier()
     if not os.path.isdir(os.path.join(cfg.data_root, "train")):
         raise SystemExit(f"error: no {cfg.data_root}/train folder; point --data_root at a TiC layout "
                          f"(train/YEAR/*.tar with sizes.json) or leave it at {SYNTH_ROOT} for the built-in benchmark")
@@ -256,6 +283,8 @@ def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]],
     if tasks.keys() & static.keys():
         raise SystemExit(f"error: a static task is named as a time step ({', '.join(tasks.keys() & static.keys())}); "
                          f"rename it in --static or in {cfg.data_root}/static")
+    if world.master:
+        world.barrier()
     return step_years, step_data, {**tasks, **static}
 
 
@@ -631,11 +660,18 @@ def main(argv):
 
 
 def run(argv: list[str]) -> None:
-    """The command line: main, with an unexpected error (a bug, an exception in a DataLoader worker, a full disk)
-    ended in one line on stderr and a non-zero exit; its whole traceback goes to RUN/error-rankN.log, named there."""
+    """The command line: main, with an unexpected error (a bug, an exception in a DataLoader worker,
+    a full disk) ended in one line on stderr and a non-zero exit; its whole traceback goes to
+    RUN/error-rankN.log, named there. Of several processes only the one that failed says it (a
+    setting that all refuse before they meet: local rank 0 of each node); torchrun adds a report."""
     try:
         main(argv)
-    except Exception as e:  # SystemExit, the one-line errors of bad input, passes through as it is
+    except SystemExit as e:  # the one-line errors of bad input pass through as they are
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if isinstance(e.code, str) and local_rank > 0 and not dist.is_initialized():
+            raise SystemExit(1) from None  # local rank 0 checked the same settings and files
+        raise
+    except Exception as e:
         cfg = parse_config(argv)
         run_dir = cfg.out_dir or os.path.join("runs", cfg.strategy)
         path = os.path.join(run_dir, f"error-rank{os.environ.get('RANK', 0)}.log")
@@ -645,10 +681,18 @@ def run(argv: list[str]) -> None:
         except OSError:  # the run folder itself is the problem: the traceback goes to stderr instead
             traceback.print_exc()
             path = "above"
+        if dist.is_initialized() and peer_exited(e):
+            raise SystemExit(1) from None  # the rank that exited said why
         lines = [line for line in str(e).splitlines() if line.strip()] or [""]
         what = lines[-1] if lines[-1].startswith(type(e).__name__) else f"{type(e).__name__}: {lines[-1]}"
         where = " in a DataLoader worker" if "DataLoader worker" in lines[0] else ""
         raise SystemExit(f"error{where}: {what} (traceback in {path})") from None
+
+
+def peer_exited(e: Exception) -> bool:
+    """Did a collective fail because another rank's process exited? (gloo's words for it; NCCL
+    waits, and torchrun ends the waiting ranks once one has failed)"""
+    return any(said in str(e) for said in ("Connection closed by peer", "Connection reset by peer"))
 
 
 if __name__ == "__main__":

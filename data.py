@@ -6,6 +6,7 @@ shards is synthetic.py.) Follows the webdataset conventions that OpenCLIP reads 
 buffer, equal batches per rank) written from scratch without the webdataset package. tools/prepare.py makes the
 layout from timestamped shards.
 """
+import functools
 import hashlib
 import html
 import io
@@ -60,13 +61,12 @@ def keep_sample(key: str, fraction: float, seed: int | str) -> bool:
 # Images and text
 
 class ImageTransform:
-    """PIL image -> normalised float tensor [3, px, px], as OpenCLIP: train = random resized crop
-    (scale 0.9-1, ratio 3/4-4/3) with bicubic resize; eval = bicubic resize of the short side + centre crop."""
+    """PIL image -> uint8 tensor [3, px, px], as OpenCLIP: train = random resized crop
+    (scale 0.9-1, ratio 3/4-4/3) with bicubic resize; eval = bicubic resize of the short
+    side + centre crop. The model takes normalize_images of a batch of them."""
 
     def __init__(self, image_px: int, train: bool):
         self.image_px, self.train = image_px, train
-        self.mean = torch.tensor(CLIP_MEAN).view(3, 1, 1) * 255
-        self.std = torch.tensor(CLIP_STD).view(3, 1, 1) * 255
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         img = img.convert("RGB")
@@ -91,8 +91,26 @@ class ImageTransform:
                 img = img.resize((w, h), Image.BICUBIC)
             top, left = int(round((h - px) / 2)), int(round((w - px) / 2))
             img = img.crop((left, top, left + px, top + px))
-        # to CHW while still uint8, then normalise in place: the same floats as numpy's float path, faster
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous().float().sub_(self.mean).div_(self.std)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [..., 3, px, px] (ImageTransform's, batched) -> the float32 input the model
+    takes, (x - mean) / std with CLIP's per-channel statistics, on the images' device. The loader
+    sends uint8 (a quarter of float32's bytes through shared memory and the copy to the device),
+    and train.py and evaluate.py call this after the copy."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_images: got {images.dtype} images; pass the loader's uint8 "
+                        f"pixels (a float batch goes to the model as it is)")
+    mean, std = _pixel_stats(images.device)
+    return images.float().sub_(mean).div_(std)  # in place on the new float tensor: one allocation
+
+
+@functools.cache
+def _pixel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std in 0-255 pixel units, [3, 1, 1] on device; made once, as a copy to
+    a GPU at every batch would make the host wait for the GPU."""
+    return tuple((torch.tensor(v).view(3, 1, 1) * 255).to(device) for v in (CLIP_MEAN, CLIP_STD))
 
 
 def _char_fixes() -> dict[int, str | None]:
@@ -230,7 +248,7 @@ def first_captions(root: str, years: list[str], n_captions: int, shard_cmd: str 
                     seen += 1
                     yield text
         except shards.ShardError as e:  # counted and reported by the training stream
-            print(f"warning: {e}", file=sys.stderr)
+            print(f"warning: {e} ({e.__cause__})", file=sys.stderr)  # the cause: a command's stderr
 
 
 def captions(sample: dict[str, bytes]) -> list[str] | None:
@@ -284,9 +302,10 @@ FAULTS = ("corrupt_image", "corrupt_sample", "missing_image", "missing_caption",
 
 class TrainStream(IterableDataset):
     """Endless resampled shards cut to a budget: this rank yields exactly budget_samples // global_batch
-    local batches (images [b, 3, px, px], tokens [b, ctx], faults), spread over its DataLoader workers, so
-    every rank takes the same number of steps. Shards are drawn with replacement, so the mix of parts follows
-    their sizes after replay-buffer filtering, or the shares that parts carry (Part.share).
+    local batches (uint8 images [b, 3, px, px] for normalize_images, tokens [b, ctx], faults),
+    spread over its DataLoader workers, so every rank takes the same number of steps. Shards are
+    drawn with replacement, so the mix of parts follows their sizes after replay-buffer
+    filtering, or the shares that parts carry (Part.share).
 
     Exact resume: a worker makes its batches in chunks of chunk_samples, and each chunk draws its shards and
     fills its shuffle buffer from its own RNG, seeded by (seed, time_step, rank, worker, chunk): the batches
@@ -487,9 +506,10 @@ def workers_stopped():
 def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation_only: bool = False,
                  max_samples: int | None = None, target: str = "caption", max_bad_fraction: float = 0.05,
                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[torch.Tensor, list, list[str]]]:
-    """Held-out samples in shard order: (images [b, 3, px, px], captions, keys), or class ids instead of captions
-    for target="class", lists of captions for "captions"; deterministic, one process. shard_list: [(path,
-    samples listed, or None where no count is listed)].
+    """Held-out samples in shard order: (uint8 images [b, 3, px, px] for normalize_images,
+    captions, keys), or class ids instead of captions for target="class", lists of captions for
+    "captions"; deterministic, one process. shard_list: [(path, samples listed, or None where no
+    count is listed)].
     validation_only: only the training pairs of the validation split, at most max_samples of them.
     What cannot be scored (a corrupt or missing image, a missing caption or class, a sample name
     not in UTF-8, samples missing from a shard against its listed count) is skipped, counted and
@@ -535,10 +555,10 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
                     images, captions, keys = [], [], []
         except shards.ShardError as e:
             if listed is None:  # clip_benchmark's format lists no count per shard: the loss cannot be counted
-                raise SystemExit(f"error: {e}; the task lists no sample count per shard, so what is lost cannot be "
-                                 f"counted: it is not scored") from None
+                raise SystemExit(f"error: {e} ({e.__cause__}); the task lists no sample count per "
+                                 f"shard, so what is lost cannot be counted: not scored") from None
             skipped["truncated_tar"] += max(1, listed - read)
-            first.setdefault("truncated_tar", str(e))
+            first.setdefault("truncated_tar", f"{e} ({e.__cause__})")  # a command's stderr, too
         else:
             if whole and listed is not None and read < listed:
                 skipped["truncated_tar"] += listed - read

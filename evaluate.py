@@ -1,22 +1,21 @@
 """
-Per-time-step zero-shot retrieval and classification, and the evaluation matrices of TiC-CLIP.
+Zero-shot retrieval and classification on each time step's tasks, and TiC-CLIP's evaluation
+matrix. train.py calls evaluate_step after every step; this file also runs on its own:
 
-    python evaluate.py --run=runs/cumulative-all         # re-evaluate every step checkpoint of a run
-    python evaluate.py --checkpoint=ViT-B-32.pt --tokenizer=clip-tokenizer.json --data_root=/data/tic-datacomp \
-        --steps=2014-2016,2017,2018,2019,2020,2021,2022  # an existing model (OpenAI/OpenCLIP) on every step
+    python evaluate.py --run=runs/cumulative-all     # re-evaluate every step checkpoint of a run
+    python evaluate.py --checkpoint=ViT-B-32.pt --tokenizer=clip-tokenizer.json \
+        --data_root=/data/tic-datacomp --steps=2014-2016,2017,2018,2019,2020,2021,2022
 
-For each task (the held-out pairs of one time step, ROOT/eval/retrieval/YEAR/*.tar) we embed the images
-and captions and report image->text and text->image recall@1/5/10 and their mean R@1, the main metric,
-together with the gallery size (recall falls as the gallery grows). Scores are computed in chunks of
-queries, so a 100k gallery needs one chunk x gallery block of memory at a time, never gallery x gallery.
-Where the benchmark has labelled images (ROOT/eval/classification/YEAR/*.tar, classnames.txt, templates.txt,
-as TiC-DataCompNet), each task also reports zero-shot top-1/top-5 classification accuracy.
+A time step's task is its held-out pairs (ROOT/eval/retrieval/YEAR/*.tar), scored by image->text
+and text->image recall@1/5/10 and their mean R@1, the main metric, with the gallery size (recall
+falls as it grows). Scores go a chunk of queries at a time, never gallery x gallery. Where the
+benchmark has labelled images (ROOT/eval/classification/YEAR, as TiC-DataCompNet), a task also
+reports zero-shot top-1/top-5 accuracy.
 
-The evaluation matrix E[i][j] is the model after step i on the task of step j. Its summary, as in the
-paper: in-distribution (ID) = mean of the diagonal, backward transfer = mean over i > j (old tasks, how
-much is remembered), forward transfer = mean over i < j (future tasks, how well it generalises ahead).
-train.py calls evaluate_step after every step; this file also runs standalone on a run's checkpoints, whose
-names it owns (step_checkpoint), and holds the --key=value parser that train.py and tools/ share.
+The evaluation matrix E[i][j] is the model after step i on the task of step j, summarised as in
+the paper by three means: ID over i = j, backward transfer over i > j (old tasks: what is
+remembered), forward transfer over i < j (future tasks: how far it generalises). pictures.py
+draws it. This file also names a run's checkpoints (step_checkpoint).
 """
 import glob
 import json
@@ -30,27 +29,33 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import pictures
 import shards
-from data import Tokenizer, eval_batches
-from model import PRECISIONS, autocast, load_checkpoint
+from data import Tokenizer, eval_batches, normalize_images
+from model import PRECISIONS, autocast, load_checkpoint, parse_heads
+from settings import parse_flags
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
 
 
 # ----------------------------------------------------------------------------- retrieval
-def recall_at_k(queries, gallery, ks=(1, 5, 10), chunk_queries=1024, match=None) -> dict[int, float]:
-    """Recall@k where query i's one true match is gallery item match[i], by default item i (features L2-normalised).
+def recall_at_k(queries, gallery, ks=(1, 5, 10), chunk_queries=1024,
+                match=None) -> dict[int, float]:
+    """Recall@k where query i's one true match is gallery item match[i], by default item i
+    (features L2-normalised).
 
-    Ties are counted against the model: query i is a hit at k iff fewer than k OTHER gallery items score at
-    least as high as its match. (A model whose features all collapse to one vector then scores 0, not 100.)
+    Ties are counted against the model: query i is a hit at k iff fewer than k OTHER gallery items
+    score at least as high as its match. (A model whose features all collapse to one vector then
+    scores 0, not 100.)
     """
     hits = {k: 0 for k in ks}
     for start in range(0, len(queries), chunk_queries):
         scores = queries[start:start + chunk_queries] @ gallery.t()           # [chunk, gallery]
         rows = torch.arange(len(scores), device=scores.device)
-        true_score = scores[rows, rows + start if match is None else match[start:start + len(scores)]]
-        # how many items score >= the true match, the true match itself excluded ("not below": a nan counts too,
-        # so features gone non-finite retrieve nothing)
+        true_score = scores[rows, rows + start if match is None
+                            else match[start:start + len(scores)]]
+        # items scoring at least the true match, itself excluded; "not below" counts a nan too,
+        # so features gone non-finite retrieve nothing
         rank = (~(scores < true_score[:, None])).sum(1) - 1
         for k in ks:
             hits[k] += int((rank < k).sum())
@@ -58,13 +63,15 @@ def recall_at_k(queries, gallery, ks=(1, 5, 10), chunk_queries=1024, match=None)
 
 
 def recall_any_at_k(queries, gallery, owner, ks=(1, 5, 10), chunk_queries=1024) -> dict[int, float]:
-    """Recall@k where query i has several true matches, the gallery items j with owner[j] == i (an image and its
-    captions): a hit at k iff fewer than k items that are not its matches score at least as high as its best
-    match, DataComp's image->text retrieval. Ties count against the model, as in recall_at_k."""
+    """Recall@k where query i has several true matches, the gallery items j with owner[j] == i
+    (an image and its captions): a hit at k iff fewer than k items that are not its matches score
+    at least as high as its best match, DataComp's image->text retrieval. Ties count against the
+    model, as in recall_at_k."""
     hits = {k: 0 for k in ks}
     for start in range(0, len(queries), chunk_queries):
         scores = queries[start:start + chunk_queries] @ gallery.t()           # [chunk, gallery]
-        true = owner[None, :] == torch.arange(start, start + len(scores), device=scores.device)[:, None]
+        true = owner[None, :] == torch.arange(start, start + len(scores),
+                                              device=scores.device)[:, None]
         best = scores.masked_fill(~true, -math.inf).max(1).values
         rank = (~(scores < best[:, None]) & ~true).sum(1)
         for k in ks:
@@ -74,15 +81,17 @@ def recall_any_at_k(queries, gallery, owner, ks=(1, 5, 10), chunk_queries=1024) 
 
 @torch.no_grad()
 def embed_pairs(model, shards, tokenizer, device, batch_samples=256, precision=None, **read):
-    """L2-normalised (image features, text features) of a task's pairs, in shard order. precision: bf16 or fp32
-    (None: bf16 on CUDA, fp32 elsewhere). read: eval_batches' options: max_bad_fraction, and validation_only and
-    max_samples to embed the validation split instead."""
+    """L2-normalised (image features, text features) of a task's pairs, in shard order.
+    precision: bf16 or fp32 (None: bf16 on CUDA, fp32 elsewhere). read: eval_batches' options:
+    max_bad_fraction, and validation_only and max_samples to embed the validation split instead."""
     cfg = model.cfg
-    images, texts = [torch.zeros(0, cfg.embed_dim, device=device)], [torch.zeros(0, cfg.embed_dim, device=device)]
+    images, texts = ([torch.zeros(0, cfg.embed_dim, device=device)],
+                     [torch.zeros(0, cfg.embed_dim, device=device)])
     for x, captions, _ in eval_batches(shards, cfg.image_px, batch_samples, **read):
+        x = normalize_images(x.to(device))
         tokens = tokenizer(captions, cfg.context_tokens).to(device)
         with autocast(device, precision):
-            images.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1))
+            images.append(F.normalize(model.encode_image(x).float(), dim=-1))
             texts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     return torch.cat(images), torch.cat(texts)
 
@@ -90,8 +99,9 @@ def embed_pairs(model, shards, tokenizer, device, batch_samples=256, precision=N
 def retrieval(model, shards, tokenizer, device, batch_samples=256, precision=None, **read) -> dict:
     img, txt = embed_pairs(model, shards, tokenizer, device, batch_samples, precision, **read)
     if not len(img):
-        raise SystemExit(f"error: {shards[0][0]} ...: no pairs to score (validation pairs: the 2% of training pairs "
-                         f"data.is_validation picks; shards too small to hold any?)")
+        raise SystemExit(f"error: {shards[0][0]} ...: no pairs to score (validation pairs: the 2% "
+                         f"of training pairs data.is_validation picks; shards too small to hold "
+                         f"any?)")
     i2t, t2i = recall_at_k(img, txt), recall_at_k(txt, img)
     out = {f"i2t_R@{k}": 100 * v for k, v in i2t.items()}
     out.update({f"t2i_R@{k}": 100 * v for k, v in t2i.items()})
@@ -104,12 +114,14 @@ def retrieval(model, shards, tokenizer, device, batch_samples=256, precision=Non
 @torch.no_grad()
 def zero_shot_classifier(model, classnames, templates, tokenizer, device, batch_samples=256,
                          precision=None) -> torch.Tensor:
-    """[embed_dim, classes]: per class, the mean of the L2-normalised text embeddings of its prompts (each
-    template with the class name in place of "{}"), renormalised, as CLIP's zero-shot classifier."""
+    """[embed_dim, classes]: per class, the mean of the L2-normalised text embeddings of its
+    prompts (each template with the class name in place of "{}"), renormalised, as CLIP's zero-shot
+    classifier."""
     prompts = [t.format(name) for name in classnames for t in templates]
     embeddings = []
     for start in range(0, len(prompts), batch_samples):
-        tokens = tokenizer(prompts[start:start + batch_samples], model.cfg.context_tokens).to(device)
+        tokens = tokenizer(prompts[start:start + batch_samples],
+                           model.cfg.context_tokens).to(device)
         with autocast(device, precision):
             embeddings.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     per_class = torch.cat(embeddings).view(len(classnames), len(templates), -1).mean(dim=1)
@@ -117,17 +129,22 @@ def zero_shot_classifier(model, classnames, templates, tokenizer, device, batch_
 
 
 @torch.no_grad()
-def classification(model, shards, classifier, device, batch_samples=256, precision=None, **read) -> dict:
-    """Zero-shot top-1 and top-5 accuracy (%) of the labelled images in shards; classifier from zero_shot_classifier."""
+def classification(model, shards, classifier, device, batch_samples=256, precision=None,
+                   **read) -> dict:
+    """Zero-shot top-1 and top-5 accuracy (%) of the labelled images in shards, and their mean
+    recall per class; classifier from zero_shot_classifier."""
     n_classes, hits1, hits5, n = classifier.shape[1], 0, 0, 0
-    class_hits, class_count = torch.zeros(n_classes), torch.zeros(n_classes)  # for the mean recall per class
-    for x, labels, keys in eval_batches(shards, model.cfg.image_px, batch_samples, target="class", **read):
+    class_hits, class_count = torch.zeros(n_classes), torch.zeros(n_classes)  # per-class recall
+    for x, labels, keys in eval_batches(shards, model.cfg.image_px, batch_samples, target="class",
+                                        **read):
         labels = torch.tensor(labels)
         if labels.max() >= n_classes or labels.min() < 0:
             bad = keys[int(((labels >= n_classes) | (labels < 0)).nonzero()[0])]
-            raise SystemExit(f"sample {bad}: class id out of range for {n_classes} class names; fix classnames.txt")
+            raise SystemExit(f"sample {bad}: class id out of range for {n_classes} class names; "
+                             f"fix classnames.txt")
+        x = normalize_images(x.to(device))
         with autocast(device, precision):
-            image_features = F.normalize(model.encode_image(x.to(device)).float(), dim=-1)
+            image_features = F.normalize(model.encode_image(x).float(), dim=-1)
         top = (image_features @ classifier).topk(min(5, n_classes), dim=1).indices.cpu()
         hits1 += int((top[:, 0] == labels).sum())
         hits5 += int((top == labels[:, None]).any(dim=1).sum())
@@ -135,34 +152,37 @@ def classification(model, shards, classifier, device, batch_samples=256, precisi
         class_hits.index_add_(0, labels, (top[:, 0] == labels).float())
         class_count.index_add_(0, labels, torch.ones(len(labels)))
     if n == 0:
-        raise SystemExit(f"{shards[0][0]}: no images with a class id (.cls member or json \"cls\") in this task")
-    per_class = class_hits[class_count > 0] / class_count[class_count > 0]  # over the classes the task has
-    return {"top1": 100 * hits1 / n, "top5": 100 * hits5 / n, "mean_per_class_recall": 100 * per_class.mean().item(),
-            "class_samples": n, "classes": n_classes}
+        raise SystemExit(f"{shards[0][0]}: no images with a class id (.cls member or json "
+                         f"\"cls\") in this task")
+    per_class = class_hits[class_count > 0] / class_count[class_count > 0]  # the task's classes
+    return {"top1": 100 * hits1 / n, "top5": 100 * hits5 / n,
+            "mean_per_class_recall": 100 * per_class.mean().item(), "class_samples": n,
+            "classes": n_classes}
 
 
-# ----------------------------------------------------------------------------- the tasks of a time step
+# ----------------------------------------------------------------------------- a time step's tasks
 @dataclass
 class Task:
     """The evaluation data of one time step."""
     retrieval: list                          # [(shard, samples)] of held-out image-caption pairs
-    classification: list | None = None       # [(shard, samples)] of labelled images, if the benchmark has them
+    classification: list | None = None       # [(shard, samples)] of labelled images, if any
     classnames: list[str] | None = None      # class id i is classnames[i]
     templates: list[str] | None = None       # prompts with "{}" for the class name
 
 
 def step_tasks(root: str, years: list[str], shard_cmd: str = "") -> Task:
-    """A time step's tasks: retrieval on its years' held-out pairs (ROOT/eval/retrieval/YEAR), and classification
-    where ROOT/eval/classification/YEAR exists, with classnames.txt and templates.txt beside the year folders, or
-    ROOT/eval/datacompnet/YEAR, with them inside each year folder (TiC-DataCompNet as ml-tic-clip ships it).
-    shard_cmd: see shards.year_shards."""
+    """A time step's tasks: retrieval on its years' held-out pairs (ROOT/eval/retrieval/YEAR), and
+    classification where ROOT/eval/classification/YEAR exists, with classnames.txt and
+    templates.txt beside the year folders, or ROOT/eval/datacompnet/YEAR, with them inside each
+    year folder (TiC-DataCompNet as ml-tic-clip ships it). shard_cmd: see shards.year_shards."""
     task = Task([s for y in years for s in shards.year_shards(root, y, "retrieval", shard_cmd)])
     for split in ("classification", "datacompnet"):
         folder = os.path.join(root, *shards.SPLITS[split])
         labelled = [y for y in years if os.path.isdir(os.path.join(folder, y))]
         if labelled:
             names_at = folder if split == "classification" else os.path.join(folder, labelled[0])
-            task.classification = [s for y in labelled for s in shards.year_shards(root, y, split, shard_cmd)]
+            task.classification = [s for y in labelled
+                                   for s in shards.year_shards(root, y, split, shard_cmd)]
             task.classnames = read_lines(os.path.join(names_at, "classnames.txt"))
             task.templates = read_templates(names_at)
             break
@@ -170,43 +190,47 @@ def step_tasks(root: str, years: list[str], shard_cmd: str = "") -> Task:
 
 
 def tasks_of(root: str, step_years: list[list[str]], shard_cmd: str = "") -> dict[str, Task]:
-    """{step name: its tasks} for every time step (step_years: shards.parse_steps). An eval folder of another kind
-    is named in a warning, never passed over in silence."""
+    """{step name: its tasks} for every time step (step_years: shards.parse_steps). An eval folder
+    of another kind is named in a warning, never passed over in silence."""
     eval_dir = os.path.join(root, "eval")
-    for other in sorted(set(os.listdir(eval_dir) if os.path.isdir(eval_dir) else []) - {"retrieval", "classification",
-                                                                                        "datacompnet"}):
-        print(f"warning: {eval_dir}/{other}: not an evaluation folder this program reads (retrieval, classification, "
-              f"datacompnet); skipped", file=sys.stderr)
+    for other in sorted(set(os.listdir(eval_dir) if os.path.isdir(eval_dir) else [])
+                        - {"retrieval", "classification", "datacompnet"}):
+        print(f"warning: {eval_dir}/{other}: not an evaluation folder this program reads "
+              f"(retrieval, classification, datacompnet); skipped", file=sys.stderr)
     return {shards.step_name(ys): step_tasks(root, ys, shard_cmd) for ys in step_years}
 
 
 def read_lines(path: str) -> list[str]:
     if not os.path.exists(path):
-        raise SystemExit(f"{path}: missing; classification needs classnames.txt (class id i = line i, from 0) and "
-                         f"templates.txt (prompts such as 'a photo of a {{}}.'), one per line")
+        raise SystemExit(f"{path}: missing; classification needs classnames.txt (class id i = "
+                         f"line i, from 0) and templates.txt (prompts such as 'a photo of a "
+                         f"{{}}.'), one per line")
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
 
 
 def read_templates(folder: str) -> list[str]:
-    """The prompt templates in folder, with "{}" for the class name: templates.txt, or clip_benchmark's
-    zeroshot_classification_templates.txt, whose templates hold "{c}"."""
+    """The prompt templates in folder, with "{}" for the class name: templates.txt, or
+    clip_benchmark's zeroshot_classification_templates.txt, whose templates hold "{c}"."""
     path = os.path.join(folder, "templates.txt")
-    if not os.path.exists(path) and os.path.exists(os.path.join(folder, "zeroshot_classification_templates.txt")):
+    if not os.path.exists(path) and os.path.exists(
+            os.path.join(folder, "zeroshot_classification_templates.txt")):
         path = os.path.join(folder, "zeroshot_classification_templates.txt")
     templates = [t.replace("{c}", "{}") for t in read_lines(path)]
     if not all("{}" in t for t in templates):
-        raise SystemExit(f"{path}: every prompt template needs a {{}} (or {{c}}) for the class name")
+        raise SystemExit(f"{path}: every prompt template needs a {{}} (or {{c}}) for the class "
+                         f"name")
     return templates
 
 
 # ----------------------------------------------------------------------------- static tasks
 @dataclass
 class StaticTask:
-    """A task outside time (ImageNet, its shifts, Flickr30k, the DataComp suite), in clip_benchmark's webdataset
-    format, scored after every step as the paper's Table 2 reports them: PATH/test/0.tar ... N-1.tar listed by
-    PATH/test/nshards.txt, and beside test/ dataset_type.txt (retrieval or classification; missing: classification),
-    classnames.txt and zeroshot_classification_templates.txt. A retrieval sample's .txt holds its captions, one a
+    """A task outside time (ImageNet, its shifts, Flickr30k, the DataComp suite), scored after
+    every step as the paper's Table 2 reports them. clip_benchmark's webdataset format:
+    PATH/test/0.tar ... N-1.tar listed by PATH/test/nshards.txt, and beside test/
+    dataset_type.txt (retrieval or classification; missing: classification), classnames.txt and
+    zeroshot_classification_templates.txt. A retrieval sample's .txt holds its captions, one a
     line. A static task's number is top-1 (classification) or mean R@1 (retrieval)."""
     kind: str
     shards: list                           # [(shard, None)]: the format lists no count per shard
@@ -217,74 +241,91 @@ class StaticTask:
 def static_task(path: str) -> StaticTask:
     nshards = os.path.join(path, "test", "nshards.txt")
     if not os.path.exists(nshards):
-        raise SystemExit(f"{path}: no test/nshards.txt, so not a task in clip_benchmark's webdataset format "
-                         f"(test/0.tar ... with nshards.txt, dataset_type.txt, classnames.txt beside test/)")
+        raise SystemExit(f"{path}: no test/nshards.txt, so not a task in clip_benchmark's "
+                         f"webdataset format (test/0.tar ... with nshards.txt, dataset_type.txt, "
+                         f"classnames.txt beside test/)")
     with open(nshards) as f:
-        shards = [(os.path.join(path, "test", f"{i}.tar"), None) for i in range(int(f.read().strip()))]
+        shards = [(os.path.join(path, "test", f"{i}.tar"), None)
+                  for i in range(int(f.read().strip()))]
     missing = [p for p, _ in shards if not os.path.exists(p)]
     if missing:
         raise SystemExit(f"{missing[0]}: listed by {nshards} but missing ({len(missing)} in all)")
     kind_path = os.path.join(path, "dataset_type.txt")
     kind = open(kind_path).read().strip().lower() if os.path.exists(kind_path) else "classification"
     if kind not in ("classification", "retrieval"):
-        raise SystemExit(f"{kind_path}: {kind!r} tasks are not scored here; classification and retrieval are")
+        raise SystemExit(f"{kind_path}: {kind!r} tasks are not scored here; classification and "
+                         f"retrieval are")
     if kind == "retrieval":
         return StaticTask(kind, shards)
-    return StaticTask(kind, shards, read_lines(os.path.join(path, "classnames.txt")), read_templates(path))
+    return StaticTask(kind, shards, read_lines(os.path.join(path, "classnames.txt")),
+                      read_templates(path))
 
 
 def static_tasks(root: str, spec: str) -> dict[str, StaticTask]:
-    """The static tasks of a run: each folder of ROOT/static/ by its name, then --static's NAME=PATH,... ."""
-    paths = {os.path.basename(p): p for p in sorted(glob.glob(os.path.join(root, "static", "*"))) if os.path.isdir(p)}
+    """The static tasks of a run: each folder of ROOT/static/ by its name, then --static's
+    NAME=PATH,... ."""
+    paths = {os.path.basename(p): p for p in sorted(glob.glob(os.path.join(root, "static", "*")))
+             if os.path.isdir(p)}
     for item in filter(None, spec.split(",")):
         name, sep, path = item.partition("=")
         if not (sep and name and path):
-            raise SystemExit(f"error: --static={spec}: '{item}' is not NAME=PATH, e.g. imagenet=/data/wds_imagenet1k")
+            raise SystemExit(f"error: --static={spec}: '{item}' is not NAME=PATH, e.g. "
+                             f"imagenet=/data/wds_imagenet1k")
         paths[name] = path
     return {name: static_task(path) for name, path in paths.items()}
 
 
-def multi_caption_retrieval(model, shards, tokenizer, device, batch_samples=256, precision=None, **read) -> dict:
-    """Retrieval where an image has several captions (Flickr30k, COCO), scored as DataComp does: image->text is
-    a hit if any of the image's captions is in the top k, text->image is per caption; mean_R@k of the two."""
-    cfg, images, texts, owner, n_images = model.cfg, [], [], [], 0  # owner[j]: the image caption j belongs to
-    for x, caption_lists, _ in eval_batches(shards, cfg.image_px, batch_samples, target="captions", **read):
+def multi_caption_retrieval(model, shards, tokenizer, device, batch_samples=256, precision=None,
+                            **read) -> dict:
+    """Retrieval where an image has several captions (Flickr30k, COCO), scored as DataComp does:
+    image->text is a hit if any of the image's captions is in the top k, text->image is per
+    caption; mean_R@k of the two."""
+    cfg, images, texts, owner, n_images = model.cfg, [], [], [], 0  # owner[j]: caption j's image
+    for x, caption_lists, _ in eval_batches(shards, cfg.image_px, batch_samples, target="captions",
+                                            **read):
         flat = [c for lst in caption_lists for c in lst]
         owner += [n_images + i for i, lst in enumerate(caption_lists) for _ in lst]
         n_images += len(caption_lists)
+        x = normalize_images(x.to(device))
         with torch.no_grad(), autocast(device, precision):
-            images.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1))
+            images.append(F.normalize(model.encode_image(x).float(), dim=-1))
             for start in range(0, len(flat), batch_samples):
                 tokens = tokenizer(flat[start:start + batch_samples], cfg.context_tokens).to(device)
                 texts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     img, txt, owner = torch.cat(images), torch.cat(texts), torch.tensor(owner, device=device)
     i2t, t2i = recall_any_at_k(img, txt, owner), recall_at_k(txt, img, match=owner)
-    return {**{f"i2t_R@{k}": 100 * v for k, v in i2t.items()}, **{f"t2i_R@{k}": 100 * v for k, v in t2i.items()},
-            **{f"mean_R@{k}": 100 * (i2t[k] + t2i[k]) / 2 for k in i2t}, "gallery": len(img), "captions": len(txt)}
+    return {**{f"i2t_R@{k}": 100 * v for k, v in i2t.items()},
+            **{f"t2i_R@{k}": 100 * v for k, v in t2i.items()},
+            **{f"mean_R@{k}": 100 * (i2t[k] + t2i[k]) / 2 for k in i2t}, "gallery": len(img),
+            "captions": len(txt)}
 
 
-def evaluate_step(model, tasks: dict[str, Task | StaticTask], tokenizer, device, batch_samples=256, precision=None,
-                  **read) -> dict[str, dict]:
-    """One row of the evaluation matrix: {task name: metrics} for the model as it is now: retrieval recalls, and
-    zero-shot top-1/top-5 and mean recall per class for a task with classification data; a static task's
-    metrics beside them. precision, read: see embed_pairs."""
+def evaluate_step(model, tasks: dict[str, Task | StaticTask], tokenizer, device, batch_samples=256,
+                  precision=None, **read) -> dict[str, dict]:
+    """One row of the evaluation matrix: {task name: metrics} for the model as it is now:
+    retrieval recalls, and zero-shot top-1/top-5 and mean recall per class for a task with
+    classification data; a static task's metrics beside them. precision, read: see embed_pairs."""
     was_training = model.training
     model.eval()
     row, classifiers = {}, {}
 
     def classify(shards, classnames, templates) -> dict:
-        labels = (tuple(classnames), tuple(templates))  # one classifier for all tasks that share them
+        labels = (tuple(classnames), tuple(templates))  # one classifier for the tasks sharing them
         if labels not in classifiers:
-            classifiers[labels] = zero_shot_classifier(model, *labels, tokenizer, device, batch_samples, precision)
-        return classification(model, shards, classifiers[labels], device, batch_samples, precision, **read)
+            classifiers[labels] = zero_shot_classifier(model, *labels, tokenizer, device,
+                                                       batch_samples, precision)
+        return classification(model, shards, classifiers[labels], device, batch_samples, precision,
+                              **read)
 
     for name, task in tasks.items():
         if isinstance(task, StaticTask):
-            row[name] = (multi_caption_retrieval(model, task.shards, tokenizer, device, batch_samples, precision,
-                                                 **read) if task.kind == "retrieval" else
+            row[name] = (multi_caption_retrieval(model, task.shards, tokenizer, device,
+                                                 batch_samples, precision, **read)
+                         if task.kind == "retrieval" else
                          classify(task.shards, task.classnames, task.templates))
             continue
-        row[name] = retrieval(model, task.retrieval, tokenizer, device, batch_samples, precision, **read)
+        row[name] = retrieval(model, task.retrieval, tokenizer, device, batch_samples, precision,
+                              **read)
         if task.classification:
             row[name].update(classify(task.classification, task.classnames, task.templates))
     model.train(was_training)
@@ -293,8 +334,8 @@ def evaluate_step(model, tasks: dict[str, Task | StaticTask], tokenizer, device,
 
 # ----------------------------------------------------------------------------- the matrix
 def summarize(matrix: list[list[float]]) -> dict[str, float | None]:
-    """ID, backward and forward transfer of E[i][j] (row i = model after step i, column j = task of step j).
-    A transfer with no entries (e.g. forward transfer of a 1-step run) is None."""
+    """ID, backward and forward transfer of E[i][j] (row i = model after step i, column j = task
+    of step j). A transfer with no entries (e.g. forward transfer of a 1-step run) is None."""
     def mean(xs):
         return sum(xs) / len(xs) if xs else None
     cells = [(i, j, v) for i, row in enumerate(matrix) for j, v in enumerate(row) if v is not None]
@@ -303,19 +344,20 @@ def summarize(matrix: list[list[float]]) -> dict[str, float | None]:
             "forward_transfer": mean([v for i, j, v in cells if i < j])}
 
 
-TASK_KINDS = {"retrieval": METRIC, "classification": "top1"}  # each kind of task and its number in a matrix
+TASK_KINDS = {"retrieval": METRIC, "classification": "top1"}  # a kind of task: its matrix's number
 
 
-def eval_matrix(rows: dict[str, dict[str, dict]], task_names: list[str], initial: dict | None = None,
-                metric=METRIC) -> dict:
-    """Assemble E from per-step rows {step name: {task name: metrics}} (steps in order). "matrix" and "summary"
-    are retrieval's (metric); result[kind] = {metric, matrix, summary, initial} for each kind of TASK_KINDS
-    measured (a cell is None where a task lacks that kind, e.g. a year without classification data, or where it
-    is not measured yet, e.g. while a grown run evaluates its old models on the new task). initial: the row of
-    the model the run began with (--init), kept apart from E and its summary, so E stays steps x tasks.
-    result["static"]: the static tasks' numbers (static_number), row by row, the last row's mean as the paper's
-    Table 2 reports it: the tasks in rows that are not in task_names."""
-    cells = lambda row, kind_metric: [row.get(task, {}).get(kind_metric) for task in task_names]  # noqa: E731
+def eval_matrix(rows: dict[str, dict[str, dict]], task_names: list[str],
+                initial: dict | None = None, metric=METRIC) -> dict:
+    """Assemble E from per-step rows {step name: {task name: metrics}}, steps in order.
+    "matrix" and "summary" are retrieval's (metric). result[kind] = {metric, matrix, summary,
+    initial} for each kind of TASK_KINDS measured; a cell is None where a task lacks that kind (a
+    year without classification data) or is not measured yet (a grown run's old models on its new
+    task). initial: the initial model's row (--init), kept apart from E and its summary, so E stays
+    steps x tasks. result["static"]: the numbers (static_number) of the static tasks, those in rows
+    but not in task_names, row by row, and the last row's mean, as the paper's Table 2 has it."""
+    cells = lambda row, kind_metric: [row.get(task, {}).get(kind_metric)  # noqa: E731
+                                      for task in task_names]
     matrix = [cells(rows[step], metric) for step in rows]
     result = {"metric": metric, "steps": list(rows), "tasks": task_names, "matrix": matrix,
               "summary": summarize(matrix), "results": rows}
@@ -324,29 +366,41 @@ def eval_matrix(rows: dict[str, dict[str, dict]], task_names: list[str], initial
     for kind, kind_metric in TASK_KINDS.items():
         kind_matrix = [cells(rows[step], kind_metric) for step in rows]
         if any(v is not None for row in kind_matrix for v in row):
-            result[kind] = {"metric": kind_metric, "matrix": kind_matrix, "summary": summarize(kind_matrix),
+            result[kind] = {"metric": kind_metric, "matrix": kind_matrix,
+                            "summary": summarize(kind_matrix),
                             "initial": cells(initial, kind_metric) if initial else None}
     static = list(dict.fromkeys(t for row in rows.values() for t in row if t not in task_names))
     if static:
         numbers = [[static_number(rows[step].get(t)) for t in static] for step in rows]
         last = [v for v in numbers[-1] if v is not None]
-        result["static"] = {"tasks": static, "numbers": numbers, "final_mean": sum(last) / len(last) if last else None,
-                            "initial": [static_number((initial or {}).get(t)) for t in static] if initial else None}
+        result["static"] = {"tasks": static, "numbers": numbers,
+                            "final_mean": sum(last) / len(last) if last else None,
+                            "initial": [static_number((initial or {}).get(t)) for t in static]
+                            if initial else None}
     return result
 
 
 def static_number(metrics: dict | None) -> float | None:
-    """The one number of a static task: mean R@1 for retrieval, top-1 for classification (the paper's Table 2)."""
+    """The one number of a static task, as the paper's Table 2: mean R@1 for retrieval, top-1 for
+    classification."""
     return None if not metrics else metrics.get(METRIC, metrics.get("top1"))
 
 
 def read_results(path: str, step_names: list[str]) -> tuple[dict, dict | None]:
-    """(rows, initial row) of an eval_matrix.json, if there is one: the rows of these steps, in their order."""
+    """(rows, initial row) of an eval_matrix.json, if there is one: the rows of these steps, in
+    their order. A run grows by steps added at its end and never shrinks: a matrix of more steps
+    than step_names, which begin them, is a one-line error, so that it is not rewritten smaller."""
     if not os.path.exists(path):
         return {}, None
     with open(path) as f:
         result = json.load(f)
-    return {name: result["results"][name] for name in step_names if name in result["results"]}, result.get("initial")
+    if len(result["tasks"]) > len(step_names) and result["tasks"][:len(step_names)] == step_names:
+        raise SystemExit(f"error: {path} is the matrix of the steps {', '.join(result['tasks'])}, "
+                         f"and only its first {len(step_names)} are named; a run grows by steps "
+                         f"added at its end and never shrinks: rerun with all of its steps, or "
+                         f"pass another --out_dir")
+    return ({name: result["results"][name] for name in step_names if name in result["results"]},
+            result.get("initial"))
 
 
 def format_matrix(result: dict) -> str:
@@ -359,9 +413,10 @@ def format_matrix(result: dict) -> str:
         table = result.get(kind)
         if table is None:
             continue
-        lines.append(f"{kind} evaluation matrix: {table['metric']} (%), row = model after step, column = task")
+        lines.append(f"{kind} evaluation matrix: {table['metric']} (%), row = model after step, "
+                     f"column = task")
         lines.append(" " * 12 + "".join(f"{t:>{width}}" for t in tasks))
-        if table.get("initial"):  # the model the run began with: above the matrix, not in it
+        if table.get("initial"):  # the initial model: above the matrix, not in it
             lines.append(f"{'initial':<12}" + "".join(fmt(v, width) for v in table["initial"]))
         for step, row in zip(result["steps"], table["matrix"]):
             lines.append(f"{'after ' + step:<12}" + "".join(fmt(v, width) for v in row))
@@ -370,7 +425,8 @@ def format_matrix(result: dict) -> str:
                      f"forward transfer {fmt(s['forward_transfer'])}")
         if kind == "retrieval":
             gallery = {t: last[t]["gallery"] for t in tasks if t in last}
-            lines.append("gallery (pairs per task): " + ", ".join(f"{t} {n}" for t, n in gallery.items())
+            lines.append("gallery (pairs per task): "
+                         + ", ".join(f"{t} {n}" for t, n in gallery.items())
                          + f"; chance R@1 = {100 / min(gallery.values()):.2f}% at most")
         else:
             images = {t: last[t]["class_samples"] for t in tasks if "class_samples" in last[t]}
@@ -380,7 +436,8 @@ def format_matrix(result: dict) -> str:
     static = result.get("static")
     if static:
         width = max(8, *(len(t) + 1 for t in static["tasks"]))
-        lines.append("static tasks: top-1 (classification) or mean R@1 (retrieval) (%), row = model after step")
+        lines.append("static tasks: top-1 (classification) or mean R@1 (retrieval) (%), "
+                     "row = model after step")
         lines.append(" " * 12 + "".join(f"{t:>{width}}" for t in static["tasks"]))
         if static["initial"]:
             lines.append(f"{'initial':<12}" + "".join(fmt(v, width) for v in static["initial"]))
@@ -390,7 +447,7 @@ def format_matrix(result: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- a run's files, the command line
+# ----------------------------------------------------------------------------- a run's files, flags
 def step_checkpoint(run: str, t: int) -> str:
     """RUN/stepNN.pt: the model after time step t (t from 0, NN from 01), as train.py writes it."""
     return os.path.join(run, f"step{t + 1:02d}.pt")
@@ -402,67 +459,53 @@ def step_checkpoints(run: str) -> list[str]:
     return [os.path.join(run, f) for f in names if re.fullmatch(r"step\d+\.pt", f)]
 
 
-def parse_flags(argv: list[str], defaults: dict) -> dict:
-    """--key=value overrides of defaults, each converted to its default's type (bool: true/false/1/0; numbers
-    may hold _). Unknown keys and values of the wrong type are one-line errors that list what is valid."""
-    flags = dict(defaults)
-    for arg in argv:
-        key, sep, value = arg[2:].partition("=")
-        if not arg.startswith("--") or not sep:
-            raise SystemExit(f"error: bad argument '{arg}': use --key=value; keys: {', '.join(defaults)}")
-        if key not in flags:
-            raise SystemExit(f"error: unknown config key '{key}'; valid keys: {', '.join(defaults)}")
-        kind = type(defaults[key])
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                flags[key] = value.lower() in ("true", "1")
-            else:
-                flags[key] = kind(value.replace("_", "")) if kind in (int, float) else value
-        except ValueError:
-            raise SystemExit(f"error: --{key}={value} is not a {kind.__name__} (default: {defaults[key]!r})")
-    return flags
-
-
-CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=clip-tokenizer.json --data_root=ROOT "
-                    "[--steps=2014-2016,2017,...] [--quick_gelu=auto|true|false] [--device=cpu|cuda] "
-                    "[--out=FILE.json] [--precision=bf16|fp32] [--shard_cmd='aws s3 cp s3://bucket/tic/{path} -'] "
-                    "[--static=NAME=PATH,...]")
-FLAGS = {"run": "", "checkpoint": "", "tokenizer": "", "data_root": "", "steps": "", "quick_gelu": "auto",
+CHECKPOINT_USAGE = ("usage: python evaluate.py --checkpoint=FILE --tokenizer=clip-tokenizer.json "
+                    "--data_root=ROOT [--steps=2014-2016,2017,...] [--quick_gelu=auto|true|false] "
+                    "[--device=cpu|cuda] [--out=FILE.json] [--precision=bf16|fp32] "
+                    "[--shard_cmd='aws s3 cp s3://bucket/tic/{path} -'] "
+                    "[--static=NAME=PATH,...] [--heads=auto|IMAGE,TEXT]")
+FLAGS = {"run": "", "checkpoint": "", "tokenizer": "", "data_root": "", "steps": "",
+         "quick_gelu": "auto",
+         "heads": "auto",  # attention heads (image, text): auto (see load_checkpoint) or e.g. 16,16
          "device": "cuda" if torch.cuda.is_available() else "cpu", "out": "",
          "precision": "",  # "": bf16 on CUDA, fp32 elsewhere
-         "shard_cmd": "",  # stream the shards through this command (train.py's shard_cmd); --run: the run's own
+         "shard_cmd": "",  # stream the shards through this command; never taken from a run
          "max_bad_fraction": 0.05,  # a task with more of its samples unreadable is not scored
-         "static": ""}  # static tasks, NAME=PATH,... (train.py's static); data_root/static/ is added; --run: the run's
+         "static": ""}  # static tasks NAME=PATH,... besides data_root/static/ (--run: the run's)
 
 
 def format_row(row: dict[str, dict]) -> str:
     """One model's results per task, a line each: retrieval (and classification where measured)."""
-    lines = [f"{'task':<12}{'mean_R@1':>9}{'R@5':>7}{'R@10':>7}{'gallery':>9}{'top1':>8}{'top5':>8}{'images':>8}"]
+    lines = [f"{'task':<12}{'mean_R@1':>9}{'R@5':>7}{'R@10':>7}{'gallery':>9}"
+             f"{'top1':>8}{'top5':>8}{'images':>8}"]
     for task, m in row.items():
         cls = f"{m['top1']:>8.2f}{m['top5']:>8.2f}{m['class_samples']:>8}" if "top1" in m else ""
-        recalls = f"{m['mean_R@1']:>9.2f}{m['mean_R@5']:>7.2f}{m['mean_R@10']:>7.2f}{m['gallery']:>9}" \
-            if "mean_R@1" in m else " " * 32  # a static classification task: no retrieval
+        recalls = (f"{m['mean_R@1']:>9.2f}{m['mean_R@5']:>7.2f}{m['mean_R@10']:>7.2f}"
+                   f"{m['gallery']:>9}" if "mean_R@1" in m
+                   else " " * 32)  # a static classification task: no retrieval
         lines.append(f"{task:<12}{recalls}{cls}")
     return "\n".join(lines)
 
 
 def evaluate_checkpoint(args: dict) -> dict[str, dict]:
-    """An existing model (OpenAI's or OpenCLIP's CLIP, or a step checkpoint of a run) on every time step's tasks."""
+    """An existing model (OpenAI's or OpenCLIP's CLIP, or a step checkpoint of a run) on every
+    time step's tasks."""
     if args["run"] or not (args["checkpoint"] and args["tokenizer"] and args["data_root"]):
         raise SystemExit(CHECKPOINT_USAGE)
     if args["quick_gelu"] not in ("auto", "true", "false"):
-        raise SystemExit(f"--quick_gelu={args['quick_gelu']}: use auto (OpenAI's archives: true), true or false")
+        raise SystemExit(f"--quick_gelu={args['quick_gelu']}: use auto (OpenAI's archives: "
+                         f"true), true or false")
     quick_gelu = {"auto": None, "true": True, "false": False}[args["quick_gelu"]]
     device = torch.device(args["device"])
-    model = load_checkpoint(args["checkpoint"], quick_gelu)[0].to(device)
+    heads = parse_heads(args["heads"])
+    model = load_checkpoint(args["checkpoint"], quick_gelu, heads)[0].to(device)
     tokenizer = Tokenizer.load(args["tokenizer"])
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size or tokenizer.eot_id != cfg.eot_token_id:
-        raise SystemExit(f"{args['tokenizer']}: {tokenizer.vocab_size} ids with end-of-text {tokenizer.eot_id}, "
-                         f"but the model has {cfg.vocab_size} with {cfg.eot_token_id}; pass the tokenizer the model "
-                         f"was trained with (CLIP's: python tools/prepare.py clip-tokenizer)")
+        raise SystemExit(f"{args['tokenizer']}: {tokenizer.vocab_size} ids with end-of-text "
+                         f"{tokenizer.eot_id}, but the model has {cfg.vocab_size} with "
+                         f"{cfg.eot_token_id}; pass the tokenizer the model was trained with "
+                         f"(CLIP's: python tools/prepare.py clip-tokenizer)")
     step_years = shards.parse_steps(args["data_root"], args["steps"], split="retrieval")
     tasks = {**tasks_of(args["data_root"], step_years, args["shard_cmd"]),
              **static_tasks(args["data_root"], args["static"])}
@@ -476,7 +519,8 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
     print(format_row(row))
     print(f"evaluated in {time.time() - t0:.0f}s")
     if args["out"]:
-        shards.write_json(args["out"], {"checkpoint": args["checkpoint"], "steps": step_years, "results": row})
+        shards.write_json(args["out"], {"checkpoint": args["checkpoint"], "steps": step_years,
+                                        "results": row})
     return row
 
 
@@ -486,19 +530,25 @@ def main(argv):
         raise SystemExit(f"--precision={args['precision']}: use {' or '.join(PRECISIONS)}")
     if args["checkpoint"]:
         return evaluate_checkpoint(args)
-    if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS
-                              if k not in ("run", "device", "precision", "max_bad_fraction")):
-        raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda] [--precision=bf16|fp32]\n"
+    run_flags = ("run", "device", "precision", "max_bad_fraction", "shard_cmd")
+    if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS if k not in run_flags):
+        raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda] "
+                         "[--precision=bf16|fp32] [--shard_cmd=COMMAND]\n"
                          "   or: " + CHECKPOINT_USAGE[7:])
     run, device = args["run"], torch.device(args["device"])
     checkpoints = step_checkpoints(run)
     if not checkpoints:
-        raise SystemExit(f"error: no step checkpoints (step*.pt) in {run}; train first with train.py --out_dir={run}")
+        raise SystemExit(f"error: no step checkpoints (step*.pt) in {run}; train first with "
+                         f"train.py --out_dir={run}")
     tokenizer = Tokenizer.load(os.path.join(run, "tokenizer.json"))
-    # every model on the tasks of the newest checkpoint's steps: a run grown by a step adds a column to all rows
+    # every model on the newest checkpoint's tasks: a grown run gets a new column in every row
     last = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
     config = last["config"]
-    tasks = {**tasks_of(config["data_root"], last["steps"], config.get("shard_cmd", "")),
+    if config.get("shard_cmd") and not args["shard_cmd"]:  # a command from a file is never run
+        raise SystemExit(f"error: {run} streamed its shards with --shard_cmd="
+                         f"{config['shard_cmd']!r}; a run folder's commands are not run: pass "
+                         f"--shard_cmd yourself (that one, once read and trusted, or your own)")
+    tasks = {**tasks_of(config["data_root"], last["steps"], args["shard_cmd"]),
              **static_tasks(config["data_root"], config.get("static", ""))}
     rows = {}
     for path in checkpoints:
@@ -508,9 +558,11 @@ def main(argv):
                                                   precision=args["precision"] or None,
                                                   max_bad_fraction=args["max_bad_fraction"])
         print(f"evaluated {path} in {time.time() - t0:.1f}s")
-    _, initial = read_results(os.path.join(run, "eval_matrix.json"), [])  # --init's row: kept as it was measured
-    result = eval_matrix(rows, [shards.step_name(ys) for ys in last["steps"]], initial)
+    names = [shards.step_name(ys) for ys in last["steps"]]
+    _, initial = read_results(os.path.join(run, "eval_matrix.json"), names)  # --init's row, kept
+    result = eval_matrix(rows, names, initial)
     shards.write_json(os.path.join(run, "eval_matrix.json"), result)
+    pictures.write_eval_matrix(run, result)
     print(format_matrix(result))
 
 

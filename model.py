@@ -1,23 +1,24 @@
 """
-CLIP (Radford et al. 2021) as TiC-CLIP trains it: a ViT image tower, a causal Transformer text tower,
-a learned temperature, and the symmetric contrastive loss with a local-loss all-gather for N GPUs.
+CLIP (Radford et al. 2021) as TiC-CLIP trains it: a ViT image tower, a causal Transformer text
+tower, a learned temperature, and the symmetric contrastive loss, on one GPU or gathered over N.
 
     from model import CLIP, clip_loss, make_config
-    model = CLIP(make_config("tiny"))                       # or "ViT-B-16", as in the paper
-    image_features, text_features, scale = model(images, tokens)  # images [B,3,H,W], tokens [B,T] ids
+    model = CLIP(make_config("tiny"))                 # or "ViT-B-16", as in the paper
+    image_features, text_features, scale = model(images, tokens)  # [B,3,H,W], [B,T] token ids
     loss = clip_loss(image_features, text_features, scale, rank, world_size)
 
-Follows OpenCLIP (mlfoundations/open_clip) for the CLIP details: its model shapes, its initialisation,
-pooling at the end-of-text token, the logit scale started at 1/0.07 and clamped at 100, and the "local
-loss with gathered features" that keeps memory linear in the global batch. The image tower is timm's
-VisionTransformer configured as CLIP's; the text tower is written out here, nanoGPT style. The text
-attention keeps OpenCLIP's parameter layout (one fused q,k,v projection with bias, then an output
-projection) so that OpenCLIP checkpoints map onto it name by name.
+Follows OpenCLIP (mlfoundations/open_clip) for the CLIP details: its shapes and initialisation,
+pooling at the end-of-text token, the logit scale from 1/0.07 clamped at 100, and the local loss
+with gathered features. The image tower is timm's VisionTransformer set up as CLIP's; the text
+tower is written out here, nanoGPT style, in OpenCLIP's parameter layout, so that OpenCLIP and
+OpenAI checkpoints load onto it name by name (load_checkpoint).
 """
 import json
 import math
 import os
+import pickle
 import zipfile
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ class CLIPConfig:
     text_width: int = 128
     text_layers: int = 3
     text_heads: int = 4
-    context_tokens: int = 24        # tokens per caption, end-of-text and padding included (synthetic: <= 23)
+    context_tokens: int = 24        # per caption, with end-of-text and padding (synthetic: <= 23)
     vocab_size: int = 1024
     # shared
     embed_dim: int = 128            # the joint image-text embedding
@@ -51,29 +52,32 @@ class CLIPConfig:
 
     def __post_init__(self):
         if self.image_px % self.patch_px:
-            raise ValueError(f"image_px={self.image_px} is not a multiple of patch_px={self.patch_px}")
+            raise ValueError(f"image_px={self.image_px} is not a multiple of "
+                             f"patch_px={self.patch_px}")
         for tower in ("vision", "text"):
             width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
             if width % heads:
-                raise ValueError(f"{tower}_width={width} is not a multiple of {tower}_heads={heads}")
+                raise ValueError(f"{tower}_width={width} is not a multiple of "
+                                 f"{tower}_heads={heads}")
 
 
-_VIT_B = dict(image_px=224, vision_width=768, vision_layers=12, vision_heads=12, text_width=512, text_layers=12,
-              text_heads=8, context_tokens=77, vocab_size=49408, embed_dim=512, eot_token_id=49407)
+_VIT_B = dict(image_px=224, vision_width=768, vision_layers=12, vision_heads=12, text_width=512,
+              text_layers=12, text_heads=8, context_tokens=77, vocab_size=49408, embed_dim=512,
+              eot_token_id=49407)
 PRESETS: dict[str, dict] = {
-    # learns the 32px synthetic benchmark on a laptop CPU in minutes: the CLIPConfig defaults
+    # the CLIPConfig defaults: learns the 32 px synthetic benchmark on a laptop CPU in minutes
     "tiny": {},
     # OpenCLIP's shapes; 49407 is <|endoftext|> in CLIP's BPE vocabulary
-    "ViT-S-16": dict(image_px=224, patch_px=16, vision_width=384, vision_layers=12, vision_heads=6, text_width=384,
-                     text_layers=12, text_heads=6, context_tokens=77, vocab_size=49408, embed_dim=384,
-                     eot_token_id=49407),
-    "ViT-B-32": dict(_VIT_B, patch_px=32),   # the released TiC code's model at DataComp medium scale
-    "ViT-B-16": dict(_VIT_B, patch_px=16),   # the paper's model: 149.6M parameters, ~41 GFLOPs per pair
+    "ViT-S-16": dict(image_px=224, patch_px=16, vision_width=384, vision_layers=12, vision_heads=6,
+                     text_width=384, text_layers=12, text_heads=6, context_tokens=77,
+                     vocab_size=49408, embed_dim=384, eot_token_id=49407),
+    "ViT-B-32": dict(_VIT_B, patch_px=32),  # the released TiC code's, at DataComp medium scale
+    "ViT-B-16": dict(_VIT_B, patch_px=16),  # the paper's: 149.6M parameters, ~41 GFLOPs a pair
 }
 
 
 def make_config(name: str, **overrides) -> CLIPConfig:
-    """The preset called name, with some fields replaced (e.g. vocab_size to match the tokenizer)."""
+    """The preset called name, with some fields replaced (e.g. vocab_size, to fit the tokenizer)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return CLIPConfig(**{**PRESETS[name], **overrides})
@@ -93,14 +97,13 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.in_proj = nn.Linear(width, 3 * width)  # q, k, v stacked along the output, as OpenCLIP's in_proj_weight
+        self.in_proj = nn.Linear(width, 3 * width)  # q, k, v stacked, as OpenCLIP's in_proj_weight
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        # causal, as in CLIP: a token sees only those before it, so the padding after the
-        # end-of-text token cannot change the pooled feature
+        # causal, as CLIP: the padding after end-of-text cannot change the pooled feature
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -140,13 +143,13 @@ class CLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         act = QuickGELU if cfg.quick_gelu else nn.GELU
-        # image tower: timm's ViT set up as CLIP's. pre_norm=True adds CLIP's ln_pre and drops the patch conv's
-        # bias; the final norm then the class token is CLIP's ln_post on the pooled token; num_classes=0 = no head.
-        # nn.LayerNorm (eps 1e-5, as OpenCLIP) instead of timm's default eps 1e-6.
+        # image tower: timm's ViT as CLIP's: pre_norm is ln_pre (no patch bias), final_norm ln_post
+        # nn.LayerNorm for OpenCLIP's eps 1e-5 (timm's is 1e-6); num_classes=0: no head
         self.visual = VisionTransformer(
-            img_size=cfg.image_px, patch_size=cfg.patch_px, embed_dim=cfg.vision_width, depth=cfg.vision_layers,
-            num_heads=cfg.vision_heads, mlp_ratio=cfg.mlp_ratio, class_token=True, global_pool="token",
-            pre_norm=True, final_norm=True, num_classes=0, norm_layer=nn.LayerNorm, act_layer=act)
+            img_size=cfg.image_px, patch_size=cfg.patch_px, embed_dim=cfg.vision_width,
+            depth=cfg.vision_layers, num_heads=cfg.vision_heads, mlp_ratio=cfg.mlp_ratio,
+            class_token=True, global_pool="token", pre_norm=True, final_norm=True, num_classes=0,
+            norm_layer=nn.LayerNorm, act_layer=act)
         self.visual_proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         # text tower
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
@@ -165,10 +168,8 @@ class CLIP(nn.Module):
     def init_weights(self) -> None:
         """How every parameter starts: OpenCLIP's initialisation, in both towers."""
         cfg = self.cfg
-        # vision, as OpenCLIP's ViT (not timm's init, which it replaces): PyTorch's defaults for the patch conv,
-        # the Linears and the LayerNorms, q,k,v Xavier-uniform with zero bias (nn.MultiheadAttention's), and the
-        # class token and positional embedding N(0, width^-0.5), large enough that the quadrants of an image
-        # differ from the start (timm's 0.02 and 1e-6 learn the tiny benchmark far slower: README, "Choosing")
+        # vision as OpenCLIP's ViT: class token and positions N(0, width^-0.5), not timm's 0.02,
+        # so quadrants differ from the start (docs/results.md, "Why the defaults are what they are")
         for m in self.visual.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
                 m.reset_parameters()
@@ -179,18 +180,19 @@ class CLIP(nn.Module):
         nn.init.normal_(self.visual.cls_token, std=cfg.vision_width ** -0.5)
         nn.init.normal_(self.visual.pos_embed, std=cfg.vision_width ** -0.5)
         nn.init.normal_(self.visual_proj.weight, std=cfg.vision_width ** -0.5)
-        # text: small embeddings; weights scaled by fan-in, and the two projections that write into the
-        # residual stream shrunk by (2 x layers)^-0.5 so its variance does not grow with depth (GPT-2's trick)
+        # text: weights by fan-in; the residual projections shrunk by (2 x layers)^-0.5 (GPT-2's)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         width, layers = cfg.text_width, cfg.text_layers
-        attn_std, fc_std, proj_std = width ** -0.5, (2 * width) ** -0.5, width ** -0.5 * (2 * layers) ** -0.5
+        attn_std, fc_std, proj_std = (width ** -0.5, (2 * width) ** -0.5,
+                                      width ** -0.5 * (2 * layers) ** -0.5)
         for block in self.text_blocks:
             nn.init.normal_(block.attn.in_proj.weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-            for linear in (block.attn.in_proj, block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+            for linear in (block.attn.in_proj, block.attn.out_proj, block.mlp.c_fc,
+                           block.mlp.c_proj):
                 nn.init.zeros_(linear.bias)
         for ln in [self.ln_final, *(m for b in self.text_blocks for m in (b.ln_1, b.ln_2))]:
             ln.reset_parameters()  # weight 1, bias 0
@@ -200,34 +202,36 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, image_px, image_px] -> [B, embed_dim], not normalised."""
-        return self.visual_proj(self.visual(images))  # timm returns the normed class token: [B, vision_width]
+        return self.visual_proj(self.visual(images))  # timm gives the normed class token
 
     def text_hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids, T <= context_tokens -> [B, T, text_width] after the final LayerNorm."""
         x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]
         for block in self.text_blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+            x = (checkpoint(block, x, use_reentrant=False)
+                 if self.grad_checkpointing and self.training else block(x))
         return self.ln_final(x)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, T] token ids -> [B, embed_dim], not normalised: the hidden state at the end-of-text token."""
+        """[B, T] token ids -> [B, embed_dim], not normalised: the hidden state at the first
+        end-of-text token, or at the last token of a caption cut before it."""
         x = self.text_hidden_states(tokens)
-        # pool at the first eot. OpenCLIP takes tokens.argmax(), which works only because eot is the largest id
-        # in CLIP's vocabulary; ours need not be. A caption without eot (cut by truncation) pools at its last token.
+        # not OpenCLIP's argmax, which needs eot to be the largest id
         is_eot = tokens == self.cfg.eot_token_id
         eot_pos = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.shape[1] - 1)
         return self.text_proj(x[torch.arange(x.shape[0], device=x.device), eot_pos])
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image features, text features), each L2-normalised [B, embed_dim], and the scale exp(logit_scale)."""
+    def forward(self, images: torch.Tensor,
+                tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image features, text features), each L2-normalised [B, embed_dim], and the scale
+        exp(logit_scale)."""
         image_features = F.normalize(self.encode_image(images), dim=-1)
         text_features = F.normalize(self.encode_text(tokens), dim=-1)
         return image_features, text_features, self.logit_scale.exp()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Gradient checkpointing in both towers: keep only each block's input in the forward pass and recompute
-        the block in the backward pass; one more forward of compute for a larger batch per GPU (see tools/bench.py
-        memory)."""
+        """Gradient checkpointing in both towers: each block is recomputed in the backward pass,
+        one more forward of compute for a larger batch per GPU (tools/bench.py memory)."""
         self.grad_checkpointing = enable
         self.visual.set_grad_checkpointing(enable)  # timm's switch for the image tower
 
@@ -235,23 +239,26 @@ class CLIP(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_pair(self) -> int:
-        """Forward FLOPs (2 x multiply-adds) of one image and one caption, counting the matmuls and the patch conv.
+        """Forward FLOPs (2 x multiply-adds) of one image and one caption: the matmuls and the
+        patch conv.
 
         A transformer layer on n tokens of width w with MLP hidden width h costs
             2n(3w^2 + w^2)   q,k,v and output projections
           + 2n(2wh)          the MLP's two Linears
           + 2(2n^2 w)        scores q k^T and their weighted sum of v (all heads together)
-        The image tower adds its patch conv 2 n_patches (3 p^2) w over n = n_patches + 1 tokens; each tower adds
-        its projection 2 w embed_dim on the pooled token. The text tower runs on all context_tokens and is
-        counted with the full n^2 attention (the causal mask saves no work in the math kernel; flash kernels
-        skip about half of it). Embedding lookups, norms, activations, softmax and the loss are left out, as
-        in OpenCLIP's profile. For ViT-B-16 at 224 px: 35.1G image + 6.0G text = 41.1 GFLOPs.
+        The image tower adds its patch conv 2 n_patches (3 p^2) w over n = n_patches + 1 tokens;
+        each tower adds its projection 2 w embed_dim on the pooled token. The text tower runs on all
+        context_tokens with the full n^2 attention (the causal mask saves no work in the math
+        kernel; flash kernels skip about half of it). Embedding lookups, norms, activations, softmax
+        and the loss are left out, as in OpenCLIP's profile. For ViT-B-16 at 224 px:
+        35.1G image + 6.0G text = 41.1 GFLOPs.
         """
         cfg = self.cfg
 
         def tower(n_tokens: int, width: int, layers: int) -> int:
             hidden = int(width * cfg.mlp_ratio)
-            per_layer = 2 * n_tokens * (4 * width * width + 2 * width * hidden) + 4 * n_tokens * n_tokens * width
+            per_layer = (2 * n_tokens * (4 * width * width + 2 * width * hidden)
+                         + 4 * n_tokens * n_tokens * width)
             return layers * per_layer + 2 * width * cfg.embed_dim
 
         n_patches = (cfg.image_px // cfg.patch_px) ** 2
@@ -260,33 +267,38 @@ class CLIP(nn.Module):
         text = tower(cfg.context_tokens, cfg.text_width, cfg.text_layers)
         return image + text
 
-    def configure_optimizer(self, lr: float, weight_decay: float = 0.2, betas=(0.9, 0.98), eps: float = 1e-6,
-                            fused: bool | None = None) -> torch.optim.AdamW:
+    def configure_optimizer(self, lr: float, weight_decay: float = 0.2, betas=(0.9, 0.98),
+                            eps: float = 1e-6, fused: bool | None = None) -> torch.optim.AdamW:
         """AdamW with weight decay on the weight matrices of Linear and conv layers only.
 
-        Biases, norms, the embeddings (token, positional, class token, ViT pos_embed) and the logit scale are
-        not decayed: pulling them to zero does not regularise, it only shifts them (DataComp's recipe).
+        Biases, norms, the embeddings (token, positional, class token, ViT pos_embed) and the logit
+        scale are not decayed: pulling them to zero does not regularise, it only shifts them
+        (DataComp's recipe).
         """
-        decayed = {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        decayed = {f"{name}.weight" for name, m in self.named_modules()
+                   if isinstance(m, (nn.Linear, nn.Conv2d))}
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
         decay = [p for n, p in params.items() if n in decayed and p.dim() >= 2]
         no_decay = [p for n, p in params.items() if not (n in decayed and p.dim() >= 2)]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
         if fused is None:
-            fused = all(p.is_cuda for p in params.values())  # one kernel for the whole update; CUDA only
+            fused = all(p.is_cuda for p in params.values())  # one kernel an update; CUDA only
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
-        """Keep the scale in [1, 100] (CLIP's cap stops the temperature collapsing); call after every step."""
+        """Clamp the scale to [1, 100] (CLIP's cap: the temperature must not collapse); call after
+        every optimizer step."""
         self.logit_scale.clamp_(0, math.log(100))
 
 
 def autocast(device: torch.device, precision: str | None = None):
-    """The context a forward pass runs in: bf16 autocast for precision "bf16", nothing for "fp32"; None chooses
-    bf16 on CUDA and fp32 elsewhere. Weights, gradients and optimizer state stay fp32 either way."""
+    """The context a forward pass runs in: bf16 autocast for precision "bf16", nothing for "fp32";
+    None chooses bf16 on CUDA, fp32 elsewhere. Weights, gradients and optimizer state stay fp32."""
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+            else nullcontext())
 
 
 PRECISIONS = ("bf16", "fp32")
@@ -298,12 +310,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
               rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """Symmetric cross-entropy over image-text similarities; pair i is the positive of row i.
 
-    With world_size > 1 each process gathers every process's features WITH their gradients and computes only
-    its own rows: its images against all texts and its texts against all images, [local, global] logits
-    instead of [global, global], so memory grows linearly with the global batch. All processes must have
-    the same local batch. The gradient of each gathered feature flows back to the process that made it, so
-    after DDP averages the gradients over processes they equal those of the single-process loss on the
-    global batch, as does the loss averaged over processes.
+    With world_size > 1 each process gathers every process's features WITH their gradients and
+    computes only its own rows: its images against all texts and its texts against all images,
+    [local, global] logits instead of [global, global], so memory grows linearly with the global
+    batch. All processes must have the same local batch. The gradient of each gathered feature
+    flows back to the process that made it, so after DDP averages the gradients over processes they
+    equal those of the single-process loss on the global batch, as does the loss averaged over
+    processes.
     """
     if world_size > 1:
         all_images = torch.cat(dist_nn.all_gather(image_features))
@@ -313,17 +326,18 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     logits_per_image = logit_scale * image_features @ all_texts.T   # [local, global]
     logits_per_text = logit_scale * text_features @ all_images.T    # [local, global]
     local = image_features.shape[0]
-    labels = torch.arange(local, device=image_features.device) + rank * local  # where our pairs sit globally
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    labels = torch.arange(local, device=image_features.device) + rank * local  # our global rows
+    return (F.cross_entropy(logits_per_image, labels)
+            + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-# ----------------------------------------------------------------------------- OpenCLIP and OpenAI checkpoints
-# OpenCLIP's ViT CLIP keeps OpenAI's parameter names, so one key map reads both. Each residual block, as
+# ----------------------------------------------------------------------------- OpenCLIP and OpenAI
+# OpenCLIP keeps OpenAI's parameter names, so one key map reads both. A residual block's keys, as
 # (OpenCLIP's name, our text tower's name, timm's name in our image tower):
 _BLOCK_KEYS = [
     ("ln_1.weight", "ln_1.weight", "norm1.weight"),
     ("ln_1.bias", "ln_1.bias", "norm1.bias"),
-    ("attn.in_proj_weight", "attn.in_proj.weight", "attn.qkv.weight"),  # q, k, v stacked in the same order
+    ("attn.in_proj_weight", "attn.in_proj.weight", "attn.qkv.weight"),  # q, k, v in one order
     ("attn.in_proj_bias", "attn.in_proj.bias", "attn.qkv.bias"),
     ("attn.out_proj.weight", "attn.out_proj.weight", "attn.proj.weight"),
     ("attn.out_proj.bias", "attn.out_proj.bias", "attn.proj.bias"),
@@ -334,20 +348,25 @@ _BLOCK_KEYS = [
     ("mlp.c_proj.weight", "mlp.c_proj.weight", "mlp.fc2.weight"),
     ("mlp.c_proj.bias", "mlp.c_proj.bias", "mlp.fc2.bias"),
 ]
-_TRANSPOSED = {"visual_proj.weight", "text_proj.weight"}  # OpenCLIP computes x @ proj; nn.Linear stores proj.T
+_TRANSPOSED = {"visual_proj.weight", "text_proj.weight"}  # OpenCLIP: x @ proj; nn.Linear: proj.T
 _LEADING_DIMS = {"visual.cls_token": 2, "visual.pos_embed": 1}  # timm keeps [1, 1, W] and [1, N, W]
-_NOT_WEIGHTS = {"input_resolution", "context_length", "vocab_size"}  # ints inside OpenAI's TorchScript state dicts
+_NOT_WEIGHTS = {"input_resolution", "context_length", "vocab_size"}  # ints in OpenAI's archives
 
 
 def openclip_key_map(cfg: CLIPConfig) -> dict[str, str]:
-    """Our parameter name -> the OpenCLIP / OpenAI CLIP state-dict key it is read from, every key spelled out."""
-    keys = {"visual.cls_token": "visual.class_embedding", "visual.pos_embed": "visual.positional_embedding",
-            "visual.patch_embed.proj.weight": "visual.conv1.weight",  # CLIP's patch conv has no bias
-            "visual.norm_pre.weight": "visual.ln_pre.weight", "visual.norm_pre.bias": "visual.ln_pre.bias",
-            "visual.norm.weight": "visual.ln_post.weight", "visual.norm.bias": "visual.ln_post.bias",
+    """Our parameter name -> the OpenCLIP / OpenAI CLIP state-dict key it is read from, every key
+    spelled out."""
+    keys = {"visual.cls_token": "visual.class_embedding",
+            "visual.pos_embed": "visual.positional_embedding",
+            "visual.patch_embed.proj.weight": "visual.conv1.weight",  # CLIP's patch conv: no bias
+            "visual.norm_pre.weight": "visual.ln_pre.weight",
+            "visual.norm_pre.bias": "visual.ln_pre.bias",
+            "visual.norm.weight": "visual.ln_post.weight",
+            "visual.norm.bias": "visual.ln_post.bias",
             "visual_proj.weight": "visual.proj", "token_embedding.weight": "token_embedding.weight",
             "positional_embedding": "positional_embedding", "ln_final.weight": "ln_final.weight",
-            "ln_final.bias": "ln_final.bias", "text_proj.weight": "text_projection", "logit_scale": "logit_scale"}
+            "ln_final.bias": "ln_final.bias", "text_proj.weight": "text_projection",
+            "logit_scale": "logit_scale"}
     for i in range(cfg.vision_layers):
         keys.update({f"visual.blocks.{i}.{timm}": f"visual.transformer.resblocks.{i}.{theirs}"
                      for theirs, _, timm in _BLOCK_KEYS})
@@ -357,15 +376,38 @@ def openclip_key_map(cfg: CLIPConfig) -> dict[str, str]:
     return keys
 
 
-def openclip_config(state_dict: dict, quick_gelu: bool) -> CLIPConfig:
-    """The CLIPConfig of an OpenCLIP / OpenAI ViT state dict, read from its shapes (heads: width / 64, as both use).
-    quick_gelu cannot be read from weights: OpenAI's models use it, OpenCLIP's "-quickgelu" models too."""
+# Attention heads (image, text) of open_clip's ViT CLIPs by their widths (image, text): heads
+# 64 wide, but in the image towers of ViT-H (80 wide), ViT-g (88), ViT-bigG (104), ViT-e (112)
+OPENCLIP_HEADS = {(384, 256): (6, 4), (384, 384): (6, 6), (512, 384): (8, 6),  # ViT-S, ViT-M
+                  (512, 512): (8, 8), (768, 512): (12, 8), (896, 640): (14, 10),  # ViT-M, B, B-plus
+                  (1024, 768): (16, 12), (1280, 1024): (16, 16), (1408, 1024): (16, 16),  # L, H, g
+                  (1664, 1280): (16, 20), (1792, 1280): (16, 20)}  # ViT-bigG, ViT-e
+
+
+def parse_heads(spec: str) -> tuple[int, int] | None:
+    """The --heads setting: "auto" (None; see openclip_config) or IMAGE,TEXT, e.g. "16,16"."""
+    if spec == "auto":
+        return None
+    image, _, text = spec.partition(",")
+    if not (image.isdigit() and text.isdigit() and int(image) > 0 and int(text) > 0):
+        raise SystemExit(f"error: --heads={spec}: use auto, or the attention heads of the image "
+                         f"and the text tower, e.g. --heads=16,16 (ViT-H-14)")
+    return int(image), int(text)
+
+
+def openclip_config(state_dict: dict, quick_gelu: bool, heads: tuple[int, int] | None = None,
+                    model_cfg: dict | None = None) -> CLIPConfig:
+    """The CLIPConfig of an OpenCLIP or OpenAI ViT state dict, read from its shapes. What weights
+    do not show is passed: quick_gelu (OpenAI's models and OpenCLIP's -quickgelu ones), and heads,
+    the attention heads (image, text). heads None takes those model_cfg names (an
+    open_clip_config.json's model config), else OPENCLIP_HEADS' of the same widths, else 64-wide."""
     sd = state_dict
     need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
             "positional_embedding", "token_embedding.weight", "ln_final.weight"]
     if any(k not in sd for k in need):
-        raise SystemExit(f"not a ViT CLIP state dict (no {next(k for k in need if k not in sd)}); only OpenCLIP/OpenAI "
-                         f"ViT models load (ResNet image towers and Hugging Face text towers do not)")
+        raise SystemExit(f"not a ViT CLIP state dict (no {next(k for k in need if k not in sd)}); "
+                         f"only OpenCLIP/OpenAI ViT models load (ResNet image towers and Hugging "
+                         f"Face text towers do not)")
     vision_width, _, patch_px, _ = sd["visual.conv1.weight"].shape
     grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
     text_width = sd["ln_final.weight"].shape[0]
@@ -376,30 +418,44 @@ def openclip_config(state_dict: dict, quick_gelu: bool) -> CLIPConfig:
     mlp_ratios = {sd[f"{p}resblocks.0.mlp.c_fc.weight"].shape[0] / w for p, w in
                   (("visual.transformer.", vision_width), ("transformer.", text_width))}
     if len(mlp_ratios) != 1:
-        raise SystemExit(f"the image and text MLPs have different width ratios {sorted(mlp_ratios)}; "
-                         "CLIPConfig has one")
+        raise SystemExit(f"the image and text MLPs have different width ratios "
+                         f"{sorted(mlp_ratios)}; CLIPConfig has one")
     vocab_size = sd["token_embedding.weight"].shape[0]
+    vision, text = (model_cfg or {}).get("vision_cfg"), (model_cfg or {}).get("text_cfg")
+    if not heads and vision is not None and text is not None:  # open_clip's defaults where unsaid
+        heads = vision_width // vision.get("head_width", 64), text.get("heads", 8)
+    heads = heads or OPENCLIP_HEADS.get((vision_width, text_width),
+                                        (max(1, vision_width // 64), max(1, text_width // 64)))
+    for tower, width, n in (("image", vision_width, heads[0]), ("text", text_width, heads[1])):
+        if width % n:
+            raise SystemExit(f"{n} attention heads do not divide the {tower} tower's width "
+                             f"{width}; pass --heads=IMAGE,TEXT that divide {vision_width} and "
+                             f"{text_width}")
     return CLIPConfig(image_px=grid * patch_px, patch_px=patch_px, vision_width=vision_width,
-                      vision_layers=layers("visual.transformer.resblocks"), vision_heads=vision_width // 64,
-                      text_width=text_width, text_layers=layers("transformer.resblocks"), text_heads=text_width // 64,
+                      vision_layers=layers("visual.transformer.resblocks"), vision_heads=heads[0],
+                      text_width=text_width, text_layers=layers("transformer.resblocks"),
+                      text_heads=heads[1],
                       context_tokens=sd["positional_embedding"].shape[0], vocab_size=vocab_size,
-                      embed_dim=sd["text_projection"].shape[1], mlp_ratio=mlp_ratios.pop(), quick_gelu=quick_gelu,
-                      eot_token_id=vocab_size - 1)  # <|endoftext|>, the last id of CLIP's vocabulary
+                      embed_dim=sd["text_projection"].shape[1], mlp_ratio=mlp_ratios.pop(),
+                      quick_gelu=quick_gelu,
+                      eot_token_id=vocab_size - 1)  # <|endoftext|>, CLIP's last id
 
 
 def load_openclip_state_dict(state_dict: dict, cfg: CLIPConfig) -> CLIP:
-    """Our CLIP holding the weights of an OpenCLIP or OpenAI CLIP ViT state dict (cfg: openclip_config(state_dict,
-    quick_gelu) or a preset such as make_config("ViT-B-32", quick_gelu=True)). Every key must be matched both
-    ways and every shape must agree; otherwise the error lists what is left over. Weights become float32."""
+    """Our CLIP holding the weights of an OpenCLIP or OpenAI CLIP ViT state dict, in eval mode
+    (cfg: openclip_config(state_dict, quick_gelu) or a preset such as make_config("ViT-B-32",
+    quick_gelu=True)). Every key must be matched both ways and every shape must agree; otherwise
+    the error lists what is left over. Weights become float32."""
     # the causal mask is rebuilt, not loaded (some OpenCLIP versions saved it as a buffer)
-    state_dict = {k: v for k, v in state_dict.items() if k not in _NOT_WEIGHTS and not k.endswith("attn_mask")}
-    with torch.device("meta"):  # shapes only: every parameter is overwritten below, so skip the random init
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k not in _NOT_WEIGHTS and not k.endswith("attn_mask")}
+    with torch.device("meta"):  # shapes only: every parameter is overwritten below
         model = CLIP(cfg)
     key_map = openclip_key_map(cfg)
     ours = model.state_dict()
     missing = sorted(theirs for theirs in key_map.values() if theirs not in state_dict)
     unused = sorted(set(state_dict) - set(key_map.values()))
-    unmapped = sorted(set(ours) - set(key_map))  # our parameters the map forgot (a change in timm, say)
+    unmapped = sorted(set(ours) - set(key_map))  # the map forgot them (timm changed, say)
     converted, wrong_shape = {}, []
     for name, theirs in key_map.items():
         if name not in ours or theirs not in state_dict:
@@ -408,39 +464,142 @@ def load_openclip_state_dict(state_dict: dict, cfg: CLIPConfig) -> CLIP:
         value = value.t() if name in _TRANSPOSED else value
         value = value[(None,) * _LEADING_DIMS.get(name, 0)]
         if value.shape != ours[name].shape:
-            wrong_shape.append(f"{theirs} {tuple(state_dict[theirs].shape)} -> {name} {tuple(ours[name].shape)}")
+            wrong_shape.append(f"{theirs} {tuple(state_dict[theirs].shape)} -> "
+                               f"{name} {tuple(ours[name].shape)}")
         # a copy: the model must not share memory with the caller's state dict (OpenAI's is float16)
         converted[name] = value.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    problems = [f"{what} ({len(keys)}): {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}" for what, keys in
-                [("checkpoint keys we do not use", unused), ("keys our model needs but the checkpoint lacks", missing),
-                 ("our parameters with no checkpoint key", unmapped), ("shapes that differ", wrong_shape)] if keys]
+    problems = [f"{what} ({len(keys)}): {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}"
+                for what, keys in [("checkpoint keys we do not use", unused),
+                                   ("keys our model needs but the checkpoint lacks", missing),
+                                   ("our parameters with no checkpoint key", unmapped),
+                                   ("shapes that differ", wrong_shape)] if keys]
     if problems:
         raise SystemExit("cannot load the CLIP state dict: " + "; ".join(problems)
-                         + "; check the model shape (a ViT-B-32/B-16/S-16 OpenCLIP or OpenAI checkpoint)")
+                         + "; check the model shape (a ViT-B-32/B-16/S-16 OpenCLIP or OpenAI "
+                           "checkpoint)")
     model.load_state_dict(converted, assign=True)
     return model.eval()
 
 
+class _ScriptObject:
+    """A module (or other object) of a TorchScript archive, as the attributes its pickle gives:
+    its class's code, which torch.jit.load would compile and run, is never looked at."""
+    attributes: dict = {}  # until the pickle's BUILD gives this object its own
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):  # a __getstate__ of its own: only its __setstate__ knows it
+            raise _NotPlainData(f"{type(self).__name__}.__setstate__")
+        self.attributes = state
+
+
+class _NotPlainData(Exception):
+    """What an archive's pickle needs beyond tensors, storages, containers and modules."""
+
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "DoubleStorage": torch.float64,
+                   "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8,
+                   "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's data.pkl. A pickle reaches every function it calls through
+    find_class, so answering only with tensor rebuilds, storage dtypes, containers and
+    _ScriptObject classes lets nothing else run. Storages are read from ARCHIVE/data/ as bytes."""
+
+    def __init__(self, archive: zipfile.ZipFile, folder: str):
+        super().__init__(archive.open(f"{folder}/data.pkl"))
+        self.archive, self.folder, self.classes, self.storages = archive, folder, {}, {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):  # a module's TorchScript class
+            qualname = f"{module}.{name}"
+            return self.classes.setdefault(qualname, type(qualname, (_ScriptObject,), {}))
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]  # a tag of a storage's elements, never called
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda flat, offset, size, stride, *_: flat.as_strided(size, stride, offset)
+        if (module, name) == ("collections", "OrderedDict"):  # a tensor's backward hooks: none
+            return OrderedDict
+        if module == "torch.jit._pickle" and name.startswith(("build_", "restore_type_tag")):
+            return lambda value, *type_tag: value  # a typed list or dict: the value, untyped
+        raise _NotPlainData(f"{module}.{name}")
+
+    def persistent_load(self, saved_id):
+        kind, dtype, key, *_ = saved_id  # ("storage", dtype, key, device, elements)
+        if kind != "storage" or not isinstance(dtype, torch.dtype) or not isinstance(key, str):
+            raise _NotPlainData("a persistent id that is not a storage")
+        if key not in self.storages:  # one flat tensor per storage; its tensors are views of it
+            data = bytearray(self.archive.read(f"{self.folder}/data/{key}"))
+            self.storages[key] = (torch.frombuffer(data, dtype=dtype) if data
+                                  else torch.empty(0, dtype=dtype))
+        return self.storages[key]
+
+
+def read_torchscript(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor the modules of a TorchScript archive hold, by dotted name: the keys of
+    torch.jit.load(path).state_dict(), and any other tensor attribute (a causal mask). OpenAI's
+    CLIPs are such archives, and torch.jit.load runs the code inside one (its __setstate__
+    methods); here nothing in the file is run, and an archive that needs more than tensors, plain
+    containers and modules' attributes to be rebuilt is refused in one line."""
+
+    def tensors(obj: _ScriptObject, prefix: str, seen: set) -> dict[str, torch.Tensor]:
+        seen.add(id(obj))  # a pickle can make an object its own attribute: each is walked once
+        found = {}
+        for name, value in obj.attributes.items():
+            if isinstance(value, torch.Tensor):
+                found[f"{prefix}{name}"] = value
+            elif isinstance(value, _ScriptObject) and id(value) not in seen:
+                found.update(tensors(value, f"{prefix}{name}.", seen))
+        return found
+
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        try:
+            if not pickles:
+                raise ValueError("no data.pkl")
+            root = _ArchiveUnpickler(archive, pickles[0].removesuffix("/data.pkl")).load()
+            if not isinstance(root, _ScriptObject):
+                raise ValueError(f"it holds a {type(root).__name__}, not a module")
+            return tensors(root, "", set())
+        except _NotPlainData as e:
+            raise SystemExit(f"{path}: refused: this TorchScript archive needs {e} to be "
+                             f"rebuilt, and no code a file names is run (only tensors, containers "
+                             f"and modules' attributes are read); pass its weights as a state dict "
+                             f"(torch.save's .pt, or .safetensors)") from None
+        except Exception as e:
+            raise SystemExit(f"{path}: not a readable TorchScript archive ({type(e).__name__}: "
+                             f"{e}); pass an OpenAI or OpenCLIP CLIP (an archive, a state dict or "
+                             f".safetensors)") from None
+
+
 def _is_torchscript(path: str) -> bool:
-    """A TorchScript archive is a zip holding constants.pkl (torch.save's zips do not); looked up without unpickling."""
+    """Whether path is a TorchScript archive: a zip holding constants.pkl (torch.save's do not).
+    Nothing is unpickled."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
         return any(name.endswith("/constants.pkl") for name in z.namelist())
 
 
-def load_checkpoint(path: str, quick_gelu: bool | None = None) -> tuple[CLIP, dict]:
-    """(model, what else the file holds) from one of train.py's checkpoints (stepNN.pt: the rest is its record:
-    config, steps, samples seen, ...) or an existing CLIP ({} beside it): OpenAI's TorchScript archive
-    (ViT-B-32.pt ...), an OpenCLIP state dict (.bin, .pt or .safetensors) or OpenCLIP training checkpoint
-    ({"state_dict": ...} with DDP's "module." prefix). The activation cannot be read from weights: quick_gelu None
-    takes it from the file where it says (OpenAI's archives: QuickGELU; an open_clip_config.json beside the
-    weights), else assumes GELU, as OpenCLIP's own models, with a line saying so. The one way this project reads
-    a model from a file; the model comes in eval mode, on the CPU."""
+def load_checkpoint(path: str, quick_gelu: bool | None = None,
+                    heads: tuple[int, int] | None = None) -> tuple[CLIP, dict]:
+    """(model, the rest of the file) of one of train.py's checkpoints (stepNN.pt; the rest is its
+    record: config, steps, samples seen, ...) or of an existing CLIP (the rest is {}): OpenAI's
+    TorchScript archive (ViT-B-32.pt ...), an OpenCLIP state dict (.bin, .pt or .safetensors) or
+    OpenCLIP training checkpoint ({"state_dict": ...}, DDP's "module." prefix too). The model
+    comes in eval mode, on the CPU; this is the one way the project reads a model from a file.
+
+    Two things weights do not show; None takes each from the file, with a printed note where it
+    must assume. quick_gelu: True for OpenAI's archives, else what an open_clip_config.json beside
+    the weights says, else GELU, as OpenCLIP's models. heads (image, text): what such a file says,
+    else those of open_clip's model of the same widths, else 64-wide heads."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such checkpoint file; pass --checkpoint=FILE (an OpenCLIP or OpenAI CLIP)")
+        raise SystemExit(f"{path}: no such checkpoint file; pass --checkpoint=FILE (an OpenCLIP or "
+                         f"OpenAI CLIP)")
     if _is_torchscript(path):
-        state_dict = torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI's releases are TorchScript
+        state_dict = read_torchscript(path)  # OpenAI's releases are TorchScript: read, never run
         quick_gelu = True if quick_gelu is None else quick_gelu
     elif path.endswith(".safetensors"):
         from safetensors.torch import load_file  # installed with timm
@@ -449,52 +608,64 @@ def load_checkpoint(path: str, quick_gelu: bool | None = None) -> tuple[CLIP, di
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise SystemExit(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]}); pass an OpenCLIP/"
-                             f"OpenAI CLIP state dict or a train.py step checkpoint (a damaged RUN/stepNN.pt: delete "
-                             f"it, and rerun to train that step again)")
+            raise SystemExit(f"{path}: not a readable torch checkpoint "
+                             f"({str(e).splitlines()[0]}); pass an OpenCLIP/OpenAI CLIP state dict "
+                             f"or a train.py step checkpoint (a damaged RUN/stepNN.pt: delete it, "
+                             f"and rerun to train that step again)")
     if "model_config" in state_dict and "model" in state_dict:  # one of ours
-        with torch.device("meta"):  # shapes only: every parameter is overwritten, so skip the random init
+        with torch.device("meta"):  # shapes only: every parameter is overwritten below
             model = CLIP(CLIPConfig(**state_dict["model_config"]))
         model.load_state_dict(state_dict["model"], assign=True)
         return model.eval(), {k: v for k, v in state_dict.items() if k != "model"}
     state_dict = state_dict.get("state_dict", state_dict)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    beside = _openclip_config_beside(path)
     if quick_gelu is None:
-        quick_gelu = _quick_gelu_beside(path)
+        quick_gelu = beside.get("quick_gelu")
     if quick_gelu is None:
-        print(f"note: {path} does not say which activation its model uses; assuming GELU, as OpenCLIP's models; "
-              f"for OpenAI's weights (or an OpenCLIP -quickgelu model) pass --quick_gelu=true")
-    return load_openclip_state_dict(state_dict, openclip_config(state_dict, bool(quick_gelu))), {}
+        print(f"note: {path} does not say which activation its model uses; assuming GELU, as "
+              f"OpenCLIP's models; for OpenAI's weights (or an OpenCLIP -quickgelu model) pass "
+              f"--quick_gelu=true")
+    cfg = openclip_config(state_dict, bool(quick_gelu), heads, beside)
+    said = heads or "vision_cfg" in beside and "text_cfg" in beside
+    if not said and (cfg.vision_width, cfg.text_width) not in OPENCLIP_HEADS:
+        print(f"note: {path}: no open_clip_config.json beside it, and no open_clip model of "
+              f"its widths ({cfg.vision_width} image, {cfg.text_width} text), says its attention "
+              f"heads; assuming {cfg.vision_heads} image and {cfg.text_heads} text heads; if it "
+              f"has others, pass --heads=IMAGE,TEXT")
+    return load_openclip_state_dict(state_dict, cfg), {}
 
 
-def _quick_gelu_beside(path: str) -> bool | None:
-    """quick_gelu as an open_clip_config.json beside the weights gives it (Hugging Face's layout, or export's)."""
+def _openclip_config_beside(path: str) -> dict:
+    """The open_clip model config in an open_clip_config.json beside the weights (Hugging Face's
+    layout, or export's); {} where there is none."""
     config_path = os.path.join(os.path.dirname(path), "open_clip_config.json")
     if not os.path.exists(config_path):
-        return None
+        return {}
     with open(config_path) as f:
         config = json.load(f)
-    return config.get("model_cfg", config).get("quick_gelu")
+    return config.get("model_cfg", config)
 
 
 def to_openclip(model: CLIP) -> tuple[dict, dict]:
-    """(OpenCLIP state dict, OpenCLIP model config) of our model: the key map read backwards, so that
-    open_clip.CLIP(**config) loads the state dict with strict=True and gives the same embeddings. The config names
-    every shape, so shapes that open_clip has no name for (tiny, another vocabulary) load too; text pooling is at
-    the end-of-text id ("eos"), or at the largest id where that is end-of-text, as in CLIP's vocabulary."""
+    """(OpenCLIP state dict, OpenCLIP model config) of our model: open_clip.CLIP(**config) loads
+    the state dict with strict=True and gives the same embeddings. The config names every shape, so
+    shapes open_clip has no name for (tiny, another vocabulary) load too."""
     cfg, ours = model.cfg, model.state_dict()
     state_dict = {}
     for name, theirs in openclip_key_map(cfg).items():
         value = ours[name].detach().cpu()
         value = value.t() if name in _TRANSPOSED else value
         state_dict[theirs] = value.reshape(value.shape[_LEADING_DIMS.get(name, 0):]).contiguous()
-    text_pool = dict(pool_type="argmax") if cfg.eot_token_id == cfg.vocab_size - 1 else \
-        dict(pool_type="eos", eos_id=cfg.eot_token_id)
+    # pool at end-of-text: argmax where it is the largest id, as in CLIP's vocabulary
+    text_pool = (dict(pool_type="argmax") if cfg.eot_token_id == cfg.vocab_size - 1
+                 else dict(pool_type="eos", eos_id=cfg.eot_token_id))
     config = {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
-              "vision_cfg": {"image_size": cfg.image_px, "patch_size": cfg.patch_px, "width": cfg.vision_width,
-                             "layers": cfg.vision_layers, "head_width": cfg.vision_width // cfg.vision_heads,
+              "vision_cfg": {"image_size": cfg.image_px, "patch_size": cfg.patch_px,
+                             "width": cfg.vision_width, "layers": cfg.vision_layers,
+                             "head_width": cfg.vision_width // cfg.vision_heads,
                              "mlp_ratio": cfg.mlp_ratio},
               "text_cfg": {"context_length": cfg.context_tokens, "vocab_size": cfg.vocab_size,
-                           "width": cfg.text_width, "heads": cfg.text_heads, "layers": cfg.text_layers,
-                           "mlp_ratio": cfg.mlp_ratio, **text_pool}}
+                           "width": cfg.text_width, "heads": cfg.text_heads,
+                           "layers": cfg.text_layers, "mlp_ratio": cfg.mlp_ratio, **text_pool}}
     return state_dict, config

@@ -1,39 +1,55 @@
 """
-The continual-learning strategies of TiC-CLIP: the paper's eight and two that merge models across time, as one
-table, and everything that makes each one different. At every time step t, train.py asks the strategy five
-questions and nothing else (it never tests a strategy's name):
+The continual-learning strategies of TiC-CLIP, the paper's eight and two that merge models across
+time, as one table (STRATEGIES). At every time step t, train.py asks the run's strategy these
+questions, and never tests its name:
 
-  1. which model does step t start from?   warm_start: the one step t-1 left (continue_point), or a random init;
-  2. which data does step t train on?      replay(t): {step s <= t: fraction of s's data kept in the buffer};
-  3. how many samples may it see?          budget_steps(t) x C, C = budget_samples per step;
-  4. is anything added to the loss?        batch_loss(model, step): a term on every batch (LwF's distillation);
-  5. is anything done after training?     end_of_step(model, step): an action on the trained model that makes
-                                           the model deployed (patching's interpolation, ema's merge).
-Questions 4 and 5 relate the model to the one before it, so they are asked from the second step on (from the
-first, when the run begins from an existing model, --init: it is the one before). Both report the compute they
-add (flops_per_sample, "flops"), so the FLOPs ledger counts it. Two settings cut across every strategy: the
-learning-rate schedule through time (train.py's lr_schedule, schedules.py), and the share of each step's samples
-drawn from its new data (new_data_fraction, step_parts; by default in proportion to sizes).
+  warm_start       which model does step t start from? the continue point, else a fresh one
+  replay(t)        which data? {step s <= t: the fraction of step s's data in the replay buffer}
+  budget_units(t)  how many samples? budget_units(t) x C, C = budget_samples
+  start_of_step    anything before training? (model, step) -> report (e.g. a Fisher estimate)
+  batch_loss       anything added to the loss? (model, step) -> a term on every batch (LwF)
+  end_of_step      anything after training? (model, step) -> report; it may change the model
+                   into the one deployed (patching's interpolation, ema's merge)
 
-    python train.py --strategy=sequential        # any name of STRATEGIES
+The models of a step, called so here, in train.py and in the README:
+  initial          the model the run began with (--init), or none: random init
+  previous         the model step t-1 deployed (at the first step: the initial model, if any)
+  start            the model step t trains from: the continue point, else initial or random
+  trained          the model when step t's training ends
+  deployed         what step t hands out (evaluated, saved): trained, after the end-of-step action
+  continue point   what the next warm start goes on from: weights, and the optimizer where the
+                   schedule carries it (schedules.py)
 
-To add a strategy: write what differs (a replay rule, a batch loss, an end-of-step action) and add a row to
-STRATEGIES below; a setting it reads goes into SETTINGS beside its code (and a check into check_settings), and
-becomes a --key=value setting of train.py like any other, read as step.config.KEY. Or, without touching this
-file, register it from a script of your own that then runs train.py's main, e.g. training on the last two
-steps only (tests/test_strategies.py does this; tools/compare.py runs train.py afresh, so it needs the row here):
+The three hooks relate the model to the previous one, so they run from the second step on (from
+the first with --init). What they can rely on:
+  - a batch loss is called once a batch, with the whole batch's features, whatever accum_steps
+    is: its gradient is one batch's, through the features and the weights alike;
+  - compute is declared: a batch loss's flops_per_sample, a report's "flops" (paid once a step);
+    train.py adds both to the FLOPs ledger, and a missing one is an error, not a zero;
+  - state across steps: a report's "state" (a dict; tensors are fine) becomes step.state; it is
+    saved in stepNN.pt and handed back at the next step, also after a kill, a resume or a grown
+    run (a resumed step reuses its start_of_step report, kept in RUN/resume);
+  - settings: SETTINGS[KEY] = Setting(default, help, check, use) is train.py's --KEY=VALUE, read
+    as step.config.KEY and checked with the others before any compute.
+
+To add a strategy, write what differs and add a row to STRATEGIES. From a file of your own, as
+examples/ewc.py does, touching no file here (tools/compare.py --module=FILE compares it):
     import sys, strategies, train
-    last_two = lambda t: {s: 1.0 for s in range(max(0, t - 1), t + 1)}
-    strategies.STRATEGIES["recent"] = strategies.Strategy("recent", True, last_two)
-    train.main(sys.argv[1:])                      # python my_strategy.py --strategy=recent
+    from settings import Setting
+    strategies.SETTINGS["ewc_weight"] = Setting(1e4, "ewc: lambda", lambda w: w >= 0, "0 or more")
+    strategies.STRATEGIES["ewc"] = strategies.Strategy("ewc", True, strategies.new_only,
+                                                       start_of_step=fisher, batch_loss=Penalty)
+    train.run(["--strategy=ewc", *sys.argv[1:]])    # python my_file.py --steps=2018,2019
 
 Replay buffers are never materialised: a sample of step s is in the buffer at step t iff
-keep_sample(key, fraction, seed) holds, a hash of its key compared with the fraction (data.py). So the
-selection needs no index file at any scale, is identical on every rank, and buffers stay nested as they
-shrink: a sample dropped once never comes back, because its hash stays above every smaller fraction.
+data.keep_sample(key, fraction, seed) holds, a hash of its key compared with the fraction. So the
+selection needs no index file at any scale, is the same on every rank, and buffers stay nested as
+they shrink: a sample dropped once never comes back, as its hash stays above every smaller
+fraction.
 """
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable
 
@@ -42,14 +58,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import evaluate
+import settings
 from data import Part, Tokenizer
 from model import CLIP
+from settings import Setting
 
-SETTINGS = {}  # --key=value settings of train.py that strategies read (as step.config.KEY); declared with their code
+SETTINGS = {}  # train.py's settings that strategies read as step.config.KEY, beside their code
 
 
 # ----------------------------------------------------------------------------- which data, per step
-# t counts time steps from 0; each function returns {step index: fraction of that step's data kept}.
+# t counts time steps from 0; each returns {step index: fraction of that step's data kept}.
 def new_only(t: int) -> dict[int, float]:
     return {t: 1.0}
 
@@ -59,7 +77,7 @@ def everything(t: int) -> dict[int, float]:
 
 
 def exp_buffer(t: int) -> dict[int, float]:
-    # all of t-1, half of t-2, a quarter of t-3, ...: at most 2D of old data for D = one step's data
+    # all of t-1, half of t-2, a quarter of t-3, ...: at most 2D of old data, D = one step's data
     return {**{s: 0.5 ** (t - 1 - s) for s in range(t)}, t: 1.0}
 
 
@@ -72,105 +90,170 @@ def equal_buffer(t: int) -> dict[int, float]:
 @dataclass
 class TimeStep:
     """What train.py tells a strategy about the time step it acts on."""
-    t: int                         # this step's index, from 0
-    step_names: list[str]          # every step's name, e.g. ["2018", "2019", "2020"]
-    step_data: list[list[Part]]    # every step's training data, one Part per year, all of it (keep_fraction 1)
-    previous: dict | None          # state dict of the model the step before deployed (None at the first step)
-    config: SimpleNamespace        # the run's settings: train.py's config and SETTINGS
+    t: int                       # this step's index, from 0
+    step_names: list[str]        # every step's name, e.g. ["2018", "2019", "2020"]
+    step_data: list[list[Part]]  # every step's training data, a Part per year, all of it
+    config: SimpleNamespace      # the run's settings: train.py's and the SETTINGS
     tokenizer: Tokenizer
     device: torch.device
-    master: bool                   # rank 0, or the only process: the one that evaluates and writes
-    distributed: bool              # under torchrun: every rank must end the step with the same weights
-    initial: dict | None = None    # state dict of the model the run began with (--init), or None: random init
-    trunk: dict | None = None      # what a warm start continues from (continue_point): {"model": state dict,
-                                   # "optimizer": its state where the schedule carries it, else None, "iterations"}
+    master: bool                 # rank 0, or the only process: the one that evaluates and writes
+    distributed: bool            # under torchrun: every rank must end with the same weights
+    initial: dict | None = None   # the initial model's state dict; None: random init
+    previous: dict | None = None  # the previous model's state dict; None: none yet
+    continue_point: dict | None = None  # {"model", "optimizer" (or None), "iterations"}
+    state: dict = field(default_factory=dict)  # what the hooks kept from earlier steps ("state")
 
 
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    warm_start: bool                                  # start from the model after step t-1 (else random init)
-    replay: Callable[[int], dict[int, float]]         # t -> {step: fraction of its data trained on}
-    budget_steps: Callable[[int], int] = lambda t: 1  # the step's budget in units of C
-    batch_loss: Callable | None = None   # (model, step) -> loss_fn(images, tokens, image_f, text_f, scale), with
-                                         # loss_fn.flops_per_sample: a term added to every batch's loss
-    end_of_step: Callable | None = None  # (model, step) -> {what it did, "flops": compute}: may change model
-    continue_from_deployed: bool = True  # after an end-of-step action: the next step starts from the model it
-                                         # made (patching), or from the model as trained (False: ema)
+    warm_start: bool                           # start from the continue point, else initial/random
+    replay: Callable[[int], dict[int, float]]  # t -> {step: fraction of its data trained on}
+    budget_units: Callable[[int], int] = lambda t: 1  # the step's budget in units of C
+    start_of_step: Callable | None = None  # (start model, step) -> report {"flops", "state"?, ...}
+    batch_loss: Callable | None = None     # (model, step) -> loss_fn(images, tokens, image_f,
+                                           # text_f, scale), with loss_fn.flops_per_sample
+    end_of_step: Callable | None = None    # (trained model, step) -> report; may change the model
+    continue_from_deployed: bool = True    # after an end-of-step action, go on from the model it
+                                           # made (patching), or from the trained one (False: ema)
 
     def first_step(self, from_initial: bool = False) -> tuple:
-        """What the first step is made of. Every strategy starts it from the same model (random init, or the
-        initial model of --init), so data and budget decide it, and, from an initial model, the batch loss and the
-        end-of-step action, which then have a model before them: strategies whose first steps are equal train
-        the same step-1 model (tools/compare.py trains it once for all of them)."""
-        hooks = (self.batch_loss, self.end_of_step, self.continue_from_deployed) if from_initial else ()
-        return tuple(sorted(self.replay(0).items())), self.budget_steps(0), *hooks
+        """What the first step is made of: strategies with equal ones train the same step-1 model
+        (tools/compare.py trains it once for all). Every strategy starts it from the same model,
+        so data and budget decide it, and the hooks too where --init gives a model before it."""
+        hooks = (self.start_of_step, self.batch_loss, self.end_of_step,
+                 self.continue_from_deployed) if from_initial else ()
+        return tuple(sorted(self.replay(0).items())), self.budget_units(0), *hooks
+
+
+def check_strategy(strategy: Strategy, n_steps: int) -> None:
+    """Refuse, at start-up, a row whose data or budget at a step of the run the loop cannot use."""
+    for t in range(n_steps):
+        replay, units = strategy.replay(t), strategy.budget_units(t)
+        if not isinstance(replay, dict) or t not in replay or not all(
+                isinstance(s, int) and 0 <= s <= t and 0 < f <= 1 for s, f in replay.items()):
+            raise SystemExit(f"error: strategy {strategy.name}: replay({t}) = {replay!r}; return "
+                             f"{{step s <= {t}: fraction of its data, above 0, at most 1}}, "
+                             f"step {t} (the new data) included")
+        if not isinstance(units, int) or units < 1:
+            raise SystemExit(f"error: strategy {strategy.name}: budget_units({t}) = {units!r}; "
+                             f"return a whole number of budgets C, 1 or more")
+
+
+def act(strategy: Strategy, hook: str, model: CLIP, step: TimeStep) -> dict:
+    """Run the strategy's start_of_step or end_of_step on model. Its "state" becomes step.state;
+    the rest of its report is returned, checked to declare its compute and to be loggable."""
+    report = getattr(strategy, hook)(model, step)
+    flops = report.get("flops") if isinstance(report, dict) else None
+    if not isinstance(flops, (int, float)) or not 0 <= flops < math.inf:
+        raise SystemExit(f"error: strategy {strategy.name}: {hook} returned {str(report)[:80]}; "
+                         f"return a dict with 'flops', the compute it spent (0 if none), and any "
+                         f"other numbers to report")
+    if "state" in report:
+        if not isinstance(report["state"], dict):
+            raise SystemExit(f"error: strategy {strategy.name}: {hook}'s 'state' is not a dict")
+        step.state = report["state"]
+    report = {k: v for k, v in report.items() if k != "state"}
+    try:
+        json.dumps(report)
+    except TypeError:
+        raise SystemExit(f"error: strategy {strategy.name}: {hook}'s report {str(report)[:80]} "
+                         f"is logged as JSON; return numbers and strings there, and keep tensors "
+                         f"in 'state'") from None
+    return report
+
+
+def make_batch_loss(strategy: Strategy, model: CLIP, step: TimeStep):
+    """The strategy's batch loss for this step, checked to declare its compute per sample."""
+    loss_fn = strategy.batch_loss(model, step)
+    flops = getattr(loss_fn, "flops_per_sample", None)
+    if not isinstance(flops, (int, float)) or not 0 <= flops < math.inf:
+        raise SystemExit(f"error: strategy {strategy.name}: its batch loss has no "
+                         f"flops_per_sample; set it to the compute it adds per sample (0 if none), "
+                         f"e.g. a teacher's forward pass")
+    return loss_fn
 
 
 # ----------------------------------------------------------------------------- lwf
-SETTINGS["lwf_weight"] = 1.0  # weight of lwf's distillation term
+SETTINGS["lwf_weight"] = Setting(1.0, "lwf: weight of the distillation term",
+                                 lambda w: 0 <= w < math.inf, "0 or more")
 
 
-def distillation_loss(student_img, student_txt, student_scale, teacher_img, teacher_txt, teacher_scale):
-    """LwF's extra term: KL(teacher || student) between the image->text and the text->image similarity
-    distributions of the batch, averaged over both directions. Zero when student equals teacher."""
+def distillation_loss(student_img, student_txt, student_scale, teacher_img, teacher_txt,
+                      teacher_scale):
+    """LwF's term: KL(teacher || student) between the batch's image->text and text->image
+    similarity distributions, averaged over both directions. Zero when student equals teacher."""
     s_logits = student_scale * student_img @ student_txt.t()
     t_logits = teacher_scale * teacher_img @ teacher_txt.t()
-    kl_i2t = F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1), log_target=True, reduction="batchmean")
-    kl_t2i = F.kl_div(F.log_softmax(s_logits.t(), 1), F.log_softmax(t_logits.t(), 1), log_target=True,
+    kl_i2t = F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1), log_target=True,
                       reduction="batchmean")
+    kl_t2i = F.kl_div(F.log_softmax(s_logits.t(), 1), F.log_softmax(t_logits.t(), 1),
+                      log_target=True, reduction="batchmean")
     return (kl_i2t + kl_t2i) / 2
 
 
 class Distillation:
-    """LwF's batch loss: lwf_weight x distillation_loss to the frozen model of the step before, whose forward
-    pass on every batch is the compute it adds."""
+    """LwF's batch loss: lwf_weight x distillation_loss to the frozen previous model, whose
+    forward pass on every batch is the compute it adds."""
 
     def __init__(self, model: CLIP, step: TimeStep):
-        self.teacher = CLIP(model.cfg)  # its random init is overwritten, but drawn after the student's, as always
+        self.teacher = CLIP(model.cfg)  # its random init is overwritten, drawn after the student's
         self.teacher.load_state_dict(step.previous)
         self.teacher.to(step.device).eval().requires_grad_(False)
         self.weight = step.config.lwf_weight
         self.flops_per_sample = self.teacher.flops_per_pair()
-        self.images, self.teacher_out = None, None
 
     def __call__(self, images, tokens, image_features, text_features, scale):
-        if images is not self.images:  # once a batch, also when gradient accumulation asks once a micro-batch
-            with torch.no_grad():
-                self.images, self.teacher_out = images, self.teacher(images, tokens)
-        return self.weight * distillation_loss(image_features, text_features, scale, *self.teacher_out)
+        with torch.no_grad():
+            teacher_out = self.teacher(images, tokens)
+        return self.weight * distillation_loss(image_features, text_features, scale, *teacher_out)
 
 
 # ----------------------------------------------------------------------------- patching
-SETTINGS["patch_alphas"] = "0,0.25,0.5,0.75,1"  # coefficients tried, theta = (1-a) theta_prev + a theta_finetuned
-SETTINGS["validation_samples"] = 1000           # validation pairs per past step used to choose the coefficient
+def numbers(text: str) -> list[float]:
+    """"0,0.5,1" -> [0.0, 0.5, 1.0]; [nan] where it is not a list of finite numbers."""
+    try:
+        values = [float(a) for a in text.split(",")]
+    except ValueError:
+        return [math.nan]
+    return values if all(math.isfinite(a) for a in values) else [math.nan]
+
+
+SETTINGS["patch_alphas"] = Setting("0,0.25,0.5,0.75,1",
+                                   "patching: coefficients a tried, (1-a) previous + a trained",
+                                   lambda text: math.nan not in numbers(text),
+                                   "a list of numbers, e.g. 0,0.5,1")
+SETTINGS["validation_samples"] = Setting(1000, "patching: validation pairs per past step",
+                                         lambda n: n >= 1, "at least 1")
 
 
 @torch.no_grad()
-def interpolate(previous: dict, finetuned: dict, alpha: float) -> dict:
-    """Patching: theta = (1 - alpha) theta_previous + alpha theta_finetuned, parameter by parameter."""
-    return {k: torch.lerp(previous[k].float(), finetuned[k].float(), alpha).to(finetuned[k].dtype)
-            if finetuned[k].is_floating_point() else finetuned[k] for k in finetuned}
+def interpolate(previous: dict, trained: dict, alpha: float) -> dict:
+    """(1 - alpha) previous + alpha trained, parameter by parameter."""
+    return {k: torch.lerp(previous[k].float(), trained[k].float(), alpha).to(trained[k].dtype)
+            if trained[k].is_floating_point() else trained[k] for k in trained}
 
 
 @torch.no_grad()
 def patch(model: CLIP, step: TimeStep) -> dict:
-    """Patching's end of step: set model to (1-a) previous + a model for the a of patch_alphas with the best mean
-    R@1 on the validation pairs of the steps seen so far (data.is_validation: training pairs no strategy trains
-    on). Rank 0 chooses and broadcasts a, so every rank holds the same weights. The search costs one forward
-    pass per validation pair and coefficient."""
-    finetuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Patching's end of step: set model to (1-a) previous + a trained, for the a of patch_alphas
+    with the best mean R@1 on the validation pairs of the steps so far (data.is_validation:
+    training pairs no strategy trains on). Rank 0 chooses a and broadcasts it. The search costs a
+    forward pass per validation pair and coefficient."""
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
     previous = {k: v.to(step.device) for k, v in step.previous.items()}
-    alphas = [float(a) for a in step.config.patch_alphas.split(",")]
+    alphas = numbers(step.config.patch_alphas)
     scores = torch.zeros(len(alphas), device=step.device)
     pairs = 0  # validation pairs embedded, over all coefficients
     if step.master:
-        tasks = {step.step_names[s]: evaluate.Task([shard for part in step.step_data[s] for shard in part.shards])
+        tasks = {step.step_names[s]: evaluate.Task([shard for part in step.step_data[s]
+                                                    for shard in part.shards])
                  for s in range(step.t + 1)}  # the steps trained on so far
         for i, a in enumerate(alphas):
-            model.load_state_dict(interpolate(previous, finetuned, a))
-            row = evaluate.evaluate_step(model, tasks, step.tokenizer, step.device, step.config.eval_batch,
-                                         step.config.precision, validation_only=True,
+            model.load_state_dict(interpolate(previous, trained, a))
+            row = evaluate.evaluate_step(model, tasks, step.tokenizer, step.device,
+                                         step.config.eval_batch, step.config.precision,
+                                         validation_only=True,
                                          max_samples=step.config.validation_samples,
                                          max_bad_fraction=step.config.max_bad_fraction,
                                          max_image_pixels=step.config.max_image_pixels)
@@ -181,32 +264,34 @@ def patch(model: CLIP, step: TimeStep) -> dict:
     if step.distributed:
         dist.broadcast(scores, 0)
     best = alphas[int(scores.argmax())]
-    model.load_state_dict(interpolate(previous, finetuned, best))
+    model.load_state_dict(interpolate(previous, trained, best))
     return {"patch_alpha": best, "flops": pairs * model.flops_per_pair()}
 
 
 # ----------------------------------------------------------------------------- merging across time
-SETTINGS["ema_weight"] = 0.5  # w of the ema strategies: merge_t = w merge_(t-1) + (1 - w) model_t
+SETTINGS["ema_weight"] = Setting(0.5, "ema: w of merge_t = w merge_(t-1) + (1 - w) trained_t",
+                                 lambda w: 0 <= w <= 1, "a weight from 0 to 1")
 
 
 @torch.no_grad()
 def merge(model: CLIP, step: TimeStep) -> dict:
-    """The ema strategies' end of step: set model to the merge, w x the merge the step before deployed (step.previous)
-    + (1 - w) x the model as trained, parameter by parameter, the same on every rank. ema goes on training from the
-    unmerged model, so the merge is an average over its trajectory, kept beside it; ema-from-merge goes on from
-    the merge. The cost is a multiply-add per parameter, counted though negligible."""
+    """The ema strategies' end of step: set model to w previous + (1 - w) trained, where previous
+    is the merge the step before deployed. ema goes on from the trained model, so its merge is an
+    average over its own trajectory; ema-from-merge goes on from the merge. The cost, a multiply-add
+    per parameter, is counted though negligible."""
     trained = model.state_dict()
     previous = {k: v.to(step.device) for k, v in step.previous.items()}
     model.load_state_dict(interpolate(previous, trained, 1 - step.config.ema_weight))
-    return {"ema_weight": step.config.ema_weight, "flops": 2 * sum(p.numel() for p in model.parameters())}
+    return {"ema_weight": step.config.ema_weight,
+            "flops": 2 * sum(p.numel() for p in model.parameters())}
 
 
-# ----------------------------------------------------------------------------- what the next step continues from
+# ----------------------------------------------------------------------------- the continue point
 def continue_point(strategy: Strategy, record: dict, deployed: dict) -> dict:
-    """What a warm start after this step continues from: {"model", "optimizer", "iterations"}. A schedule that
-    carries its optimizer (schedules.CARRIES_OPTIMIZER) wrote it as record["trunk"] (train.py's next_trunk); else
-    the weights alone: the deployed model, or, if the strategy's end-of-step action changed it and the strategy
-    goes on from the model as trained (ema), that one (record["trained"])."""
+    """What a warm start after this step goes on from: {"model", "optimizer", "iterations"}. A
+    schedule that carries its optimizer wrote it as record["trunk"] (train.next_trunk); else the
+    weights alone: the deployed model, or the trained one (record["trained"]) for a strategy that
+    goes on from it after its end-of-step action (ema)."""
     if record.get("trunk"):
         return record["trunk"]
     trained = record.get("trained")
@@ -214,34 +299,15 @@ def continue_point(strategy: Strategy, record: dict, deployed: dict) -> dict:
     return {"model": weights, "optimizer": None, "iterations": None}
 
 
-def check_settings(config: SimpleNamespace) -> None:
-    """Strategy settings that parse but cannot work, refused before any compute is spent."""
-    try:
-        alphas = [float(a) for a in config.patch_alphas.split(",")]
-    except ValueError:
-        alphas = [math.nan]
-    if not all(math.isfinite(a) for a in alphas):
-        raise SystemExit(f"error: --patch_alphas={config.patch_alphas} is not a list of numbers; e.g. 0,0.5,1")
-    if config.validation_samples < 1:  # patching's search scores on them: with none there is nothing to choose by
-        raise SystemExit(f"error: --validation_samples={config.validation_samples} is too small; use at least 1")
-    if not 0 <= config.lwf_weight < math.inf:
-        raise SystemExit(f"error: --lwf_weight={config.lwf_weight} is out of range; use 0 or more")
-    if not 0 <= config.ema_weight <= 1:
-        raise SystemExit(f"error: --ema_weight={config.ema_weight} is out of range; use a weight from 0 to 1")
-    if not 0 <= config.new_data_fraction <= 1:
-        raise SystemExit(f"error: --new_data_fraction={config.new_data_fraction} is out of range; use 0 (in "
-                         f"proportion to sizes) or a share above 0, at most 1")
-
-
 # ----------------------------------------------------------------------------- the table
 STRATEGIES = {s.name: s for s in [
-    #        name                warm   data           budget, extra loss, end of step
+    #        name                warm   data          budget, hooks
     Strategy("sequential",       True,  new_only),
     Strategy("cumulative-all",   True,  everything),
     Strategy("cumulative-exp",   True,  exp_buffer),
     Strategy("cumulative-equal", True,  equal_buffer),
     Strategy("restart",          False, everything),
-    Strategy("oracle",           False, everything, budget_steps=lambda t: t + 1),
+    Strategy("oracle",           False, everything, budget_units=lambda t: t + 1),
     Strategy("lwf",              True,  new_only, batch_loss=Distillation),
     Strategy("patching",         True,  new_only, end_of_step=patch),
     Strategy("ema",              True,  new_only, end_of_step=merge, continue_from_deployed=False),
@@ -251,25 +317,37 @@ STRATEGIES = {s.name: s for s in [
 
 def get_strategy(name: str) -> Strategy:
     if name not in STRATEGIES:
-        raise SystemExit(f"error: unknown strategy '{name}'; choose one of: {', '.join(STRATEGIES)}")
+        raise SystemExit(f"error: unknown strategy '{name}'; "
+                         f"choose one of: {', '.join(STRATEGIES)}")
     return STRATEGIES[name]
 
 
-SETTINGS["new_data_fraction"] = 0.0  # share of each step's samples from its new data (0: in proportion to sizes)
+def check_settings(config: SimpleNamespace) -> None:
+    """The chosen strategy and every strategy setting, refused before any compute if they cannot
+    work."""
+    get_strategy(config.strategy)
+    settings.check(SETTINGS, config)
 
 
-def step_parts(strategy: Strategy, t: int, step_data: list[list[Part]], new_data_fraction: float = 0.0) -> list[Part]:
-    """The parts (one per year) that step t trains on, each with its replay-buffer fraction. step_data[s] holds the
-    Parts (keep_fraction 1) of time step s. Shards are drawn in proportion to the parts' (buffered) sizes, unless
-    new_data_fraction > 0 fixes the share of samples from step t's own data (TiC-LM's fixed-ratio replay): the
-    parts of step t then share it in proportion to their sizes, the replayed parts the rest in proportion to
-    theirs (Part.share)."""
+SETTINGS["new_data_fraction"] = Setting(0.0, "share of each step's samples from its new data "
+                                        "(0: in proportion to sizes)", lambda f: 0 <= f <= 1,
+                                        "0 (in proportion to sizes) or a share above 0, at most 1")
+
+
+def step_parts(strategy: Strategy, t: int, step_data: list[list[Part]],
+               new_data_fraction: float = 0.0) -> list[Part]:
+    """The parts (a Part per year) that step t trains on, each with its replay-buffer fraction;
+    step_data[s] holds step s's Parts, all of their data. Shards are drawn in proportion to the
+    parts' buffered sizes, unless new_data_fraction > 0 fixes the share of samples from step t's
+    own data (TiC-LM's fixed-ratio replay; Part.share): step t's parts share it, the replayed parts
+    the rest, each in proportion to its size."""
     parts = [(s, Part(p.name, p.shards, keep_fraction=fraction))
              for s, fraction in sorted(strategy.replay(t).items()) for p in step_data[s]]
     new, old = [p for s, p in parts if s == t], [p for s, p in parts if s != t]
     totals = [sum(p.n_samples for p in group) for group in (new, old)]
-    if new_data_fraction and all(totals):  # with nothing to replay (or nothing new), what there is is all of it
-        for group, total, share in [(new, totals[0], new_data_fraction), (old, totals[1], 1 - new_data_fraction)]:
+    if new_data_fraction and all(totals):  # with nothing to replay (or nothing new), all of it
+        shares = [(new, totals[0], new_data_fraction), (old, totals[1], 1 - new_data_fraction)]
+        for group, total, share in shares:
             for p in group:
                 p.share = share * p.n_samples / total
     return [p for _, p in parts]

@@ -13,6 +13,7 @@ clear error when its data or its losses go bad. train.py's loop calls it in a li
 `world` below is train.py's World: rank, size, device, master, gather.
 """
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -53,7 +54,13 @@ def resume_checkpoints(run_dir: str, t: int) -> list[str]:
     """Step t's resume checkpoints, newest first."""
     folder, start = os.path.join(run_dir, "resume"), resume_checkpoint(run_dir, t)
     paths = [os.path.join(folder, f) for f in os.listdir(folder)] if os.path.isdir(folder) else []
-    return sorted((p for p in paths if p.startswith(start) and p.endswith(".pt")), reverse=True)
+    return sorted((p for p in paths if re.fullmatch(re.escape(start) + r"\d+\.pt", p)), reverse=True)
+
+
+def start_checkpoint(run_dir: str, t: int) -> str:
+    """RUN/resume/stepNN-start.pt: what step t's start-of-step action left (train.py's begin_step), kept until
+    the step ends so that a resumed step does not do it again."""
+    return resume_checkpoint(run_dir, t) + "start.pt"
 
 
 @dataclass

@@ -23,6 +23,7 @@ Follows nanoGPT's train.py for shape, open_clip for the CLIP details, DataComp f
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,12 +41,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
+import pictures
 import schedules
 import shards
 import strategies
 import survive
 import synthetic
-from model import CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, load_checkpoint, make_config
+from model import (CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, load_checkpoint,
+                   make_config, parse_heads)
+from settings import parse_flags
 
 # ----------------------------------------------------------------------------- config
 # The defaults; the run reads them as cfg.KEY (parse_config), never as these globals, so functions below are free
@@ -63,25 +67,21 @@ static = ""                    # static tasks (ImageNet, Flickr30k, ...), NAME=P
 shard_cmd = ""                 # stream each shard from this command's stdout, {path} = the shard's path under data_root
                                # (e.g. "aws s3 cp s3://bucket/tic/{path} -"); data_root then holds the sizes.json
 # strategy and model
-strategy = "cumulative-all"    # one of strategies.STRATEGIES (its settings: strategies.SETTINGS)
+strategy = "cumulative-all"    # one of strategies.STRATEGIES (its own settings: strategies.SETTINGS)
 model = "tiny"                 # a preset name of model.PRESETS
 init = ""                      # start from this CLIP instead of random init (OpenAI, OpenCLIP, a stepNN.pt); its shape
                                # replaces --model's, and --tokenizer must be the one it was trained with
 quick_gelu = "auto"            # --init's activation: auto (as the file says, else GELU with a note), true or false
+heads = "auto"                 # --init's attention heads: auto (as its files say, else 64 wide,
+                               # with a note) or IMAGE,TEXT, e.g. 16,16 for ViT-H-14
 # budget and optimisation (DataComp's values; lr and warmup scaled for the tiny CPU run)
 budget_samples = 56_000        # C: samples seen per time step (oracle: t x C at step t); 7 epochs of a synthetic year
 batch_size = 64                # global, over all processes (smaller batches learn more per sample here: README)
 accum_steps = 1                # micro-batches per process's batch: the same gradients, in less memory
 lr = 5e-4                      # peak learning rate
-lr_schedule = "cosine"         # the rate through time (schedules.py): cosine (the paper's, restarted at every step),
-                               # cosine-ar (peaks follow one cosine over the steps), const-cooldown, rsqrt
+lr_schedule = "cosine"         # the rate through time, one of schedules.SCHEDULES (its settings: schedules.SETTINGS)
 warmup_iters = 20              # linear warmup of the first step (DataComp medium: 500)
 warmup_iters_later = 20        # warmup of the later steps (of those that start a new optimizer)
-lr_min_fraction = 0.1          # cosine-ar: a step's peak is at least this share of lr
-ar_horizon = 0                 # cosine-ar: the steps its outer cosine spans (0: this run's number of steps)
-cooldown_fraction = 0.2        # const-cooldown, rsqrt: share of each step's iterations on the cooled branch
-continue_from = "trunk"        # const-cooldown, rsqrt: the next step goes on from the trunk or from the cooled branch
-rsqrt_timescale = 0            # rsqrt: iterations at the peak rate before 1/sqrt (0: one step's iterations)
 weight_decay = 0.2
 beta1 = 0.9
 beta2 = 0.98
@@ -106,14 +106,26 @@ SYNTH_ROOT = "data/tic-synth"  # where the built-in benchmark is generated when 
 
 
 def parse_config(argv: list[str]) -> SimpleNamespace:
-    """The config above and the strategies' settings, with --key=value overrides, each of its default's type.
-    data_root is made absolute, so a run's checkpoints find their data from any folder (evaluate.py --run)."""
-    clash = DEFAULTS.keys() & strategies.SETTINGS.keys()
+    """The config above and the strategies' and schedules' settings, with --key=value overrides, each of its
+    default's type (--help lists them). data_root is made absolute, so a run's checkpoints find their data from
+    any folder (evaluate.py --run)."""
+    declared = {**strategies.SETTINGS, **schedules.SETTINGS}
+    clash = (DEFAULTS.keys() | schedules.SETTINGS.keys()) & strategies.SETTINGS.keys() \
+        or DEFAULTS.keys() & schedules.SETTINGS.keys()
     if clash:
-        raise SystemExit(f"error: strategies.SETTINGS redefines train.py's {', '.join(sorted(clash))}; rename it")
-    cfg = SimpleNamespace(**evaluate.parse_flags(argv, {**DEFAULTS, **strategies.SETTINGS}))
+        raise SystemExit(f"error: a strategy's or schedule's setting has the name of another setting: "
+                         f"{', '.join(sorted(clash))}; rename it")
+    helps = {**config_help(), **{key: s.help for key, s in declared.items()}}
+    cfg = SimpleNamespace(**parse_flags(argv, {**DEFAULTS, **{k: s.default for k, s in declared.items()}}, helps))
     cfg.data_root = os.path.abspath(cfg.data_root)
     return cfg
+
+
+def config_help() -> dict[str, str]:
+    """The comment beside each value of the config above, as its --help line."""
+    with open(__file__) as f:
+        block = f.read().split("\nDEFAULTS = ")[0].split("_globals_before_config = set(globals())")[1]
+    return {m[1]: m[2] for m in re.finditer(r"^(\w+) += .*?  # (.*)$", block, re.MULTILINE)}
 
 
 def check_config(cfg: SimpleNamespace) -> None:
@@ -140,6 +152,7 @@ def check_config(cfg: SimpleNamespace) -> None:
             raise SystemExit(f"error: --{key}={getattr(cfg, key)} is out of range; use {use}")
     if cfg.quick_gelu not in ("auto", "true", "false"):
         raise SystemExit(f"error: --quick_gelu={cfg.quick_gelu}: use auto, true (OpenAI's models) or false")
+    parse_heads(cfg.heads)  # a one-line error if it is neither auto nor IMAGE,TEXT
     if cfg.init and not os.path.isfile(cfg.init):
         raise SystemExit(f"error: --init={cfg.init}: no such file; pass an OpenAI or OpenCLIP CLIP, or a stepNN.pt")
     if cfg.init and not is_checkpoint_file(cfg.init):
@@ -327,7 +340,8 @@ def load_initial(cfg: SimpleNamespace, tokenizer: data.Tokenizer, world: World) 
     end-of-text id come from the file (--model is ignored, with a line saying so)."""
     if not cfg.init:
         return None
-    model, _ = load_checkpoint(cfg.init, {"auto": None, "true": True, "false": False}[cfg.quick_gelu])
+    quick_gelu = {"auto": None, "true": True, "false": False}[cfg.quick_gelu]
+    model, _ = load_checkpoint(cfg.init, quick_gelu, parse_heads(cfg.heads))
     shape = model.cfg
     if tokenizer.vocab_size > shape.vocab_size or tokenizer.eot_id != shape.eot_token_id:
         raise SystemExit(f"error: the tokenizer has {tokenizer.vocab_size} ids with end-of-text {tokenizer.eot_id}, "
@@ -352,12 +366,12 @@ def run_log(run_dir: str, world: World):
 
 # ----------------------------------------------------------------------------- one time step
 def start_model(strategy: strategies.Strategy, step: strategies.TimeStep, model_cfg: CLIPConfig) -> CLIP:
-    """The model the step before left to go on from (step.trunk), when the strategy warm-starts; otherwise the
+    """The start model: the continue point, when the strategy warm-starts and there is one; otherwise the
     initial model (--init), or a fresh random init."""
     torch.manual_seed(step.config.seed + step.t)
     model = CLIP(model_cfg)
-    if strategy.warm_start and step.trunk is not None:
-        model.load_state_dict(step.trunk["model"])  # weights and logit scale; the optimizer: train_step
+    if strategy.warm_start and step.continue_point is not None:
+        model.load_state_dict(step.continue_point["model"])  # weights and logit scale; the optimizer: train_step
     elif step.initial is not None:  # restart and oracle restart from the model the run began with
         model.load_state_dict(step.initial)
     model.to(step.device)
@@ -365,18 +379,43 @@ def start_model(strategy: strategies.Strategy, step: strategies.TimeStep, model_
     return model
 
 
-def forward_backward(train_model, images, tokens, extra_loss, world: World, precision: str,
+def begin_step(strategy: strategies.Strategy, model: CLIP, step: strategies.TimeStep, run_dir: str,
+               world: World) -> dict:
+    """The strategy's start-of-step action on the start model, done once per step: its report, state and the
+    RNG state it left are kept in RUN/resume until the step ends, and a resumed step takes them from there."""
+    path = survive.start_checkpoint(run_dir, step.t)
+    found = os.path.exists(path)
+    world.barrier()  # every rank has looked before rank 0 writes it
+    if found:
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+        torch.set_rng_state(kept["rng_cpu"])
+        if world.device.type == "cuda":
+            torch.cuda.set_rng_state(kept["rng_cuda"], world.device)
+        step.state = kept["state"]
+        return kept["report"]
+    report = strategies.act(strategy, "start_of_step", model, step)
+    step.state = cpu_copy(step.state)
+    if world.master:
+        kept = {"report": report, "state": step.state, "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shards.write_atomic(path, lambda f: torch.save(kept, f))
+    return report
+
+
+def forward_backward(train_model, images, tokens, batch_loss, world: World, precision: str,
                      accum_steps: int = 1) -> torch.Tensor:
-    """The batch's loss, its gradients added to the parameters' .grad. With accum_steps = k the batch goes through
-    in k micro-batches, at the memory of one, to the same loss and gradients (up to rounding). The contrastive loss
-    of a pair needs every other pair's features, so all micro-batches are embedded first without gradients, then
-    each again with gradients in place of its stored features (OpenCLIP's accum_freq, "gradient caching"): every
-    pass computes the loss of the whole batch. The logit scale takes part in every pass but takes its gradient
-    from the last one only, as from one whole batch; under DDP the passes before the last skip the all-reduce."""
+    """The batch's loss, its gradients added to the parameters' .grad, the strategy's batch loss (if any) called
+    once with the whole batch's features. With accum_steps = k the batch goes through in k micro-batches, at the
+    memory of one, to the same loss and gradients (up to rounding), by gradient caching (Gao et al. 2021): embed
+    every micro-batch without gradients; take the whole batch's loss once on those features, which gives its
+    gradient with respect to each feature and the logit scale (and to the weights, for a batch loss on them);
+    then embed each micro-batch again with gradients and pass its features' gradients back through the model.
+    Under DDP only the last pass all-reduces, and it carries the logit scale's gradient."""
     def loss_of(image_features, text_features, scale):
         loss = clip_loss(image_features, text_features, scale, world.rank, world.size)
-        if extra_loss is not None:  # the strategy's term on every batch, e.g. lwf's distillation
-            loss = loss + extra_loss(images, tokens, image_features, text_features, scale)
+        if batch_loss is not None:  # the strategy's term on every batch, e.g. lwf's distillation
+            loss = loss + batch_loss(images, tokens, image_features, text_features, scale)
         return loss
 
     if accum_steps == 1:
@@ -386,34 +425,38 @@ def forward_backward(train_model, images, tokens, extra_loss, world: World, prec
         return loss
     micro = list(zip(images.chunk(accum_steps), tokens.chunk(accum_steps)))
     with torch.no_grad(), autocast(world.device, precision):
-        stored = [train_model(x, y)[:2] for x, y in micro]
+        stored = [train_model(x, y) for x, y in micro]
+    image_f, text_f = (torch.cat([out[i] for out in stored]).requires_grad_() for i in (0, 1))
+    scale = stored[0][2].detach().requires_grad_()
+    with autocast(world.device, precision):
+        loss = loss_of(image_f, text_f, scale)
+    loss.backward()  # into image_f.grad, text_f.grad, scale.grad, and the weights a batch loss reads directly
+    grads = list(zip(image_f.grad.chunk(accum_steps), text_f.grad.chunk(accum_steps)))
     for j, (x, y) in enumerate(micro):
         last = j == accum_steps - 1
         with nullcontext() if last or not world.distributed else train_model.no_sync():
             with autocast(world.device, precision):
-                image_j, text_j, scale = train_model(x, y)
-                loss = loss_of(torch.cat([image_j if i == j else f[0] for i, f in enumerate(stored)]),
-                               torch.cat([text_j if i == j else f[1] for i, f in enumerate(stored)]),
-                               scale if last else scale.detach())
-            loss.backward()
-    return loss
+                image_j, text_j, scale_j = train_model(x, y)
+            n = 3 if last else 2  # the logit scale's gradient goes back once, with the all-reduce
+            torch.autograd.backward((image_j, text_j, scale_j)[:n], (*grads[j], scale.grad)[:n])
+    return loss.detach()
 
 
-def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, step: strategies.TimeStep,
+def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss, step: strategies.TimeStep,
                world: World, run_dir: str, log) -> survive.StepState | None:
     """Train model on parts for budget samples at the rates of the step's schedule (schedules.py), with a new
-    optimizer or the one the step before left (step.trunk, schedules that carry it), continuing from the newest
+    optimizer or the one the continue point holds (schedules that carry it), continuing from the newest
     resume checkpoint if an earlier run left one. Returns the step's state, with the trunk at the cooldown's start
     and the optimizer at the end where the schedule carries it; None if SIGTERM stopped the step (saved)."""
     cfg, t, where = step.config, step.t, f"step {step.t + 1} ({step.step_names[step.t]})"
     n_iters = budget // cfg.batch_size
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
-    carries = cfg.lr_schedule in schedules.CARRIES_OPTIMIZER
     before = None  # the iterations of the optimizer this step goes on with; None: a new one
-    if step.trunk is not None and step.trunk["optimizer"] is not None:
-        optimizer.load_state_dict(cpu_copy(step.trunk["optimizer"]))  # a copy: the optimizer updates it in place
-        before = step.trunk["iterations"]
+    if step.continue_point is not None and step.continue_point["optimizer"] is not None:
+        optimizer.load_state_dict(cpu_copy(step.continue_point["optimizer"]))  # a copy: step updates it in place
+        before = step.continue_point["iterations"]
     schedule = schedules.step_schedule(cfg, t, len(step.step_names), n_iters, before)
+    carries = schedule.row.carries_optimizer
     state = survive.StepState.resume(run_dir, t, model, optimizer, cfg, world)
     if state.iteration:
         print(f"rank {world.rank}: {where}: resuming at sample {state.iteration * cfg.batch_size} of "
@@ -438,8 +481,9 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, extra_loss, ste
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr(it)
             images, tokens = images.to(world.device, non_blocking=True), tokens.to(world.device, non_blocking=True)
+            images = data.normalize_images(images)  # after the copy: uint8 is 1/4 of the bytes
             optimizer.zero_grad(set_to_none=True)
-            loss = forward_backward(train_model, images, tokens, extra_loss, world, cfg.precision, cfg.accum_steps)
+            loss = forward_backward(train_model, images, tokens, batch_loss, world, cfg.precision, cfg.accum_steps)
             state.optimizer_step(model, optimizer)  # skipped, and counted, if the loss or a gradient is not finite
             model.clamp_logit_scale_()
             state.iteration = it + 1
@@ -506,10 +550,10 @@ def announce_step(step: strategies.TimeStep, strategy: strategies.Strategy, part
     n_iters, batch = budget // step.config.batch_size, step.config.batch_size
     mix = ", ".join(f"{p.name} {p.n_samples:.0f}" + (f" ({100 * p.keep_fraction:.0f}%)" if p.keep_fraction < 1 else "")
                     + (f" [{100 * p.share:.0f}% of samples]" if p.share is not None else "") for p in parts)
-    start = "warm start" if step.trunk is not None else \
+    start = "warm start" if step.continue_point is not None else \
         "the initial model" if step.initial is not None else "random init"
-    if step.trunk is not None and step.trunk["optimizer"] is not None:
-        start += f" with the optimizer carried over ({step.trunk['iterations']} iterations)"
+    if step.continue_point is not None and step.continue_point["optimizer"] is not None:
+        start += f" with the optimizer carried over ({step.continue_point['iterations']} iterations)"
     if step.config.new_data_fraction and step.t > 0 and all(p.share is None for p in parts):
         mix += " (new_data_fraction has no effect: nothing is replayed)"
     print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): {start}, budget {n_iters * batch} "
@@ -532,12 +576,23 @@ def score(model: CLIP, row: dict | None, tasks: dict, tokenizer: data.Tokenizer,
 
 def save_step(path: str, deployed: dict, model_cfg: CLIPConfig, step: strategies.TimeStep, record: dict,
               world: World) -> None:
-    """RUN/stepNN.pt, the model the step deployed (its weights on the CPU) and its record (rank 0); the step's
-    resume checkpoints go."""
+    """RUN/stepNN.pt, the model the step deployed (its weights on the CPU) and its record (rank 0), and a line
+    with its size; the step's resume checkpoints go."""
     if world.master:  # deployed may also be record["trunk"]["model"]: torch.save stores it once, loads it as one
         ckpt = {"model": deployed, "model_config": asdict(model_cfg), "config": vars(step.config), **record}
         shards.write_atomic(path, lambda f: torch.save(ckpt, f))
         survive.StepState.clear(os.path.dirname(path), step.t)
+        kept = tensor_bytes(record["state"])
+        print(f"saved {path}: {os.path.getsize(path) / 1e6:.1f} MB"
+              + (f", of which the strategy's state {kept / 1e6:.1f} MB" if kept else ""))
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in obj, a tensor or dicts and lists of them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return sum(tensor_bytes(v) for v in values)
 
 
 def load_step(path: str, step: strategies.TimeStep, model_cfg: CLIPConfig, step_years: list[list[str]],
@@ -551,8 +606,9 @@ def load_step(path: str, step: strategies.TimeStep, model_cfg: CLIPConfig, step_
     if world.master:
         survive.StepState.clear(os.path.dirname(path), step.t)
         print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): done already ({path})")
-        note = step.t == 0 and schedules.horizon_note(step.config, record["config"], len(record["steps"]),
-                                                      len(step_years))  # said once, from the first step's record
+        grown_note = schedules.get_schedule(step.config.lr_schedule).grown_note
+        note = step.t == 0 and grown_note and grown_note(step.config, record["config"], len(record["steps"]),
+                                                         len(step_years))  # once, from step 1's record
         if note:
             print(note)
     return model.to(world.device), record
@@ -571,7 +627,8 @@ def report_step(step: strategies.TimeStep, record: dict, row: dict, log) -> None
           f"{record['train_s']:.0f}s, {record['flops']:.3g} FLOPs; {evaluate.METRIC} per task: {cells}"
           f"{'; static tasks: ' + static if static else ''}{health}")
     log({"event": "step_end", "time_step": step.t + 1, "step": record["step_name"],
-         **{k: record[k] for k in ("samples_seen", "flops", "train_s", "end_of_step", "faults", "nonfinite")},
+         **{k: record[k] for k in ("samples_seen", "flops", "train_s", "start_of_step", "end_of_step", "faults",
+                                   "nonfinite")},
          "eval": row})
 
 
@@ -586,10 +643,11 @@ def main(argv):
     prepare_run_dir(run_dir, world)
     step_years, step_data, tasks = load_benchmark(cfg, world)
     names = [shards.step_name(ys) for ys in step_years]
+    strategies.check_strategy(strategy, len(names))
     tokenizer = load_tokenizer(run_dir, cfg, step_years[0], world)
-    initial_model = load_initial(cfg, tokenizer, world)  # an existing CLIP to start from (--init), or None
-    model_cfg = initial_model.cfg if initial_model else make_config(cfg.model, vocab_size=tokenizer.vocab_size,
-                                                                    eot_token_id=tokenizer.eot_id)
+    initial = load_initial(cfg, tokenizer, world)  # the initial model (--init), or None: random init
+    model_cfg = initial.cfg if initial else make_config(cfg.model, vocab_size=tokenizer.vocab_size,
+                                                        eot_token_id=tokenizer.eot_id)
     log = run_log(run_dir, world)
     if world.master:
         print(f"run {run_dir}: strategy {cfg.strategy}, model {cfg.model}, {len(names)} steps ({', '.join(names)}), "
@@ -597,15 +655,16 @@ def main(argv):
         log({"event": "config", "config": vars(cfg), "model_config": asdict(model_cfg)})
     matrix_path = os.path.join(run_dir, "eval_matrix.json")
     rows, initial_row = evaluate.read_results(matrix_path, names)  # what an earlier run of this command measured
-    initial = None  # its weights: the first step's warm start, and where restart and oracle restart from
-    if initial_model:  # measured first: a row of its own, outside ID and the transfers
-        initial_row = score(initial_model.to(world.device), initial_row, tasks, tokenizer, cfg, world)
-        initial = {k: v.detach().cpu() for k, v in initial_model.cpu().state_dict().items()}
+    if initial:  # measured first: a row of its own, outside ID and the transfers
+        initial_row = score(initial.to(world.device), initial_row, tasks, tokenizer, cfg, world)
+        initial = {k: v.detach().cpu() for k, v in initial.cpu().state_dict().items()}  # its weights, from here
     previous = initial  # the model the step before deployed: lwf's teacher, patching's and ema's partner
-    trunk = strategies.continue_point(strategy, {}, initial) if initial else None  # what a warm start goes on from
+    continue_point = strategies.continue_point(strategy, {}, initial) if initial else None
+    kept = {}  # the strategy's state across steps (its hooks' "state")
     for t, name in enumerate(names):
-        step = strategies.TimeStep(t, names, step_data, previous, cfg, tokenizer, world.device, world.master,
-                                   world.distributed, initial, trunk if strategy.warm_start else None)
+        step = strategies.TimeStep(t, names, step_data, cfg, tokenizer, world.device, world.master,
+                                   world.distributed, initial, previous,
+                                   continue_point if strategy.warm_start else None, kept)
         path = evaluate.step_checkpoint(run_dir, t)
         done = os.path.exists(path)
         if done:  # in an earlier run of this command
@@ -616,35 +675,40 @@ def main(argv):
                 print(f"SIGTERM: stopped before step {t + 1}; rerun the same command to continue")
             break
         else:
-            # 1. ask the strategy: the start model, the data, the budget, any extra loss on a batch
+            # 1. ask the strategy: the start model, the data, the budget, its start-of-step action, a batch loss
             model = start_model(strategy, step, model_cfg)
-            extra_loss = strategy.batch_loss(model, step) if strategy.batch_loss and previous is not None else None
+            hooks = previous is not None  # the hooks relate the model to the previous one
+            begun = begin_step(strategy, model, step, run_dir, world) if hooks and strategy.start_of_step else {}
+            batch_loss = strategies.make_batch_loss(strategy, model, step) if hooks and strategy.batch_loss \
+                else None
             parts = strategies.step_parts(strategy, t, step_data, cfg.new_data_fraction)
-            budget = cfg.budget_samples * strategy.budget_steps(t)
+            budget = cfg.budget_samples * strategy.budget_units(t)
             announce_step(step, strategy, parts, budget, log)
             # 2. train the step
-            state = train_step(model, parts, budget, extra_loss, step, world, run_dir, log)
-            if state is None:  # stopped by SIGTERM with a resume checkpoint saved: the rerun continues from it
+            progress = train_step(model, parts, budget, batch_loss, step, world, run_dir, log)
+            if progress is None:  # stopped by SIGTERM with a resume checkpoint saved: the rerun continues from it
                 world.barrier()
                 world.finish()
                 return
-            summary = state.summary(world)  # time, faults of every rank, non-finite losses
+            summary = progress.summary(world)  # time, faults of every rank, non-finite losses
             # 3. the strategy's end-of-step action (patching's interpolation, ema's merge) makes the deployed model
-            acts = strategy.end_of_step is not None and previous is not None
+            acts = hooks and strategy.end_of_step is not None
             trained = cpu_copy(model.state_dict())
-            action = strategy.end_of_step(model, step) if acts else {}
+            action = strategies.act(strategy, "end_of_step", model, step) if acts else {}
             deployed = cpu_copy(model.state_dict()) if acts else trained
             # 4. the checkpoint, with the compute the step cost: training is 3 forward passes' worth per pair
             seen = budget // cfg.batch_size * cfg.batch_size
-            flops = seen * (3 * model.flops_per_pair() + getattr(extra_loss, "flops_per_sample", 0)) \
-                + action.get("flops", 0)
+            per_sample = 3 * model.flops_per_pair() + (batch_loss.flops_per_sample if batch_loss else 0)
+            flops = seen * per_sample + begun.get("flops", 0) + action.get("flops", 0)
             record = {"steps": step_years, "time_step": t + 1, "step_name": name, "samples_seen": seen,
-                      "flops": flops, "strategy": cfg.strategy, "end_of_step": action, **summary,
-                      **({"trained": trained} if acts else {}),  # the model before the action (ema's unmerged)
-                      "trunk": next_trunk(strategy, cfg, state, trained, deployed)}
+                      "flops": flops, "strategy": cfg.strategy, "start_of_step": begun, "end_of_step": action,
+                      **summary, **({"trained": trained} if acts else {}),  # before the action (ema's unmerged)
+                      "trunk": next_trunk(strategy, cfg, progress, trained, deployed),
+                      "state": cpu_copy(step.state)}
             save_step(path, deployed, model.cfg, step, record, world)
         previous = deployed
-        trunk = strategies.continue_point(strategy, record, previous)
+        continue_point = strategies.continue_point(strategy, record, previous)
+        kept = record.get("state", {})
         # 5. evaluate on every step's task (a step done earlier: on the tasks a grown run has added since)
         rows[name] = score(model, rows.get(name) if done else None, tasks, tokenizer, cfg, world)
         if world.master:
@@ -655,6 +719,7 @@ def main(argv):
             world.barrier()
     if world.master and rows:  # none yet if SIGTERM came before the first step ended
         print(evaluate.format_matrix(evaluate.eval_matrix(rows, names, initial_row)))
+        pictures.write_eval_matrix(run_dir, evaluate.eval_matrix(rows, names, initial_row))
         print(f"checkpoints, log.jsonl and eval_matrix.json in {run_dir}")
     world.finish()
 

@@ -88,7 +88,7 @@ def test_every_paper_strategy_has_the_same_first_step():
 def test_first_step_is_shared_only_where_it_is_the_same(tmp_path, two_years, monkeypatch):
     """A strategy whose first step has another budget trains its own; the others get one step01.pt between them."""
     monkeypatch.setitem(strategies.STRATEGIES, "double-first", strategies.Strategy(
-        "double-first", True, strategies.new_only, budget_steps=lambda t: 2 if t == 0 else 1))
+        "double-first", True, strategies.new_only, budget_units=lambda t: 2 if t == 0 else 1))
     launched = []
 
     def launch(train_args, nproc):  # train.py in this process, where the test's strategy is registered

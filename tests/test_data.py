@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 import data
+import evaluate
 import shards
 import synthetic
-from conftest import all_files, png_bytes, write_tar
+from conftest import all_files, png_bytes, train_in_process, write_tar
+from model import CLIP, make_config
 
 CAPTIONS = ["a red circle at top left and a blue star at bottom right", "green square in the top right",
             "a white moon next to a pink heart", "yellow cross, cyan bar, purple dots"] * 8
@@ -149,9 +151,11 @@ def test_image_transform_shape_and_normalisation():
     img = Image.new("RGBA", (40, 24), (255, 0, 128, 255))  # not RGB, not square
     for train in (False, True):
         x = data.ImageTransform(16, train)(img)
-        assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+        assert x.shape == (3, 16, 16) and x.dtype == torch.uint8
         expected = (torch.tensor([255, 0, 128]) / 255 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
-        assert torch.allclose(x.mean((1, 2)), expected, atol=1e-3)
+        assert torch.allclose(data.normalize_images(x).mean((1, 2)), expected, atol=1e-3)
+    with pytest.raises(TypeError, match="got torch.float32 images; pass the loader's uint8 pixels"):
+        data.normalize_images(data.normalize_images(x))  # twice would feed the model wrong inputs
 
 
 # -----------------------------------------------------------------------------
@@ -321,3 +325,68 @@ def test_write_failures_leave_no_temporary_file_and_stale_ones_are_cleared(tmp_p
     (tmp_path / f"step03.pt.tmp{os.getpid()}").write_bytes(b"still being written")  # this process is alive
     assert shards.remove_stale_temporaries(str(tmp_path)) == ["step02.pt.tmp999999999"]
     assert sorted(os.listdir(tmp_path)) == ["ok.json", f"step03.pt.tmp{os.getpid()}"]
+
+
+# ------------------------------------------------------------------ uint8 from the workers
+def normalised_in_the_worker(pixels: torch.Tensor) -> torch.Tensor:
+    """What the workers sent before they sent uint8: each image's (x - mean) / std in float32."""
+    mean, std = (np.array(v, np.float32).reshape(3, 1, 1) * 255
+                 for v in (data.CLIP_MEAN, data.CLIP_STD))
+    return torch.from_numpy((pixels.numpy().astype(np.float32) - mean) / std)
+
+
+class TransformBefore(data.ImageTransform):
+    """The image transform as it was: the same crop and resize, normalised in the worker."""
+
+    def __call__(self, img, rng=None):
+        return normalised_in_the_worker(super().__call__(img, rng))
+
+
+def test_the_model_trains_on_the_floats_the_workers_sent_before(two_years, tmp_path, monkeypatch):
+    """train.py normalises the loader's uint8 batch on the device: bit for bit the float batch that
+    the workers made before, so every number of a run stays."""
+    seen, streams = [], []
+    forward, train_loader = CLIP.forward, data.train_loader
+
+    def recording_forward(model, images, tokens):
+        if model.training:  # the trained model's input; evaluation runs in eval mode
+            seen.append(images.clone())
+        return forward(model, images, tokens)
+
+    def recording_loader(stream, num_workers):
+        streams.append(stream)
+        return train_loader(stream, num_workers)
+
+    monkeypatch.setattr(CLIP, "forward", recording_forward)
+    monkeypatch.setattr(data, "train_loader", recording_loader)
+    train_in_process([f"--data_root={two_years}", f"--out_dir={tmp_path / 'run'}", "--steps=2018",
+                      "--strategy=sequential", "--budget_samples=96", "--batch_size=32",
+                      "--vocab_size=300", "--workers=1", "--eval_batch=64"])
+    stream = streams[0]
+    stream.transform = TransformBefore(stream.transform.image_px, train=True)
+    before = [images for images, _, _ in stream.batches(0, 1)]
+    assert len(seen) == len(before) == 3 and all(x.dtype == torch.float32 for x in seen)
+    assert all(torch.equal(x, y) for x, y in zip(seen, before))
+
+
+def test_evaluation_embeds_the_floats_the_workers_sent_before(two_years, monkeypatch):
+    """evaluate.py normalises eval_batches' uint8 batches on the device: the model's image input,
+    for retrieval and for classification, is bit for bit what it was."""
+    tok = data.Tokenizer.train(data.first_captions(two_years, ["2018"], 64), vocab_size=300)
+    torch.manual_seed(0)
+    model = CLIP(make_config("tiny", vocab_size=tok.vocab_size, eot_token_id=tok.eot_id))
+    seen, encode_image = [], CLIP.encode_image
+
+    def recording_encode_image(model, images):
+        seen.append(images.clone())
+        return encode_image(model, images)
+
+    monkeypatch.setattr(CLIP, "encode_image", recording_encode_image)
+    task = evaluate.tasks_of(two_years, [["2018"]])["2018"]
+    row = evaluate.evaluate_step(model, {"2018": task}, tok, torch.device("cpu"), batch_samples=24)
+    assert row["2018"]["gallery"] == 64 and row["2018"]["class_samples"] == 32
+    monkeypatch.setattr(data, "ImageTransform", TransformBefore)
+    before = [x for x, *_ in data.eval_batches(task.retrieval, 32, 24)]
+    before += [x for x, *_ in data.eval_batches(task.classification, 32, 24, target="class")]
+    assert len(seen) == len(before) == 3 + 2  # 64 pairs, then 32 labelled images, in batches of 24
+    assert all(torch.equal(x, y) for x, y in zip(seen, before))

@@ -1,7 +1,18 @@
-"""Retrieval metrics against a brute-force reference, and the evaluation-matrix summary."""
+"""Retrieval metrics against a brute-force reference, the evaluation-matrix summary, and what
+evaluate.py takes from a run folder (no commands) and gives back (no smaller matrix)."""
+import json
+import os
+from dataclasses import asdict
+
+import pytest
 import torch
 
+import data
+import evaluate
+import shards
+import synthetic
 from evaluate import recall_any_at_k, recall_at_k, summarize
+from model import CLIP, make_config
 
 
 def brute_force_recall(queries, gallery, k):
@@ -67,3 +78,68 @@ def test_any_caption_recall_against_brute_force_with_the_third_of_five_captions_
             (gallery[m] @ q[i] for m in range(30) if own[m] == i), default=float("inf"))) < k for i in range(9)
                    if (own == i).any())
         assert recall_any_at_k(q, gallery, own, ks=(k,), chunk_queries=4)[k] == hits / 9
+
+
+# ------------------------------------------------------------------- what a run folder can ask for
+@pytest.fixture(scope="module")
+def one_year(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("one_year") / "data")
+    synthetic.make_synthetic_benchmark(root, years=(2020,), train_samples_per_year=8,
+                                       eval_samples_per_year=8, samples_per_shard=4,
+                                       classification_samples_per_year=0, static_samples=4)
+    return root
+
+
+def random_run(folder, root: str, shard_cmd: str) -> str:
+    """RUN/step01.pt of a random tiny model whose config says its shards streamed by shard_cmd."""
+    tok = data.Tokenizer.train(["a red circle", "a blue square at the top"] * 8, vocab_size=300)
+    run = folder / "run"
+    run.mkdir()
+    tok.save(str(run / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = CLIP(make_config("tiny", vocab_size=tok.vocab_size, eot_token_id=tok.eot_id))
+    config = {"data_root": root, "shard_cmd": shard_cmd, "static": ""}
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg), "config": config,
+                "steps": [["2020"]], "step_name": "2020"}, run / "step01.pt")
+    return str(run)
+
+
+def test_evaluate_run_never_runs_the_command_a_run_folder_holds(tmp_path, one_year):
+    ran = tmp_path / "ran"
+    run = random_run(tmp_path, one_year, f"touch {ran}; cat {one_year}/{{path}}")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([f"--run={run}", "--device=cpu"])
+    assert "streamed its shards with --shard_cmd='touch" in str(e.value)
+    assert "pass --shard_cmd yourself" in str(e.value) and "\n" not in str(e.value)
+    assert not ran.exists() and not os.path.exists(os.path.join(run, "eval_matrix.json"))
+    evaluate.main([f"--run={run}", "--device=cpu", f"--shard_cmd=cat {one_year}/{{path}}"])
+    assert not ran.exists()
+    result = json.load(open(os.path.join(run, "eval_matrix.json")))
+    assert result["results"]["2020"]["2020"]["gallery"] == 8
+
+
+def test_a_failing_shard_cmds_stderr_is_in_evaluation_errors_and_tokenizer_warnings(one_year,
+                                                                                    capsys):
+    failing = "echo no such bucket: {path} >&2; exit 3"
+    task = evaluate.tasks_of(one_year, [["2020"]], failing)["2020"]
+    torch.manual_seed(0)
+    model = CLIP(make_config("tiny", vocab_size=300))
+    tok = data.Tokenizer.train(["a red circle"] * 8, vocab_size=300)
+    said = "the command failed.*exit status 3: no such bucket: eval/retrieval/2020"
+    with pytest.raises(SystemExit, match=said):
+        evaluate.retrieval(model, task.retrieval, tok, torch.device("cpu"))
+    assert list(data.first_captions(one_year, ["2020"], 4, failing)) == []
+    assert "exit status 3: no such bucket: train/2020" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- a run never shrinks
+def test_a_matrix_is_not_read_back_for_fewer_of_its_steps(tmp_path):
+    names = ["2018", "2019", "2020"]
+    rows = {step: {task: {"mean_R@1": 10.0 * i + j} for j, task in enumerate(names)}
+            for i, step in enumerate(names)}
+    path = str(tmp_path / "eval_matrix.json")
+    shards.write_json(path, evaluate.eval_matrix(rows, names))
+    assert evaluate.read_results(path, names)[0] == rows
+    assert evaluate.read_results(path, names + ["2021"])[0] == rows  # a run grown by a step
+    with pytest.raises(SystemExit, match="steps 2018, 2019, 2020, and only its first 2 are named"):
+        evaluate.read_results(path, names[:2])

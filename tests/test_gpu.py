@@ -1,20 +1,27 @@
 """The CUDA paths, skipped without a GPU: a bf16 autocast training step, the compiled model, the fused AdamW
-step that skips a non-finite update without a host sync, and evaluation on the GPU.
+step that skips a non-finite update without a host sync, and evaluation on the GPU; the loader's
+uint8 images normalised on the GPU; a run that carries fused AdamW across steps and resumes exactly.
 
     python -m pytest -q tests/test_gpu.py      # on a machine with a CUDA GPU
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import data
 import evaluate
+import shards
 import survive
 import synthetic
+from conftest import train_in_process
 from model import CLIP, clip_loss, make_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
+# deterministic cuBLAS for the resume test below; read at cuBLAS's first use: set before any test
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def tiny_model(seed: int = 0) -> CLIP:
@@ -100,3 +107,74 @@ def test_evaluation_on_the_gpu_agrees_with_the_cpu(tmp_path):
     img_gpu, txt_gpu = evaluate.embed_pairs(model.to(CUDA), shards, tok, CUDA)
     assert F.cosine_similarity(img_cpu, img_gpu.cpu()).min() > 0.99
     assert F.cosine_similarity(txt_cpu, txt_gpu.cpu()).min() > 0.99
+
+
+def test_uint8_batches_normalised_on_the_gpu_are_the_cpu_floats(two_years):
+    """The loader's pinned uint8 batches, copied without blocking and normalised on the GPU (as
+    train.py does), and evaluation batches (as evaluate.py does): bit for bit the CPU's floats."""
+    tok = data.Tokenizer.train(data.first_captions(two_years, ["2018"], 64), vocab_size=300)
+    part = data.Part("2018", shards.year_shards(two_years, "2018"))
+    stream = data.TrainStream([part], 64, 32, 0, 1, seed=0, time_step=0, image_px=24, tokenizer=tok,
+                              context_tokens=16)
+    batches = [images for images, _, _ in data.train_loader(stream, num_workers=1)]
+    held_out = shards.year_shards(two_years, "2018", "retrieval")
+    batches += [x for x, *_ in data.eval_batches(held_out, 40, 32)]
+    assert len(batches) == 2 + 2 and batches[0].is_pinned()  # the loader pins its batches on CUDA
+    for images in batches:
+        on_gpu = data.normalize_images(images.to(CUDA, non_blocking=True))
+        assert images.dtype == torch.uint8 and on_gpu.device.type == "cuda"
+        assert torch.equal(on_gpu.cpu(), data.normalize_images(images))
+
+
+@pytest.fixture
+def deterministic_kernels():
+    """Deterministic CUDA kernels for one test (cuDNN's convolutions, flash attention's backward,
+    embedding gradients): by default they sum with atomics in an order that differs run to run."""
+    mode, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+# 16 iterations a step; a 50% cooldown branches off at iteration 8; a resume checkpoint every 2
+CARRIED = ["--strategy=cumulative-all", "--lr_schedule=const-cooldown", "--budget_samples=512",
+           "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=4",
+           "--eval_batch=64", "--warmup_iters=2", "--warmup_iters_later=2",
+           "--cooldown_fraction=0.5", "--ckpt_interval_samples=64", "--device=cuda"]
+
+
+def test_const_cooldown_carries_fused_adamw_and_resumes_bitwise_on_the_gpu(
+        two_years, tmp_path, monkeypatch, deterministic_kernels):
+    """Two tiny const-cooldown steps on the GPU. Fused AdamW's state, saved on the CPU (the trunk,
+    resume checkpoints), is loaded again onto the GPU by the second step and by the resumed run; a
+    run stopped at iteration 12, inside the cooldown that began at 8, ends both steps bit for bit as
+    one never stopped (tests/test_schedules.py: the same on the CPU)."""
+    def load(run, step):
+        return torch.load(os.path.join(run, f"step{step:02d}.pt"), weights_only=True)
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    args = [f"--data_root={two_years}", *CARRIED]
+    reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
+    train_in_process([f"--out_dir={reference}", *args])
+    first, second = load(reference, 1), load(reference, 2)
+    assert first["trunk"]["optimizer"]["param_groups"][0]["fused"]
+    # the second step went on with the first step's trunk optimizer: AdamW's step count is 8 + 8
+    assert (first["trunk"]["iterations"], second["trunk"]["iterations"]) == (8, 16)
+    assert int(second["trunk"]["optimizer"]["state"][0]["step"]) == 16
+    # as SIGTERM would: the check at iteration 12 asks to stop, once iteration 10 is saved
+    ten = os.path.join(stopped, "resume", "step01-0000010.pt")
+    monkeypatch.setattr(survive, "stop_requested", lambda world: os.path.exists(ten))
+    train_in_process([f"--out_dir={stopped}", *args])
+    assert not os.path.exists(os.path.join(stopped, "step01.pt"))
+    resume = torch.load(os.path.join(stopped, "resume", "step01-0000012.pt"), weights_only=True)
+    assert resume["trunk"]["iterations"] == 8 and resume["optimizer"]["param_groups"][0]["fused"]
+    monkeypatch.undo()
+    train_in_process([f"--out_dir={stopped}", *args])
+    for step in (1, 2):
+        a, b = load(reference, step), load(stopped, step)
+        assert same(a["model"], b["model"]), f"step {step}"
+        assert same(a["trunk"]["model"], b["trunk"]["model"]), f"step {step}"
+        assert same(a["trunk"]["optimizer"]["state"][0], b["trunk"]["optimizer"]["state"][0])

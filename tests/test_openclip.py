@@ -1,4 +1,5 @@
 """Existing CLIP models: OpenCLIP and OpenAI state dicts load into our model and give open_clip's embeddings;
+attention heads of any width load right; TorchScript archives are read without running anything in them;
 our CLIP tokenizer gives open_clip's token ids; evaluate.py --checkpoint scores a model as open_clip would.
 
 Needs open-clip-torch (test-only: pip install -r requirements-test.txt), for random-weight models and
@@ -8,21 +9,26 @@ CLIP's vocabulary file that ships inside it; no pretrained weights are downloade
 """
 import json
 import os
+import pickle
 import subprocess
 import sys
+import zipfile
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import evaluate
+import pictures
 import prepare
 import shards
 import synthetic
 from conftest import REPO, train_in_process
-from model import load_checkpoint, load_openclip_state_dict, make_config, openclip_config
+from model import (load_checkpoint, load_openclip_state_dict, make_config, openclip_config,
+                   read_torchscript)
 
 
 def openclip_model(name: str, seed: int = 0):
@@ -114,6 +120,152 @@ def test_checkpoint_files_of_every_kind(tmp_path):
         load_checkpoint(str(tmp_path / "junk.pt"))
 
 
+def openclip_with_heads(vision_width: int, head_width: int, text_width: int, text_heads: int,
+                        layers: int = 2, image_px: int = 32, patch_px: int = 8):
+    """A random open_clip ViT CLIP with image heads head_width wide and text_heads text heads, and
+    its model config as an open_clip_config.json holds it."""
+    torch.manual_seed(0)
+    vision = dict(image_size=image_px, patch_size=patch_px, width=vision_width,
+                  head_width=head_width, layers=layers)
+    text = dict(context_length=16, vocab_size=49408, width=text_width, heads=text_heads,
+                layers=layers)
+    model_cfg = {"embed_dim": 64, "vision_cfg": vision, "text_cfg": text}
+    return open_clip.CLIP(**model_cfg).eval(), model_cfg
+
+
+@pytest.mark.parametrize("head_width, width", [(32, 128), (80, 320)])  # guessed: 2 and 5 heads
+def test_heads_other_than_64_wide_come_from_the_config_beside_or_the_setting_or_a_stated_guess(
+        tmp_path, capsys, head_width, width):
+    import export
+    heads = (width // head_width, width // head_width)
+    theirs, model_cfg = openclip_with_heads(width, head_width, width, heads[1])
+    path = _saved(tmp_path, theirs)
+    guessed, _ = load_checkpoint(path)  # no config beside, no open_clip model of these widths
+    note = capsys.readouterr().out
+    assert f"no open_clip model of its widths ({width} image, {width} text)" in note
+    assert "pass --heads=IMAGE,TEXT" in note
+    assert (guessed.cfg.vision_heads, guessed.cfg.text_heads) != heads
+    with torch.no_grad():  # the guess is wrong here, which the line says may be
+        images = torch.randn(2, 3, 32, 32)
+        assert (guessed.encode_image(images) - theirs.encode_image(images)).abs().max() > 1e-3
+    assert_same_embeddings(theirs, load_checkpoint(path, heads=heads)[0], 32, 16)  # --heads
+    with pytest.raises(SystemExit, match="7 attention heads do not divide the image tower's width"):
+        load_checkpoint(path, heads=(7, 1))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    assert_same_embeddings(theirs, load_checkpoint(path)[0], 32, 16)  # the config beside names them
+    assert "attention heads" not in capsys.readouterr().out
+    export.main([path, f"--out={tmp_path / 'exported'}"])  # and export writes them back
+    written = json.load(open(tmp_path / "exported" / "open_clip_config.json"))["model_cfg"]
+    assert written["vision_cfg"]["head_width"] == head_width
+    assert written["text_cfg"]["heads"] == heads[1]
+    exported = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}").eval()
+    assert_same_embeddings(theirs, exported, 32, 16)
+
+
+def test_an_open_clip_shape_with_80_wide_image_heads_is_known_by_its_widths(tmp_path, capsys):
+    theirs, _ = openclip_with_heads(1280, 80, 1024, 16, layers=1, image_px=28, patch_px=14)  # ViT-H
+    ours, _ = load_checkpoint(_saved(tmp_path, theirs))
+    assert (ours.cfg.vision_heads, ours.cfg.text_heads) == (16, 16)
+    assert "attention heads" not in capsys.readouterr().out
+    assert_same_embeddings(theirs, ours, 28, 16)
+
+
+def test_the_heads_setting_is_checked(tmp_path):
+    import train
+    with pytest.raises(SystemExit, match="--heads=16: use auto, or the attention heads of the"):
+        train.check_config(train.parse_config(["--heads=16"]))
+    with pytest.raises(SystemExit, match="--heads=0,8: use auto"):
+        evaluate.main([f"--checkpoint={tmp_path}", "--tokenizer=t", "--data_root=d", "--heads=0,8"])
+
+
+# ------------------------------------------------------------------- archives that would run code
+class BuffersOfEveryKind(torch.nn.Module):
+    """float16 and int64 tensors, a bias-less Linear, and a buffer that is a strided view."""
+    ints: list[int]  # a typed list, which TorchScript pickles through a helper
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4, bias=False).half()
+        self.register_buffer("table", torch.arange(12).view(3, 4))
+        self.register_buffer("column", self.table.t()[1:])  # an offset into a shared storage
+        self.ints = [1, 2]
+
+    def forward(self, x):
+        return self.linear(x) + self.column.sum()
+
+
+class WritesAFile(torch.nn.Module):
+    """A module whose __setstate__, which torch.jit.load runs, maps a file it names, creating it."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path, self.mapped = path, torch.zeros(1)
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return self.path, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.path, self.training = state
+        self.mapped = torch.from_file(self.path, shared=True, size=16)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_a_torchscript_archive_gives_jit_loads_weights_without_running_it(tmp_path, monkeypatch):
+    theirs = tiny_openclip(quick_gelu=True)
+    traced = torch.jit.trace(theirs, (torch.zeros(1, 3, 32, 32), open_clip.tokenize(["a"], 16)),
+                             check_trace=False)
+    traced.save(str(tmp_path / "openai.pt"))
+    torch.jit.script(BuffersOfEveryKind()).save(str(tmp_path / "kinds.pt"))
+    jit = {name: torch.jit.load(str(tmp_path / name)).state_dict()
+           for name in ("openai.pt", "kinds.pt")}
+    for name, expected in jit.items():
+        got = read_torchscript(str(tmp_path / name))
+        assert list(got) == list(expected)
+        assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in expected.items())
+    monkeypatch.setattr(torch.jit, "load", None)  # the loader must not need it
+    ours, _ = load_checkpoint(str(tmp_path / "openai.pt"))
+    before = load_openclip_state_dict(jit["openai.pt"], ours.cfg)  # as the torch.jit.load path gave
+    assert all(torch.equal(v, before.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script's: the archive is the point
+def test_an_archive_made_to_write_a_file_writes_nothing_and_is_refused_in_a_line(tmp_path,
+                                                                                  clip_tokenizer):
+    written = tmp_path / "written"
+    torch.jit.script(WritesAFile(str(written))).save(str(tmp_path / "evil.pt"))
+    clip_tokenizer.save(str(tmp_path / "tok.json"))
+    root = str(tmp_path / "bench")
+    synthetic.make_synthetic_benchmark(root, years=(2020,), train_samples_per_year=4,
+                                       eval_samples_per_year=4, classification_samples_per_year=0,
+                                       samples_per_shard=4)
+    with pytest.raises(SystemExit) as evaluated:
+        evaluate.main([f"--checkpoint={tmp_path}/evil.pt", f"--tokenizer={tmp_path}/tok.json",
+                       f"--data_root={root}", "--device=cpu"])
+    with pytest.raises(SystemExit) as trained:
+        train_in_process([f"--data_root={root}", f"--out_dir={tmp_path}/run", "--workers=0",
+                          f"--init={tmp_path}/evil.pt", f"--tokenizer={tmp_path}/tok.json"])
+    assert not written.exists()
+    for refusal in (evaluated, trained):
+        assert "evil.pt: refused: this TorchScript archive needs __torch__" in str(refusal.value)
+        assert "WritesAFile.__setstate__ to be rebuilt" in str(refusal.value)
+        assert "\n" not in str(refusal.value)
+    # a pickle that calls a function of its own choosing is refused by name, before the call
+    class Touch:
+        def __reduce__(self):
+            return os.system, (f"touch {written}",)
+    with zipfile.ZipFile(tmp_path / "calls.pt", "w") as archive:
+        archive.writestr("calls/data.pkl", pickle.dumps(Touch(), protocol=2))
+        archive.writestr("calls/constants.pkl", pickle.dumps((), protocol=2))
+    with pytest.raises(SystemExit, match=r"calls.pt: refused: .* archive needs (posix|os)\.system"):
+        load_checkpoint(str(tmp_path / "calls.pt"))
+    assert not written.exists()
+
+
 # ----------------------------------------------------------------------------- the tokenizer
 CAPTIONS = [
     "A photo of a cat.", "  Two   dogs\tplaying\n in the   snow!!!  ", "It's 2021: what's 3.14 + 42?",
@@ -186,12 +338,13 @@ def test_evaluate_checkpoint_scores_as_open_clip(tmp_path, clip_tokenizer, capsy
         classifier = F.normalize(prompts.view(len(names), len(templates), -1).mean(1), dim=-1)
         for year in ("2020", "2021"):
             images, captions, _ = next(data.eval_batches(shards.year_shards(root, year, "retrieval"), 32, 1000))
-            img = F.normalize(theirs.encode_image(images), dim=-1)
+            img = F.normalize(theirs.encode_image(data.normalize_images(images)), dim=-1)
             txt = F.normalize(theirs.encode_text(open_clip.tokenize(captions, 16)), dim=-1)
             i2t, t2i = evaluate.recall_at_k(img, txt, ks=(1,)), evaluate.recall_at_k(txt, img, ks=(1,))
             assert row[year]["mean_R@1"] == pytest.approx(100 * (i2t[1] + t2i[1]) / 2)
             images, labels, _ = next(data.eval_batches(shards.year_shards(root, year, "classification"), 32, 1000,
                                                        target="class"))
+            images = data.normalize_images(images)
             predicted = (F.normalize(theirs.encode_image(images), dim=-1) @ classifier.t()).argmax(1)
             assert row[year]["top1"] == pytest.approx(100 * (predicted == torch.tensor(labels)).float().mean().item())
             assert row[year]["gallery"] == 24 and row[year]["class_samples"] == 40
@@ -233,6 +386,8 @@ def test_a_run_from_an_openclip_model_with_lr_0_keeps_it_and_scores_it_first(tmp
     assert result["initial"] == alone  # the initial row is the model scored as evaluate.py scores it
     assert result["matrix"] == [[alone[t]["mean_R@1"] for t in ("2020", "2021")]] * 2  # and no step changed it
     assert result["summary"]["id"] == alone["2020"]["mean_R@1"] / 2 + alone["2021"]["mean_R@1"] / 2
+    with Image.open(run / "eval_matrix.png") as picture:  # with the initial row: test_pictures.py
+        assert picture.tobytes() == pictures.run_picture(result, str(run)).tobytes()
 
 
 @pytest.mark.parametrize("vocabulary", ["clip", "bpe"])

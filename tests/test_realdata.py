@@ -269,6 +269,7 @@ def test_classifier_and_accuracy_match_a_brute_force_reference(bench, model_and_
         got = evaluate.classification(model, listed, classifier, torch.device("cpu"), batch_samples=64)
         decoded = [data._decode(sample, "class") for path, _ in listed for _, sample in shards.iter_tar(path)]
         images = torch.stack([data.ImageTransform(32, False)(image) for image, _ in decoded])
+        images = data.normalize_images(images)
         all_scores = F.normalize(model.encode_image(images), dim=-1) @ classifier
         hits1 = hits5 = 0
         for scores, (_, label) in zip(all_scores, decoded):
@@ -329,6 +330,7 @@ def test_static_tasks_score_as_computed_directly(tmp_path, model_and_tokenizer):
     row = evaluate.evaluate_step(model, tasks, tok, cpu, batch_samples=4)
     with torch.no_grad():  # the same numbers, computed directly
         pixels = torch.stack([data.ImageTransform(32, False)(Image.open(io.BytesIO(im))) for im in images])
+        pixels = data.normalize_images(pixels)
         img = F.normalize(model.encode_image(pixels), dim=-1)
         classifier = evaluate.zero_shot_classifier(model, classes, ["a photo of a {}.", "a {}"], tok, cpu)
         predicted, labels = (img @ classifier).argmax(1), torch.arange(10) % 3

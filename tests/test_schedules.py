@@ -87,6 +87,20 @@ def test_schedule_settings_are_checked():
             train.check_config(train.parse_config(bad))
 
 
+def test_a_schedule_row_is_checked_before_any_compute(monkeypatch):
+    """What the row cannot express is an error at start-up, not a cooldown of length 0 or another row's formula."""
+    branch_only = schedules.Schedule("branch-only", schedules.constant, cooldown=schedules.sqrt_cooldown)
+    monkeypatch.setitem(schedules.SCHEDULES, "branch-only", branch_only)
+    with pytest.raises(SystemExit, match="schedule branch-only has a cooled branch but a new optimizer each step"):
+        train.check_config(train.parse_config(["--lr_schedule=branch-only"]))
+    monkeypatch.setitem(schedules.SCHEDULES, "branch-only", schedules.Schedule("branch-only", schedules.constant,
+                                                                               first_step_as="cosine-2"))
+    with pytest.raises(SystemExit, match="first_step_as='cosine-2' is not a schedule"):
+        train.check_config(train.parse_config(["--lr_schedule=cosine"]))
+    with pytest.raises(SystemExit, match="unknown lr_schedule 'linear'"):
+        schedules.step_schedule(config("linear"), 0, 1, 100, None)  # no row, so no formula to fall into
+
+
 def test_a_grown_cosine_ar_run_says_its_horizon_moved(three_years, tmp_path, capsys):
     run = str(tmp_path / "run")
     args = [f"--data_root={three_years}", f"--out_dir={run}", "--lr_schedule=cosine-ar", "--budget_samples=64",
@@ -100,7 +114,8 @@ def test_a_grown_cosine_ar_run_says_its_horizon_moved(three_years, tmp_path, cap
     trained = {"lr_schedule": "cosine-ar", "ar_horizon": 0}
     assert schedules.horizon_note(config("cosine-ar"), trained, 5, 5) is None
     assert schedules.horizon_note(config("cosine-ar", ar_horizon=7), {**trained, "ar_horizon": 7}, 5, 6) is None
-    assert schedules.horizon_note(config("cosine"), {**trained, "lr_schedule": "cosine"}, 5, 6) is None
+    assert schedules.horizon_note(config("cosine-ar"), {**trained, "lr_schedule": "cosine"}, 5, 6) is None
+    assert schedules.SCHEDULES["cosine"].grown_note is None
 
 
 # ----------------------------------------------------------------------------- runs that carry the optimizer

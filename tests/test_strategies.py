@@ -2,6 +2,7 @@
 strategies added from this file alone (as a forker would), trained through train.main."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from conftest import train_in_process
 from data import Part, keep_sample
 from model import CLIP, make_config
+from settings import Setting
 from strategies import (SETTINGS, STRATEGIES, Strategy, distillation_loss, equal_buffer, exp_buffer, get_strategy,
                         interpolate, new_only, step_parts)
 
@@ -47,8 +49,8 @@ def test_step_parts_and_budgets():
     parts = step_parts(STRATEGIES["cumulative-exp"], 3, steps)
     assert [(p.name, p.keep_fraction) for p in parts] == [("2018", 0.25), ("2019", 0.5), ("2020", 1.0), ("2021", 1.0)]
     assert [p.name for p in step_parts(STRATEGIES["sequential"], 2, steps)] == ["2020"]
-    assert [STRATEGIES["oracle"].budget_steps(t) for t in range(4)] == [1, 2, 3, 4]
-    assert all(STRATEGIES[n].budget_steps(3) == 1 for n in STRATEGIES if n != "oracle")
+    assert [STRATEGIES["oracle"].budget_units(t) for t in range(4)] == [1, 2, 3, 4]
+    assert all(STRATEGIES[n].budget_units(3) == 1 for n in STRATEGIES if n != "oracle")
     assert not STRATEGIES["restart"].warm_start and STRATEGIES["sequential"].warm_start
     with pytest.raises(SystemExit, match="unknown strategy 'nope'.*sequential"):
         get_strategy("nope")
@@ -104,7 +106,7 @@ def test_a_strategy_defined_here_merges_at_the_end_of_each_step(tmp_path, two_ye
         calls.append((step.t, step.previous, finetuned))
         return {"ema_keep": keep, "flops": 7}
 
-    monkeypatch.setitem(SETTINGS, "ema_keep", 0.5)
+    monkeypatch.setitem(SETTINGS, "ema_keep", Setting(0.5, "my-ema: the previous model's weight"))
     monkeypatch.setitem(STRATEGIES, "my-ema", Strategy("my-ema", True, new_only, end_of_step=ema_merge))
     run_dir = str(tmp_path / "run")
     train_in_process([f"--data_root={two_years}", f"--out_dir={run_dir}", "--strategy=my-ema", "--ema_keep=0.25",
@@ -116,3 +118,46 @@ def test_a_strategy_defined_here_merges_at_the_end_of_each_step(tmp_path, two_ye
     assert all(torch.equal(step2["model"][k], 0.25 * previous[k] + 0.75 * finetuned[k]) for k in previous)
     assert step2["end_of_step"] == {"ema_keep": 0.25, "flops": 7} and step1["end_of_step"] == {}
     assert step2["flops"] == step1["flops"] + 7 and step2["config"]["ema_keep"] == 0.25
+
+
+# ----------------------------------------------------------------------------- what a forker can rely on
+def counting(model, step):
+    """An end-of-step action that keeps state: how many times it ran, and a tensor that grows each time."""
+    n = step.state.get("n", 0) + 1
+    return {"flops": 5, "n": n, "state": {"n": n, "ones": torch.ones(1000 * n)}}
+
+
+def test_a_strategys_state_is_saved_with_each_step_and_handed_back(tmp_path, three_years, monkeypatch, capsys):
+    monkeypatch.setitem(STRATEGIES, "counting", Strategy("counting", True, new_only, end_of_step=counting))
+    run_dir = str(tmp_path / "run")
+    train_in_process([f"--data_root={three_years}", f"--out_dir={run_dir}", "--strategy=counting", *TINY])
+    ckpts = [torch.load(f"{run_dir}/step0{i}.pt", weights_only=True) for i in (1, 2, 3)]
+    assert [c["state"].get("n") for c in ckpts] == [None, 1, 2]  # from the second step on, handed back each time
+    assert [c["end_of_step"] for c in ckpts] == [{}, {"flops": 5, "n": 1}, {"flops": 5, "n": 2}]
+    assert torch.equal(ckpts[2]["state"]["ones"], torch.ones(2000))
+    out = capsys.readouterr().out  # the checkpoint's size line counts the state's tensors
+    assert "step02.pt: " in out and "of which the strategy's state 0.0 MB" in out  # 4000 bytes
+
+
+@pytest.mark.parametrize("row, message", [
+    (dict(end_of_step=lambda model, step: {"patched": True}), "end_of_step returned {'patched': True}; return a "
+                                                               "dict with 'flops'"),
+    (dict(start_of_step=lambda model, step: {"flops": 1, "state": [1]}), "start_of_step's 'state' is not a dict"),
+    (dict(end_of_step=lambda model, step: {"flops": 0, "w": torch.ones(1)}), "keep tensors in 'state'"),
+    (dict(batch_loss=lambda model, step: (lambda *batch: 0.0)), "its batch loss has no flops_per_sample")])
+def test_a_hook_that_declares_no_compute_or_keeps_what_cannot_be_saved_is_an_error(tmp_path, two_years, monkeypatch,
+                                                                                    row, message):
+    monkeypatch.setitem(STRATEGIES, "mine", Strategy("mine", True, new_only, **row))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train_in_process([f"--data_root={two_years}", f"--out_dir={tmp_path}/run", "--strategy=mine", *TINY])
+
+
+@pytest.mark.parametrize("row, message", [
+    (dict(replay=lambda t: {t - 1: 1.0}), "replay(0) = {-1: 1.0}"),
+    (dict(replay=lambda t: {t: 2.0}), "replay(0) = {0: 2.0}"),
+    (dict(replay=new_only, budget_units=lambda t: 0.5), "budget_units(0) = 0.5")])
+def test_a_row_that_cannot_be_trained_is_refused_before_any_compute(tmp_path, two_years, monkeypatch, row, message):
+    monkeypatch.setitem(STRATEGIES, "mine", Strategy("mine", True, **row))
+    with pytest.raises(SystemExit, match=re.escape(f"error: strategy mine: {message}")):
+        train_in_process([f"--data_root={two_years}", f"--out_dir={tmp_path}/run", "--strategy=mine", *TINY])
+    assert not os.path.exists(tmp_path / "run" / "tokenizer.json")

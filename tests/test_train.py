@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
+import pictures
 import shards
 import strategies
 import train
@@ -62,6 +64,8 @@ def test_end_to_end_two_steps_writes_matrix_and_resumes(tmp_path, two_years):
     assert all(0 <= v <= 100 for r in result["matrix"] for v in r)
     assert result["results"]["2019"]["2018"]["gallery"] == 64
     assert len(result["classification"]["matrix"]) == 2 and result["results"]["2019"]["2018"]["class_samples"] == 32
+    with Image.open(os.path.join(run, "eval_matrix.png")) as picture:  # what it shows: test_pictures.py
+        assert picture.format == "PNG" and picture.tobytes() == pictures.run_picture(result, run).tobytes()
     assert sorted(f for f in os.listdir(run) if f.endswith(".pt")) == ["step01.pt", "step02.pt"]
     ckpt = torch.load(os.path.join(run, "step02.pt"), weights_only=True)
     assert ckpt["samples_seen"] == 256 and ckpt["config"]["strategy"] == "sequential"
@@ -107,12 +111,19 @@ def test_a_finished_run_grows_by_a_year_without_retraining(tmp_path, three_years
     model, _ = load_checkpoint(os.path.join(run, "step01.pt"))
     new_cell = evaluate.evaluate_step(model, evaluate.tasks_of(three_years, [["2020"]]), tok, torch.device("cpu"))
     assert grown["matrix"][0][2] == pytest.approx(new_cell["2020"]["mean_R@1"])
-    # evaluate.py --run gives the same matrix for the grown run
+    # evaluate.py --run gives the same matrix for the grown run, and draws it
+    os.remove(os.path.join(run, "eval_matrix.png"))
     evaluate.main([f"--run={run}", "--device=cpu"])
     assert json.load(open(os.path.join(run, "eval_matrix.json")))["matrix"] == grown["matrix"]
+    assert Image.open(os.path.join(run, "eval_matrix.png")).format == "PNG"
     # steps that do not begin with the run's steps cannot be matched to its checkpoints by position
     line = train_refused([*tiny_args(three_years, run), "--steps=2019,2020"])
     assert "step01.pt belongs to a run of the steps 2018,2019, which do not begin --steps=2019,2020" in line
+    # nor can fewer steps: the third year's column would be read back as a static task, rewritten 2x2
+    before = open(os.path.join(run, "eval_matrix.json")).read()
+    line = train_refused([*tiny_args(three_years, run), "--steps=2018,2019"])
+    assert "only its first 2 are named; a run grows by steps added at its end and never shrinks" in line
+    assert open(os.path.join(run, "eval_matrix.json")).read() == before
 
 
 def test_precision_setting_reaches_training_and_evaluation(tmp_path, two_years):
@@ -166,18 +177,59 @@ def loss_and_grads(model, train_model, images, tokens, accum_steps, world, extra
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+class WeightTerm:
+    """A batch loss on the weights alone (as EWC's or an L2 pull to the previous model): 0.5 sum (w - w0)^2."""
+    flops_per_sample = 0
+
+    def __init__(self, model, scale=1.0):
+        self.params = dict(model.named_parameters())
+        self.anchor = {k: p.detach() + 0.01 * torch.randn_like(p) for k, p in self.params.items()}
+        self.scale = scale
+
+    def __call__(self, images, tokens, image_features, text_features, logit_scale):
+        return self.scale * 0.5 * sum(((p - self.anchor[k]) ** 2).sum() for k, p in self.params.items())
+
+
+class MixedTerm(WeightTerm):
+    """A term through the weights and the features at once: the weight term times the features' mean."""
+
+    def __call__(self, images, tokens, image_features, text_features, logit_scale):
+        return super().__call__(images, tokens, image_features, text_features, logit_scale) \
+            * (1 + (image_features * text_features).sum(-1).mean())
+
+
+def batch_losses(model):
+    """A feature term (lwf's distillation), a weight term and a mix of both, each with its name."""
+    torch.manual_seed(3)
+    step = strategies.TimeStep(1, ["a", "b"], [], train.parse_config(["--lwf_weight=0.7"]), None,
+                               torch.device("cpu"), True, False, previous=tiny_clip(seed=5).state_dict())
+    return {"none": None, "features (lwf)": strategies.Distillation(model, step), "weights": WeightTerm(model, 5.0),
+            "both": MixedTerm(model, 0.05)}
+
+
 def test_accumulated_micro_batches_give_the_gradients_of_the_whole_batch():
+    """Whatever accum_steps is, a batch loss adds one batch's gradient: through the features, through the weights
+    (a term on the weights alone got k times its gradient when it was called once per micro-batch), or both."""
     model, one = tiny_clip(), train.World(0, 1, False, torch.device("cpu"))
     images, tokens = random_pairs(16)
-    teacher = strategies.TimeStep(1, ["a", "b"], [], tiny_clip(seed=5).state_dict(),
-                                  train.parse_config(["--lwf_weight=0.7"]), None, torch.device("cpu"), True, False)
-    for extra_loss in (None, strategies.Distillation(model, teacher)):  # with lwf's term too
-        whole, whole_grads = loss_and_grads(model, model, images, tokens, 1, one, extra_loss)
+    for name, batch_loss in batch_losses(model).items():
+        whole, whole_grads = loss_and_grads(model, model, images, tokens, 1, one, batch_loss)
         for k in (2, 4):
-            loss, grads = loss_and_grads(model, model, images, tokens, k, one, extra_loss)
-            assert loss.item() == pytest.approx(whole.item(), abs=1e-6)
-            for name, grad in grads.items():  # the logit scale's included: once, not k times
-                torch.testing.assert_close(grad, whole_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+            loss, grads = loss_and_grads(model, model, images, tokens, k, one, batch_loss)
+            assert loss.item() == pytest.approx(whole.item(), abs=1e-6), (name, k)
+            for param, grad in grads.items():  # the logit scale's included: once, not k times
+                torch.testing.assert_close(grad, whole_grads[param], rtol=1e-4, atol=1e-6, msg=f"{name} {k} {param}")
+
+
+def test_a_batch_loss_is_called_once_a_batch_with_the_whole_batch():
+    model, one = tiny_clip(), train.World(0, 1, False, torch.device("cpu"))
+    images, tokens = random_pairs(16)
+    calls = []
+    record = lambda images, tokens, image_f, text_f, scale: calls.append((len(images), len(image_f))) or 0.0  # noqa
+    for k in (1, 2, 4):
+        calls.clear()
+        loss_and_grads(model, model, images, tokens, k, one, record)
+        assert calls == [(16, 16)], k
 
 
 def _accumulating_worker(rank, world_size, tmp, images, tokens, accum_steps):
@@ -188,16 +240,21 @@ def _accumulating_worker(rank, world_size, tmp, images, tokens, accum_steps):
     local = images.shape[0] // world_size
     part = slice(rank * local, (rank + 1) * local)
     world = train.World(rank, world_size, True, torch.device("cpu"))
-    loss, grads = loss_and_grads(model, DDP(model), images[part], tokens[part], accum_steps, world)
+    torch.manual_seed(7)  # the same anchor on every rank
+    loss, grads = loss_and_grads(model, DDP(model), images[part], tokens[part], accum_steps, world,
+                                 WeightTerm(model, 5.0))
     torch.save({"loss": loss, "grads": grads}, f"{tmp}/rank{rank}-accum{accum_steps}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_accumulation_under_two_process_ddp_gives_the_whole_batch_gradients(tmp_path):
+    """With a batch loss on the weights too: each rank adds it once, and the all-reduce averages equal terms."""
     images, tokens = random_pairs(16)
     model = tiny_clip()
-    _, whole_grads = loss_and_grads(model, model, images, tokens, 1, train.World(0, 1, False, torch.device("cpu")))
+    torch.manual_seed(7)
+    _, whole_grads = loss_and_grads(model, model, images, tokens, 1, train.World(0, 1, False, torch.device("cpu")),
+                                    WeightTerm(model, 5.0))
     for k in (1, 4):  # 2 processes x 8 pairs, in 1 or 4 micro-batches each
         mp.spawn(_accumulating_worker, args=(2, str(tmp_path), images, tokens, k), nprocs=2, join=True)
         for rank in (0, 1):

@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)  # the project's modules
 import data  # noqa: E402
 import shards  # noqa: E402
 import synthetic  # noqa: E402
-from evaluate import parse_flags  # noqa: E402
+from settings import parse_flags  # noqa: E402
 from model import CLIP, clip_loss, make_config  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's datasheets; the first key found in the device's
@@ -109,12 +109,14 @@ IMPLEMENTATIONS = {"ours": build_ours, "open_clip": build_openclip}
 
 
 def make_step(build, cfg, device, args):
-    """step(images, tokens) -> loss: one optimizer step, with no host synchronisation in it."""
+    """step(images, tokens) -> loss: the loader's uint8 images normalised on the device, as train.py
+    does, then one optimizer step, with no host synchronisation in it."""
     model, forward_loss, optimizer, after_step = build(cfg, device, args)
     forward_loss = torch.compile(forward_loss) if args.compile else forward_loss
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def step(images, tokens):
+        images = data.normalize_images(images)
         with autocast:
             loss = forward_loss(images, tokens)
         optimizer.zero_grad(set_to_none=True)
@@ -151,9 +153,11 @@ def run_steps(step, batches, warmup: int, device: torch.device) -> dict:
 
 
 def fixed_batch(cfg, batch: int, device: torch.device):
-    """Random images and tokens of the model's shapes, made once and kept on the device."""
+    """Random uint8 images, as the loader sends them, and tokens of the model's shapes, made once
+    and kept on the device."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, cfg.image_px, cfg.image_px, generator=g)
+    shape = (batch, 3, cfg.image_px, cfg.image_px)
+    images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
     tokens = torch.randint(3, cfg.vocab_size - 1, (batch, cfg.context_tokens), generator=g)
     tokens[:, -1] = cfg.eot_token_id
     return images.to(device), tokens.to(device)

@@ -7,12 +7,14 @@ Run several TiC strategies on the same benchmark and write the paper's Table 2 f
     python tools/compare.py --seeds=0,1 --table_only=true     # tabulate the finished runs only, whatever their seeds
     python tools/compare.py --strategies=sequential,cumulative-all --schedules=cosine,cosine-ar,const-cooldown
     python tools/compare.py --strategies=cumulative-all --sweep=new_data_fraction=0.25,0.5 --rows=ema,ema-from-merge
+    python tools/compare.py --module=examples/ewc.py --strategies=sequential,ewc   # a strategy of your own file
 
 A row of the comparison is a strategy, with a schedule (lr_schedule) and other settings if given: the grid of
 --strategies x --schedules x the values of --sweep=KEY=V1,V2,..., then the rows that --rows lists by name. A
 row's name says what it is, STRATEGY[+SCHEDULE][+KEY=VALUE], e.g. cumulative-all+cosine-ar or
 cumulative-all+cosine+new_data_fraction=0.25, and names its run folder. Every other --key=value goes to train.py
-unchanged. Runs live in OUT/seedS/ROW (OUT = --out, default runs/compare); a finished run is reused, not
+unchanged. With --module=FILE, a file that registers strategies or schedules and then runs train.py's main (as
+examples/ewc.py does), every run goes through that file instead of train.py, so its rows can be compared. Runs live in OUT/seedS/ROW (OUT = --out, default runs/compare); a finished run is reused, not
 retrained, when the command is run again. As the paper's "every method starts from the same step-1 model", the
 first time step is trained once per seed for all rows whose first steps are the same (first_step: the same data,
 budget and schedule, and the same settings) and copied to the others; a row with a first step of its own trains
@@ -21,6 +23,7 @@ backward and forward transfer; the final model's mean R@1 over all tasks; the me
 OUT/compute_vs_retrieval.png, one heatmap of the evaluation matrix per row (mean over seeds, heatmap_ROW.png)
 and all of them on one sheet (heatmaps.png).
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -28,17 +31,31 @@ import subprocess
 import sys
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
+import pictures  # noqa: E402
 import schedules  # noqa: E402
 import strategies  # noqa: E402
+from evaluate import step_checkpoint, step_checkpoints, summarize  # noqa: E402
+from settings import parse_flags  # noqa: E402
 from shards import write_json  # noqa: E402
-from evaluate import parse_flags, step_checkpoint, step_checkpoints  # noqa: E402
 
 OPTIONS = {"strategies": "", "schedules": "", "sweep": "", "rows": "", "seeds": "0", "out": "runs/compare",
-           "nproc": 1, "table_only": False}  # compare.py's own keys; the rest go to train.py
+           "nproc": 1, "table_only": False, "module": ""}  # compare.py's own keys; the rest go to train.py
+
+
+def load_module(path: str) -> str:
+    """Import a file that registers strategies or schedules (not as __main__, so it trains nothing), so that
+    their rows resolve here; the program every run goes through: that file, or train.py."""
+    if not path:
+        return os.path.join(ROOT, "train.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --module={path}: no such file; pass a file that registers a strategy or a "
+                         f"schedule and runs train.py's main, e.g. examples/ewc.py")
+    spec = importlib.util.spec_from_file_location("compared_module", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    return os.path.abspath(path)
 
 
 def row_names(opts: dict) -> list[str]:
@@ -60,7 +77,7 @@ def row_args(row: str) -> list[str]:
     name, *rest = row.split("+")
     strategies.get_strategy(name)
     for part in rest:
-        if "=" not in part and part not in schedules.SCHEDULES:
+        if "=" not in part and part not in schedules.SCHEDULES:  # a forker's rows too (--module)
             raise SystemExit(f"error: row {row}: unknown lr_schedule '{part}'; choose one of: "
                              f"{', '.join(schedules.SCHEDULES)}, or write a setting as KEY=VALUE")
     return [f"--strategy={name}"] + [f"--{part}" if "=" in part else f"--lr_schedule={part}" for part in rest]
@@ -68,27 +85,29 @@ def row_args(row: str) -> list[str]:
 
 def first_step(row: str, train_args: list[str]) -> tuple:
     """What the first step of a row's run is made of: rows with equal ones train the same step01.pt. The strategy's
-    first step (Strategy.first_step), the schedule's (schedules.FIRST_STEP_AS: cosine-ar's first step is cosine's),
+    first step (Strategy.first_step), the schedule's (Schedule.first_step_as: cosine-ar's first step is cosine's),
     and the row's settings, except new_data_fraction where the first step replays nothing."""
     args = dict(arg[2:].partition("=")[::2] for arg in train_args + row_args(row))  # the last value of a key wins
     strategy = strategies.get_strategy(args["strategy"])
     schedule = args.get("lr_schedule", "cosine")
     settings = [part for part in row.split("+")[1:] if "=" in part
                 and not (part.startswith("new_data_fraction=") and set(strategy.replay(0)) == {0})]
-    return (strategy.first_step(from_initial=bool(args.get("init"))), schedules.FIRST_STEP_AS.get(schedule, schedule),
-            tuple(sorted(settings)))
+    return (strategy.first_step(from_initial=bool(args.get("init"))),
+            schedules.get_schedule(schedule).first_step_as or schedule, tuple(sorted(settings)))
 
 
-def launch(train_args: list[str], nproc: int) -> bool:
-    """Run train.py with these arguments in a process of its own (torchrun for nproc > 1); True if it succeeded."""
+def launch(program: str, train_args: list[str], nproc: int) -> bool:
+    """Run program (train.py, or --module's file) with these arguments in a process of its own (torchrun for
+    nproc > 1); True if it succeeded."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
-    cmd = launcher + [os.path.join(ROOT, "train.py"), *train_args]
+    cmd = launcher + [program, *train_args]
     print(" ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode == 0
 
 
-def run_row(row: str, seed: int, run_dir: str, shared_first: str | None, nproc: int, train_args: list):
+def run_row(row: str, seed: int, run_dir: str, shared_first: str | None, nproc: int, train_args: list,
+            program: str):
     """Train (or finish) one run; copy in the first step that another row trained, when it shares it."""
     os.makedirs(run_dir, exist_ok=True)
     if shared_first and not os.path.exists(step_checkpoint(run_dir, 0)):
@@ -96,7 +115,7 @@ def run_row(row: str, seed: int, run_dir: str, shared_first: str | None, nproc: 
                                (step_checkpoint(shared_first, 0), step_checkpoint(run_dir, 0))]:
             shutil.copyfile(source, target)
     strategy, *settings = row_args(row)
-    if not launch([strategy, f"--seed={seed}", f"--out_dir={run_dir}", *train_args, *settings], nproc):
+    if not launch(program, [strategy, f"--seed={seed}", f"--out_dir={run_dir}", *train_args, *settings], nproc):
         raise SystemExit(f"error: the {row} run (seed {seed}) failed; see its output above, fix it and rerun "
                          f"this command: finished runs are kept")
 
@@ -156,74 +175,11 @@ def make_table(records: dict[str, list[dict]]) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- pictures (pillow only)
-def plot_compute(rows: list[dict], path: str) -> None:
-    """Each strategy's final-model mean R@1 (all tasks) against its total FLOPs."""
-    W, H, pad = 720, 480, 70
-    img = Image.new("RGB", (W, H), "white")
-    d, font = ImageDraw.Draw(img), ImageFont.load_default()
-    xs, ys = [r["flops"] for r in rows], [r["final_mean"] for r in rows]
-    x_hi, y_lo, y_hi = max(xs) * 1.1, min(ys) - 2, max(ys) + 2
-    px = lambda x: pad + (W - 2 * pad) * x / x_hi
-    py = lambda y: H - pad - (H - 2 * pad) * (y - y_lo) / (y_hi - y_lo)
-    d.line([(pad, pad), (pad, H - pad), (W - pad, H - pad)], fill="black")
-    for i in range(5):
-        y = y_lo + (y_hi - y_lo) * i / 4
-        d.text((5, py(y) - 5), f"{y:.1f}", fill="black", font=font)
-        x = x_hi * i / 4
-        d.text((px(x) - 15, H - pad + 8), f"{x:.2g}", fill="black", font=font)
-    d.text((W // 2 - 60, H - 30), "total training FLOPs", fill="black", font=font)
-    d.text((5, 15), "final model: mean R@1 over all time steps (%)", fill="black", font=font)
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    points = [(px(r["flops"]), py(r["final_mean"]), palette[i % len(palette)], r["strategy"])
-              for i, r in enumerate(rows)]
-    labels = []  # (x, y) of the labels drawn so far: close points get their labels stacked top to bottom
-    for x, y, c, name in sorted(points, key=lambda p: p[1]):
-        d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=c)
-        ly = max([y - 6] + [y0 + 13 for x0, y0 in labels if abs(x - x0) < 20])
-        d.text((x + 9, ly), name, fill=c, font=font)
-        labels.append((x, ly))
-    img.save(path)
-
-
-def plot_heatmap(matrix: list[list[float]], tasks: list[str], title: str, path: str,
-                 lo: float | None = None, hi: float | None = None) -> None:
-    """E[i][j] as coloured cells with their values: rows = model after step i, columns = task j. The colour runs
-    from white at lo to dark blue at hi (default: this matrix's range; one range for all strategies compares them)."""
-    n, cell, left, top = len(tasks), 64, 90, 50
-    img = Image.new("RGB", (left + cell * n + 20, top + cell * len(matrix) + 40), "white")
-    d, font = ImageDraw.Draw(img), ImageFont.load_default()
-    lo = min(min(r) for r in matrix) if lo is None else lo
-    hi = max(max(r) for r in matrix) if hi is None else hi
-    d.text((10, 10), title, fill="black", font=font)
-    for j, name in enumerate(tasks):
-        d.text((left + j * cell + 10, top - 15), name, fill="black", font=font)
-    for i, row in enumerate(matrix):
-        d.text((5, top + i * cell + cell // 2 - 5), f"after {tasks[i] if i < n else i}", fill="black", font=font)
-        for j, v in enumerate(row):
-            u = (v - lo) / (hi - lo) if hi > lo else 0.5  # white (low) to dark blue (high)
-            color = (int(255 - 225 * u), int(255 - 180 * u), int(255 - 80 * u))
-            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
-            d.rectangle(box, fill=color)
-            d.text((box[0] + 14, box[1] + cell // 2 - 6), f"{v:.1f}", fill="white" if u > 0.6 else "black", font=font)
-    img.save(path)
-
-
-def tile(paths: list[str], path: str, columns: int = 4) -> None:
-    """The pictures at paths on one sheet, columns per row."""
-    images = [Image.open(p) for p in paths]
-    w, h = max(i.size[0] for i in images), max(i.size[1] for i in images)
-    rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (w * min(columns, len(images)), h * rows), "white")
-    for k, image in enumerate(images):
-        sheet.paste(image, ((k % columns) * w, (k // columns) * h))
-    sheet.save(path)
-
-
 def main(argv):
     own = [arg for arg in argv if arg[2:].split("=", 1)[0] in OPTIONS]
     opts = parse_flags(own, OPTIONS)
     train_args = [arg for arg in argv if arg not in own]  # train.py checks these
+    program = load_module(opts["module"])
     names = row_names(opts)
     firsts = {name: first_step(name, train_args) for name in names}  # checks each strategy and schedule
     seeds, out = [int(s) for s in opts["seeds"].split(",")], opts["out"]
@@ -236,7 +192,7 @@ def main(argv):
                 if finished(run_dir):
                     records[name].append(run_record(run_dir))
                 continue
-            run_row(name, seed, run_dir, trained_first.get(firsts[name]), opts["nproc"], train_args)
+            run_row(name, seed, run_dir, trained_first.get(firsts[name]), opts["nproc"], train_args, program)
             trained_first.setdefault(firsts[name], run_dir)
             records[name].append(run_record(run_dir))
     records = {name: recs for name, recs in records.items() if recs}
@@ -247,17 +203,21 @@ def main(argv):
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
     write_json(os.path.join(out, "table.json"), {"rows": rows, "seeds": seeds, "train_args": train_args})
-    plot_compute(rows, os.path.join(out, "compute_vs_retrieval.png"))
+    pictures.save(pictures.compute_plot(rows), os.path.join(out, "compute_vs_retrieval.png"))
     # the evaluation matrix of each strategy, averaged over its seeds, on one colour scale for all strategies
     matrices = {name: [[mean(cells) for cells in zip(*seed_rows)] for seed_rows in zip(*(r["matrix"] for r in recs))]
                 for name, recs in records.items()}
     cells = [v for m in matrices.values() for row in m for v in row]
+    lo, hi = min(cells), max(cells)
+    heatmaps = []
     for name in names:
         seeds_run = len(records[name])
-        plot_heatmap(matrices[name], records[name][0]["tasks"], f"{name}: mean R@1 (%)"
-                     + (f", mean of {seeds_run} seeds" if seeds_run > 1 else ""),
-                     os.path.join(out, f"heatmap_{name}.png"), min(cells), max(cells))
-    tile([os.path.join(out, f"heatmap_{name}.png") for name in names], os.path.join(out, "heatmaps.png"))
+        title = f"{name}: mean R@1 (%)" + (f", mean of {seeds_run} seeds" if seeds_run > 1 else "")
+        matrix, tasks = matrices[name], records[name][0]["tasks"]
+        summary = summarize(matrix)  # of the mean matrix: the table's means over seeds
+        heatmaps.append(pictures.draw_matrix(title, matrix, tasks, summary, lo=lo, hi=hi))
+        pictures.save(heatmaps[-1], os.path.join(out, f"heatmap_{name}.png"))
+    pictures.save(pictures.sheet(heatmaps), os.path.join(out, "heatmaps.png"))
     print(table)
     print(f"table.md, table.json and PNGs in {out}")
 

@@ -19,12 +19,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import data  # noqa: E402
 import shards  # noqa: E402
-from evaluate import parse_flags  # noqa: E402
-from model import load_checkpoint, to_openclip  # noqa: E402
+from model import load_checkpoint, parse_heads, to_openclip  # noqa: E402
+from settings import parse_flags  # noqa: E402
 
 
-def export(checkpoint: str, out: str, quick_gelu: bool | None = None) -> None:
-    model, _ = load_checkpoint(checkpoint, quick_gelu)
+def export(checkpoint: str, out: str, quick_gelu: bool | None = None,
+           heads: tuple[int, int] | None = None) -> None:
+    model, _ = load_checkpoint(checkpoint, quick_gelu, heads)
     state_dict, model_cfg = to_openclip(model)
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --out={out} is a file; pass a folder (made if new)")
@@ -42,13 +43,18 @@ def export(checkpoint: str, out: str, quick_gelu: bool | None = None) -> None:
           f"open_clip.create_model_and_transforms('local-dir:{out}')")
 
 
+USAGE = ("usage: python tools/export.py CHECKPOINT --out=FOLDER [--quick_gelu=auto|true|false] "
+         "[--heads=auto|IMAGE,TEXT]")
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0].startswith("--"):
-        raise SystemExit("usage: python tools/export.py CHECKPOINT --out=FOLDER [--quick_gelu=auto|true|false]")
-    opts = parse_flags(argv[1:], {"out": "", "quick_gelu": "auto"})
+        raise SystemExit(USAGE)
+    opts = parse_flags(argv[1:], {"out": "", "quick_gelu": "auto", "heads": "auto"})
     if not opts["out"] or opts["quick_gelu"] not in ("auto", "true", "false"):
-        raise SystemExit("usage: python tools/export.py CHECKPOINT --out=FOLDER [--quick_gelu=auto|true|false]")
-    export(argv[0], opts["out"], {"auto": None, "true": True, "false": False}[opts["quick_gelu"]])
+        raise SystemExit(USAGE)
+    export(argv[0], opts["out"], {"auto": None, "true": True, "false": False}[opts["quick_gelu"]],
+           parse_heads(opts["heads"]))
 
 
 if __name__ == "__main__":

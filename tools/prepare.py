@@ -40,7 +40,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
 import data  # noqa: E402
 import shards  # noqa: E402
-from evaluate import parse_flags  # noqa: E402
+from settings import parse_flags  # noqa: E402
 
 TIME_FIELDS = ("year", "timestamp", "created_utc", "date_uploaded", "date_taken")  # tried in this order
 

@@ -1,0 +1,60 @@
+"""
+The --key=value command line of train.py, evaluate.py and the tools, and the settings that
+strategies and schedules declare beside the code that reads them.
+
+    parse_flags(["--lr=1e-3"], {"lr": 5e-4, "seed": 0})   # {"lr": 0.001, "seed": 0}
+
+A strategy's or a schedule's setting is declared with its default, a one-line help and its check:
+    SETTINGS["lwf_weight"] = Setting(1.0, "lwf: weight of the term", lambda w: w >= 0, "0 or more")
+train.py reads it as cfg.lwf_weight, like its own config, and checks it before any compute.
+"""
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Setting:
+    default: Any                                    # its type is the setting's type
+    help: str                                       # one line, shown by --help
+    ok: Callable[[Any], bool] = lambda value: True  # False for a value that cannot work
+    use: str = ""                                   # what to use instead, said when ok is False
+
+
+def check(settings: dict[str, Setting], cfg: SimpleNamespace) -> None:
+    """Refuse, in one line, the first value that its Setting's check says cannot work."""
+    for key, setting in settings.items():
+        value = getattr(cfg, key)
+        if not setting.ok(value):
+            raise SystemExit(f"error: --{key}={value} is not valid; use {setting.use}")
+
+
+def parse_flags(argv: list[str], defaults: dict, helps: dict[str, str] | None = None) -> dict:
+    """--key=value overrides of defaults, each read as its default's type (bool: true/false/1/0;
+    numbers may hold _). An unknown key or a value of the wrong type is a one-line error; --help
+    lists the keys with their defaults and helps."""
+    flags = dict(defaults)
+    for arg in argv:
+        if arg in ("--help", "-h"):
+            print("\n".join(f"--{k}={v}".ljust(36) + f"  {(helps or {}).get(k, '')}".rstrip()
+                            for k, v in defaults.items()))
+            raise SystemExit(0)
+        key, sep, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not sep:
+            raise SystemExit(f"error: bad argument '{arg}': use --key=value; "
+                             f"keys: {', '.join(defaults)}")
+        if key not in flags:
+            raise SystemExit(f"error: unknown config key '{key}'; "
+                             f"valid keys: {', '.join(defaults)}")
+        kind = type(defaults[key])
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                flags[key] = value.lower() in ("true", "1")
+            else:
+                flags[key] = kind(value.replace("_", "")) if kind in (int, float) else value
+        except ValueError:
+            raise SystemExit(f"error: --{key}={value} is not a {kind.__name__} "
+                             f"(default: {defaults[key]!r})")
+    return flags

@@ -372,7 +372,7 @@ def test_ranks_whose_torchrun_is_killed_or_stopped_save_and_exit(two_years, tmp_
     assert os.path.exists(out.split("SIGTERM: saved ")[1].split()[0])  # the rerun continues from it
     if sig == signal.SIGKILL:
         assert "is gone: the run stops as on SIGTERM" in err, err[-2000:]
-    else:  # torchrun re-raises the signal it passed on and exits 1, however the ranks ended (README)
+    else:  # torchrun passes SIGTERM on, then re-raises it: exit 1 (docs/faults.md)
         assert proc.returncode == 1 and "SignalException" in err
 
 

@@ -342,7 +342,7 @@ class LastRead:
         return getattr(self.f, name)
 
 
-def open_file(path: str) -> BinaryIO:
+def open_shard(path: str) -> BinaryIO:
     """A local shard, opened for reading without waiting: where a shard should be, a FIFO (which
     open() would wait on for a writer forever, deaf to SIGTERM), a socket, a device or a folder is a
     ShardError."""
@@ -361,11 +361,11 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream one tar, grouping consecutive members by key: "dir.v2/000.seg.txt" has key "dir.v2/000"
     and extension "seg.txt". Yields (key, {ext: bytes}); reads sequentially, so it works on pipes too: a path
     "pipe:COMMAND" reads COMMAND's stdout, and a command that fails is a broken shard (ShardError),
-    as is a path that is not a file (open_file)."""
+    as is a path that is not a file (open_shard)."""
     key, sample, n, file = None, {}, 0, None
     stream = ShardStream(path) if path.startswith("pipe:") else None
     try:
-        file = stream.proc.stdout if stream else open_file(path)
+        file = stream.proc.stdout if stream else open_shard(path)
         with tarfile.open(fileobj=file, mode="r|*") as tf:
             tf.fileobj = reads = LastRead(tf.fileobj)
             for member in tf:

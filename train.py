@@ -278,8 +278,8 @@ def watch_launcher(local_rank: int) -> None:
 def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]], list[list[data.Part]], dict]:
     """Each time step's year folders, its training data (a Part per year), and the evaluation tasks: every step's,
     then the static ones, by name. The built-in benchmark is generated on first use. Rank 0 goes
-    first: the others read what it wrote (the benchmark, sizes.json), and what is wrong is its line
-    alone (run)."""
+    first: the others read what it wrote (the benchmark, sizes.json), and what is wrong it alone
+    says (the others, waiting, see it exit: run)."""
     if not world.master:
         world.barrier()
     if world.master and cfg.data_root == os.path.abspath(SYNTH_ROOT):

@@ -217,7 +217,7 @@ def sample_json(sample: dict[str, bytes]) -> dict:
     """The sample's json member as a dict ({} when it has none or it does not parse)."""
     try:
         meta = json.loads(sample["json"]) if "json" in sample else {}
-    except ValueError:  # a broken json member: as if there were none
+    except (ValueError, RecursionError):  # broken, or nested too deep to parse: as if none
         return {}
     return meta if isinstance(meta, dict) else {}
 
@@ -287,7 +287,17 @@ def _decode(sample: dict[str, bytes], target: str = "caption", draft_px: int | N
     return img, label
 
 
-FAULTS = ("corrupt_image", "missing_image", "missing_caption", "duplicate_key", "truncated_tar", "empty_shard")
+def check_key(key: str) -> None:
+    """Raise ValueError for a sample whose name in the tar is not UTF-8: tarfile keeps those bytes
+    as lone surrogates, which no hash (keep_sample) or text encoding takes."""
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        raise ValueError("its name in the tar is not UTF-8") from None
+
+
+FAULTS = ("corrupt_image", "corrupt_sample", "missing_image", "missing_caption", "duplicate_key",
+          "truncated_tar", "empty_shard")  # corrupt_sample: a name not in UTF-8, or another error
 
 
 class TrainStream(IterableDataset):
@@ -370,14 +380,20 @@ class TrainStream(IterableDataset):
             try:
                 for key, sample in shards.iter_tar(path):
                     faults["samples"] += 1
-                    fault = ("duplicate_key" if key in keys else
-                             "missing_image" if not any(ext in sample for ext in IMAGE_EXTS) else
-                             "missing_caption" if caption(sample) is None else None)
+                    why, repeated = "", key in keys
                     keys.add(key)
+                    try:  # an error reading one sample skips that sample, never ends the run
+                        check_key(key)
+                        fault = ("duplicate_key" if repeated else
+                                 "missing_image" if not any(e in sample for e in IMAGE_EXTS) else
+                                 "missing_caption" if caption(sample) is None else None)
+                        wanted = not fault and not is_validation(key) and (
+                            keep_fraction >= 1 or keep_sample(key, keep_fraction, self.keep_seed))
+                    except Exception as e:
+                        fault, why = "corrupt_sample", f" ({e})"
                     if fault:
-                        self.skip(faults, fault, path, f"sample {key}")
-                    elif not is_validation(key) and (keep_fraction >= 1 or keep_sample(key, keep_fraction,
-                                                                                        self.keep_seed)):
+                        self.skip(faults, fault, path, f"sample {key}", why=why)
+                    elif wanted:
                         found = True
                         yield path, key, sample
             except shards.ShardError as e:  # truncated or not a tar: keep what came before the break, count the rest
@@ -495,9 +511,10 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
     "captions"; deterministic, one process. shard_list: [(path, samples listed, or None where no
     count is listed)].
     validation_only: only the training pairs of the validation split, at most max_samples of them.
-    What cannot be scored (a corrupt or missing image, a missing caption or class, samples missing from a shard
-    against its listed count) is skipped, counted and reported in one line at the end; past max_bad_fraction of
-    the samples listed the task is not scored at all: a smaller gallery scores higher, so it must be noticed."""
+    What cannot be scored (a corrupt or missing image, a missing caption or class, a sample name
+    not in UTF-8, samples missing from a shard against its listed count) is skipped, counted and
+    reported in one line at the end; past max_bad_fraction of the samples listed the task is not
+    scored at all: a smaller gallery scores higher, so it must be noticed."""
     transform = ImageTransform(image_px, train=False)
     images, captions, keys = [], [], []
     seen, listed_total, skipped, first = 0, 0, Counter(), {}
@@ -508,8 +525,13 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
         try:
             for key, sample in shards.iter_tar(path):
                 read += 1
-                if validation_only and not is_validation(key):
-                    continue
+                try:
+                    check_key(key)
+                    bad_name = None
+                except ValueError as e:
+                    bad_name = ("corrupt_sample", f" ({e})")
+                if validation_only and (bad_name or not is_validation(key)):
+                    continue  # a bad name in a training shard is the training stream's to count
                 if max_samples is not None and seen >= max_samples:
                     break
                 seen += 1
@@ -520,6 +542,7 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
                 else:
                     missing = "image" if not any(ext in sample for ext in IMAGE_EXTS) else target.removesuffix("s")
                     problem = None if decoded else (f"missing_{missing}", "")
+                problem = bad_name or problem
                 if problem:
                     skipped[problem[0]] += 1
                     first.setdefault(problem[0], f"{path}: sample {key}{problem[1]}")

@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -30,6 +31,10 @@ from typing import BinaryIO, Callable, Iterator
 
 class WriteError(SystemExit):
     """A file that could not be written (no space, too large, no permission): one line naming it and the cause."""
+
+    def __init__(self, path: str, cause: OSError):
+        super().__init__(f"error: could not write {path}: {cause.strerror or cause}; free some "
+                         f"space or fix the folder's permissions, then rerun")
 
 
 def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
@@ -48,8 +53,7 @@ def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
         cause = f.error if f is not None and f.error else e
         if not isinstance(cause, OSError):
             raise
-        raise WriteError(f"error: could not write {path}: {cause.strerror or cause}; free some space or fix the "
-                         f"folder's permissions, then rerun") from cause
+        raise WriteError(path, cause) from cause
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -75,6 +79,23 @@ class KeepsOSError:
 
 def write_json(path: str, obj) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def append_line(path: str, line: str) -> None:
+    """Append line and a newline to path (a log such as RUN/log.jsonl): all of it, or, where the
+    write fails, none of it and a WriteError naming the file."""
+    data = (line + "\n").encode()
+    try:
+        with open(path, "ab", buffering=0) as f:
+            end = f.seek(0, os.SEEK_END)
+            try:
+                while data:  # a write near a size limit may take only part
+                    data = data[f.write(data):]
+            except OSError:
+                f.truncate(end)  # no half line for a reader of the log to trip on
+                raise
+    except OSError as e:
+        raise WriteError(path, e) from e
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
@@ -191,18 +212,36 @@ def year_shards(root: str, year: str, split: str = "train", shard_cmd: str = "")
     return shards
 
 
+def check_sizes(root: str, years: list[str]) -> None:
+    """Read every sizes.json of these years, training and evaluation folders alike, so that a bad
+    one is refused before any shard is counted (year_shards counts a year without one)."""
+    for year in years:
+        for split in SPLITS:
+            path = os.path.join(_split_dir(root, split), year, "sizes.json")
+            if os.path.exists(path):
+                read_sizes(path)
+
+
+MAX_SHARD_SAMPLES = 10 ** 9  # a count this large is a typo or damage (TiC's shards hold 10,000)
+
+
 def read_sizes(path: str) -> dict[str, int]:
-    """A sizes.json: {shard name: samples}, each a count of at least 0, and not all 0."""
+    """A sizes.json: {shard name: samples}, counts from 0 to below MAX_SHARD_SAMPLES, not all 0."""
+    if not os.path.isfile(path):  # a FIFO would wait for a writer forever
+        raise SystemExit(f"{path}: not a regular file; delete it to have the shards counted again")
     try:
         with open(path) as f:
             sizes = json.load(f)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise SystemExit(f"{path}: not valid JSON ({e}); delete it to have the shards counted again")
-    bad = next((k for k, n in sizes.items() if type(n) is not int or n < 0), None) if isinstance(sizes, dict) else ""
+    counts = range(MAX_SHARD_SAMPLES)  # the counts a shard may have
+    bad = (next((k for k, n in sizes.items() if type(n) is not int or n not in counts), None)
+           if isinstance(sizes, dict) else "")
     if bad is not None:
         what = f"the count of {bad} is {sizes[bad]!r}" if bad else "it is not an object"
-        raise SystemExit(f"{path}: {what}; it should map shard names to sample counts, e.g. {{\"000000.tar\": "
-                         f"10000}}; fix it, or delete it to have the shards counted again")
+        raise SystemExit(f"{path}: {what}; it should map shard names to sample counts (0 to "
+                         f"{MAX_SHARD_SAMPLES - 1}), e.g. {{\"000000.tar\": 10000}}; fix it, or "
+                         f"delete it to have the shards counted again")
     if sizes and not any(sizes.values()):
         raise SystemExit(f"{path}: every shard is listed with 0 samples; delete it to have the shards counted again")
     return sizes
@@ -303,15 +342,31 @@ class LastRead:
         return getattr(self.f, name)
 
 
+def open_shard(path: str) -> BinaryIO:
+    """A local shard, opened for reading without waiting: where a shard should be, a FIFO (which
+    open() would wait on for a writer forever, deaf to SIGTERM), a socket, a device or a folder is a
+    ShardError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # a FIFO opens, writer or not
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device"
+        raise ShardError(f"{path}: {kind}, not a tar file; put the shard there or drop it from "
+                         f"sizes.json") from RuntimeError(f"{kind}, not a file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream one tar, grouping consecutive members by key: "dir.v2/000.seg.txt" has key "dir.v2/000"
     and extension "seg.txt". Yields (key, {ext: bytes}); reads sequentially, so it works on pipes too: a path
-    "pipe:COMMAND" reads COMMAND's stdout, and a command that fails is a broken shard (ShardError)."""
-    key, sample, n = None, {}, 0
+    "pipe:COMMAND" reads COMMAND's stdout, and a command that fails is a broken shard (ShardError),
+    as is a path that is not a file (open_shard)."""
+    key, sample, n, file = None, {}, 0, None
     stream = ShardStream(path) if path.startswith("pipe:") else None
     try:
-        with (tarfile.open(fileobj=stream.proc.stdout, mode="r|*") if stream else
-              tarfile.open(path, mode="r|*")) as tf:
+        file = stream.proc.stdout if stream else open_shard(path)
+        with tarfile.open(fileobj=file, mode="r|*") as tf:
             tf.fileobj = reads = LastRead(tf.fileobj)
             for member in tf:
                 tf.members = []  # tarfile remembers every member it has read; forget them so memory stays flat
@@ -347,5 +402,7 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     finally:
         if stream:
             stream.close()  # kills the command if the reader stopped early
+        elif file:
+            file.close()
     if sample:
         yield key, sample

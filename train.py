@@ -26,8 +26,10 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import traceback
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -153,15 +155,38 @@ def check_config(cfg: SimpleNamespace) -> None:
     parse_heads(cfg.heads)  # a one-line error if it is neither auto nor IMAGE,TEXT
     if cfg.init and not os.path.isfile(cfg.init):
         raise SystemExit(f"error: --init={cfg.init}: no such file; pass an OpenAI or OpenCLIP CLIP, or a stepNN.pt")
-    if cfg.init and not (cfg.tokenizer or os.path.exists(os.path.join(os.path.dirname(cfg.init), "tokenizer.json"))):
+    if cfg.init and not is_checkpoint_file(cfg.init):
+        raise SystemExit(f"error: --init={cfg.init}: not a checkpoint (a torch.save or TorchScript "
+                         f"zip, whole, or a .safetensors file); pass an OpenAI or OpenCLIP CLIP, "
+                         f"or a stepNN.pt")
+    beside_init = os.path.join(os.path.dirname(cfg.init), "tokenizer.json") if cfg.init else ""
+    if cfg.init and not (cfg.tokenizer or os.path.isfile(beside_init)):
         raise SystemExit("error: --init needs the tokenizer its model was trained with: for OpenAI's and OpenCLIP's, "
                          "--tokenizer=clip-tokenizer.json (made by python tools/prepare.py clip-tokenizer)")
+    if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
+        raise SystemExit(f"error: --tokenizer={cfg.tokenizer}: no such file; pass a tokenizer.json,"
+                         f" or leave --tokenizer empty to train one on the first step's captions")
+    if cfg.tokenizer or cfg.init:
+        data.Tokenizer.load(cfg.tokenizer or beside_init)  # refused now, not after counting data
+    evaluate.static_tasks(cfg.data_root, cfg.static)  # the same: each --static path must be a task
     if 0 < cfg.ckpt_interval_samples < cfg.batch_size:
         raise SystemExit(f"error: --ckpt_interval_samples={cfg.ckpt_interval_samples} is less than one batch "
                          f"({cfg.batch_size}); use 0 (only on SIGTERM) or at least {cfg.batch_size}")
     if cfg.shard_cmd and "{path}" not in cfg.shard_cmd:
         raise SystemExit(f"error: --shard_cmd={cfg.shard_cmd!r} has no {{path}} for the shard's path under data_root")
     check_device(cfg.device)
+
+
+def is_checkpoint_file(path: str) -> bool:
+    """Does path hold what model.load_checkpoint reads, judged from its first and last bytes: a
+    whole zip (torch.save's format, OpenAI's TorchScript), torch.save's old pickle, safetensors?"""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.endswith(".safetensors"):
+        return head[8:9] == b"{"  # an 8-byte header length, then the JSON header
+    return head.startswith(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19")  # torch.save's magic number
 
 
 def check_device(name: str) -> None:
@@ -217,6 +242,8 @@ def start_world(cfg: SimpleNamespace) -> World:
     if distributed:  # rank 0 alone evaluates while the others wait: an ImageNet may take longer than the 10 min default
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", timeout=timedelta(hours=2))
     rank, local_rank = (dist.get_rank(), int(os.environ["LOCAL_RANK"])) if distributed else (0, 0)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun, then this process's parent
+        watch_launcher(local_rank)
     world = World(rank, world_size, distributed, torch.device(f"cuda:{local_rank}" if cfg.device == "cuda"
                                                               else cfg.device))
     if world.device.type == "cuda":
@@ -226,16 +253,42 @@ def start_world(cfg: SimpleNamespace) -> World:
     return world
 
 
+LAUNCHER_GONE_GRACE_S = 30  # a rank whose torchrun died has this long to save and stop
+
+
+def watch_launcher(local_rank: int) -> None:
+    """When torchrun dies alone (killed), its ranks live on, holding their GPUs: each then stops as
+    on SIGTERM (saving at its next log interval), and ends itself LAUNCHER_GONE_GRACE_S later if it
+    has not stopped by then (waiting on a rank that is gone). This, not the process-group timeout,
+    bounds the wait, which stays long: rank 0 alone evaluates while the others wait."""
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:  # an orphan passes to another parent (init, or a subreaper)
+            time.sleep(1)
+        if local_rank == 0:
+            print(f"torchrun (pid {launcher}) is gone: the run stops as on SIGTERM, within "
+                  f"{LAUNCHER_GONE_GRACE_S}s", file=sys.stderr)
+        survive.on_sigterm(signal.SIGTERM, None)
+        time.sleep(LAUNCHER_GONE_GRACE_S)
+        os._exit(1)
+    threading.Thread(target=watch, name="watch_launcher", daemon=True).start()
+
+
 def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]], list[list[data.Part]], dict]:
     """Each time step's year folders, its training data (a Part per year), and the evaluation tasks: every step's,
-    then the static ones, by name. The built-in benchmark is generated on first use."""
+    then the static ones, by name. The built-in benchmark is generated on first use. Rank 0 goes
+    first: the others read what it wrote (the benchmark, sizes.json), and what is wrong it alone
+    says (the others, waiting, see it exit: run)."""
+    if not world.master:
+        world.barrier()
     if world.master and cfg.data_root == os.path.abspath(SYNTH_ROOT):
         synthetic.make_synthetic_benchmark(cfg.data_root)
-    world.barrier()
     if not os.path.isdir(os.path.join(cfg.data_root, "train")):
         raise SystemExit(f"error: no {cfg.data_root}/train folder; point --data_root at a TiC layout "
                          f"(train/YEAR/*.tar with sizes.json) or leave it at {SYNTH_ROOT} for the built-in benchmark")
     step_years = shards.parse_steps(cfg.data_root, cfg.steps)
+    shards.check_sizes(cfg.data_root, [y for ys in step_years for y in ys])  # before any counting
     step_data = [[data.Part(y, shards.year_shards(cfg.data_root, y, shard_cmd=cfg.shard_cmd)) for y in ys]
                  for ys in step_years]
     tasks = evaluate.tasks_of(cfg.data_root, step_years, cfg.shard_cmd)
@@ -243,6 +296,8 @@ def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]],
     if tasks.keys() & static.keys():
         raise SystemExit(f"error: a static task is named as a time step ({', '.join(tasks.keys() & static.keys())}); "
                          f"rename it in --static or in {cfg.data_root}/static")
+    if world.master:
+        world.barrier()
     return step_years, step_data, {**tasks, **static}
 
 
@@ -300,11 +355,12 @@ def load_initial(cfg: SimpleNamespace, tokenizer: data.Tokenizer, world: World) 
 
 
 def run_log(run_dir: str, world: World):
-    """log(record): one JSON line appended to RUN/log.jsonl, by rank 0."""
+    """log(record): one JSON line appended to RUN/log.jsonl by rank 0 (a failed write names it)."""
+    path = os.path.join(run_dir, "log.jsonl")
+
     def log(record: dict) -> None:
         if world.master:
-            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            shards.append_line(path, json.dumps(record))
     return log
 
 
@@ -669,11 +725,18 @@ def main(argv):
 
 
 def run(argv: list[str]) -> None:
-    """The command line: main, with an unexpected error (a bug, an exception in a DataLoader worker, a full disk)
-    ended in one line on stderr and a non-zero exit; its whole traceback goes to RUN/error-rankN.log, named there."""
+    """The command line: main, with an unexpected error (a bug, an exception in a DataLoader worker,
+    a full disk) ended in one line on stderr and a non-zero exit; its whole traceback goes to
+    RUN/error-rankN.log, named there. Of several processes only the one that failed says it (a
+    setting that all refuse before they meet: local rank 0 of each node); torchrun adds a report."""
     try:
         main(argv)
-    except Exception as e:  # SystemExit, the one-line errors of bad input, passes through as it is
+    except SystemExit as e:  # the one-line errors of bad input pass through as they are
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if isinstance(e.code, str) and local_rank > 0 and not dist.is_initialized():
+            raise SystemExit(1) from None  # local rank 0 checked the same settings and files
+        raise
+    except Exception as e:
         cfg = parse_config(argv)
         run_dir = cfg.out_dir or os.path.join("runs", cfg.strategy)
         path = os.path.join(run_dir, f"error-rank{os.environ.get('RANK', 0)}.log")
@@ -683,10 +746,18 @@ def run(argv: list[str]) -> None:
         except OSError:  # the run folder itself is the problem: the traceback goes to stderr instead
             traceback.print_exc()
             path = "above"
+        if dist.is_initialized() and peer_exited(e):
+            raise SystemExit(1) from None  # the rank that exited said why
         lines = [line for line in str(e).splitlines() if line.strip()] or [""]
         what = lines[-1] if lines[-1].startswith(type(e).__name__) else f"{type(e).__name__}: {lines[-1]}"
         where = " in a DataLoader worker" if "DataLoader worker" in lines[0] else ""
         raise SystemExit(f"error{where}: {what} (traceback in {path})") from None
+
+
+def peer_exited(e: Exception) -> bool:
+    """Did a collective fail because another rank's process exited? (gloo's words for it; NCCL
+    waits, and torchrun ends the waiting ranks once one has failed)"""
+    return any(said in str(e) for said in ("Connection closed by peer", "Connection reset by peer"))
 
 
 if __name__ == "__main__":

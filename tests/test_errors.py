@@ -1,6 +1,7 @@
 """Bad input is refused before any compute, in one line that names the thing and the fix, with no traceback."""
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -99,6 +100,12 @@ def test_steps_that_do_not_name_distinct_years(two_years, steps, message):
 
 @pytest.mark.parametrize("sizes, message", [('{"0.tar": "10"}', "the count of 0.tar is '10'"),
                                             ('{"0.tar": [10]}', "the count of 0.tar is [10]"),
+                                            ('{"0.tar": -1}', "the count of 0.tar is -1"),
+                                            ('{"0.tar": 1000000000}',
+                                             "the count of 0.tar is 1000000000;"),  # 10^9: too many
+                                            ('{"0.tar": 1e20}', "the count of 0.tar is 1e+20"),
+                                            ('{"0.tar": 100000000000000000000}',
+                                             "the count of 0.tar is 100000000000000000000"),
                                             ('{"0.tar": 0, "1.tar": 0}', "every shard is listed with 0 samples"),
                                             ('["0.tar"]', "it is not an object")])
 def test_a_malformed_sizes_json(tmp_path, sizes, message):
@@ -117,3 +124,44 @@ def test_an_out_dir_that_cannot_be_one(tmp_path, two_years):
     if os.access(locked, os.W_OK):  # root may write anywhere: nothing to refuse
         pytest.skip("running as root")
     assert "could not write" in train_refused([f"--data_root={two_years}", f"--out_dir={locked}"])
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--tokenizer=/nonexistent", "error: --tokenizer=/nonexistent: no such file"),
+    ("--tokenizer=TEXT", "TEXT: not a readable tokenizer.json"),
+    ("--static=x=/nonexistent", "/nonexistent: no test/nshards.txt"),
+    ("--init=TEXT", "error: --init=TEXT: not a checkpoint"),
+    ("--steps=2018,2019", "2019/sizes.json: the count of 000000.tar is 100000000000000000000")])
+def test_settings_are_refused_before_any_shard_is_counted(tmp_path, two_years, arg, message):
+    root = tmp_path / "data"
+    shutil.copytree(two_years, root)
+    for sizes in root.glob("*/**/2018/sizes.json"):  # 2018 would be counted, and these written
+        sizes.unlink()
+    (root / "train" / "2019" / "sizes.json").write_text('{"000000.tar": 100000000000000000000}')
+    text = tmp_path / "text.txt"
+    text.write_text("not a checkpoint, not a tokenizer")
+    arg, message = arg.replace("TEXT", str(text)), message.replace("TEXT", str(text))
+    line = train_refused([f"--data_root={root}", "--steps=2018", arg, f"--out_dir={tmp_path}/run"])
+    assert message in line
+    assert not list(root.glob("*/**/2018/sizes.json"))  # no shard was counted
+
+
+TORCHRUN_LOG = re.compile(r"[DIWE]\d{4} ")  # torchrun's own log lines: level, then the date
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arg", ["--tokenizer=/nonexistent", "--steps=2019"])
+def test_a_failure_under_torchrun_is_one_line_from_all_processes(tmp_path, two_years, arg):
+    # found before the processes meet (each refuses it), and after (rank 0 reads sizes.json first)
+    root = tmp_path / "data"
+    shutil.copytree(two_years, root)
+    (root / "train" / "2019" / "sizes.json").write_text('{"000000.tar": "64"}')
+    args = [f"--data_root={root}", f"--out_dir={tmp_path}/run", arg]
+    out = subprocess.run(train_command(args, nproc=2), cwd=REPO, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0
+    ours = out.stderr.split("Traceback (most recent call last)")[0]  # then torchrun's report
+    ours = [line for line in ours.splitlines() if line.strip() and not TORCHRUN_LOG.match(line)]
+    message = "no such file" if "tokenizer" in arg else "the count of 000000.tar is '64'"
+    assert len(ours) == 1 and message in ours[0], out.stderr
+    assert "Connection closed" not in out.stderr

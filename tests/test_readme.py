@@ -69,10 +69,26 @@ def check_train(args: list[str], processes: int) -> None:
     """train.py's checks before any compute pass, and the batch divides over the processes."""
     import train
     cfg = refused(train.parse_config, args)
-    if cfg.init and not os.path.exists(cfg.init):  # the reader's own model: an empty stand-in
-        open(cfg.init, "w").close()
+    stand_in_files(cfg)
     refused(train.check_config, cfg)
     assert cfg.batch_size % (processes * cfg.accum_steps) == 0, f"{processes} processes"
+
+
+def stand_in_files(cfg) -> None:
+    """The reader's own files, which check_config reads, made here where they are missing: a model
+    for --init, a tokenizer for --tokenizer, an empty retrieval task for each --static path."""
+    import data
+    if cfg.init and not os.path.exists(cfg.init):
+        torch.save({}, cfg.init)
+    if cfg.tokenizer and not os.path.exists(cfg.tokenizer):
+        data.Tokenizer.train(["a stand-in caption"], 300).save(cfg.tokenizer)
+    task = os.path.abspath("static-stand-in")
+    os.makedirs(os.path.join(task, "test"), exist_ok=True)
+    open(os.path.join(task, "test", "nshards.txt"), "w").write("0")
+    open(os.path.join(task, "dataset_type.txt"), "w").write("retrieval")
+    items = [item.partition("=") for item in cfg.static.split(",") if item]
+    cfg.static = ",".join(name + sep + (path if os.path.exists(path) or not path else task)
+                          for name, sep, path in items)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,9 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -166,6 +168,8 @@ def bad_shards(folder):
         tar("corrupt.tar", [*ok("c"), ("bad_c.png", b"\x89PNG not really"), ("bad_c.txt", b"a bad caption")]),
         tar("nocaption.tar", [*ok("n"), ("bad_n.png", png_bytes(255)), ("bad_n.json", b"{}")]),  # white: easy to spot
         tar("noimage.tar", [*ok("i"), ("bad_i.txt", b"a bad caption")]),
+        tar("badname.tar", [*ok("b"), ("bad_b\udcff.png", png_bytes(255)),  # a name's byte 0xff
+                            ("bad_b\udcff.txt", b"a bad caption")]),
         tar("duplicate.tar", [*ok("d"), ("ok_d.png", png_bytes(10)), ("ok_d.txt", b"a good caption"),
                               ("ok_d.png", png_bytes(20)), ("ok_d.txt", b"a bad caption")]),
         tar("empty.tar", []),
@@ -174,7 +178,8 @@ def bad_shards(folder):
 
 
 FAULT_SHARDS = {"corrupt_image": "corrupt.tar", "missing_caption": "nocaption.tar", "missing_image": "noimage.tar",
-                "duplicate_key": "duplicate.tar", "empty_shard": "empty.tar", "truncated_tar": "truncated.tar"}
+                "duplicate_key": "duplicate.tar", "empty_shard": "empty.tar",
+                "truncated_tar": "truncated.tar", "corrupt_sample": "badname.tar"}
 
 
 def test_loader_skips_counts_and_logs_every_fault_in_workers_too(tmp_path, tokenizer, capfd):
@@ -192,9 +197,34 @@ def test_loader_skips_counts_and_logs_every_fault_in_workers_too(tmp_path, token
     for kind, shard in FAULT_SHARDS.items():  # one line naming the shard (and the sample) per fault
         assert any(shard in line and kind.replace("_", " ") in line for line in err.splitlines()), (kind, err)
     assert "sample bad_c: corrupt image" in err and "sample ok_d: duplicate key" in err
+    said = "corrupt sample (its name in the tar is not UTF-8)"
+    assert any("sample bad_b" in line and said in line for line in err.splitlines())
     # a worker process counts the same, and its counts reach the main process with the batches
     from_worker = sum((data.Counter(f) for *_, f in data.train_loader(make(), num_workers=1)), data.Counter())
     assert from_worker == faults
+
+
+def test_a_bad_name_or_a_json_nested_too_deep_is_a_counted_bad_sample(tmp_path, tokenizer):
+    deep = b"[" * 100_000 + b"]" * 100_000  # valid JSON, nested deeper than Python's parser goes
+    folder = tmp_path / "train" / "2020"
+    folder.mkdir(parents=True)
+    bad = write_tar(folder / "bad.tar", [
+        ("deep.png", png_bytes(255)), ("deep.json", deep),  # its only caption would be in the json
+        ("bad\udcff.png", png_bytes(255)), ("bad\udcff.txt", b"a bad caption"),  # a byte 0xff
+        ("ok.png", png_bytes(10)), ("ok.txt", b"a good caption")])
+    (folder / "sizes.json").write_text('{"bad.tar": 3}')
+    part = data.Part("2020", [(bad, 3), good_shard(tmp_path / "good.tar", "g", 16)])
+    stream = data.TrainStream([part], 8 * 4, 8, 0, 1, seed=0, time_step=0, image_px=8,
+                              tokenizer=tokenizer, context_tokens=8, shuffle_buffer=4)
+    faults = sum((data.Counter(f) for *_, f in stream.batches(0, 1)), data.Counter())
+    assert faults["corrupt_sample"] > 0 and faults["missing_caption"] > 0, faults
+    # the tokenizer's captions and the evaluation read the same shard to its end
+    captions = list(data.first_captions(str(tmp_path), ["2020"], 10))
+    assert captions == ["a bad caption", "a good caption"]
+    scored = r"2 of 3 samples listed could not be scored \(missing_caption 1, corrupt_sample 1\)"
+    with pytest.raises(SystemExit, match=scored):
+        list(data.eval_batches([(bad, 3)], 8, 4))
+    list(data.eval_batches([(bad, 3)], 8, 4, validation_only=True, max_bad_fraction=1))
 
 
 @pytest.fixture(scope="module")
@@ -275,28 +305,96 @@ def test_an_exception_in_a_loader_worker_ends_the_run_in_seconds_with_one_line(t
     assert line in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr.split(line)[0][-500:]  # the line stands alone; the traceback is in the log
     assert "a fault planted" in (run_dir / f"error-rank{rank}.log").read_text()
+    assert "Connection closed" not in out.stderr  # the rank that waited for it says nothing
 
 
-def test_a_failed_write_is_one_line_leaves_no_temporary_file_and_the_rerun_cleans_up(two_years, tmp_path):
-    run_dir = tmp_path / "run"
+def test_a_fifo_socket_device_or_folder_for_a_shard_is_a_bad_shard(tmp_path, monkeypatch):
+    # open() waits on a FIFO for a writer forever, deaf to SIGTERM: read in a process of its own
+    monkeypatch.chdir(tmp_path)  # a socket is bound by its name here: a path has at most 107 bytes
+    os.mkfifo("fifo.tar")
+    os.symlink("/dev/zero", "device.tar")
+    os.mkdir("folder.tar")
+    read = ("import sys; sys.path.insert(0, sys.argv[1]); import shards\n"
+            "for name in sys.argv[2:]:\n"
+            "    try:\n        print(name, len(list(shards.iter_tar(name))), 'samples')\n"
+            "    except shards.ShardError as e:\n        print(e)")
+    names = ["fifo.tar", "sock.tar", "device.tar", "folder.tar"]
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("sock.tar")
+        out = subprocess.run([sys.executable, "-c", read, REPO, *names], env=ENV,
+                             capture_output=True, text=True, timeout=60)
+    lines = out.stdout.splitlines()
+    fix = "not a tar file; put the shard there or drop it from sizes.json"
+    assert lines[0] == f"fifo.tar: a FIFO, {fix}", out.stdout + out.stderr
+    assert lines[1].startswith("sock.tar: unreadable tar shard")  # open() refuses a socket
+    assert lines[2:] == [f"device.tar: a device, {fix}", f"folder.tar: a folder, {fix}"]
 
-    def small_disk():  # as a full disk would: a write past 1 MB fails (EFBIG), and SIGXFSZ does not kill the process
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
-    args = [f"--data_root={two_years}", f"--out_dir={run_dir}", "--workers=0", *TINY]
-    out = subprocess.run(train_command(args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
-                         preexec_fn=small_disk)
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert out.returncode != 0 and len(lines) == 1, out.stderr[-2000:]
-    assert lines[0].startswith(f"error: could not write {run_dir}/") and "File too large" in lines[0]
-    assert not [f for _, _, files in os.walk(run_dir) for f in files if ".tmp" in f]  # no half-written file
-    (run_dir / "step02.pt.tmp999999999").write_bytes(b"left by a process killed while it wrote")
-    alive = run_dir / f"step03.pt.tmp{os.getpid()}"  # a process still alive is writing this one
-    alive.write_bytes(b"")
-    again = run_train(args)  # room to write now: the run goes on as if nothing had happened
-    assert "removed 1 temporary file(s) that killed processes left (step02.pt.tmp999999999)" in again
-    assert (run_dir / "step02.pt").exists() and alive.exists()
+@pytest.mark.slow
+def test_a_run_with_a_fifo_among_its_shards_listed_or_not_ends(two_years, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(os.path.join(two_years, "train", "2018"), root / "train" / "2018")
+    shutil.copytree(os.path.join(two_years, "eval"), root / "eval")
+    folder = root / "train" / "2018"
+    sizes = json.loads((folder / "sizes.json").read_text())
+    (folder / "sizes.json").write_text(json.dumps({**sizes, "listed.tar": 64}))
+    os.mkfifo(folder / "listed.tar")  # read by the tokenizer's training, and by the loader if drawn
+    os.mkfifo(folder / "unlisted.tar")  # counted on first use, as a shard added after sizes.json
+    args = [f"--data_root={root}", f"--out_dir={tmp_path}/run", "--workers=0", *TINY]
+    out = subprocess.run(train_command(args), cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "unlisted.tar: a FIFO, not a tar file" in out.stderr
+    assert "/listed.tar: a FIFO, not a tar file" in out.stderr
+    assert "step 1/1 (2018): 256 samples" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_ranks_whose_torchrun_is_killed_or_stopped_save_and_exit(two_years, tmp_path, sig):
+    run_dir = str(tmp_path / "run")
+    args = [f"--data_root={two_years}", f"--out_dir={run_dir}", "--workers=0", *TINY,
+            "--budget_samples=32000"]  # 1000 iterations a step: minutes, if the ranks went on
+    proc = subprocess.Popen(train_command(args, nproc=2), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(run_dir, "resume", "step01-*.pt")):  # training has begun
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    ranks = descendants(proc.pid)
+    os.kill(proc.pid, sig)  # torchrun alone: SIGKILL leaves its ranks running; SIGTERM it passes on
+    try:
+        out, err = proc.communicate(timeout=60)  # returns once no rank holds the pipes
+    except subprocess.TimeoutExpired:
+        for pid in ranks:
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail("the ranks outlived their torchrun by 60 s")
+    assert os.path.exists(out.split("SIGTERM: saved ")[1].split()[0])  # the rerun continues from it
+    if sig == signal.SIGKILL:
+        assert "is gone: the run stops as on SIGTERM" in err, err[-2000:]
+    else:  # torchrun passes SIGTERM on, then re-raises it: exit 1 (docs/faults.md)
+        assert proc.returncode == 1 and "SignalException" in err
+
+
+APPEND_TO_A_FULL_DISK = """
+import resource, signal, sys
+sys.path.insert(0, sys.argv[1])
+import torch, train
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (40, 40))  # room for 20 more bytes: part of the line
+log = train.run_log(sys.argv[2], train.World(0, 1, False, torch.device("cpu")))
+log({"event": "train", "loss": 1.0})
+"""
+
+
+def test_a_failed_append_to_the_log_names_it_and_leaves_no_half_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"event": "config"}\n')  # 20 bytes
+    out = subprocess.run([sys.executable, "-c", APPEND_TO_A_FULL_DISK, REPO, str(tmp_path)],
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.stderr.strip() == f"error: could not write {log}: File too large; free some space " \
+                                 f"or fix the folder's permissions, then rerun"
+    assert log.read_text() == '{"event": "config"}\n'
 
 
 # ----------------------------------------------------------------------------- numerical faults

@@ -1,24 +1,26 @@
 """
-Train a CLIP through time, TiC-CLIP style. For each time step: ask the strategy for the step's start model, data
-and budget, train, let the strategy act on the trained model, save a checkpoint, evaluate on every time step.
+Train a CLIP through time, TiC-CLIP style. For each time step: ask the strategy for the step's start
+model, data and budget, train, let the strategy act on the trained model, save a checkpoint, and
+evaluate on every time step's task.
 
-On a laptop CPU, on the built-in synthetic benchmark (generated into data/tic-synth on first use):
+On a laptop CPU, on the built-in synthetic benchmark (made in data/tic-synth on first use):
     torchrun --standalone --nproc_per_node=1 train.py
     python train.py --strategy=sequential            # plain python works too (one process)
 On one node with 8 GPUs, on real TiC-DataComp shards:
-    torchrun --standalone --nproc_per_node=8 train.py --data_root=/data/tic-datacomp \
-        --steps=2014-2016,2017,2018,2019,2020,2021,2022 --model=ViT-B-16 --budget_samples=18432000 \
-        --batch_size=4096 --lr=5e-4 --warmup_iters=500 --tokenizer=clip-tokenizer.json
-On 2 nodes: the same with --nnodes=2 --node_rank=0|1 --rdzv_endpoint=HOST:PORT instead of --standalone.
+    torchrun --standalone --nproc_per_node=8 train.py --data_root=/data/tic-datacomp \\
+        --steps=2014-2016,2017,2018,2019,2020,2021,2022 --model=ViT-B-16 \\
+        --budget_samples=18432000 --batch_size=4096 --lr=5e-4 --warmup_iters=500 \\
+        --tokenizer=clip-tokenizer.json
+On 2 nodes: the same with --nnodes=2 --node_rank=0|1 --rdzv_endpoint=HOST:PORT, not --standalone.
 
-Config: the typed values below, overridden as --key=value (unknown keys and wrong types are errors), plus the
-strategies' own settings (strategies.SETTINGS). The run directory (out_dir) holds tokenizer.json, one checkpoint
-per step (stepNN.pt, with the full config), log.jsonl and eval_matrix.json. Rerunning a command skips the steps
-whose checkpoint exists and continues a step from its newest checkpoint in resume/ (kept every
-ckpt_interval_samples and on SIGTERM), exactly where it stopped: same weights as a run never stopped. Corrupt
-or missing data is skipped, counted and reported; non-finite losses skip their update (survive.py). Bad settings
-are one line before any compute; an unexpected error is one line too, its traceback in RUN/error-rankN.log (run).
-Follows nanoGPT's train.py for shape, open_clip for the CLIP details, DataComp for the hyperparameters.
+Config: the typed values below, and the settings strategies and schedules declare, overridden as
+--key=value (python train.py --help lists them all). The run folder (out_dir) holds tokenizer.json,
+a checkpoint per step (stepNN.pt, with the full config), log.jsonl, eval_matrix.json and its
+picture. Rerunning a command skips the steps whose checkpoint exists and resumes a step exactly
+where it stopped (survive.py). Bad settings are one line before any compute; an unexpected error is
+one line too, its traceback in RUN/error-rankN.log.
+Follows nanoGPT's train.py for shape, open_clip for the CLIP details, DataComp for the
+hyperparameters.
 """
 import json
 import math
@@ -52,36 +54,31 @@ from model import (CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, l
 from settings import parse_flags
 
 # ----------------------------------------------------------------------------- config
-# The defaults; the run reads them as cfg.KEY (parse_config), never as these globals, so functions below are free
-# to use names such as model and tokenizer for the objects themselves.
+# The defaults: the run reads them as cfg.KEY (parse_config), never as these globals.
 _globals_before_config = set(globals())
 # data and run
-data_root = "data/tic-synth"   # TiC layout: train/YEAR/*.tar + sizes.json, eval/retrieval/YEAR/*.tar
-steps = ""                     # time steps as year groups, e.g. "2014-2016,2017,2018"; "" = one step per year
-out_dir = ""                   # run directory; "" = runs/STRATEGY
-tokenizer = ""                 # a tokenizer.json; "" = train a byte-level BPE on the first step's captions
-vocab_size = 1024              # of the BPE trained when tokenizer = ""
-tokenizer_samples = 100_000    # captions of the first step used to train that BPE
-static = ""                    # static tasks (ImageNet, Flickr30k, ...), NAME=PATH,... in clip_benchmark's webdataset
-                               # format, scored after every step; data_root/static/NAME folders are added by name
-shard_cmd = ""                 # stream each shard from this command's stdout, {path} = the shard's path under data_root
-                               # (e.g. "aws s3 cp s3://bucket/tic/{path} -"); data_root then holds the sizes.json
+data_root = "data/tic-synth"   # TiC layout: train/YEAR/*.tar and sizes.json, eval/retrieval/YEAR/
+steps = ""                     # time steps as year groups, e.g. "2014-2016,2017"; "": one a year
+out_dir = ""                   # the run folder; "": runs/STRATEGY
+tokenizer = ""                 # a tokenizer.json; "": train a BPE on the first step's captions
+vocab_size = 1024              # of the BPE trained when tokenizer is ""
+tokenizer_samples = 100_000    # first-step captions that train that BPE
+static = ""                    # static tasks, NAME=PATH,... in clip_benchmark's format
+shard_cmd = ""                 # stream shards from this command, e.g. "aws s3 cp s3://b/{path} -"
 # strategy and model
-strategy = "cumulative-all"    # one of strategies.STRATEGIES (its own settings: strategies.SETTINGS)
-model = "tiny"                 # a preset name of model.PRESETS
-init = ""                      # start from this CLIP instead of random init (OpenAI, OpenCLIP, a stepNN.pt); its shape
-                               # replaces --model's, and --tokenizer must be the one it was trained with
-quick_gelu = "auto"            # --init's activation: auto (as the file says, else GELU with a note), true or false
-heads = "auto"                 # --init's attention heads: auto (as its files say, else 64 wide,
-                               # with a note) or IMAGE,TEXT, e.g. 16,16 for ViT-H-14
+strategy = "cumulative-all"    # one of strategies.STRATEGIES (its settings: strategies.SETTINGS)
+model = "tiny"                 # one of model.PRESETS
+init = ""                      # start from this CLIP (OpenAI, OpenCLIP, a stepNN.pt), its shape
+quick_gelu = "auto"            # --init's activation: auto (as its file says), true or false
+heads = "auto"                 # --init's attention heads: auto (as its files say), or IMAGE,TEXT
 # budget and optimisation (DataComp's values; lr and warmup scaled for the tiny CPU run)
-budget_samples = 56_000        # C: samples seen per time step (oracle: t x C at step t); 7 epochs of a synthetic year
-batch_size = 64                # global, over all processes (smaller batches learn more per sample here: README)
-accum_steps = 1                # micro-batches per process's batch: the same gradients, in less memory
+budget_samples = 56_000        # C: samples seen per time step (7 epochs of a synthetic year)
+batch_size = 64                # global, over all processes
+accum_steps = 1                # micro-batches per process's batch: same gradients, less memory
 lr = 5e-4                      # peak learning rate
-lr_schedule = "cosine"         # the rate through time, one of schedules.SCHEDULES (its settings: schedules.SETTINGS)
+lr_schedule = "cosine"         # the rate through time: one of schedules.SCHEDULES
 warmup_iters = 20              # linear warmup of the first step (DataComp medium: 500)
-warmup_iters_later = 20        # warmup of the later steps (of those that start a new optimizer)
+warmup_iters_later = 20        # warmup of the later steps that start a new optimizer
 weight_decay = 0.2
 beta1 = 0.9
 beta2 = 0.98
@@ -90,33 +87,35 @@ eps = 1e-6
 seed = 0
 workers = 1                    # DataLoader processes per training process
 device = "cuda" if torch.cuda.is_available() else "cpu"
-compile = torch.cuda.is_available()   # torch.compile the model (on by default on CUDA)
-precision = "bf16" if torch.cuda.is_available() else "fp32"  # bf16 autocast or fp32, in training and evaluation
-grad_checkpointing = False     # recompute activations in backward: more compute, a larger batch fits per GPU
+compile = torch.cuda.is_available()  # torch.compile the model (on by default on CUDA)
+precision = "bf16" if torch.cuda.is_available() else "fp32"  # bf16 autocast, or fp32
+grad_checkpointing = False     # recompute activations in backward: a larger batch fits per GPU
 log_interval = 10              # iterations between log lines
 eval_batch = 256               # pairs per evaluation batch
 # surviving kills and bad data
-ckpt_interval_samples = 5_000  # a resume checkpoint every this many samples within a step (0: none; SIGTERM saves one)
-keep_checkpoints = 2           # resume checkpoints kept (an older one is used if the newest does not load)
-max_bad_fraction = 0.05        # stop once this share of the samples read is bad (corrupt, missing, in broken shards)
-max_nonfinite_in_row = 5       # stop after this many non-finite losses in a row (each one's update is skipped)
-max_image_pixels = 4096 * 4096 # an image larger than this (decoded) is skipped as corrupt: it would only cost memory
-DEFAULTS = {k: v for k, v in globals().items() if k not in _globals_before_config and k != "_globals_before_config"}
-SYNTH_ROOT = "data/tic-synth"  # where the built-in benchmark is generated when data_root is left as is
+ckpt_interval_samples = 5_000  # a resume checkpoint every this many samples (0: on SIGTERM only)
+keep_checkpoints = 2           # resume checkpoints kept (an older one is used if the newest is bad)
+max_bad_fraction = 0.05        # stop once this share of the samples read is bad
+max_nonfinite_in_row = 5       # stop after this many non-finite losses in a row (each skipped)
+max_image_pixels = 4096 * 4096  # a larger decoded image is skipped as corrupt
+DEFAULTS = {k: v for k, v in globals().items()
+            if k not in _globals_before_config and k != "_globals_before_config"}
+SYNTH_ROOT = "data/tic-synth"  # where the built-in benchmark is made when data_root is left as is
 
 
 def parse_config(argv: list[str]) -> SimpleNamespace:
-    """The config above and the strategies' and schedules' settings, with --key=value overrides, each of its
-    default's type (--help lists them). data_root is made absolute, so a run's checkpoints find their data from
-    any folder (evaluate.py --run)."""
+    """The config above and the strategies' and schedules' settings, with --key=value overrides,
+    each of its default's type. data_root is made absolute, so that a run's checkpoints find their
+    data from any folder (evaluate.py --run)."""
     declared = {**strategies.SETTINGS, **schedules.SETTINGS}
     clash = (DEFAULTS.keys() | schedules.SETTINGS.keys()) & strategies.SETTINGS.keys() \
         or DEFAULTS.keys() & schedules.SETTINGS.keys()
     if clash:
-        raise SystemExit(f"error: a strategy's or schedule's setting has the name of another setting: "
-                         f"{', '.join(sorted(clash))}; rename it")
+        raise SystemExit(f"error: a strategy's or schedule's setting has the name of another "
+                         f"setting: {', '.join(sorted(clash))}; rename it")
     helps = {**config_help(), **{key: s.help for key, s in declared.items()}}
-    cfg = SimpleNamespace(**parse_flags(argv, {**DEFAULTS, **{k: s.default for k, s in declared.items()}}, helps))
+    defaults = {**DEFAULTS, **{key: s.default for key, s in declared.items()}}
+    cfg = SimpleNamespace(**parse_flags(argv, defaults, helps))
     cfg.data_root = os.path.abspath(cfg.data_root)
     return cfg
 
@@ -124,45 +123,53 @@ def parse_config(argv: list[str]) -> SimpleNamespace:
 def config_help() -> dict[str, str]:
     """The comment beside each value of the config above, as its --help line."""
     with open(__file__) as f:
-        block = f.read().split("\nDEFAULTS = ")[0].split("_globals_before_config = set(globals())")[1]
+        source = f.read()
+    block = source.split("\nDEFAULTS = ")[0].split("_globals_before_config = set(globals())")[1]
     return {m[1]: m[2] for m in re.finditer(r"^(\w+) += .*?  # (.*)$", block, re.MULTILINE)}
 
 
 def check_config(cfg: SimpleNamespace) -> None:
-    """Values that parse but cannot work, refused before any compute is spent."""
+    """Refuse, before any compute, a value that parses but cannot work."""
     if cfg.model not in PRESETS:
         raise SystemExit(f"error: unknown model '{cfg.model}'; choose one of: {', '.join(PRESETS)}")
     if cfg.precision not in PRECISIONS:
-        raise SystemExit(f"error: unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS)}")
+        raise SystemExit(f"error: unknown precision '{cfg.precision}'; "
+                         f"choose one of: {', '.join(PRECISIONS)}")
     strategies.check_settings(cfg)
     schedules.check_schedule(cfg)
-    least = {"batch_size": 1, "accum_steps": 1, "budget_samples": cfg.batch_size, "log_interval": 1, "workers": 0,
-             "ckpt_interval_samples": 0, "keep_checkpoints": 1, "max_nonfinite_in_row": 1, "seed": 0,
-             "warmup_iters": 0, "warmup_iters_later": 0, "eval_batch": 1, "tokenizer_samples": 1,
-             "vocab_size": 259, "max_image_pixels": 1}  # a byte-level BPE has 256 bytes and 3 special tokens
+    least = {"batch_size": 1, "accum_steps": 1, "budget_samples": cfg.batch_size, "log_interval": 1,
+             "workers": 0, "ckpt_interval_samples": 0, "keep_checkpoints": 1,
+             "max_nonfinite_in_row": 1, "seed": 0, "warmup_iters": 0, "warmup_iters_later": 0,
+             "eval_batch": 1, "tokenizer_samples": 1,
+             "vocab_size": 259, "max_image_pixels": 1}  # a byte-level BPE: 256 bytes, 3 specials
     for key, n in least.items():
         if getattr(cfg, key) < n:
             raise SystemExit(f"error: --{key}={getattr(cfg, key)} is too small; use at least {n}")
-    ranges = {"lr": (0 <= cfg.lr < math.inf, "a rate of 0 or more"), "eps": (0 < cfg.eps < 1, "above 0, below 1"),
+    ranges = {"lr": (0 <= cfg.lr < math.inf, "a rate of 0 or more"),
+              "eps": (0 < cfg.eps < 1, "above 0, below 1"),
               "weight_decay": (0 <= cfg.weight_decay < math.inf, "0 or more"),
-              "beta1": (0 <= cfg.beta1 < 1, "0 or more, below 1"), "beta2": (0 <= cfg.beta2 < 1, "0 or more, below 1"),
+              "beta1": (0 <= cfg.beta1 < 1, "0 or more, below 1"),
+              "beta2": (0 <= cfg.beta2 < 1, "0 or more, below 1"),
               "max_bad_fraction": (0 <= cfg.max_bad_fraction <= 1, "a fraction, 0 to 1")}
     for key, (ok, use) in ranges.items():  # nan fails every comparison, so it is refused too
         if not ok:
             raise SystemExit(f"error: --{key}={getattr(cfg, key)} is out of range; use {use}")
     if cfg.quick_gelu not in ("auto", "true", "false"):
-        raise SystemExit(f"error: --quick_gelu={cfg.quick_gelu}: use auto, true (OpenAI's models) or false")
+        raise SystemExit(f"error: --quick_gelu={cfg.quick_gelu}: use auto, true (OpenAI's models) "
+                         f"or false")
     parse_heads(cfg.heads)  # a one-line error if it is neither auto nor IMAGE,TEXT
     if cfg.init and not os.path.isfile(cfg.init):
-        raise SystemExit(f"error: --init={cfg.init}: no such file; pass an OpenAI or OpenCLIP CLIP, or a stepNN.pt")
+        raise SystemExit(f"error: --init={cfg.init}: no such file; pass an OpenAI or OpenCLIP "
+                         f"CLIP, or a stepNN.pt")
     if cfg.init and not is_checkpoint_file(cfg.init):
         raise SystemExit(f"error: --init={cfg.init}: not a checkpoint (a torch.save or TorchScript "
                          f"zip, whole, or a .safetensors file); pass an OpenAI or OpenCLIP CLIP, "
                          f"or a stepNN.pt")
     beside_init = os.path.join(os.path.dirname(cfg.init), "tokenizer.json") if cfg.init else ""
     if cfg.init and not (cfg.tokenizer or os.path.isfile(beside_init)):
-        raise SystemExit("error: --init needs the tokenizer its model was trained with: for OpenAI's and OpenCLIP's, "
-                         "--tokenizer=clip-tokenizer.json (made by python tools/prepare.py clip-tokenizer)")
+        raise SystemExit("error: --init needs the tokenizer its model was trained with: for "
+                         "OpenAI's and OpenCLIP's, --tokenizer=clip-tokenizer.json (made by python "
+                         "tools/prepare.py clip-tokenizer)")
     if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
         raise SystemExit(f"error: --tokenizer={cfg.tokenizer}: no such file; pass a tokenizer.json,"
                          f" or leave --tokenizer empty to train one on the first step's captions")
@@ -170,10 +177,12 @@ def check_config(cfg: SimpleNamespace) -> None:
         data.Tokenizer.load(cfg.tokenizer or beside_init)  # refused now, not after counting data
     evaluate.static_tasks(cfg.data_root, cfg.static)  # the same: each --static path must be a task
     if 0 < cfg.ckpt_interval_samples < cfg.batch_size:
-        raise SystemExit(f"error: --ckpt_interval_samples={cfg.ckpt_interval_samples} is less than one batch "
-                         f"({cfg.batch_size}); use 0 (only on SIGTERM) or at least {cfg.batch_size}")
+        raise SystemExit(f"error: --ckpt_interval_samples={cfg.ckpt_interval_samples} is less than "
+                         f"one batch ({cfg.batch_size}); use 0 (only on SIGTERM) or at least "
+                         f"{cfg.batch_size}")
     if cfg.shard_cmd and "{path}" not in cfg.shard_cmd:
-        raise SystemExit(f"error: --shard_cmd={cfg.shard_cmd!r} has no {{path}} for the shard's path under data_root")
+        raise SystemExit(f"error: --shard_cmd={cfg.shard_cmd!r} has no {{path}} for the shard's "
+                         f"path under data_root")
     check_device(cfg.device)
 
 
@@ -194,15 +203,17 @@ def check_device(name: str) -> None:
         device = torch.device(name)
     except RuntimeError:
         raise SystemExit(f"error: --device={name} is not a device; use cpu or cuda") from None
-    if device.type not in ("cpu", "cuda") or device.type == "cuda" and not torch.cuda.is_available():
+    usable = device.type == "cpu" or device.type == "cuda" and torch.cuda.is_available()
+    if not usable:
         here = "CUDA is" if torch.cuda.is_available() else "no GPU is"
-        raise SystemExit(f"error: --device={name} cannot be used here ({here} visible); use --device=cpu or cuda")
+        raise SystemExit(f"error: --device={name} cannot be used here ({here} visible); "
+                         f"use --device=cpu or cuda")
 
 
-# ----------------------------------------------------------------------------- processes, data, tokenizer
+# ----------------------------------------------------------------------------- processes, data
 @dataclass
 class World:
-    """The processes of this run: torchrun's (RANK, WORLD_SIZE, LOCAL_RANK), or one under plain python."""
+    """The processes of this run: torchrun's (RANK, WORLD_SIZE, LOCAL_RANK), or one process."""
     rank: int
     size: int
     distributed: bool     # started by torchrun (DDP, collectives), even with one process
@@ -217,7 +228,7 @@ class World:
             dist.barrier()
 
     def gather(self, obj) -> list:
-        """obj from every rank, in rank order: small things (a flag, fault counts), once per log interval at most."""
+        """obj from every rank, in rank order: small things, once per log interval at most."""
         if not self.distributed:
             return [obj]
         out = [None] * self.size
@@ -232,20 +243,21 @@ class World:
 def start_world(cfg: SimpleNamespace) -> World:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % world_size:  # checked before any process waits for the others
-        raise SystemExit(f"error: batch_size={cfg.batch_size} does not divide over {world_size} processes; "
-                         f"use a multiple of {world_size}")
+        raise SystemExit(f"error: batch_size={cfg.batch_size} does not divide over {world_size} "
+                         f"processes; use a multiple of {world_size}")
     if cfg.batch_size // world_size % cfg.accum_steps:
-        raise SystemExit(f"error: the {cfg.batch_size // world_size} pairs of each process's batch do not split into "
-                         f"--accum_steps={cfg.accum_steps} micro-batches; use a batch_size that is a multiple of "
-                         f"{world_size * cfg.accum_steps}")
+        raise SystemExit(f"error: the {cfg.batch_size // world_size} pairs of each process's batch "
+                         f"do not split into --accum_steps={cfg.accum_steps} micro-batches; use a "
+                         f"batch_size that is a multiple of {world_size * cfg.accum_steps}")
     distributed = "RANK" in os.environ
-    if distributed:  # rank 0 alone evaluates while the others wait: an ImageNet may take longer than the 10 min default
-        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", timeout=timedelta(hours=2))
+    if distributed:  # rank 0 alone evaluates while the others wait: longer than the 10 min default
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
+                                timeout=timedelta(hours=2))
     rank, local_rank = (dist.get_rank(), int(os.environ["LOCAL_RANK"])) if distributed else (0, 0)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun, then this process's parent
         watch_launcher(local_rank)
-    world = World(rank, world_size, distributed, torch.device(f"cuda:{local_rank}" if cfg.device == "cuda"
-                                                              else cfg.device))
+    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
+    world = World(rank, world_size, distributed, device)
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -259,12 +271,12 @@ LAUNCHER_GONE_GRACE_S = 30  # a rank whose torchrun died has this long to save a
 def watch_launcher(local_rank: int) -> None:
     """When torchrun dies alone (killed), its ranks live on, holding their GPUs: each then stops as
     on SIGTERM (saving at its next log interval), and ends itself LAUNCHER_GONE_GRACE_S later if it
-    has not stopped by then (waiting on a rank that is gone). This, not the process-group timeout,
-    bounds the wait, which stays long: rank 0 alone evaluates while the others wait."""
+    has not stopped by then. This, not the process-group timeout, bounds the wait; that timeout
+    stays long, as rank 0 alone evaluates while the others wait."""
     launcher = os.getppid()
 
     def watch():
-        while os.getppid() == launcher:  # an orphan passes to another parent (init, or a subreaper)
+        while os.getppid() == launcher:  # an orphan passes to another parent (init, a subreaper)
             time.sleep(1)
         if local_rank == 0:
             print(f"torchrun (pid {launcher}) is gone: the run stops as on SIGTERM, within "
@@ -275,82 +287,93 @@ def watch_launcher(local_rank: int) -> None:
     threading.Thread(target=watch, name="watch_launcher", daemon=True).start()
 
 
-def load_benchmark(cfg: SimpleNamespace, world: World) -> tuple[list[list[str]], list[list[data.Part]], dict]:
-    """Each time step's year folders, its training data (a Part per year), and the evaluation tasks: every step's,
-    then the static ones, by name. The built-in benchmark is generated on first use. Rank 0 goes
-    first: the others read what it wrote (the benchmark, sizes.json), and what is wrong it alone
-    says (the others, waiting, see it exit: run)."""
+def load_benchmark(cfg: SimpleNamespace,
+                   world: World) -> tuple[list[list[str]], list[list[data.Part]], dict]:
+    """Each time step's year folders, its training data (a Part per year), and the evaluation
+    tasks by name: every step's, then the static ones. The built-in benchmark is made on first
+    use. Rank 0 goes first: the others read what it wrote, and only it says what is wrong."""
     if not world.master:
         world.barrier()
     if world.master and cfg.data_root == os.path.abspath(SYNTH_ROOT):
         synthetic.make_synthetic_benchmark(cfg.data_root)
     if not os.path.isdir(os.path.join(cfg.data_root, "train")):
-        raise SystemExit(f"error: no {cfg.data_root}/train folder; point --data_root at a TiC layout "
-                         f"(train/YEAR/*.tar with sizes.json) or leave it at {SYNTH_ROOT} for the built-in benchmark")
+        raise SystemExit(f"error: no {cfg.data_root}/train folder; point --data_root at a TiC "
+                         f"layout (train/YEAR/*.tar with sizes.json) or leave it at {SYNTH_ROOT} "
+                         f"for the built-in benchmark")
     step_years = shards.parse_steps(cfg.data_root, cfg.steps)
     shards.check_sizes(cfg.data_root, [y for ys in step_years for y in ys])  # before any counting
-    step_data = [[data.Part(y, shards.year_shards(cfg.data_root, y, shard_cmd=cfg.shard_cmd)) for y in ys]
-                 for ys in step_years]
+    step_data = [[data.Part(y, shards.year_shards(cfg.data_root, y, shard_cmd=cfg.shard_cmd))
+                  for y in ys] for ys in step_years]
     tasks = evaluate.tasks_of(cfg.data_root, step_years, cfg.shard_cmd)
     static = evaluate.static_tasks(cfg.data_root, cfg.static)
     if tasks.keys() & static.keys():
-        raise SystemExit(f"error: a static task is named as a time step ({', '.join(tasks.keys() & static.keys())}); "
-                         f"rename it in --static or in {cfg.data_root}/static")
+        raise SystemExit(f"error: a static task is named as a time step "
+                         f"({', '.join(tasks.keys() & static.keys())}); rename it in --static or "
+                         f"in {cfg.data_root}/static")
     if world.master:
         world.barrier()
     return step_years, step_data, {**tasks, **static}
 
 
-def load_tokenizer(run_dir: str, cfg: SimpleNamespace, first_years: list[str], world: World) -> data.Tokenizer:
-    """RUN/tokenizer.json, fixed for the whole run as CLIP's vocabulary is; made on first use from --tokenizer, or
-    trained on the first step's captions."""
+def load_tokenizer(run_dir: str, cfg: SimpleNamespace, first_years: list[str],
+                   world: World) -> data.Tokenizer:
+    """RUN/tokenizer.json, fixed for the whole run as CLIP's vocabulary is; made on first use from
+    --tokenizer, or trained on the first step's captions."""
     path = os.path.join(run_dir, "tokenizer.json")
-    given = cfg.tokenizer or (os.path.join(os.path.dirname(cfg.init), "tokenizer.json") if cfg.init else "")
-    if world.master and not os.path.exists(path) and given:  # a stepNN.pt as --init: its run's tokenizer
+    beside_init = os.path.join(os.path.dirname(cfg.init), "tokenizer.json") if cfg.init else ""
+    given = cfg.tokenizer or beside_init  # a stepNN.pt as --init: its run's tokenizer
+    if world.master and not os.path.exists(path) and given:
         data.Tokenizer.load(given).save(path)
     elif world.master and not os.path.exists(path):
-        captions = data.first_captions(cfg.data_root, first_years, cfg.tokenizer_samples, cfg.shard_cmd)
+        captions = data.first_captions(cfg.data_root, first_years, cfg.tokenizer_samples,
+                                       cfg.shard_cmd)
         data.Tokenizer.train(captions, cfg.vocab_size).save(path)
     world.barrier()
     return data.Tokenizer.load(path)
 
 
 def prepare_run_dir(run_dir: str, world: World) -> None:
-    """The run folder, made if new and checked to be writable (by rank 0), without the temporary files that killed
-    processes left in it (shards.write_atomic): a rerun cleans up after the run it continues."""
+    """Make the run folder if it is new, check it is writable, and remove the temporary files that
+    killed processes left in it (shards.write_atomic)."""
     if world.master:
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-            raise SystemExit(f"error: --out_dir={run_dir} is a file, not a folder; pick another --out_dir")
+            raise SystemExit(f"error: --out_dir={run_dir} is a file, not a folder; "
+                             f"pick another --out_dir")
         try:
             os.makedirs(run_dir, exist_ok=True)
         except OSError as e:
-            raise SystemExit(f"error: cannot make the run folder {run_dir}: {e.strerror}; pick another --out_dir")
-        shards.write_atomic(os.path.join(run_dir, ".writable"), lambda f: None)  # a WriteError line if it is not
-        os.remove(os.path.join(run_dir, ".writable"))
+            raise SystemExit(f"error: cannot make the run folder {run_dir}: {e.strerror}; "
+                             f"pick another --out_dir")
+        probe = os.path.join(run_dir, ".writable")
+        shards.write_atomic(probe, lambda f: None)  # a WriteError line if it is not
+        os.remove(probe)
         for folder in (run_dir, os.path.join(run_dir, "resume")):
             removed = shards.remove_stale_temporaries(folder)
             if removed:
-                print(f"{folder}: removed {len(removed)} temporary file(s) that killed processes left "
-                      f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
+                print(f"{folder}: removed {len(removed)} temporary file(s) that killed processes "
+                      f"left ({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
     world.barrier()
 
 
 def load_initial(cfg: SimpleNamespace, tokenizer: data.Tokenizer, world: World) -> CLIP | None:
-    """The model --init names, which the run starts from, or None: its shape, activation, context length and
-    end-of-text id come from the file (--model is ignored, with a line saying so)."""
+    """The initial model (--init), or None. Its shape, activation, context length and end-of-text
+    id come from the file; --model is ignored, with a line saying so."""
     if not cfg.init:
         return None
     quick_gelu = {"auto": None, "true": True, "false": False}[cfg.quick_gelu]
     model, _ = load_checkpoint(cfg.init, quick_gelu, parse_heads(cfg.heads))
     shape = model.cfg
     if tokenizer.vocab_size > shape.vocab_size or tokenizer.eot_id != shape.eot_token_id:
-        raise SystemExit(f"error: the tokenizer has {tokenizer.vocab_size} ids with end-of-text {tokenizer.eot_id}, "
-                         f"but --init's model has {shape.vocab_size} with {shape.eot_token_id}; pass --tokenizer= "
-                         f"the one it was trained with (CLIP's: python tools/prepare.py clip-tokenizer)")
+        raise SystemExit(f"error: the tokenizer has {tokenizer.vocab_size} ids with end-of-text "
+                         f"{tokenizer.eot_id}, but --init's model has {shape.vocab_size} with "
+                         f"{shape.eot_token_id}; pass --tokenizer= the one it was trained with "
+                         f"(CLIP's: python tools/prepare.py clip-tokenizer)")
     if world.master:
-        print(f"init {cfg.init}: ViT {shape.vision_layers}x{shape.vision_width} at {shape.image_px} px, patch "
-              f"{shape.patch_px}; text {shape.text_layers}x{shape.text_width}, {shape.context_tokens} tokens; "
-              f"{'QuickGELU' if shape.quick_gelu else 'GELU'} (--model is ignored: the shape is the file's)")
+        print(f"init {cfg.init}: ViT {shape.vision_layers}x{shape.vision_width} at "
+              f"{shape.image_px} px, patch {shape.patch_px}; text {shape.text_layers}x"
+              f"{shape.text_width}, {shape.context_tokens} tokens; "
+              f"{'QuickGELU' if shape.quick_gelu else 'GELU'} (--model is ignored: the shape is "
+              f"the file's)")
     return model
 
 
@@ -365,24 +388,26 @@ def run_log(run_dir: str, world: World):
 
 
 # ----------------------------------------------------------------------------- one time step
-def start_model(strategy: strategies.Strategy, step: strategies.TimeStep, model_cfg: CLIPConfig) -> CLIP:
-    """The start model: the continue point, when the strategy warm-starts and there is one; otherwise the
-    initial model (--init), or a fresh random init."""
+def start_model(strategy: strategies.Strategy, step: strategies.TimeStep,
+                model_cfg: CLIPConfig) -> CLIP:
+    """The start model: the continue point, if the strategy warm-starts and there is one; else the
+    initial model, or a random init."""
     torch.manual_seed(step.config.seed + step.t)
     model = CLIP(model_cfg)
     if strategy.warm_start and step.continue_point is not None:
-        model.load_state_dict(step.continue_point["model"])  # weights and logit scale; the optimizer: train_step
-    elif step.initial is not None:  # restart and oracle restart from the model the run began with
+        model.load_state_dict(step.continue_point["model"])  # the optimizer: train_step
+    elif step.initial is not None:  # restart and oracle start again from the initial model
         model.load_state_dict(step.initial)
     model.to(step.device)
     model.set_grad_checkpointing(step.config.grad_checkpointing)
     return model
 
 
-def begin_step(strategy: strategies.Strategy, model: CLIP, step: strategies.TimeStep, run_dir: str,
-               world: World) -> dict:
-    """The strategy's start-of-step action on the start model, done once per step: its report, state and the
-    RNG state it left are kept in RUN/resume until the step ends, and a resumed step takes them from there."""
+def begin_step(strategy: strategies.Strategy, model: CLIP, step: strategies.TimeStep,
+               run_dir: str, world: World) -> dict:
+    """The strategy's start-of-step action on the start model, done once a step: its report, its
+    state and the RNG state it left are kept in RUN/resume until the step ends, and a resumed
+    step takes them from there."""
     path = survive.start_checkpoint(run_dir, step.t)
     found = os.path.exists(path)
     world.barrier()  # every rank has looked before rank 0 writes it
@@ -396,8 +421,9 @@ def begin_step(strategy: strategies.Strategy, model: CLIP, step: strategies.Time
     report = strategies.act(strategy, "start_of_step", model, step)
     step.state = cpu_copy(step.state)
     if world.master:
+        cuda = world.device.type == "cuda"
         kept = {"report": report, "state": step.state, "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None}
+                "rng_cuda": torch.cuda.get_rng_state(world.device) if cuda else None}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shards.write_atomic(path, lambda f: torch.save(kept, f))
     return report
@@ -405,16 +431,18 @@ def begin_step(strategy: strategies.Strategy, model: CLIP, step: strategies.Time
 
 def forward_backward(train_model, images, tokens, batch_loss, world: World, precision: str,
                      accum_steps: int = 1) -> torch.Tensor:
-    """The batch's loss, its gradients added to the parameters' .grad, the strategy's batch loss (if any) called
-    once with the whole batch's features. With accum_steps = k the batch goes through in k micro-batches, at the
-    memory of one, to the same loss and gradients (up to rounding), by gradient caching (Gao et al. 2021): embed
-    every micro-batch without gradients; take the whole batch's loss once on those features, which gives its
-    gradient with respect to each feature and the logit scale (and to the weights, for a batch loss on them);
-    then embed each micro-batch again with gradients and pass its features' gradients back through the model.
-    Under DDP only the last pass all-reduces, and it carries the logit scale's gradient."""
+    """The batch's loss; its gradients are added to the parameters' .grad. The strategy's batch
+    loss, if any, is called once, with the whole batch's features.
+
+    Gradient caching (Gao et al. 2021): with accum_steps = k the batch goes through in k
+    micro-batches, at the memory of one, to the same loss and gradients up to rounding. Embed every
+    micro-batch without gradients; take the whole batch's loss once on those features, which gives
+    its gradient with respect to each feature and the logit scale (and to the weights, for a batch
+    loss that reads them); then embed each micro-batch again with gradients, and pass its features'
+    gradients back through the model. Under DDP only the last pass all-reduces."""
     def loss_of(image_features, text_features, scale):
         loss = clip_loss(image_features, text_features, scale, world.rank, world.size)
-        if batch_loss is not None:  # the strategy's term on every batch, e.g. lwf's distillation
+        if batch_loss is not None:  # the strategy's term, e.g. lwf's distillation
             loss = loss + batch_loss(images, tokens, image_features, text_features, scale)
         return loss
 
@@ -430,7 +458,7 @@ def forward_backward(train_model, images, tokens, batch_loss, world: World, prec
     scale = stored[0][2].detach().requires_grad_()
     with autocast(world.device, precision):
         loss = loss_of(image_f, text_f, scale)
-    loss.backward()  # into image_f.grad, text_f.grad, scale.grad, and the weights a batch loss reads directly
+    loss.backward()  # into the features' and scale's .grad, and weights a batch loss reads directly
     grads = list(zip(image_f.grad.chunk(accum_steps), text_f.grad.chunk(accum_steps)))
     for j, (x, y) in enumerate(micro):
         last = j == accum_steps - 1
@@ -442,56 +470,64 @@ def forward_backward(train_model, images, tokens, batch_loss, world: World, prec
     return loss.detach()
 
 
-def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss, step: strategies.TimeStep,
-               world: World, run_dir: str, log) -> survive.StepState | None:
-    """Train model on parts for budget samples at the rates of the step's schedule (schedules.py), with a new
-    optimizer or the one the continue point holds (schedules that carry it), continuing from the newest
-    resume checkpoint if an earlier run left one. Returns the step's state, with the trunk at the cooldown's start
-    and the optimizer at the end where the schedule carries it; None if SIGTERM stopped the step (saved)."""
+def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss,
+               step: strategies.TimeStep, world: World, run_dir: str,
+               log) -> survive.StepState | None:
+    """Train model on parts for budget samples at the rates of the step's schedule, with a new
+    optimizer or the continue point's, from the newest resume checkpoint if an earlier run left
+    one. Returns the step's state (with the trunk and the optimizer where the schedule carries
+    it), or None if SIGTERM stopped the step (saved)."""
     cfg, t, where = step.config, step.t, f"step {step.t + 1} ({step.step_names[step.t]})"
     n_iters = budget // cfg.batch_size
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     before = None  # the iterations of the optimizer this step goes on with; None: a new one
     if step.continue_point is not None and step.continue_point["optimizer"] is not None:
-        optimizer.load_state_dict(cpu_copy(step.continue_point["optimizer"]))  # a copy: step updates it in place
+        optimizer.load_state_dict(cpu_copy(step.continue_point["optimizer"]))  # updated in place
         before = step.continue_point["iterations"]
     schedule = schedules.step_schedule(cfg, t, len(step.step_names), n_iters, before)
     carries = schedule.row.carries_optimizer
     state = survive.StepState.resume(run_dir, t, model, optimizer, cfg, world)
     if state.iteration:
-        print(f"rank {world.rank}: {where}: resuming at sample {state.iteration * cfg.batch_size} of "
-              f"{n_iters * cfg.batch_size} from {state.path}")
+        print(f"rank {world.rank}: {where}: resuming at sample {state.iteration * cfg.batch_size} "
+              f"of {n_iters * cfg.batch_size} from {state.path}")
         log({"event": "resume", "time_step": t + 1, "samples": state.iteration * cfg.batch_size,
              "checkpoint": state.path})
     train_model = torch.compile(model) if cfg.compile else model
     if world.distributed:
-        train_model = DDP(train_model, device_ids=[world.device] if world.device.type == "cuda" else None)
-    stream = data.TrainStream(parts, budget, cfg.batch_size, world.rank, world.size, cfg.seed, t, model.cfg.image_px,
-                              step.tokenizer, model.cfg.context_tokens, keep_seed=cfg.seed,
-                              start_batch=state.iteration, max_bad_fraction=cfg.max_bad_fraction,
+        device_ids = [world.device] if world.device.type == "cuda" else None
+        train_model = DDP(train_model, device_ids=device_ids)
+    stream = data.TrainStream(parts, budget, cfg.batch_size, world.rank, world.size, cfg.seed, t,
+                              model.cfg.image_px, step.tokenizer, model.cfg.context_tokens,
+                              keep_seed=cfg.seed, start_batch=state.iteration,
+                              max_bad_fraction=cfg.max_bad_fraction,
                               max_image_pixels=cfg.max_image_pixels)
-    ckpt_every = cfg.ckpt_interval_samples // cfg.batch_size  # iterations between resume checkpoints; 0: none
+    ckpt_every = cfg.ckpt_interval_samples // cfg.batch_size  # iterations between them; 0: none
     t_log, it_log = time.time(), state.iteration
     with data.workers_stopped():  # however the loop ends, no loader worker outlives it
-        for it, (images, tokens, faults) in enumerate(data.train_loader(stream, cfg.workers), state.iteration):
+        loader = data.train_loader(stream, cfg.workers)
+        for it, (images, tokens, faults) in enumerate(loader, state.iteration):
             state.count_faults(faults, images is None, stream.min_read, cfg, where)
-            if carries and it == schedule.cooldown_start:  # the branch leaves the trunk here: keep the trunk
-                state.trunk = {"model": cpu_copy(model.state_dict()), "optimizer": cpu_copy(optimizer.state_dict()),
+            if carries and it == schedule.cooldown_start:  # the branch leaves the trunk: keep it
+                state.trunk = {"model": cpu_copy(model.state_dict()),
+                               "optimizer": cpu_copy(optimizer.state_dict()),
                                "iterations": (before or 0) + it}
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr(it)
-            images, tokens = images.to(world.device, non_blocking=True), tokens.to(world.device, non_blocking=True)
+            images = images.to(world.device, non_blocking=True)
+            tokens = tokens.to(world.device, non_blocking=True)
             images = data.normalize_images(images)  # after the copy: uint8 is 1/4 of the bytes
             optimizer.zero_grad(set_to_none=True)
-            loss = forward_backward(train_model, images, tokens, batch_loss, world, cfg.precision, cfg.accum_steps)
-            state.optimizer_step(model, optimizer)  # skipped, and counted, if the loss or a gradient is not finite
+            loss = forward_backward(train_model, images, tokens, batch_loss, world, cfg.precision,
+                                    cfg.accum_steps)
+            state.optimizer_step(model, optimizer)  # skipped, and counted, if not finite
             model.clamp_logit_scale_()
             state.iteration = it + 1
             log_due = state.iteration % cfg.log_interval == 0 or state.iteration == n_iters
-            ckpt_due = ckpt_every > 0 and state.iteration % ckpt_every == 0 and state.iteration < n_iters
+            ckpt_due = ckpt_every > 0 and state.iteration % ckpt_every == 0 \
+                and state.iteration < n_iters
             if not (log_due or ckpt_due):
                 continue
-            # once per log interval (and checkpoint): read the device's counters, log, save, stop if asked
+            # once per log interval: read the device's counters, log, save, stop if asked
             state.check_nonfinite(run_dir, t, cfg, where)
             stop = survive.stop_requested(world)
             if world.master and log_due:
@@ -499,26 +535,30 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss, ste
                 samples_per_s = (state.iteration - it_log) * cfg.batch_size / (now - t_log)
                 record = {"samples": state.iteration * cfg.batch_size, "loss": loss.item(),
                           "lr": schedule.lr(it), "logit_scale": model.logit_scale.exp().item()}
-                print(f"step {t + 1}/{len(step.step_names)} ({step.step_names[t]}) | {record['samples']}/"
-                      f"{n_iters * cfg.batch_size} samples | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                eta_s = (n_iters - state.iteration) * cfg.batch_size / samples_per_s
+                print(f"step {t + 1}/{len(step.step_names)} ({step.step_names[t]}) | "
+                      f"{record['samples']}/{n_iters * cfg.batch_size} samples | "
+                      f"loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                       f"logit scale {record['logit_scale']:.1f} | {samples_per_s:.0f} samples/s | "
-                      f"eta {(n_iters - state.iteration) * cfg.batch_size / samples_per_s:.0f}s")
-                log({"event": "train", "time_step": t + 1, **record, "samples_per_s": samples_per_s})
+                      f"eta {eta_s:.0f}s")
+                log({"event": "train", "time_step": t + 1, **record,
+                     "samples_per_s": samples_per_s})
                 t_log, it_log = now, state.iteration
             if ckpt_due or stop:
                 saved = state.save(run_dir, t, model, optimizer, cfg, world)
             if stop:
                 if world.master:
-                    print(f"SIGTERM: saved {saved} at sample {state.iteration * cfg.batch_size} of step {t + 1}; "
-                          f"rerun the same command to continue")
+                    print(f"SIGTERM: saved {saved} at sample {state.iteration * cfg.batch_size} of "
+                          f"step {t + 1}; rerun the same command to continue")
                 return None
     if carries:
-        state.end = {"optimizer": cpu_copy(optimizer.state_dict()), "iterations": (before or 0) + n_iters}
+        state.end = {"optimizer": cpu_copy(optimizer.state_dict()),
+                     "iterations": (before or 0) + n_iters}
     return state
 
 
 def cpu_copy(obj):
-    """A copy of a state dict (a model's or an optimizer's) in CPU memory, kept apart from the live one."""
+    """A copy of a state dict (a model's, an optimizer's) in CPU memory, apart from the live one."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().clone()
     if isinstance(obj, dict):
@@ -526,13 +566,13 @@ def cpu_copy(obj):
     return [cpu_copy(v) for v in obj] if isinstance(obj, list) else obj
 
 
-def next_trunk(strategy: strategies.Strategy, cfg: SimpleNamespace, state: survive.StepState, trained: dict,
-               deployed: dict) -> dict | None:
-    """Where the schedule carries its optimizer, what the next step goes on from ({"model", "optimizer",
-    "iterations"}): the trunk, as it was where the cooldown branched off (continue_from=trunk); or the end of the
-    cooled branch (continue_from=cooled, or no cooldown); or, for a strategy that goes on from the model its
-    end-of-step action made (patching, ema-from-merge), that model with the branch's optimizer. None otherwise, and
-    for a strategy that starts every step afresh (restart, oracle)."""
+def next_trunk(strategy: strategies.Strategy, cfg: SimpleNamespace, state: survive.StepState,
+               trained: dict, deployed: dict) -> dict | None:
+    """Where the schedule carries its optimizer, the continue point ({"model", "optimizer",
+    "iterations"}): the trunk where the cooled branch began (continue_from=trunk); the branch's end
+    (continue_from=cooled, or no branch); or, for a strategy that goes on from the model its
+    end-of-step action made (patching, ema-from-merge), that model with the branch's optimizer.
+    None otherwise, and for a strategy that starts every step afresh (restart, oracle)."""
     if state.end is None or not strategy.warm_start:
         return None
     if trained is not deployed and strategy.continue_from_deployed:
@@ -542,44 +582,49 @@ def next_trunk(strategy: strategies.Strategy, cfg: SimpleNamespace, state: survi
     return {**state.end, "model": trained}
 
 
-def announce_step(step: strategies.TimeStep, strategy: strategies.Strategy, parts: list[data.Part], budget: int,
-                  log) -> None:
+def announce_step(step: strategies.TimeStep, strategy: strategies.Strategy,
+                  parts: list[data.Part], budget: int, log) -> None:
     """The step's first line: its start, budget and data mix (rank 0)."""
     if not step.master:
         return
     n_iters, batch = budget // step.config.batch_size, step.config.batch_size
-    mix = ", ".join(f"{p.name} {p.n_samples:.0f}" + (f" ({100 * p.keep_fraction:.0f}%)" if p.keep_fraction < 1 else "")
-                    + (f" [{100 * p.share:.0f}% of samples]" if p.share is not None else "") for p in parts)
+    mix = ", ".join(f"{p.name} {p.n_samples:.0f}"
+                    + (f" ({100 * p.keep_fraction:.0f}%)" if p.keep_fraction < 1 else "")
+                    + (f" [{100 * p.share:.0f}% of samples]" if p.share is not None else "")
+                    for p in parts)
     start = "warm start" if step.continue_point is not None else \
         "the initial model" if step.initial is not None else "random init"
     if step.continue_point is not None and step.continue_point["optimizer"] is not None:
-        start += f" with the optimizer carried over ({step.continue_point['iterations']} iterations)"
+        start += (f" with the optimizer carried over "
+                  f"({step.continue_point['iterations']} iterations)")
     if step.config.new_data_fraction and step.t > 0 and all(p.share is None for p in parts):
         mix += " (new_data_fraction has no effect: nothing is replayed)"
-    print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): {start}, budget {n_iters * batch} "
-          f"samples ({n_iters} iters), data: {mix}")
+    print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): {start}, "
+          f"budget {n_iters * batch} samples ({n_iters} iters), data: {mix}")
     log({"event": "step_start", "time_step": step.t + 1, "step": step.step_names[step.t],
          "mix": {p.name: p.n_samples for p in parts}, "budget_samples": n_iters * batch})
 
 
-def score(model: CLIP, row: dict | None, tasks: dict, tokenizer: data.Tokenizer, cfg: SimpleNamespace,
-          world: World) -> dict:
-    """A row of the evaluation matrix: row (measured earlier) completed with the tasks it lacks, all of them for a
-    new row (rank 0 evaluates; the other ranks return row as it is)."""
+def score(model: CLIP, row: dict | None, tasks: dict, tokenizer: data.Tokenizer,
+          cfg: SimpleNamespace, world: World) -> dict:
+    """A row of the evaluation matrix: row (measured earlier) completed with the tasks it lacks,
+    all of them for a new row. Rank 0 evaluates; the other ranks return row as it is."""
     row = dict(row or {})
     todo = {task_name: task for task_name, task in tasks.items() if task_name not in row}
     if world.master and todo:
-        row.update(evaluate.evaluate_step(model, todo, tokenizer, world.device, cfg.eval_batch, cfg.precision,
-                                          max_bad_fraction=cfg.max_bad_fraction, max_image_pixels=cfg.max_image_pixels))
+        row.update(evaluate.evaluate_step(model, todo, tokenizer, world.device, cfg.eval_batch,
+                                          cfg.precision, max_bad_fraction=cfg.max_bad_fraction,
+                                          max_image_pixels=cfg.max_image_pixels))
     return row
 
 
-def save_step(path: str, deployed: dict, model_cfg: CLIPConfig, step: strategies.TimeStep, record: dict,
-              world: World) -> None:
-    """RUN/stepNN.pt, the model the step deployed (its weights on the CPU) and its record (rank 0), and a line
-    with its size; the step's resume checkpoints go."""
-    if world.master:  # deployed may also be record["trunk"]["model"]: torch.save stores it once, loads it as one
-        ckpt = {"model": deployed, "model_config": asdict(model_cfg), "config": vars(step.config), **record}
+def save_step(path: str, deployed: dict, model_cfg: CLIPConfig, step: strategies.TimeStep,
+              record: dict, world: World) -> None:
+    """RUN/stepNN.pt: the deployed model (its weights on the CPU) and the step's record, written by
+    rank 0 with a line giving its size; the step's resume checkpoints go."""
+    if world.master:  # deployed may also be the trunk's model: torch.save stores it once
+        ckpt = {"model": deployed, "model_config": asdict(model_cfg), "config": vars(step.config),
+                **record}
         shards.write_atomic(path, lambda f: torch.save(ckpt, f))
         survive.StepState.clear(os.path.dirname(path), step.t)
         kept = tensor_bytes(record["state"])
@@ -591,24 +636,28 @@ def tensor_bytes(obj) -> int:
     """The bytes of the tensors in obj, a tensor or dicts and lists of them."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
-    return sum(tensor_bytes(v) for v in values)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
-def load_step(path: str, step: strategies.TimeStep, model_cfg: CLIPConfig, step_years: list[list[str]],
-              world: World) -> tuple[CLIP, dict]:
-    """The model (on the device) and record of a step that an earlier run of this command finished, checked to
-    belong to this run; the step's resume checkpoints go (left if a kill came between stepNN.pt and their removal).
-    A run grown since its first step under cosine-ar says so where that moved the schedule's horizon."""
+def load_step(path: str, step: strategies.TimeStep, model_cfg: CLIPConfig,
+              step_years: list[list[str]], world: World) -> tuple[CLIP, dict]:
+    """The model (on the device) and record of a step an earlier run of this command finished,
+    checked to belong to this run; the step's resume checkpoints go (a kill between stepNN.pt
+    and their removal leaves them). A grown run says where that moved its schedule."""
     model, record = load_checkpoint(path)
     survive.check_shape(record, path, model_cfg, step.config.model)
     survive.check_steps(record, path, step_years)
     if world.master:
         survive.StepState.clear(os.path.dirname(path), step.t)
-        print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): done already ({path})")
+        print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): "
+              f"done already ({path})")
         grown_note = schedules.get_schedule(step.config.lr_schedule).grown_note
-        note = step.t == 0 and grown_note and grown_note(step.config, record["config"], len(record["steps"]),
-                                                         len(step_years))  # once, from step 1's record
+        note = step.t == 0 and grown_note and grown_note(
+            step.config, record["config"], len(record["steps"]), len(step_years))  # from step 1's
         if note:
             print(note)
     return model.to(world.device), record
@@ -617,19 +666,21 @@ def load_step(path: str, step: strategies.TimeStep, model_cfg: CLIPConfig, step_
 def report_step(step: strategies.TimeStep, record: dict, row: dict, log) -> None:
     """The step's line: samples, time, compute, R@1 per task, and what it skipped (rank 0)."""
     faults, nonfinite = record["faults"], record["nonfinite"]
-    cells = " ".join(f"{task} {m[evaluate.METRIC]:.1f}" for task, m in row.items() if task in step.step_names)
+    cells = " ".join(f"{task} {m[evaluate.METRIC]:.1f}" for task, m in row.items()
+                     if task in step.step_names)
     static = " ".join(f"{task} {evaluate.static_number(m):.1f}" for task, m in row.items()
                       if task not in step.step_names)
     health = "".join([f"; skipped {faults['bad_samples']} of {faults['samples']} samples read "
                       f"({survive.fault_summary(faults)})" if faults.get("bad_samples") else "",
                       f"; {nonfinite} non-finite losses (updates skipped)" if nonfinite else ""])
-    print(f"step {step.t + 1}/{len(step.step_names)} ({record['step_name']}): {record['samples_seen']} samples in "
-          f"{record['train_s']:.0f}s, {record['flops']:.3g} FLOPs; {evaluate.METRIC} per task: {cells}"
+    print(f"step {step.t + 1}/{len(step.step_names)} ({record['step_name']}): "
+          f"{record['samples_seen']} samples in {record['train_s']:.0f}s, "
+          f"{record['flops']:.3g} FLOPs; {evaluate.METRIC} per task: {cells}"
           f"{'; static tasks: ' + static if static else ''}{health}")
+    logged = ("samples_seen", "flops", "train_s", "start_of_step", "end_of_step", "faults",
+              "nonfinite")
     log({"event": "step_end", "time_step": step.t + 1, "step": record["step_name"],
-         **{k: record[k] for k in ("samples_seen", "flops", "train_s", "start_of_step", "end_of_step", "faults",
-                                   "nonfinite")},
-         "eval": row})
+         **{k: record[k] for k in logged}, "eval": row})
 
 
 # ----------------------------------------------------------------------------- the continual loop
@@ -645,26 +696,27 @@ def main(argv):
     names = [shards.step_name(ys) for ys in step_years]
     strategies.check_strategy(strategy, len(names))
     tokenizer = load_tokenizer(run_dir, cfg, step_years[0], world)
-    initial = load_initial(cfg, tokenizer, world)  # the initial model (--init), or None: random init
+    initial = load_initial(cfg, tokenizer, world)  # the initial model (--init), or None
     model_cfg = initial.cfg if initial else make_config(cfg.model, vocab_size=tokenizer.vocab_size,
                                                         eot_token_id=tokenizer.eot_id)
     log = run_log(run_dir, world)
     if world.master:
-        print(f"run {run_dir}: strategy {cfg.strategy}, model {cfg.model}, {len(names)} steps ({', '.join(names)}), "
-              f"{world.size} process(es) on {world.device.type}, global batch {cfg.batch_size}")
+        print(f"run {run_dir}: strategy {cfg.strategy}, model {cfg.model}, {len(names)} steps "
+              f"({', '.join(names)}), {world.size} process(es) on {world.device.type}, "
+              f"global batch {cfg.batch_size}")
         log({"event": "config", "config": vars(cfg), "model_config": asdict(model_cfg)})
     matrix_path = os.path.join(run_dir, "eval_matrix.json")
-    rows, initial_row = evaluate.read_results(matrix_path, names)  # what an earlier run of this command measured
+    rows, initial_row = evaluate.read_results(matrix_path, names)  # what an earlier run measured
     if initial:  # measured first: a row of its own, outside ID and the transfers
         initial_row = score(initial.to(world.device), initial_row, tasks, tokenizer, cfg, world)
-        initial = {k: v.detach().cpu() for k, v in initial.cpu().state_dict().items()}  # its weights, from here
-    previous = initial  # the model the step before deployed: lwf's teacher, patching's and ema's partner
+        initial = {k: v.detach().cpu() for k, v in initial.cpu().state_dict().items()}  # weights
+    previous = initial  # lwf's teacher, patching's and ema's partner
     continue_point = strategies.continue_point(strategy, {}, initial) if initial else None
-    kept = {}  # the strategy's state across steps (its hooks' "state")
+    strategy_state = {}  # what the strategy's hooks keep across steps
     for t, name in enumerate(names):
         step = strategies.TimeStep(t, names, step_data, cfg, tokenizer, world.device, world.master,
                                    world.distributed, initial, previous,
-                                   continue_point if strategy.warm_start else None, kept)
+                                   continue_point if strategy.warm_start else None, strategy_state)
         path = evaluate.step_checkpoint(run_dir, t)
         done = os.path.exists(path)
         if done:  # in an earlier run of this command
@@ -675,41 +727,44 @@ def main(argv):
                 print(f"SIGTERM: stopped before step {t + 1}; rerun the same command to continue")
             break
         else:
-            # 1. ask the strategy: the start model, the data, the budget, its start-of-step action, a batch loss
+            # 1. ask the strategy: the start model, the data, the budget, its hooks
             model = start_model(strategy, step, model_cfg)
             hooks = previous is not None  # the hooks relate the model to the previous one
-            begun = begin_step(strategy, model, step, run_dir, world) if hooks and strategy.start_of_step else {}
-            batch_loss = strategies.make_batch_loss(strategy, model, step) if hooks and strategy.batch_loss \
-                else None
+            begun = begin_step(strategy, model, step, run_dir, world) \
+                if hooks and strategy.start_of_step else {}
+            batch_loss = strategies.make_batch_loss(strategy, model, step) \
+                if hooks and strategy.batch_loss else None
             parts = strategies.step_parts(strategy, t, step_data, cfg.new_data_fraction)
             budget = cfg.budget_samples * strategy.budget_units(t)
             announce_step(step, strategy, parts, budget, log)
             # 2. train the step
             progress = train_step(model, parts, budget, batch_loss, step, world, run_dir, log)
-            if progress is None:  # stopped by SIGTERM with a resume checkpoint saved: the rerun continues from it
+            if progress is None:  # stopped by SIGTERM, saved: a rerun continues from there
                 world.barrier()
                 world.finish()
                 return
             summary = progress.summary(world)  # time, faults of every rank, non-finite losses
-            # 3. the strategy's end-of-step action (patching's interpolation, ema's merge) makes the deployed model
+            # 3. the end-of-step action (patching's interpolation, ema's merge) makes the deployed
             acts = hooks and strategy.end_of_step is not None
             trained = cpu_copy(model.state_dict())
             action = strategies.act(strategy, "end_of_step", model, step) if acts else {}
             deployed = cpu_copy(model.state_dict()) if acts else trained
-            # 4. the checkpoint, with the compute the step cost: training is 3 forward passes' worth per pair
+            # 4. the checkpoint, with the step's compute: training costs 3 forward passes a pair
             seen = budget // cfg.batch_size * cfg.batch_size
-            per_sample = 3 * model.flops_per_pair() + (batch_loss.flops_per_sample if batch_loss else 0)
+            per_sample = 3 * model.flops_per_pair() + (batch_loss.flops_per_sample if batch_loss
+                                                       else 0)
             flops = seen * per_sample + begun.get("flops", 0) + action.get("flops", 0)
-            record = {"steps": step_years, "time_step": t + 1, "step_name": name, "samples_seen": seen,
-                      "flops": flops, "strategy": cfg.strategy, "start_of_step": begun, "end_of_step": action,
-                      **summary, **({"trained": trained} if acts else {}),  # before the action (ema's unmerged)
+            record = {"steps": step_years, "time_step": t + 1, "step_name": name,
+                      "samples_seen": seen, "flops": flops, "strategy": cfg.strategy,
+                      "start_of_step": begun, "end_of_step": action, **summary,
+                      **({"trained": trained} if acts else {}),  # before the action (ema's)
                       "trunk": next_trunk(strategy, cfg, progress, trained, deployed),
                       "state": cpu_copy(step.state)}
             save_step(path, deployed, model.cfg, step, record, world)
         previous = deployed
         continue_point = strategies.continue_point(strategy, record, previous)
-        kept = record.get("state", {})
-        # 5. evaluate on every step's task (a step done earlier: on the tasks a grown run has added since)
+        strategy_state = record.get("state", {})
+        # 5. evaluate on every step's task (a step done earlier: on the tasks a grown run added)
         rows[name] = score(model, rows.get(name) if done else None, tasks, tokenizer, cfg, world)
         if world.master:
             shards.write_json(matrix_path, evaluate.eval_matrix(rows, names, initial_row))
@@ -718,17 +773,18 @@ def main(argv):
                 report_step(step, record, rows[name], log)
             world.barrier()
     if world.master and rows:  # none yet if SIGTERM came before the first step ended
-        print(evaluate.format_matrix(evaluate.eval_matrix(rows, names, initial_row)))
-        pictures.write_eval_matrix(run_dir, evaluate.eval_matrix(rows, names, initial_row))
-        print(f"checkpoints, log.jsonl and eval_matrix.json in {run_dir}")
+        result = evaluate.eval_matrix(rows, names, initial_row)
+        print(evaluate.format_matrix(result))
+        pictures.write_eval_matrix(run_dir, result)
+        print(f"checkpoints, log.jsonl, eval_matrix.json and eval_matrix.png in {run_dir}")
     world.finish()
 
 
 def run(argv: list[str]) -> None:
-    """The command line: main, with an unexpected error (a bug, an exception in a DataLoader worker,
-    a full disk) ended in one line on stderr and a non-zero exit; its whole traceback goes to
+    """The command line: main, with an unexpected error (a bug, an exception in a DataLoader
+    worker, a full disk) ended in one line on stderr and a non-zero exit; its traceback goes to
     RUN/error-rankN.log, named there. Of several processes only the one that failed says it (a
-    setting that all refuse before they meet: local rank 0 of each node); torchrun adds a report."""
+    setting all refuse before they meet: local rank 0 of each node); torchrun adds a report."""
     try:
         main(argv)
     except SystemExit as e:  # the one-line errors of bad input pass through as they are
@@ -742,14 +798,16 @@ def run(argv: list[str]) -> None:
         path = os.path.join(run_dir, f"error-rank{os.environ.get('RANK', 0)}.log")
         try:
             with open(path, "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} train.py {' '.join(argv)}\n{traceback.format_exc()}\n")
-        except OSError:  # the run folder itself is the problem: the traceback goes to stderr instead
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} train.py {' '.join(argv)}\n"
+                        f"{traceback.format_exc()}\n")
+        except OSError:  # the run folder itself is the problem: the traceback goes to stderr
             traceback.print_exc()
             path = "above"
         if dist.is_initialized() and peer_exited(e):
             raise SystemExit(1) from None  # the rank that exited said why
         lines = [line for line in str(e).splitlines() if line.strip()] or [""]
-        what = lines[-1] if lines[-1].startswith(type(e).__name__) else f"{type(e).__name__}: {lines[-1]}"
+        what = lines[-1] if lines[-1].startswith(type(e).__name__) \
+            else f"{type(e).__name__}: {lines[-1]}"
         where = " in a DataLoader worker" if "DataLoader worker" in lines[0] else ""
         raise SystemExit(f"error{where}: {what} (traceback in {path})") from None
 

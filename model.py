@@ -574,6 +574,18 @@ def read_torchscript(path: str) -> dict[str, torch.Tensor]:
                              f".safetensors)") from None
 
 
+def is_checkpoint_file(path: str) -> bool:
+    """Does path hold what model.load_checkpoint reads, judged from its first and last bytes: a
+    whole zip (torch.save's format, OpenAI's TorchScript), torch.save's old pickle, safetensors?"""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.endswith(".safetensors"):
+        return head[8:9] == b"{"  # an 8-byte header length, then the JSON header
+    return head.startswith(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19")  # torch.save's magic number
+
+
 def _is_torchscript(path: str) -> bool:
     """Whether path is a TorchScript archive: a zip holding constants.pkl (torch.save's do not).
     Nothing is unpickled."""

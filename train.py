@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 import traceback
-import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -49,8 +48,8 @@ import shards
 import strategies
 import survive
 import synthetic
-from model import (CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, load_checkpoint,
-                   make_config, parse_heads)
+from model import (CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, is_checkpoint_file,
+                   load_checkpoint, make_config, parse_heads)
 from settings import parse_flags
 
 # ----------------------------------------------------------------------------- config
@@ -184,18 +183,6 @@ def check_config(cfg: SimpleNamespace) -> None:
         raise SystemExit(f"error: --shard_cmd={cfg.shard_cmd!r} has no {{path}} for the shard's "
                          f"path under data_root")
     check_device(cfg.device)
-
-
-def is_checkpoint_file(path: str) -> bool:
-    """Does path hold what model.load_checkpoint reads, judged from its first and last bytes: a
-    whole zip (torch.save's format, OpenAI's TorchScript), torch.save's old pickle, safetensors?"""
-    if zipfile.is_zipfile(path):
-        return True
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if path.endswith(".safetensors"):
-        return head[8:9] == b"{"  # an 8-byte header length, then the JSON header
-    return head.startswith(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19")  # torch.save's magic number
 
 
 def check_device(name: str) -> None:

@@ -1,10 +1,10 @@
 """
-Data for time-continual CLIP training: the samples of the TiC layout's tar shards (shards.py reads them), the
-image transforms, a BPE tokenizer, the replay and validation selections, the training stream that gives every
-rank the same number of batches, and the evaluation batches. (The built-in synthetic benchmark that writes such
-shards is synthetic.py.) Follows the webdataset conventions that OpenCLIP reads (resampled shards, a shuffle
-buffer, equal batches per rank) written from scratch without the webdataset package. tools/prepare.py makes the
-layout from timestamped shards.
+Data for time-continual CLIP training: the samples of TiC tar shards (shards.py reads them), the
+image transforms, a BPE tokenizer, the replay and validation selections, the training stream that
+gives every rank the same number of batches, and the evaluation batches. synthetic.py writes the
+built-in benchmark's shards; tools/prepare.py makes the layout from timestamped shards. Follows the
+webdataset conventions that OpenCLIP reads (resampled shards, a shuffle buffer, equal batches per
+rank), written from scratch without the webdataset package.
 """
 import functools
 import hashlib
@@ -29,8 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import shards
 
-# tokenizers warns on every DataLoader fork once its thread pool has run; one caption batch is too small
-# to gain from threads anyway
+# tokenizers' thread pool warns at every DataLoader fork; one caption batch gains nothing from it
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import tokenizers  # noqa: E402
 
@@ -41,18 +40,19 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # -----------------------------------------------------------------------------
 # Selecting samples by hash
 
-VALIDATION_FRACTION = 0.02  # of every year's training pairs: never trained on, for tuning (patching's coefficient)
-VALIDATION_SEED = 2 ** 31 - 1  # apart from the replay-buffer seeds, so the two selections are independent
+VALIDATION_FRACTION = 0.02  # of each year's training pairs: never trained on, to tune patching
+VALIDATION_SEED = 2 ** 31 - 1  # no replay buffer's seed: the two selections are independent
 
 
 def is_validation(key: str) -> bool:
-    """Is this training pair in the validation split that no strategy trains on? (TiC-scale: a hash, no index)"""
+    """Is this training pair in the validation split, which no strategy trains on? (keep_sample)"""
     return keep_sample(key, VALIDATION_FRACTION, VALIDATION_SEED)
 
 
 def keep_sample(key: str, fraction: float, seed: int | str) -> bool:
-    """Is this sample in the replay buffer of this fraction? A hash of (seed, key) as u in [0, 1), kept iff
-    u < fraction: the same on every process and run, and a smaller buffer is a subset of a larger one."""
+    """Is this sample in the replay buffer of this fraction? A hash of (seed, key) as u in [0, 1),
+    kept iff u < fraction: the same on every process and run, and a smaller buffer is a subset of
+    a larger one (how strategies use it: strategies.py)."""
     digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2 ** 64 < fraction
 
@@ -73,7 +73,7 @@ class ImageTransform:
         W, H = img.size
         px = self.image_px
         if self.train:
-            rng = rng if rng is not None else np.random.default_rng()  # the training stream passes its own
+            rng = rng if rng is not None else np.random.default_rng()  # the stream passes its own
             box = (0, 0, W, H)
             for _ in range(10):  # torchvision's RandomResizedCrop: 10 tries, then the whole image
                 area = H * W * rng.uniform(0.9, 1.0)
@@ -96,9 +96,9 @@ class ImageTransform:
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 images [..., 3, px, px] (ImageTransform's, batched) -> the float32 input the model
-    takes, (x - mean) / std with CLIP's per-channel statistics, on the images' device. The loader
-    sends uint8 (a quarter of float32's bytes through shared memory and the copy to the device),
-    and train.py and evaluate.py call this after the copy."""
+    takes, (x - mean) / std with CLIP's per-channel statistics, on the images' device. Call it
+    after the copy to the device: uint8 is a quarter of float32's bytes. Raises TypeError for
+    images of any other dtype."""
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_images: got {images.dtype} images; pass the loader's uint8 "
                         f"pixels (a float batch goes to the model as it is)")
@@ -108,18 +108,22 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _pixel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP's mean and std in 0-255 pixel units, [3, 1, 1] on device; made once, as a copy to
-    a GPU at every batch would make the host wait for the GPU."""
+    """CLIP's mean and std in 0-255 pixel units, [3, 1, 1] on device; cached, as a copy to a GPU
+    at every batch would make the host wait for the GPU."""
     return tuple((torch.tensor(v).view(3, 1, 1) * 255).to(device) for v in (CLIP_MEAN, CLIP_STD))
 
 
 def _char_fixes() -> dict[int, str | None]:
-    """The character fixes of ftfy.fix_text, which CLIP runs on every caption: Latin ligatures spelled out,
-    full-width forms made normal width, curly quotes straightened, stray control characters dropped."""
-    quotes = {**{c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"}, **{c: '"' for c in "\u201c\u201d\u201e\u201f"}}
+    """The character fixes of ftfy.fix_text, which CLIP runs on every caption: Latin ligatures
+    spelled out, full-width forms made normal width, curly quotes straightened, stray control
+    characters dropped."""
+    quotes = {**{c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"},
+              **{c: '"' for c in "\u201c\u201d\u201e\u201f"}}
     ligatures = dict(zip("ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ",
-                         "IJ ij ʼn DZ Dz dz DŽ Dž dž LJ Lj lj NJ Nj nj ff fi fl ffi ffl ſt st".split()))
-    fixes = {c: s.translate(str.maketrans(quotes)) for c, s in ligatures.items()}  # "ŉ" -> "'n", as ftfy's loop
+                         ("IJ ij ʼn DZ Dz dz DŽ Dž dž LJ Lj lj NJ Nj nj "
+                          "ff fi fl ffi ffl ſt st").split()))
+    # "ŉ" -> "'n", as ftfy's repeated passes give
+    fixes = {c: s.translate(str.maketrans(quotes)) for c, s in ligatures.items()}
     fixes.update(quotes)
     fixes["\u3000"] = " "  # the ideographic space
     fixes.update({chr(i): unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
@@ -134,18 +138,19 @@ CHAR_FIXES = _char_fixes()
 
 
 def clean_text(text: str) -> str:
-    """CLIP's caption cleaning (open_clip's basic_clean, then lower case): HTML entities decoded (twice, as CLIP),
-    ftfy's character fixes, NFC, lower case. Not reproduced: ftfy's repair of mojibake (text decoded with the
-    wrong codec). Python's lower(), not the tokenizer's, since only it spells a final sigma 'ς' as CLIP does.
-    Whitespace is collapsed by the tokenizer's own normaliser."""
+    """CLIP's caption cleaning (open_clip's basic_clean, then lower case): HTML entities decoded
+    twice, as CLIP does, ftfy's character fixes, NFC, lower case. Not reproduced: ftfy's repair of
+    mojibake (text decoded with the wrong codec). The tokenizer's normaliser collapses
+    whitespace."""
     text = html.unescape(html.unescape(text)).translate(CHAR_FIXES)
-    return unicodedata.normalize("NFC", text).lower()
+    return unicodedata.normalize("NFC", text).lower()  # only Python's spells a final 'ς' as CLIP
 
 
 class Tokenizer:
-    """Byte-level BPE from the `tokenizers` package, trained on the captions, or a loaded tokenizer.json (such as
-    CLIP's, made by `python tools/prepare.py clip-tokenizer`). Captions are cleaned first, as CLIP does (clean_text).
-    Rows are [sot] + tokens + [eot] + padding, so a text model can pool at the eot position."""
+    """Byte-level BPE from the `tokenizers` package, trained on the captions, or a loaded
+    tokenizer.json (such as CLIP's, made by `python tools/prepare.py clip-tokenizer`). Captions are
+    cleaned first, as CLIP does (clean_text). Rows are [sot] + tokens + [eot] + padding, so a text
+    model can pool at the eot position."""
 
     def __init__(self, tok: tokenizers.Tokenizer):
         self.tok = tok
@@ -153,8 +158,9 @@ class Tokenizer:
         self.sot_id = vocab.get("<start_of_text>", vocab.get("<|startoftext|>"))
         self.eot_id = vocab.get("<end_of_text>", vocab.get("<|endoftext|>"))
         if self.sot_id is None or self.eot_id is None:
-            raise SystemExit("tokenizer has no <start_of_text>/<end_of_text> (or CLIP's <|startoftext|>/"
-                             "<|endoftext|>) tokens; train one with Tokenizer.train")
+            raise SystemExit("tokenizer has no <start_of_text>/<end_of_text> (or CLIP's "
+                             "<|startoftext|>/<|endoftext|>) tokens; train one with "
+                             "Tokenizer.train")
         self.pad_id = 0
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
@@ -167,7 +173,8 @@ class Tokenizer:
         trainer = tokenizers.trainers.BpeTrainer(
             vocab_size=vocab_size, show_progress=False,
             special_tokens=["<pad>", "<start_of_text>", "<end_of_text>"],  # ids 0, 1, 2
-            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())  # all 256 bytes: any text encodes
+            # all 256 bytes, so any text encodes
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(captions, trainer)
         return cls(tok)
 
@@ -175,8 +182,9 @@ class Tokenizer:
     def load(cls, path: str) -> "Tokenizer":
         try:
             return cls(tokenizers.Tokenizer.from_file(path))
-        except Exception as e:  # tokenizers raises a bare Exception for both a missing and a malformed file
-            raise SystemExit(f"{path}: not a readable tokenizer.json ({e}); point at the run's tokenizer.json")
+        except Exception as e:  # tokenizers raises a bare Exception, missing file or malformed
+            raise SystemExit(f"{path}: not a readable tokenizer.json ({e}); "
+                             f"point at the run's tokenizer.json")
 
     def save(self, path: str) -> None:
         shards.write_atomic(path, lambda f: f.write(self.tok.to_str(pretty=True).encode()))
@@ -188,7 +196,8 @@ class Tokenizer:
         self.__init__(tokenizers.Tokenizer.from_str(state))
 
     def __call__(self, texts: list[str], context_tokens: int) -> torch.Tensor:
-        """LongTensor [len(texts), context_tokens]; over-long text is cut so the row still ends with eot."""
+        """LongTensor [len(texts), context_tokens]; over-long text is cut so the row still ends
+        with eot."""
         rows = torch.full((len(texts), context_tokens), self.pad_id, dtype=torch.long)
         texts = [clean_text(t) for t in texts]
         for row, enc in zip(rows, self.tok.encode_batch(texts, add_special_tokens=False)):
@@ -202,11 +211,11 @@ class Tokenizer:
 
 @dataclass
 class Part:
-    """One year's training data as a strategy sees it; keep_fraction < 1 makes it a replay buffer."""
+    """One year's training data as a strategy sees it; keep_fraction < 1: a replay buffer."""
     name: str  # e.g. "2019"
     shards: list  # [(path, samples)]
     keep_fraction: float = 1.0  # keep a sample iff keep_sample(key, keep_fraction, seed)
-    share: float | None = None  # its share of the samples trained on; None: in proportion to its n_samples
+    share: float | None = None  # of the samples trained on; None: in proportion to n_samples
 
     @property
     def n_samples(self) -> float:
@@ -222,23 +231,28 @@ def sample_json(sample: dict[str, bytes]) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-MAX_CAPTION_CHARS = 1000  # CLIP reads 77 tokens; longer text only costs (BPE training is quadratic in a word)
+MAX_CAPTION_CHARS = 1000  # CLIP reads 77 tokens; more only costs (BPE is quadratic in a word)
 
 
 def caption(sample: dict[str, bytes]) -> str | None:
-    """The caption: the .txt member, else the json's "caption" (TiC-YFCC and TiC-RedCaps shards hold only json);
-    None if neither holds any text. Cut to MAX_CAPTION_CHARS."""
-    text = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else sample_json(sample).get("caption")
+    """The caption: the .txt member, else the json's "caption" (TiC-YFCC and TiC-RedCaps shards
+    hold only json); None if neither holds any text. Cut to MAX_CAPTION_CHARS."""
+    text = (sample["txt"].decode("utf-8", errors="replace") if "txt" in sample
+            else sample_json(sample).get("caption"))
     if not isinstance(text, str):
         return None
-    text = text.encode("utf-8", errors="replace").decode("utf-8")[:MAX_CAPTION_CHARS].strip()  # no lone surrogates
+    # no lone surrogates
+    text = text.encode("utf-8", errors="replace").decode("utf-8")[:MAX_CAPTION_CHARS].strip()
     return text or None
 
 
-def first_captions(root: str, years: list[str], n_captions: int, shard_cmd: str = "") -> Iterator[str]:
-    """The first n_captions captions of these years' training shards, in order (to train a tokenizer on)."""
+def first_captions(root: str, years: list[str], n_captions: int,
+                   shard_cmd: str = "") -> Iterator[str]:
+    """The first n_captions captions of these years' training shards, in order (to train a
+    tokenizer on)."""
     seen = 0
-    for shard, _ in (s for year in years for s in shards.year_shards(root, year, shard_cmd=shard_cmd)):
+    for shard, _ in (s for year in years
+                     for s in shards.year_shards(root, year, shard_cmd=shard_cmd)):
         try:
             for _, sample in shards.iter_tar(shard):
                 if seen >= n_captions:
@@ -252,10 +266,12 @@ def first_captions(root: str, years: list[str], n_captions: int, shard_cmd: str 
 
 
 def captions(sample: dict[str, bytes]) -> list[str] | None:
-    """Every caption of a retrieval sample with several (clip_benchmark's format: the .txt, one per line)."""
+    """Every caption of a retrieval sample with several (clip_benchmark's format: the .txt, one
+    per line)."""
     if "txt" not in sample:
         return None
-    lines = [caption({"txt": line.encode()}) for line in sample["txt"].decode("utf-8", errors="replace").splitlines()]
+    lines = [caption({"txt": line.encode()})
+             for line in sample["txt"].decode("utf-8", errors="replace").splitlines()]
     return [line for line in lines if line] or None
 
 
@@ -265,24 +281,26 @@ def class_id(sample: dict[str, bytes]) -> int | None:
     return None if value is None else int(value)
 
 
-MAX_IMAGE_PIXELS = 4096 * 4096  # default cap on an image's decoded pixels (PIL refuses only at 89M, a bomb's size)
+MAX_IMAGE_PIXELS = 4096 * 4096  # default cap on decoded pixels; PIL refuses only a bomb's 89M
 
 
 def _decode(sample: dict[str, bytes], target: str = "caption", draft_px: int | None = None,
             max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, str | int] | None:
-    """(image, caption), or for target="class" (image, class id), or for target="captions" (image, [caption, ...])
-    of a sample; None if either is missing.
-    draft_px: a JPEG at least twice that on both sides is decoded at 1/2, 1/4 or 1/8 scale, never below it.
-    An image of more than max_pixels (after that scaling) raises before it is decoded."""
+    """(image, caption) of a sample, or for target="class" (image, class id), or for
+    target="captions" (image, [caption, ...]); None if either is missing.
+    draft_px: a JPEG at least twice that on both sides is decoded at 1/2, 1/4 or 1/8 scale, never
+    below it. An image of more than max_pixels (after that scaling) raises ValueError before it is
+    decoded."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     label = {"caption": caption, "class": class_id, "captions": captions}[target](sample)
     if ext is None or label is None:
         return None
     img = Image.open(io.BytesIO(sample[ext]))
-    if draft_px:  # libjpeg's scaled IDCT: far less decoding for big JPEGs (README, Performance); a no-op for PNGs
+    if draft_px:  # libjpeg's scaled IDCT (docs/results.md, Performance); a no-op for PNGs
         img.draft("RGB", (draft_px, draft_px))
     if img.width * img.height > max_pixels:
-        raise ValueError(f"{img.width}x{img.height} pixels, over the cap of {max_pixels} (--max_image_pixels)")
+        raise ValueError(f"{img.width}x{img.height} pixels, over the cap of {max_pixels} "
+                         f"(--max_image_pixels)")
     img.load()  # decode now, so a corrupt image fails here and not inside the transform
     return img, label
 
@@ -301,38 +319,39 @@ FAULTS = ("corrupt_image", "corrupt_sample", "missing_image", "missing_caption",
 
 
 class TrainStream(IterableDataset):
-    """Endless resampled shards cut to a budget: this rank yields exactly budget_samples // global_batch
-    local batches (uint8 images [b, 3, px, px] for normalize_images, tokens [b, ctx], faults),
-    spread over its DataLoader workers, so every rank takes the same number of steps. Shards are
-    drawn with replacement, so the mix of parts follows their sizes after replay-buffer
-    filtering, or the shares that parts carry (Part.share).
+    """Endless resampled shards cut to a budget: this rank yields exactly
+    budget_samples // global_batch local batches (uint8 images [b, 3, px, px] for
+    normalize_images, tokens [b, ctx], faults), spread over its DataLoader workers, so every rank
+    takes the same number of steps. Shards are drawn with replacement, so the mix of parts follows
+    their sizes after replay-buffer filtering, or the shares that parts carry (Part.share).
 
-    Exact resume: a worker makes its batches in chunks of chunk_samples, and each chunk draws its shards and
-    fills its shuffle buffer from its own RNG, seeded by (seed, time_step, rank, worker, chunk): the batches
-    from any point on depend on that point only. With start_batch=k the loader yields batches k, k+1, ...
-    exactly as an uninterrupted run does, at the cost of remaking (not training on) at most one chunk per worker.
+    Exact resume: a worker makes its batches in chunks of chunk_samples, and each chunk draws its
+    shards and fills its shuffle buffer from its own RNG, seeded by (seed, time_step, rank, worker,
+    chunk): the batches from any point on depend on that point only. With start_batch=k the loader
+    yields batches k, k+1, ... exactly as an uninterrupted run does, remaking (not training on) at
+    most one chunk per worker.
 
-    Bad data is skipped, counted and logged (one line with shard and key), never trained on. faults, the FAULTS
-    counts since the previous batch plus "samples" (read, or lost in a broken shard) and "bad_samples", comes
-    with each batch, since workers are separate processes. A worker whose bad samples pass max_bad_fraction of
-    the samples it has read (too_much_bad) yields (None, None, faults) and stops, so broken data ends the run
-    rather than spin forever."""
+    Bad data is skipped, counted and logged (one line with shard and key), never trained on. Each
+    batch comes with faults (workers are separate processes): the FAULTS counts since the previous
+    batch, plus "samples" (read, or lost in a broken shard) and "bad_samples". A worker whose bad
+    samples pass max_bad_fraction of those it has read (too_much_bad) yields (None, None, faults)
+    and stops, so broken data ends the run rather than spin forever."""
 
-    def __init__(self, parts: list[Part], budget_samples: int, global_batch: int, rank: int, world_size: int,
-                 seed: int, time_step: int, image_px: int, tokenizer: Tokenizer, context_tokens: int,
-                 shuffle_buffer: int = 1000, keep_seed: int = 0, start_batch: int = 0, chunk_samples: int = 100_000,
+    def __init__(self, parts: list[Part], budget_samples: int, global_batch: int, rank: int,
+                 world_size: int, seed: int, time_step: int, image_px: int, tokenizer: Tokenizer,
+                 context_tokens: int, shuffle_buffer: int = 1000, keep_seed: int = 0,
+                 start_batch: int = 0, chunk_samples: int = 100_000,
                  max_bad_fraction: float = 1.0, max_image_pixels: int = MAX_IMAGE_PIXELS):
         if global_batch % world_size:
-            raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size}; "
-                             f"pick a multiple of {world_size}")
-        # A drawn shard is read whole, giving n * keep_fraction samples, so drawing shards uniformly already
-        # makes each shard's share of samples its (buffered) size; weighting the draw by size too would
-        # count size twice and overweight big parts (share ~ size**2).
-        self.shards = [(path, n, p.keep_fraction) for p in parts for path, n in p.shards if n * p.keep_fraction > 0]
+            raise ValueError(f"global_batch {global_batch} is not divisible by world_size "
+                             f"{world_size}; pick a multiple of {world_size}")
+        # a drawn shard is read whole, so a uniform draw already follows the shards' sizes
+        # (a draw weighted by size too would count it twice: share ~ size**2)
+        self.shards = [(path, n, p.keep_fraction) for p in parts for path, n in p.shards
+                       if n * p.keep_fraction > 0]
         if not self.shards:
             raise ValueError(f"no samples to train on in parts {[p.name for p in parts]}")
-        # Parts with shares (strategies.step_parts, new_data_fraction): a part's shards are drawn alike, each with
-        # probability proportional to share / the part's samples, so a draw yields the part's samples in its share
+        # parts with shares (new_data_fraction): draw a shard with p ~ share / its part's samples
         self.draw_p = None
         if all(p.share is not None for p in parts):
             weights = np.array([p.share / p.n_samples for p in parts for path, n in p.shards
@@ -342,13 +361,14 @@ class TrainStream(IterableDataset):
         self.n_batches = budget_samples // global_batch
         self.rank, self.seed, self.time_step = rank, seed, time_step
         self.transform = ImageTransform(image_px, train=True)
-        self.draft_px = image_px  # decode big JPEGs at reduced scale (None: full size); gain: see _decode
+        self.draft_px = image_px  # decode big JPEGs at reduced scale (None: full size); see _decode
         self.max_image_pixels = max_image_pixels
         self.tokenizer, self.context_tokens = tokenizer, context_tokens
         self.shuffle_buffer, self.keep_seed = shuffle_buffer, keep_seed
-        self.start_batch, self.chunk_samples, self.max_bad_fraction = start_batch, chunk_samples, max_bad_fraction
+        self.start_batch, self.chunk_samples, self.max_bad_fraction = (start_batch, chunk_samples,
+                                                                       max_bad_fraction)
         self.min_read = max(100, 50 * max(n for _, n, _ in self.shards))  # see too_much_bad
-        self.logged = set()  # (shard, key, fault) already logged by this process: a resampled shard is not news
+        self.logged = set()  # (shard, key, fault) logged here: a shard drawn again is no news
 
     def __len__(self):
         return self.n_batches - self.start_batch
@@ -357,24 +377,27 @@ class TrainStream(IterableDataset):
         info = get_worker_info()  # None in the main process (num_workers=0)
         return self.batches(info.id, info.num_workers) if info else self.batches(0, 1)
 
-    def skip(self, faults: Counter, fault: str, path: str, what: str, lost: int = 1, why: str = "") -> None:
-        """Count a fault (lost: the samples it cost) and log it, once per shard and sample in this process."""
+    def skip(self, faults: Counter, fault: str, path: str, what: str, lost: int = 1,
+             why: str = "") -> None:
+        """Count a fault (lost: the samples it cost) and log it, once per shard and sample in this
+        process."""
         faults[fault] += 1
         faults["bad_samples"] += lost
         if (path, what, fault) not in self.logged:
             self.logged.add((path, what, fault))
-            print(f"warning: {path}: skipped {what}: {fault.replace('_', ' ')}{why}", file=sys.stderr)
+            print(f"warning: {path}: skipped {what}: {fault.replace('_', ' ')}{why}",
+                  file=sys.stderr)
 
     def samples(self, rng: np.random.Generator, faults: Counter | None = None,
                 too_bad=lambda: False) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        """Endless (shard, key, raw sample) from shards drawn with replacement, replay-buffer samples filtered
-        out, broken shards and samples without image or caption or with a repeated key skipped and counted.
-        Ends when too_bad()."""
+        """Endless (shard, key, raw sample) from shards drawn with replacement, replay-buffer
+        samples filtered out, broken shards and samples without image or caption or with a repeated
+        key skipped and counted. Ends when too_bad()."""
         faults = Counter() if faults is None else faults
         empty_shards = 0
         while not too_bad():
-            drawn = rng.integers(len(self.shards)) if self.draw_p is None else \
-                rng.choice(len(self.shards), p=self.draw_p)
+            drawn = (rng.integers(len(self.shards)) if self.draw_p is None else
+                     rng.choice(len(self.shards), p=self.draw_p))
             path, listed, keep_fraction = self.shards[drawn]
             keys, found, key = set(), False, None
             try:
@@ -396,30 +419,34 @@ class TrainStream(IterableDataset):
                     elif wanted:
                         found = True
                         yield path, key, sample
-            except shards.ShardError as e:  # truncated or not a tar: keep what came before the break, count the rest
+            except shards.ShardError as e:  # truncated, or not a tar: keep what came before
                 lost = max(1, listed - len(keys))
                 faults["samples"] += lost
                 where = f"the rest of the shard after sample {key}" if key else "the shard"
-                self.skip(faults, "truncated_tar", path, f"{where} (~{lost} samples)", lost, f" ({e.__cause__})")
+                self.skip(faults, "truncated_tar", path, f"{where} (~{lost} samples)", lost,
+                          f" ({e.__cause__})")
             else:
                 if not keys:
                     faults["samples"] += max(1, listed)
-                    self.skip(faults, "empty_shard", path, f"the shard ({listed} samples listed)", max(1, listed))
-                elif len(keys) < listed:  # sizes.json lists more: a tar cut at a member's end ends as if whole
+                    self.skip(faults, "empty_shard", path, f"the shard ({listed} samples listed)",
+                              max(1, listed))
+                elif len(keys) < listed:  # a tar cut at a member's end reads as whole
                     faults["samples"] += listed - len(keys)
-                    self.skip(faults, "truncated_tar", path, f"{listed - len(keys)} samples: it holds {len(keys)} of "
-                              f"the {listed} that sizes.json lists", listed - len(keys))
-                elif len(keys) > listed and (path, "", "surplus") not in self.logged:  # not lost, but the mix is off
+                    self.skip(faults, "truncated_tar", path,
+                              f"{listed - len(keys)} samples: it holds {len(keys)} of the "
+                              f"{listed} that sizes.json lists", listed - len(keys))
+                elif len(keys) > listed and (path, "", "surplus") not in self.logged:
                     self.logged.add((path, "", "surplus"))
-                    print(f"warning: {path}: holds {len(keys)} samples, sizes.json lists {listed}; fix sizes.json "
-                          f"(the mix of years follows it)", file=sys.stderr)
+                    print(f"warning: {path}: holds {len(keys)} samples, sizes.json lists {listed}; "
+                          f"fix sizes.json (the mix of years follows it)", file=sys.stderr)
             empty_shards = 0 if found else empty_shards + 1
             if empty_shards > 1000:  # rather than spin forever on shards that hold nothing usable
-                raise RuntimeError(f"1000 shards in a row gave no samples (last {path}); check the data")
+                raise RuntimeError(f"1000 shards in a row gave no samples (last {path}); "
+                                   f"check the data")
 
     def chunk(self, rng: np.random.Generator, n_batches: int, faults: Counter, too_bad):
-        """n_batches (images, tokens) through a fresh shuffle buffer filled from shards drawn by rng; None and
-        stop once too_bad()."""
+        """n_batches (images, tokens) through a fresh shuffle buffer filled from shards drawn by
+        rng; None and stop once too_bad()."""
         buffer, images, captions = [], [], []
         samples = self.samples(rng, faults, too_bad)
         while n_batches > 0:
@@ -434,7 +461,8 @@ class TrainStream(IterableDataset):
             buffer[i], buffer[-1] = buffer[-1], buffer[i]
             path, key, sample = buffer.pop()
             try:
-                img, text = _decode(sample, draft_px=self.draft_px, max_pixels=self.max_image_pixels)
+                img, text = _decode(sample, draft_px=self.draft_px,
+                                    max_pixels=self.max_image_pixels)
                 images.append(self.transform(img, rng))
             except Exception as e:
                 self.skip(faults, "corrupt_image", path, f"sample {key}", why=f" ({e})")
@@ -444,37 +472,41 @@ class TrainStream(IterableDataset):
                 yield torch.stack(images), self.tokenizer(captions, self.context_tokens)
                 images, captions, n_batches = [], [], n_batches - 1
 
-    def batches(self, worker: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
-        """The batches of one DataLoader worker, from start_batch on: its share is n_batches // num_workers,
-        plus one for the first few."""
-        # the loader takes one batch from each worker in turn, from worker 0, so batch i comes from the worker
-        # playing role i % num_workers; on resume, loader worker 0 plays the role that makes batch start_batch
+    def batches(self, worker: int,
+                num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """The batches of one DataLoader worker, from start_batch on: its share is
+        n_batches // num_workers, plus one for the first few."""
+        # the loader takes batches from its workers in turn, from worker 0: batch i is role
+        # i % num_workers's; on resume, worker 0 plays the role that makes batch start_batch
         role = (worker + self.start_batch) % num_workers
         n = self.n_batches // num_workers + (role < self.n_batches % num_workers)
-        done = (self.start_batch - role + num_workers - 1) // num_workers  # this role's batches trained on before
+        # this role's batches trained on before
+        done = (self.start_batch - role + num_workers - 1) // num_workers
         per_chunk = max(1, self.chunk_samples // self.local_batch)
-        faults, bad, read = Counter(), 0, 0  # faults since the last batch; bad and all samples read before them
-        too_bad = lambda: too_much_bad(bad + faults["bad_samples"], read + faults["samples"],  # noqa: E731
+        faults, bad, read = Counter(), 0, 0  # faults since the last batch; bad, read: before it
+        too_bad = lambda: too_much_bad(bad + faults["bad_samples"],  # noqa: E731
+                                       read + faults["samples"],
                                        self.max_bad_fraction, self.min_read)
         for chunk in range(done // per_chunk, -(-n // per_chunk) if done < n else 0):
-            # the first chunk is seeded by (seed, step, rank, role) alone, later ones add their index: a step that
-            # fits in one chunk (every default one does) draws one plain stream per rank and worker
-            rng = np.random.default_rng([self.seed, self.time_step, self.rank, role] + [chunk] * (chunk > 0))
+            # chunk 0's seed has no index: a step of one chunk draws one plain stream per worker
+            rng = np.random.default_rng([self.seed, self.time_step, self.rank, role]
+                                        + [chunk] * (chunk > 0))
             first = chunk * per_chunk
-            for i, batch in enumerate(self.chunk(rng, min(per_chunk, n - first), faults, too_bad), first):
+            for i, batch in enumerate(self.chunk(rng, min(per_chunk, n - first), faults, too_bad),
+                                      first):
                 if batch is None:
                     yield None, None, dict(faults)
                     return
-                if i >= done:  # the batches before start_batch are made again (to reach this state), not yielded
+                if i >= done:  # the batches before start_batch are remade, not yielded
                     yield *batch, dict(faults)
                 bad, read = bad + faults["bad_samples"], read + faults["samples"]
                 faults.clear()
 
 
 def too_much_bad(bad: int, read: int, max_bad_fraction: float, min_read: int) -> bool:
-    """More than max_bad_fraction of the samples read are bad, once min_read have been read: the share of a few
-    samples says little, and one broken shard must not stop a run that reads thousands of good ones (a training
-    stream judges after 50 times its largest shard)."""
+    """More than max_bad_fraction of the samples read are bad, once min_read have been read: the
+    share of a few samples says little, and one broken shard must not stop a run that reads
+    thousands of good ones (a training stream judges after 50 times its largest shard)."""
     return read >= min_read and bad > max_bad_fraction * read
 
 
@@ -485,16 +517,16 @@ def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
 
 
 def _ignore_sigterm(worker: int) -> None:
-    # a cluster's SIGTERM reaches every process of the job: the workers go on until the main process has saved
-    # its checkpoint and stops them (they also exit by themselves if it dies)
+    # a cluster's SIGTERM reaches every process: workers go on until the main process has saved
+    # and stops them (or dies: then they exit by themselves)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextmanager
 def workers_stopped():
-    """However the batches' loop ends (an exception in a worker, an error in the main process), no DataLoader
-    worker outlives it: they ignore SIGTERM (_ignore_sigterm), so one left alive would hold the process at its
-    exit forever. Killed, as they hold nothing worth saving."""
+    """However the batches' loop ends (an exception in a worker, an error in the main process), no
+    DataLoader worker outlives it: workers ignore SIGTERM, so one left alive would hold the process
+    at its exit forever. They are killed: they hold nothing worth saving."""
     try:
         yield
     finally:
@@ -504,8 +536,9 @@ def workers_stopped():
 
 
 def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation_only: bool = False,
-                 max_samples: int | None = None, target: str = "caption", max_bad_fraction: float = 0.05,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[tuple[torch.Tensor, list, list[str]]]:
+                 max_samples: int | None = None, target: str = "caption",
+                 max_bad_fraction: float = 0.05, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 ) -> Iterator[tuple[torch.Tensor, list, list[str]]]:
     """Held-out samples in shard order: (uint8 images [b, 3, px, px] for normalize_images,
     captions, keys), or class ids instead of captions for target="class", lists of captions for
     "captions"; deterministic, one process. shard_list: [(path, samples listed, or None where no
@@ -521,7 +554,7 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
     for path, listed in shard_list:
         if max_samples is not None and seen >= max_samples:
             break
-        read, whole = 0, not validation_only and max_samples is None  # whole: the shard is read to its end
+        read, whole = 0, not validation_only and max_samples is None  # whole: read to its end
         try:
             for key, sample in shards.iter_tar(path):
                 read += 1
@@ -540,7 +573,8 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
                 except Exception as e:
                     decoded, problem = None, ("corrupt_image", f" ({e})")
                 else:
-                    missing = "image" if not any(ext in sample for ext in IMAGE_EXTS) else target.removesuffix("s")
+                    missing = ("image" if not any(ext in sample for ext in IMAGE_EXTS)
+                               else target.removesuffix("s"))
                     problem = None if decoded else (f"missing_{missing}", "")
                 problem = bad_name or problem
                 if problem:
@@ -554,7 +588,7 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
                     yield torch.stack(images), captions, keys
                     images, captions, keys = [], [], []
         except shards.ShardError as e:
-            if listed is None:  # clip_benchmark's format lists no count per shard: the loss cannot be counted
+            if listed is None:  # clip_benchmark's format lists no count per shard
                 raise SystemExit(f"error: {e} ({e.__cause__}); the task lists no sample count per "
                                  f"shard, so what is lost cannot be counted: not scored") from None
             skipped["truncated_tar"] += max(1, listed - read)
@@ -562,17 +596,18 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
         else:
             if whole and listed is not None and read < listed:
                 skipped["truncated_tar"] += listed - read
-                first.setdefault("truncated_tar", f"{path}: holds {read} of the {listed} samples sizes.json lists")
+                first.setdefault("truncated_tar",
+                                 f"{path}: holds {read} of the {listed} samples sizes.json lists")
         listed_total += read if listed is None else listed
     if keys:
         yield torch.stack(images), captions, keys
-    if skipped:  # a share of all the samples listed, or of those the validation split (or max_samples) took
+    if skipped:  # a share of the samples listed, or of those the split (or max_samples) took
         whole_task = not validation_only and max_samples is None
         n, total = sum(skipped.values()), listed_total if whole_task else seen
         what = ", ".join(f"{kind} {count}" for kind, count in skipped.items())
-        line = f"{n} of {total} samples {'listed' if whole_task else 'looked at'} could not be scored ({what}); " \
-               f"the first: " + "; ".join(first.values())
+        line = (f"{n} of {total} samples {'listed' if whole_task else 'looked at'} could not be "
+                f"scored ({what}); the first: " + "; ".join(first.values()))
         if n > max_bad_fraction * total:
-            raise SystemExit(f"error: {line}; over --max_bad_fraction={max_bad_fraction}, so the task is not scored; "
-                             f"fix or re-download those shards")
+            raise SystemExit(f"error: {line}; over --max_bad_fraction={max_bad_fraction}, "
+                             f"so the task is not scored; fix or re-download those shards")
         print(f"warning: {line}", file=sys.stderr)

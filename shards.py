@@ -1,16 +1,18 @@
 """
-Shards and files: writing every file the program keeps atomically (checkpoints, sizes.json, eval_matrix.json,
-shards), the TiC layout (year folders, time steps, sizes.json), and reading webdataset-style tar shards, from a
-file or streamed from a command's stdout. data.py builds the training stream and the evaluation batches on top of
-it; synthetic.py and tools/prepare.py write shards with it. Follows webdataset's conventions (a sample's members
-grouped by key in a tar, "pipe:COMMAND" paths), written from scratch.
+Shards and files: every file the program keeps, written atomically (checkpoints, sizes.json,
+eval_matrix.json, shards); the TiC layout (year folders, time steps, sizes.json); and webdataset
+tar shards read from a file or from a command's stdout. data.py builds the training stream and the
+evaluation batches on it; synthetic.py and tools/prepare.py write shards with it. Follows
+webdataset's conventions (a sample's members grouped by key in a tar, "pipe:COMMAND" paths),
+written from scratch.
 
-Layout (as TiC-DataComp): ROOT/train/YEAR/*.tar with ROOT/train/YEAR/sizes.json
-(shard name -> samples; counted from the shards and saved on first use if missing), held-out pairs in
+Layout (as TiC-DataComp): ROOT/train/YEAR/*.tar with ROOT/train/YEAR/sizes.json (shard name ->
+samples; counted from the shards and saved on first use if missing), held-out pairs in
 ROOT/eval/retrieval/YEAR/*.tar, and labelled images in ROOT/eval/classification/YEAR/*.tar with
 classnames.txt and templates.txt beside the year folders. YEAR is YYYY or YYYYMM. Inside a tar the
 members of one sample share a key and sit next to each other: KEY.png (or jpg/jpeg/webp), KEY.txt
-(caption; else the json's "caption"), KEY.json (uid, year), KEY.cls (class id; else the json's "cls").
+(caption; else the json's "caption"), KEY.json (uid, year), KEY.cls (class id; else the json's
+"cls").
 """
 import io
 import json
@@ -30,7 +32,8 @@ from typing import BinaryIO, Callable, Iterator
 # Writing files
 
 class WriteError(SystemExit):
-    """A file that could not be written (no space, too large, no permission): one line naming it and the cause."""
+    """A file that could not be written (no space, too large, no permission): one line naming it
+    and the cause."""
 
     def __init__(self, path: str, cause: OSError):
         super().__init__(f"error: could not write {path}: {cause.strerror or cause}; free some "
@@ -38,11 +41,11 @@ class WriteError(SystemExit):
 
 
 def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """write(f) into a temporary file beside path, then rename it over path: a reader (or a rerun after a kill)
-    sees the old file or the new one, never half of one. Every file the program keeps is written so. A failure
-    leaves no temporary file and is a WriteError; a kill leaves PATH.tmpPID, which remove_stale_temporaries
+    """write(f) into a temporary file beside path, then rename it over path: a reader (or a rerun
+    after a kill) sees the old file or the new one, never half of one. A failure leaves no
+    temporary file and is a WriteError; a kill leaves PATH.tmpPID, which remove_stale_temporaries
     clears once that process is gone."""
-    tmp = f"{path}.tmp{os.getpid()}"  # one per process: ranks that write the same file do not collide
+    tmp = f"{path}.tmp{os.getpid()}"  # one per process: ranks writing one file do not collide
     f = None
     try:
         with open(tmp, "wb") as raw:
@@ -60,8 +63,8 @@ def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
 
 
 class KeepsOSError:
-    """A file that keeps the OS's error of a failed write (no space, too large): torch.save reports it only as
-    "unexpected pos", which says nothing of the cause."""
+    """A file that keeps the OS's error of a failed write (no space, too large): torch.save
+    reports it only as "unexpected pos", which says nothing of the cause."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -99,12 +102,14 @@ def append_line(path: str, line: str) -> None:
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Remove the FILE.tmpPID that write_atomic left in folder when a kill stopped process PID, unless that process
-    is still alive (another rank, another run writing there). Returns what was removed."""
+    """Remove the FILE.tmpPID that write_atomic left in folder when a kill stopped process PID,
+    unless that process is still alive (another rank, another run writing there). Returns the
+    names removed."""
     removed = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         stem, _, pid = name.rpartition(".tmp")
-        if stem and pid.isdigit() and os.path.isfile(os.path.join(folder, name)) and not _alive(int(pid)):
+        if (stem and pid.isdigit() and os.path.isfile(os.path.join(folder, name))
+                and not _alive(int(pid))):
             os.remove(os.path.join(folder, name))
             removed.append(name)
     return removed
@@ -123,15 +128,17 @@ def _alive(pid: int) -> bool:
 def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     """Write one member (a sample's image, caption, json) into a tar being written."""
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: the same seed gives the same bytes
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed: same seed, same bytes
     tf.addfile(info, io.BytesIO(data))
 
 
 # -----------------------------------------------------------------------------
 # The TiC layout and time steps
 
-SPLITS = {"train": ("train",), "retrieval": ("eval", "retrieval"), "classification": ("eval", "classification"),
-          "datacompnet": ("eval", "datacompnet")}  # TiC-DataCompNet as ml-tic-clip ships it: names and prompts per year
+SPLITS = {"train": ("train",), "retrieval": ("eval", "retrieval"),
+          "classification": ("eval", "classification"),
+          # TiC-DataCompNet as ml-tic-clip ships it: names and prompts per year
+          "datacompnet": ("eval", "datacompnet")}
 
 
 def _split_dir(root: str, split: str) -> str:
@@ -141,19 +148,23 @@ def _split_dir(root: str, split: str) -> str:
 
 
 def years_in(root: str, split: str = "train") -> list[str]:
-    """Sorted year (YYYY or YYYYMM) folder names under ROOT/train, ROOT/eval/retrieval or ROOT/eval/classification."""
+    """Sorted year (YYYY or YYYYMM) folder names under ROOT/train, ROOT/eval/retrieval or
+    ROOT/eval/classification."""
     folder = _split_dir(root, split)
     if not os.path.isdir(folder):
-        raise SystemExit(f"{folder}: no such folder; point the data root at a TiC layout (ROOT/train/YEAR/*.tar) "
-                         f"or write the synthetic one with `python synthetic.py {root}`")
+        raise SystemExit(f"{folder}: no such folder; point the data root at a TiC layout "
+                         f"(ROOT/train/YEAR/*.tar) or write the synthetic one with "
+                         f"`python synthetic.py {root}`")
     years = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not years:
-        raise SystemExit(f"{folder}: holds no year folders; expected {folder}/YEAR/*.tar with a sizes.json")
+        raise SystemExit(f"{folder}: holds no year folders; expected {folder}/YEAR/*.tar with a "
+                         f"sizes.json")
     return years
 
 
 def parse_steps(root: str, spec: str, split: str = "train") -> list[list[str]]:
-    """Year folders of each time step: '2014-2016,2017' -> [['2014', '2015', '2016'], ['2017']]; '': one per year."""
+    """Year folders of each time step: '2014-2016,2017' -> [['2014', '2015', '2016'], ['2017']];
+    '': one step per year."""
     years = years_in(root, split)
     if not spec:
         return [[y] for y in years]
@@ -162,15 +173,17 @@ def parse_steps(root: str, spec: str, split: str = "train") -> list[list[str]]:
         first, _, last = group.strip().partition("-")
         last = last or first
         if not (first.isdigit() and last.isdigit()):
-            raise SystemExit(f"error: --steps={spec}: '{group}' is not a year (2019), a month (201905) or a range of "
-                             f"them (2014-2016); separate the steps by commas, e.g. --steps=2014-2016,2017,2018")
+            raise SystemExit(f"error: --steps={spec}: '{group}' is not a year (2019), a month "
+                             f"(201905) or a range of them (2014-2016); separate the steps by "
+                             f"commas, e.g. --steps=2014-2016,2017,2018")
         chosen = [y for y in years if first <= y[:len(first)] <= last]  # YYYY or YYYYMM folders
         if not chosen:
-            raise SystemExit(f"error: step '{group}' names no year folder under {_split_dir(root, split)} "
-                             f"(found: {', '.join(years)}); fix --steps")
+            raise SystemExit(f"error: step '{group}' names no year folder under "
+                             f"{_split_dir(root, split)} (found: {', '.join(years)}); fix --steps")
         again = next((y for y in chosen for earlier in groups if y in earlier), None)
         if again:
-            raise SystemExit(f"error: --steps={spec}: {again} is in two steps; a year's data belongs to one step")
+            raise SystemExit(f"error: --steps={spec}: {again} is in two steps; a year's data "
+                             f"belongs to one step")
         groups.append(chosen)
     return groups
 
@@ -180,35 +193,41 @@ def step_name(years: list[str]) -> str:
     return years[0] if len(years) == 1 else f"{years[0]}-{years[-1]}"
 
 
-def year_shards(root: str, year: str, split: str = "train", shard_cmd: str = "") -> list[tuple[str, int]]:
-    """[(shard path, samples)] of one year, from its sizes.json; without one, the shards are read once to count
-    their samples and the counts are saved as sizes.json beside them. With a shard_cmd the shards are streamed
-    (stream_path) and sizes.json, required then, is their list: ROOT holds only the sizes.json files."""
+def year_shards(root: str, year: str, split: str = "train",
+                shard_cmd: str = "") -> list[tuple[str, int]]:
+    """[(shard path, samples)] of one year, from its sizes.json; without one, the shards are read
+    once to count their samples and the counts are saved as sizes.json beside them. With a
+    shard_cmd the shards are streamed (stream_path) and sizes.json, required then, is their list:
+    ROOT holds only the sizes.json files."""
     folder = os.path.join(_split_dir(root, split), str(year))
     sizes_path = os.path.join(folder, "sizes.json")
     if not os.path.isdir(folder):
-        raise SystemExit(f"{folder}: no such folder; check the data root and year (have: {years_in(root, split)})")
+        raise SystemExit(f"{folder}: no such folder; check the data root and year "
+                         f"(have: {years_in(root, split)})")
     if not os.path.exists(sizes_path) and shard_cmd:
-        raise SystemExit(f"{sizes_path}: missing; streamed shards (--shard_cmd) are listed by the sizes.json of "
-                         f"each year folder (shard name -> samples), which is never counted remotely")
+        raise SystemExit(f"{sizes_path}: missing; streamed shards (--shard_cmd) are listed by the "
+                         f"sizes.json of each year folder (shard name -> samples), which is never "
+                         f"counted remotely")
     if not os.path.exists(sizes_path):
         sizes = count_samples(folder)
     else:
         sizes = read_sizes(sizes_path)
-    unlisted = [] if shard_cmd else sorted(f for f in os.listdir(folder) if f.endswith(".tar") and f not in sizes)
+    unlisted = ([] if shard_cmd else
+                sorted(f for f in os.listdir(folder) if f.endswith(".tar") and f not in sizes))
     if unlisted:  # copied in after sizes.json was written: counted now, or never read
         sizes.update(count_samples(folder, unlisted))
         print(f"{folder}: {len(unlisted)} shard(s) not in sizes.json ({', '.join(unlisted[:3])}"
               f"{', ...' if len(unlisted) > 3 else ''}): counted and added")
     shards = [(os.path.join(folder, name), n) for name, n in sorted(sizes.items())]
     if not shards:
-        raise SystemExit(f"{sizes_path}: lists no shards; add the year's tars to it or drop the year")
+        raise SystemExit(f"{sizes_path}: lists no shards; add the year's tars to it or drop the "
+                         f"year")
     if shard_cmd:
         return [(stream_path(shard_cmd, os.path.relpath(path, root)), n) for path, n in shards]
     missing = [p for p, _ in shards if not os.path.exists(p)]
     if missing:
-        raise SystemExit(f"{missing[0]}: listed in {sizes_path} but missing ({len(missing)} in all); "
-                         f"re-download the shards or fix sizes.json")
+        raise SystemExit(f"{missing[0]}: listed in {sizes_path} but missing ({len(missing)} in "
+                         f"all); re-download the shards or fix sizes.json")
     return shards
 
 
@@ -233,7 +252,8 @@ def read_sizes(path: str) -> dict[str, int]:
         with open(path) as f:
             sizes = json.load(f)
     except (ValueError, RecursionError) as e:
-        raise SystemExit(f"{path}: not valid JSON ({e}); delete it to have the shards counted again")
+        raise SystemExit(f"{path}: not valid JSON ({e}); delete it to have the shards counted "
+                         f"again")
     counts = range(MAX_SHARD_SAMPLES)  # the counts a shard may have
     bad = (next((k for k, n in sizes.items() if type(n) is not int or n not in counts), None)
            if isinstance(sizes, dict) else "")
@@ -243,19 +263,21 @@ def read_sizes(path: str) -> dict[str, int]:
                          f"{MAX_SHARD_SAMPLES - 1}), e.g. {{\"000000.tar\": 10000}}; fix it, or "
                          f"delete it to have the shards counted again")
     if sizes and not any(sizes.values()):
-        raise SystemExit(f"{path}: every shard is listed with 0 samples; delete it to have the shards counted again")
+        raise SystemExit(f"{path}: every shard is listed with 0 samples; delete it to have the "
+                         f"shards counted again")
     return sizes
 
 
 def count_samples(folder: str, names: list[str] | None = None) -> dict[str, int]:
-    """{shard name: samples} of every *.tar in folder (or of those names), by reading them; saved in
-    folder/sizes.json beside the counts already there (all processes of a run may count at once: each writes its
-    own temporary file, all with the same counts). A shard that does not end as a tar should is reported with the
-    samples read before the break (the loader skips the rest and counts it); then sizes.json is not saved, so the
-    folder is counted again once the shard is fixed."""
+    """{shard name: samples} of every *.tar in folder (or of those names), by reading them; saved
+    in folder/sizes.json beside the counts already there (all processes of a run may count at
+    once: each writes its own temporary file, all with the same counts). A shard that does not end
+    as a tar should is reported with the samples read before the break; then sizes.json is not
+    saved, so the folder is counted again once the shard is fixed."""
     names = names or sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
     if not names:
-        raise SystemExit(f"{folder}: holds no .tar shards and no sizes.json; put the year's webdataset shards there")
+        raise SystemExit(f"{folder}: holds no .tar shards and no sizes.json; put the year's "
+                         f"webdataset shards there")
     t0 = time.time()
     sizes, broken = {}, []
     for name in names:
@@ -265,17 +287,21 @@ def count_samples(folder: str, names: list[str] | None = None) -> dict[str, int]
                 sizes[name] += 1
         except ShardError as e:
             broken.append(name)
-            print(f"warning: {e}; counted the {sizes[name]} samples before the break", file=sys.stderr)
+            print(f"warning: {e}; counted the {sizes[name]} samples before the break",
+                  file=sys.stderr)
     if broken:
-        saved = f"sizes.json not saved because of {len(broken)} broken shard(s) ({', '.join(broken[:3])})"
+        saved = (f"sizes.json not saved because of {len(broken)} broken shard(s) "
+                 f"({', '.join(broken[:3])})")
     else:
         sizes_path = os.path.join(folder, "sizes.json")
         try:
-            write_json(sizes_path, {**(read_sizes(sizes_path) if os.path.exists(sizes_path) else {}), **sizes})
+            write_json(sizes_path, {**(read_sizes(sizes_path) if os.path.exists(sizes_path)
+                                       else {}), **sizes})
             saved = "saved in sizes.json"
         except WriteError as e:  # a read-only copy of the data: count again next time
             saved = f"could not save sizes.json ({e.__cause__.strerror})"
-    print(f"{folder}: counted {sum(sizes.values())} samples in {len(names)} shards in {time.time() - t0:.1f}s; {saved}")
+    print(f"{folder}: counted {sum(sizes.values())} samples in {len(names)} shards in "
+          f"{time.time() - t0:.1f}s; {saved}")
     return sizes
 
 
@@ -287,19 +313,22 @@ class ShardError(RuntimeError):
 
 
 def stream_path(shard_cmd: str, relative_path: str) -> str:
-    """The path of a streamed shard: "pipe:" and the shell command that writes it to stdout (webdataset's form), with
-    {path} in shard_cmd (e.g. "aws s3 cp s3://bucket/tic/{path} -") the shard's path relative to the data root."""
+    """The path of a streamed shard: "pipe:" and the shell command that writes it to stdout
+    (webdataset's form), with {path} in shard_cmd (e.g. "aws s3 cp s3://bucket/tic/{path} -")
+    replaced by the shard's path relative to the data root."""
     return "pipe:" + shard_cmd.replace("{path}", shlex.quote(relative_path))
 
 
 class ShardStream:
-    """The stdout of a "pipe:" path's command, read as the shard. check() raises a ShardError, with the command's
-    stderr, if the command failed; close() kills a command whose output was not read to its end."""
+    """The stdout of a "pipe:" path's command, read as the shard. check() raises a ShardError,
+    with the command's stderr, if the command failed; close() kills a command whose output was not
+    read to its end."""
 
     def __init__(self, path: str):
-        self.path, self.stderr = path, tempfile.TemporaryFile()  # a file, not a pipe: stderr can never block it
-        self.proc = subprocess.Popen(path[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     start_new_session=True)  # a group of its own: close() ends all it started
+        self.path, self.stderr = path, tempfile.TemporaryFile()  # a file: stderr can never block
+        self.proc = subprocess.Popen(path[len("pipe:"):], shell=True, stdout=subprocess.PIPE,
+                                     stderr=self.stderr,
+                                     start_new_session=True)  # so close() ends all it started
 
     def check(self, wait_s: float, running_is_failure: bool) -> None:
         try:
@@ -311,8 +340,8 @@ class ShardStream:
         if code != 0:
             self.stderr.seek(0)
             said = self.stderr.read().decode(errors="replace").strip().splitlines()[-3:]
-            raise ShardError(f"{self.path}: the command failed; run it by hand to see why") from RuntimeError(
-                f"exit status {code}" + (f": {' | '.join(said)}" if said else ""))
+            raise ShardError(f"{self.path}: the command failed; run it by hand to see why") from (
+                RuntimeError(f"exit status {code}" + (f": {' | '.join(said)}" if said else "")))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -322,14 +351,15 @@ class ShardStream:
         self.stderr.close()
 
 
-MAX_MEMBER_BYTES = 64 << 20  # an image or caption larger than this is not a training sample: skipped, not read
+MAX_MEMBER_BYTES = 64 << 20  # a larger image or caption is no training sample: skipped unread
 _oversized = set()  # (shard, member) already reported by this process
 
 
 class LastRead:
-    """A tar's byte stream that keeps the last block read from it. Python's tarfile takes a header cut short, or
-    garbage, for the end of the archive and stops without a word; a tar that really ends, ends in a block of zeros,
-    and that block is the last one read (None: nothing read after opening, which tarfile checks itself)."""
+    """A tar's byte stream that keeps the last block read from it. Python's tarfile takes a header
+    cut short, or garbage, for the end of the archive and stops without a word; a tar that really
+    ends, ends in a block of zeros, and that block is the last one read (None: nothing read after
+    opening, which tarfile checks itself)."""
 
     def __init__(self, f):
         self.f, self.last = f, None
@@ -358,10 +388,10 @@ def open_shard(path: str) -> BinaryIO:
 
 
 def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream one tar, grouping consecutive members by key: "dir.v2/000.seg.txt" has key "dir.v2/000"
-    and extension "seg.txt". Yields (key, {ext: bytes}); reads sequentially, so it works on pipes too: a path
-    "pipe:COMMAND" reads COMMAND's stdout, and a command that fails is a broken shard (ShardError),
-    as is a path that is not a file (open_shard)."""
+    """Stream one tar, grouping consecutive members by key: "dir.v2/000.seg.txt" has key
+    "dir.v2/000" and extension "seg.txt". Yields (key, {ext: bytes}); reads sequentially, so it
+    works on pipes too: a path "pipe:COMMAND" reads COMMAND's stdout. Raises ShardError for a tar
+    that breaks off, a command that fails, or a path that is not a file (open_shard)."""
     key, sample, n, file = None, {}, 0, None
     stream = ShardStream(path) if path.startswith("pipe:") else None
     try:
@@ -369,31 +399,35 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         with tarfile.open(fileobj=file, mode="r|*") as tf:
             tf.fileobj = reads = LastRead(tf.fileobj)
             for member in tf:
-                tf.members = []  # tarfile remembers every member it has read; forget them so memory stays flat
+                tf.members = []  # tarfile keeps every member read: forget them, keep memory flat
                 if not member.isfile():
                     continue
                 folder, _, base = member.name.rpartition("/")
                 dot = base.find(".")
                 if dot <= 0:  # no extension, or a hidden file: not part of a sample
                     continue
-                this_key, ext = f"{folder}/{base[:dot]}" if folder else base[:dot], base[dot + 1:].lower()
-                if member.size > MAX_MEMBER_BYTES:  # not read into memory: its sample then lacks it, and is skipped
-                    if (path, member.name) not in _oversized:  # once per process, however often the shard is drawn
+                this_key, ext = (f"{folder}/{base[:dot]}" if folder else base[:dot],
+                                 base[dot + 1:].lower())
+                if member.size > MAX_MEMBER_BYTES:  # not read: its sample lacks it, so is skipped
+                    if (path, member.name) not in _oversized:  # once, however often it is drawn
                         _oversized.add((path, member.name))
-                        print(f"warning: {path}: member {member.name} of {member.size} bytes skipped, over the "
-                              f"{MAX_MEMBER_BYTES >> 20} MB a sample's part may hold", file=sys.stderr)
+                        print(f"warning: {path}: member {member.name} of {member.size} bytes "
+                              f"skipped, over the {MAX_MEMBER_BYTES >> 20} MB a sample's part may "
+                              f"hold", file=sys.stderr)
                     continue
-                if (this_key != key or ext in sample) and sample:  # a repeated member starts a new sample (a
-                    yield key, sample                                # duplicate key), rather than overwrite one
+                # a repeated member starts a new sample (a duplicate key) rather than overwrite one
+                if (this_key != key or ext in sample) and sample:
+                    yield key, sample
                     sample, n = {}, n + 1
                 key = this_key
                 sample[ext] = tf.extractfile(member).read()
             if reads.last is not None and reads.last != bytes(tarfile.BLOCKSIZE):
                 if stream:  # a command that failed is the cause to report
                     stream.check(wait_s=5, running_is_failure=False)
-                raise ShardError(f"{path}: breaks off after {n} samples, without the blocks of zeros that end a tar; "
-                                 f"re-download or regenerate it") from RuntimeError("no end-of-archive marker")
-        if stream:  # the tar has ended, so should the command; checked before the last sample, which a failure may cut
+                raise ShardError(f"{path}: breaks off after {n} samples, without the blocks of "
+                                 f"zeros that end a tar; re-download or regenerate it") from (
+                    RuntimeError("no end-of-archive marker"))
+        if stream:  # the tar ended, so must the command (before the last sample: it may be cut)
             stream.check(wait_s=60, running_is_failure=True)
     except (tarfile.TarError, EOFError, OSError) as e:
         if stream:  # a command that failed is the cause to report

@@ -15,7 +15,7 @@ or two at each place; docs/faults.md lists every case.
   max_nonfinite_in_row in a row.
 - A checkpoint from another run (another model shape, other time steps) is refused in one line.
 
-`world` below is train.py's World: rank, size, device, master, gather.
+`world` below is a world.World: rank, size, device, master, gather.
 """
 import os
 import re

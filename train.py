@@ -28,16 +28,12 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
-import traceback
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from datetime import timedelta
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -51,6 +47,7 @@ import synthetic
 from model import (CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, is_checkpoint_file,
                    load_checkpoint, make_config, parse_heads)
 from settings import parse_flags
+from world import World, failure, refusal, start_world
 
 # ----------------------------------------------------------------------------- config
 # The defaults: the run reads them as cfg.KEY (parse_config), never as these globals.
@@ -197,83 +194,7 @@ def check_device(name: str) -> None:
                          f"use --device=cpu or cuda")
 
 
-# ----------------------------------------------------------------------------- processes, data
-@dataclass
-class World:
-    """The processes of this run: torchrun's (RANK, WORLD_SIZE, LOCAL_RANK), or one process."""
-    rank: int
-    size: int
-    distributed: bool     # started by torchrun (DDP, collectives), even with one process
-    device: torch.device  # this process's device
-
-    @property
-    def master(self) -> bool:  # rank 0: the one that prints, evaluates and writes
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def gather(self, obj) -> list:
-        """obj from every rank, in rank order: small things, once per log interval at most."""
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def finish(self) -> None:
-        if self.distributed:
-            dist.destroy_process_group()
-
-
-def start_world(cfg: SimpleNamespace) -> World:
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % world_size:  # checked before any process waits for the others
-        raise SystemExit(f"error: batch_size={cfg.batch_size} does not divide over {world_size} "
-                         f"processes; use a multiple of {world_size}")
-    if cfg.batch_size // world_size % cfg.accum_steps:
-        raise SystemExit(f"error: the {cfg.batch_size // world_size} pairs of each process's batch "
-                         f"do not split into --accum_steps={cfg.accum_steps} micro-batches; use a "
-                         f"batch_size that is a multiple of {world_size * cfg.accum_steps}")
-    distributed = "RANK" in os.environ
-    if distributed:  # rank 0 alone evaluates while the others wait: longer than the 10 min default
-        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
-                                timeout=timedelta(hours=2))
-    rank, local_rank = (dist.get_rank(), int(os.environ["LOCAL_RANK"])) if distributed else (0, 0)
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun, then this process's parent
-        watch_launcher(local_rank)
-    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
-    world = World(rank, world_size, distributed, device)
-    if world.device.type == "cuda":
-        torch.cuda.set_device(world.device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return world
-
-
-LAUNCHER_GONE_GRACE_S = 30  # a rank whose torchrun died has this long to save and stop
-
-
-def watch_launcher(local_rank: int) -> None:
-    """When torchrun dies alone (killed), its ranks live on, holding their GPUs: each then stops as
-    on SIGTERM (saving at its next log interval), and ends itself LAUNCHER_GONE_GRACE_S later if it
-    has not stopped by then. This, not the process-group timeout, bounds the wait; that timeout
-    stays long, as rank 0 alone evaluates while the others wait."""
-    launcher = os.getppid()
-
-    def watch():
-        while os.getppid() == launcher:  # an orphan passes to another parent (init, a subreaper)
-            time.sleep(1)
-        if local_rank == 0:
-            print(f"torchrun (pid {launcher}) is gone: the run stops as on SIGTERM, within "
-                  f"{LAUNCHER_GONE_GRACE_S}s", file=sys.stderr)
-        survive.on_sigterm(signal.SIGTERM, None)
-        time.sleep(LAUNCHER_GONE_GRACE_S)
-        os._exit(1)
-    threading.Thread(target=watch, name="watch_launcher", daemon=True).start()
-
-
+# ----------------------------------------------------------------------------- data, tokenizer
 def load_benchmark(cfg: SimpleNamespace,
                    world: World) -> tuple[list[list[str]], list[list[data.Part]], dict]:
     """Each time step's year folders, its training data (a Part per year), and the evaluation
@@ -768,41 +689,16 @@ def main(argv):
 
 
 def run(argv: list[str]) -> None:
-    """The command line: main, with an unexpected error (a bug, an exception in a DataLoader
-    worker, a full disk) ended in one line on stderr and a non-zero exit; its traceback goes to
-    RUN/error-rankN.log, named there. Of several processes only the one that failed says it (a
-    setting all refuse before they meet: local rank 0 of each node); torchrun adds a report."""
+    """The command line: main, ended by an error in one line on stderr and a non-zero exit, said
+    once of all the processes (world.py); torchrun adds a report of its own."""
     try:
         main(argv)
-    except SystemExit as e:  # the one-line errors of bad input pass through as they are
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if isinstance(e.code, str) and local_rank > 0 and not dist.is_initialized():
-            raise SystemExit(1) from None  # local rank 0 checked the same settings and files
-        raise
+    except SystemExit as e:  # the one-line refusals of bad input
+        raise refusal(e) from None
     except Exception as e:
         cfg = parse_config(argv)
         run_dir = cfg.out_dir or os.path.join("runs", cfg.strategy)
-        path = os.path.join(run_dir, f"error-rank{os.environ.get('RANK', 0)}.log")
-        try:
-            with open(path, "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} train.py {' '.join(argv)}\n"
-                        f"{traceback.format_exc()}\n")
-        except OSError:  # the run folder itself is the problem: the traceback goes to stderr
-            traceback.print_exc()
-            path = "above"
-        if dist.is_initialized() and peer_exited(e):
-            raise SystemExit(1) from None  # the rank that exited said why
-        lines = [line for line in str(e).splitlines() if line.strip()] or [""]
-        what = lines[-1] if lines[-1].startswith(type(e).__name__) \
-            else f"{type(e).__name__}: {lines[-1]}"
-        where = " in a DataLoader worker" if "DataLoader worker" in lines[0] else ""
-        raise SystemExit(f"error{where}: {what} (traceback in {path})") from None
-
-
-def peer_exited(e: Exception) -> bool:
-    """Did a collective fail because another rank's process exited? (gloo's words for it; NCCL
-    waits, and torchrun ends the waiting ranks once one has failed)"""
-    return any(said in str(e) for said in ("Connection closed by peer", "Connection reset by peer"))
+        raise failure(e, "train.py", argv, run_dir) from None
 
 
 if __name__ == "__main__":

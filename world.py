@@ -1,0 +1,132 @@
+"""
+The processes of a run: one under plain python, or torchrun's ranks (RANK, WORLD_SIZE, LOCAL_RANK),
+each on its device, with DDP's process group for their collectives; and how they end. A rank whose
+torchrun died stops as on SIGTERM; an error is one line on stderr, said by the process that met it,
+its traceback in RUN/error-rankN.log. train.py calls start_world once and ends its run with
+refusal or failure.
+"""
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+import survive
+
+LAUNCHER_GONE_GRACE_S = 30  # a rank whose torchrun died has this long to save and stop
+
+
+@dataclass
+class World:
+    """The processes of this run, as one of them sees them."""
+    rank: int
+    size: int
+    distributed: bool     # started by torchrun (DDP, collectives), even with one process
+    device: torch.device  # this process's device
+
+    @property
+    def master(self) -> bool:  # rank 0: the one that prints, evaluates and writes
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def gather(self, obj) -> list:
+        """obj from every rank, in rank order: small things, once per log interval at most."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def finish(self) -> None:
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+def start_world(cfg: SimpleNamespace) -> World:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % world_size:  # checked before any process waits for the others
+        raise SystemExit(f"error: batch_size={cfg.batch_size} does not divide over {world_size} "
+                         f"processes; use a multiple of {world_size}")
+    if cfg.batch_size // world_size % cfg.accum_steps:
+        raise SystemExit(f"error: the {cfg.batch_size // world_size} pairs of each process's batch "
+                         f"do not split into --accum_steps={cfg.accum_steps} micro-batches; use a "
+                         f"batch_size that is a multiple of {world_size * cfg.accum_steps}")
+    distributed = "RANK" in os.environ
+    if distributed:  # rank 0 alone evaluates while the others wait: longer than the 10 min default
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
+                                timeout=timedelta(hours=2))
+    rank, local_rank = (dist.get_rank(), int(os.environ["LOCAL_RANK"])) if distributed else (0, 0)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun, then this process's parent
+        watch_launcher(local_rank)
+    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
+    world = World(rank, world_size, distributed, device)
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return world
+
+
+def watch_launcher(local_rank: int) -> None:
+    """When torchrun dies alone (killed), its ranks live on, holding their GPUs: each then stops as
+    on SIGTERM (saving at its next log interval), and ends itself LAUNCHER_GONE_GRACE_S later if it
+    has not stopped by then. This, not the process-group timeout, bounds the wait; that timeout
+    stays long, as rank 0 alone evaluates while the others wait."""
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:  # an orphan passes to another parent (init, a subreaper)
+            time.sleep(1)
+        if local_rank == 0:
+            print(f"torchrun (pid {launcher}) is gone: the run stops as on SIGTERM, within "
+                  f"{LAUNCHER_GONE_GRACE_S}s", file=sys.stderr)
+        survive.on_sigterm(signal.SIGTERM, None)
+        time.sleep(LAUNCHER_GONE_GRACE_S)
+        os._exit(1)
+    threading.Thread(target=watch, name="watch_launcher", daemon=True).start()
+
+
+def refusal(e: SystemExit) -> SystemExit:
+    """A one-line refusal of bad input, said once: before the processes meet, every one refuses
+    the same settings and files, and local rank 0 of each node says it."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if isinstance(e.code, str) and local_rank > 0 and not dist.is_initialized():
+        return SystemExit(1)
+    return e
+
+
+def failure(e: Exception, program: str, argv: list[str], run_dir: str) -> SystemExit:
+    """An unexpected error (a bug, an exception in a DataLoader worker, a full disk) as one line
+    and a non-zero exit; its traceback goes to RUN/error-rankN.log, named in the line. A rank whose
+    collective failed because another rank exited says nothing: that one said why."""
+    path = os.path.join(run_dir, f"error-rank{os.environ.get('RANK', 0)}.log")
+    try:
+        with open(path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {program} {' '.join(argv)}\n"
+                    f"{traceback.format_exc()}\n")
+    except OSError:  # the run folder itself is the problem: the traceback goes to stderr
+        traceback.print_exc()
+        path = "above"
+    if dist.is_initialized() and peer_exited(e):
+        return SystemExit(1)
+    lines = [line for line in str(e).splitlines() if line.strip()] or [""]
+    what = lines[-1] if lines[-1].startswith(type(e).__name__) \
+        else f"{type(e).__name__}: {lines[-1]}"
+    where = " in a DataLoader worker" if "DataLoader worker" in lines[0] else ""
+    return SystemExit(f"error{where}: {what} (traceback in {path})")
+
+
+def peer_exited(e: Exception) -> bool:
+    """Did a collective fail because another rank's process exited? (gloo's words for it; NCCL
+    waits, and torchrun ends the waiting ranks once one has failed)"""
+    return any(said in str(e) for said in ("Connection closed by peer", "Connection reset by peer"))

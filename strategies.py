@@ -36,7 +36,7 @@ To add a strategy, write what differs and add a row to STRATEGIES. From a file o
 examples/ewc.py does, touching no file here (tools/compare.py --module=FILE compares it):
     import sys, strategies, train
     from settings import Setting
-    strategies.SETTINGS["ewc_weight"] = Setting(1e4, "ewc: lambda", lambda w: w >= 0, "0 or more")
+    strategies.SETTINGS["ewc_weight"] = Setting(1e3, "ewc: lambda", lambda w: w >= 0, "0 or more")
     strategies.STRATEGIES["ewc"] = strategies.Strategy("ewc", True, strategies.new_only,
                                                        start_of_step=fisher, batch_loss=Penalty)
     train.run(["--strategy=ewc", *sys.argv[1:]])    # python my_file.py --steps=2018,2019

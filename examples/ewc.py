@@ -28,7 +28,7 @@ import train  # noqa: E402
 from model import CLIP, autocast, clip_loss  # noqa: E402
 from settings import Setting  # noqa: E402
 
-strategies.SETTINGS["ewc_weight"] = Setting(1e4, "ewc: the penalty's weight, lambda",
+strategies.SETTINGS["ewc_weight"] = Setting(1e3, "ewc: the penalty's weight, lambda",
                                             lambda w: 0 <= w < math.inf, "0 or more")
 strategies.SETTINGS["ewc_batches"] = Setting(8, "ewc: batches of the step before's data for F",
                                              lambda n: n >= 1, "1 or more")

@@ -129,7 +129,7 @@ def test_ewc_counts_its_fisher_keeps_it_across_a_grown_run_and_checks_its_settin
 def test_ewc_from_its_file_lists_its_settings_and_refuses_a_bad_one(tmp_path):
     command = [sys.executable, os.path.join(EXAMPLES, "ewc.py")]
     out = subprocess.run([*command, "--help"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "--ewc_weight=10000.0" in out.stdout and "the penalty's weight" in out.stdout
+    assert out.returncode == 0 and "--ewc_weight=1000.0" in out.stdout and "the penalty's weight" in out.stdout
     assert "--lwf_weight=1.0" in out.stdout and "--budget_samples=56000" in out.stdout  # the others too
     out = subprocess.run([*command, "--ewc_batches=0", f"--out_dir={tmp_path}/run"], cwd=REPO, env=ENV,
                          capture_output=True, text=True, timeout=120)

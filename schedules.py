@@ -17,8 +17,8 @@ t = the time step (from 0):
                   them, from i0 = n - c, inside the budget) decay on a cooled branch:
                       lr(i) = peak (1 - sqrt((i - i0) / c))                       for i >= i0
   rsqrt           one warmup, then the inverse square root of the global iteration g (counted
-                  across steps), T = rsqrt_timescale (0: one step's iterations), and the same
-                  cooled branch, from the rate the trunk had at i0:
+                  across steps), T = rsqrt_timescale (0: budget_samples // batch_size), and the
+                  same cooled branch, from the rate the trunk had at i0:
                       lr(g) = peak min(1, sqrt(T / (g + 1)))                     after the warmup
 
 The trunk and the cooled branch. The last two carry one optimizer through the run

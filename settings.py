@@ -15,18 +15,19 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class Setting:
-    default: Any                                    # its type is the setting's type
-    help: str                                       # one line, shown by --help
-    ok: Callable[[Any], bool] = lambda value: True  # False for a value that cannot work
-    use: str = ""                                   # what to use instead, said when ok is False
+    default: Any                                   # its type is the setting's type
+    help: str                                      # one line, shown by --help
+    check: Callable[[Any], bool] = lambda v: True  # False for a value that cannot work
+    use: str = ""                                  # what to use instead, said when check fails
 
 
 def check(settings: dict[str, Setting], cfg: SimpleNamespace) -> None:
     """Refuse, in one line, the first value that its Setting's check says cannot work."""
     for key, setting in settings.items():
         value = getattr(cfg, key)
-        if not setting.ok(value):
-            raise SystemExit(f"error: --{key}={value} is not valid; use {setting.use}")
+        if not setting.check(value):
+            raise SystemExit(f"error: --{key}={value} is not valid"
+                             + (f"; use {setting.use}" if setting.use else "; see --help"))
 
 
 def parse_flags(argv: list[str], defaults: dict, helps: dict[str, str] | None = None) -> dict:

@@ -6,7 +6,8 @@ questions, and never tests its name:
   warm_start       which model does step t start from? the continue point, else a fresh one
   replay(t)        which data? {step s <= t: the fraction of step s's data in the replay buffer}
   budget_units(t)  how many samples? budget_units(t) x C, C = budget_samples
-  start_of_step    anything before training? (model, step) -> report (e.g. a Fisher estimate)
+  start_of_step    anything before training? (model, step) -> report (e.g. a Fisher estimate);
+                   it reads the start model and must leave it as it is
   batch_loss       anything added to the loss? (model, step) -> a term on every batch (LwF)
   end_of_step      anything after training? (model, step) -> report; it may change the model
                    into the one deployed (patching's interpolation, ema's merge)
@@ -22,21 +23,26 @@ The models of a step, called so here, in train.py and in the README:
 
 The three hooks relate the model to the previous one, so they run from the second step on (from
 the first with --init). What they can rely on:
-  - a batch loss is called once a batch, with the whole batch's features, whatever accum_steps
-    is: its gradient is one batch's, through the features and the weights alike;
-  - compute is declared: a batch loss's flops_per_sample, a report's "flops" (paid once a step);
-    train.py adds both to the FLOPs ledger, and a missing one is an error, not a zero;
-  - state across steps: a report's "state" (a dict; tensors are fine) becomes step.state; it is
-    saved in stepNN.pt and handed back at the next step, also after a kill, a resume or a grown
-    run (a resumed step reuses its start_of_step report, kept in RUN/resume);
+  - a batch loss is called once a batch, with the whole batch's features (this process's share
+    under DDP), whatever accum_steps is: its gradient is one batch's, through the features and
+    the weights alike;
+  - compute is declared: a batch loss's flops_per_sample, a report's "flops" (paid once a step,
+    by all processes together); train.py adds both to the FLOPs ledger, and a missing one is an
+    error, not a zero;
+  - state across steps: a report's "state" (a dict of tensors, numbers, strings and containers)
+    becomes step.state, on the CPU; it is saved in stepNN.pt and handed back at the next step,
+    also after a kill, a resume or a grown run (a resumed step reuses its start_of_step report,
+    kept in RUN/resume). It must be the same on every process: a resumed step hands all of them
+    rank 0's;
   - settings: SETTINGS[KEY] = Setting(default, help, check, use) is train.py's --KEY=VALUE, read
     as step.config.KEY and checked with the others before any compute.
 
 To add a strategy, write what differs and add a row to STRATEGIES. From a file of your own, as
 examples/ewc.py does, touching no file here (tools/compare.py --module=FILE compares it):
-    import sys, strategies, train
+    import math, sys, strategies, train
     from settings import Setting
-    strategies.SETTINGS["ewc_weight"] = Setting(1e3, "ewc: lambda", lambda w: w >= 0, "0 or more")
+    strategies.SETTINGS["ewc_weight"] = Setting(1e3, "ewc: the penalty's weight, lambda",
+                                                lambda w: 0 <= w < math.inf, "0 or more")
     strategies.STRATEGIES["ewc"] = strategies.Strategy("ewc", True, strategies.new_only,
                                                        start_of_step=fisher, batch_loss=Penalty)
     train.run(["--strategy=ewc", *sys.argv[1:]])    # python my_file.py --steps=2018,2019
@@ -150,8 +156,11 @@ def act(strategy: Strategy, hook: str, model: CLIP, step: TimeStep) -> dict:
                          f"return a dict with 'flops', the compute it spent (0 if none), and any "
                          f"other numbers to report")
     if "state" in report:
-        if not isinstance(report["state"], dict):
-            raise SystemExit(f"error: strategy {strategy.name}: {hook}'s 'state' is not a dict")
+        if not isinstance(report["state"], dict) or not plain(report["state"]):
+            raise SystemExit(f"error: strategy {strategy.name}: {hook}'s 'state' is not a dict of "
+                             f"tensors, numbers, strings and containers, so it could not be read "
+                             f"back from stepNN.pt; convert what else it holds (a numpy array: "
+                             f"torch.from_numpy)")
         step.state = report["state"]
     report = {k: v for k, v in report.items() if k != "state"}
     try:
@@ -161,6 +170,16 @@ def act(strategy: Strategy, hook: str, model: CLIP, step: TimeStep) -> dict:
                          f"is logged as JSON; return numbers and strings there, and keep tensors "
                          f"in 'state'") from None
     return report
+
+
+def plain(obj) -> bool:
+    """Does obj hold only what torch.load(weights_only=True) reads back: tensors, numbers, strings,
+    None, and dicts, lists and tuples of them?"""
+    if isinstance(obj, dict):
+        return all(plain(k) and plain(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(plain(v) for v in obj)
+    return obj is None or isinstance(obj, torch.Tensor) or type(obj) in (int, float, bool, str)
 
 
 def make_batch_loss(strategy: Strategy, model: CLIP, step: TimeStep):
@@ -289,11 +308,11 @@ def merge(model: CLIP, step: TimeStep) -> dict:
 # ----------------------------------------------------------------------------- the continue point
 def continue_point(strategy: Strategy, record: dict, deployed: dict) -> dict:
     """What a warm start after this step goes on from: {"model", "optimizer", "iterations"}. A
-    schedule that carries its optimizer wrote it as record["trunk"] (train.next_trunk); else the
-    weights alone: the deployed model, or the trained one (record["trained"]) for a strategy that
-    goes on from it after its end-of-step action (ema)."""
-    if record.get("trunk"):
-        return record["trunk"]
+    schedule that carries its optimizer wrote it as record["continue_point"]
+    (train.next_continue_point); else the weights alone: the deployed model, or the trained one
+    (record["trained"]) for a strategy that goes on from it after its end-of-step action (ema)."""
+    if record.get("continue_point"):
+        return record["continue_point"]
     trained = record.get("trained")
     weights = deployed if trained is None or strategy.continue_from_deployed else trained
     return {"model": weights, "optimizer": None, "iterations": None}

@@ -9,7 +9,9 @@ or two at each place; docs/faults.md lists every case.
   trained, skipped data, non-finite losses, the trunk of a schedule that carries its optimizer),
   saved with them and the RNG states in RUN/resume/stepNN-IIIIIII.pt every ckpt_interval_samples.
   A rerun of the same command loads the newest, and the loader remakes the data from that batch
-  on (data.TrainStream), so the run goes on bitwise where it stopped.
+  on (data.TrainStream), so the run goes on bitwise where it stopped. What a strategy's
+  start-of-step action left is kept beside them (RUN/resume/stepNN-start.pt), so a resumed step
+  does not do it again.
 - Bad data (corrupt images, broken shards) is counted per rank and stops the run past
   max_bad_fraction; a non-finite loss skips its update and stops the run after
   max_nonfinite_in_row in a row.
@@ -70,6 +72,29 @@ def start_checkpoint(run_dir: str, t: int) -> str:
     return resume_checkpoint(run_dir, t) + "start.pt"
 
 
+def load_start(path: str, cfg: SimpleNamespace, world) -> dict | None:
+    """What an earlier run of this step kept at path (start_checkpoint), or None if there is none or
+    it does not load; a line names the settings that changed since."""
+    if not os.path.exists(path):
+        return None
+    try:
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged after it was written: the action is done again
+        if world.master:
+            print(f"warning: {path} does not load ({e}); doing the start of the step again",
+                  file=sys.stderr)
+        return None
+    note_changes(kept["config"], cfg, world)
+    return kept
+
+
+def note_changes(old: dict, cfg: SimpleNamespace, world) -> None:
+    """A line naming the settings that changed since a checkpoint was written (rank 0)."""
+    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in vars(cfg).items() if old.get(k) != v]
+    if world.master and changed:
+        print(f"note: the config changed since that checkpoint: {', '.join(changed)}")
+
+
 @dataclass
 class StepState:
     """A step in progress, beyond its model and optimizer: where it is, how long it has trained,
@@ -119,10 +144,7 @@ class StepState:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], world.device)
         faults = Counter(ckpt["faults"][world.rank]  # each rank its own
                          if world.rank < len(ckpt["faults"]) else {})
-        old = ckpt["config"]
-        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in vars(cfg).items() if old.get(k) != v]
-        if world.master and changed:
-            print(f"note: the config changed since that checkpoint: {', '.join(changed)}")
+        note_changes(ckpt["config"], cfg, world)
         state = cls(iteration=ckpt["iteration"], train_s=ckpt["train_s"], faults=faults,
                     nonfinite=ckpt["nonfinite"], in_row=ckpt["nonfinite_in_row"], path=path,
                     trunk=ckpt.get("trunk"))

@@ -124,6 +124,15 @@ def config_help() -> dict[str, str]:
     return {m[1]: m[2] for m in re.finditer(r"^(\w+) += .*?  # (.*)$", block, re.MULTILINE)}
 
 
+def run_folder(cfg: SimpleNamespace) -> str:
+    return cfg.out_dir or os.path.join("runs", cfg.strategy)
+
+
+def tokenizer_beside(init: str) -> str:
+    """The tokenizer.json beside --init's file (a stepNN.pt's run has one), or ""."""
+    return os.path.join(os.path.dirname(init), "tokenizer.json") if init else ""
+
+
 def check_config(cfg: SimpleNamespace) -> None:
     """Refuse, before any compute, a value that parses but cannot work."""
     if cfg.model not in PRESETS:
@@ -161,7 +170,7 @@ def check_config(cfg: SimpleNamespace) -> None:
         raise SystemExit(f"error: --init={cfg.init}: not a checkpoint (a torch.save or TorchScript "
                          f"zip, whole, or a .safetensors file); pass an OpenAI or OpenCLIP CLIP, "
                          f"or a stepNN.pt")
-    beside_init = os.path.join(os.path.dirname(cfg.init), "tokenizer.json") if cfg.init else ""
+    beside_init = tokenizer_beside(cfg.init)
     if cfg.init and not (cfg.tokenizer or os.path.isfile(beside_init)):
         raise SystemExit("error: --init needs the tokenizer its model was trained with: for "
                          "OpenAI's and OpenCLIP's, --tokenizer=clip-tokenizer.json (made by python "
@@ -228,8 +237,7 @@ def load_tokenizer(run_dir: str, cfg: SimpleNamespace, first_years: list[str],
     """RUN/tokenizer.json, fixed for the whole run as CLIP's vocabulary is; made on first use from
     --tokenizer, or trained on the first step's captions."""
     path = os.path.join(run_dir, "tokenizer.json")
-    beside_init = os.path.join(os.path.dirname(cfg.init), "tokenizer.json") if cfg.init else ""
-    given = cfg.tokenizer or beside_init  # a stepNN.pt as --init: its run's tokenizer
+    given = cfg.tokenizer or tokenizer_beside(cfg.init)  # a stepNN.pt as --init: its run's
     if world.master and not os.path.exists(path) and given:
         data.Tokenizer.load(given).save(path)
     elif world.master and not os.path.exists(path):
@@ -317,12 +325,11 @@ def begin_step(strategy: strategies.Strategy, model: CLIP, step: strategies.Time
     state and the RNG state it left are kept in RUN/resume until the step ends, and a resumed
     step takes them from there."""
     path = survive.start_checkpoint(run_dir, step.t)
-    found = os.path.exists(path)
+    kept = survive.load_start(path, step.config, world)
     world.barrier()  # every rank has looked before rank 0 writes it
-    if found:
-        kept = torch.load(path, map_location="cpu", weights_only=True)
+    if kept:
         torch.set_rng_state(kept["rng_cpu"])
-        if world.device.type == "cuda":
+        if world.device.type == "cuda" and kept["rng_cuda"] is not None:
             torch.cuda.set_rng_state(kept["rng_cuda"], world.device)
         step.state = kept["state"]
         return kept["report"]
@@ -330,7 +337,8 @@ def begin_step(strategy: strategies.Strategy, model: CLIP, step: strategies.Time
     step.state = cpu_copy(step.state)
     if world.master:
         cuda = world.device.type == "cuda"
-        kept = {"report": report, "state": step.state, "rng_cpu": torch.get_rng_state(),
+        kept = {"report": report, "state": step.state, "config": vars(step.config),
+                "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(world.device) if cuda else None}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shards.write_atomic(path, lambda f: torch.save(kept, f))
@@ -383,7 +391,7 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss,
                log) -> survive.StepState | None:
     """Train model on parts for budget samples at the rates of the step's schedule, with a new
     optimizer or the continue point's, from the newest resume checkpoint if an earlier run left
-    one. Returns the step's state (with the trunk and the optimizer where the schedule carries
+    one. Returns the step's progress (with the trunk and the optimizer where the schedule carries
     it), or None if SIGTERM stopped the step (saved)."""
     cfg, t, where = step.config, step.t, f"step {step.t + 1} ({step.step_names[step.t]})"
     n_iters = budget // cfg.batch_size
@@ -394,29 +402,30 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss,
         before = step.continue_point["iterations"]
     schedule = schedules.step_schedule(cfg, t, len(step.step_names), n_iters, before)
     carries = schedule.row.carries_optimizer
-    state = survive.StepState.resume(run_dir, t, model, optimizer, cfg, world)
-    if state.iteration:
-        print(f"rank {world.rank}: {where}: resuming at sample {state.iteration * cfg.batch_size} "
-              f"of {n_iters * cfg.batch_size} from {state.path}")
-        log({"event": "resume", "time_step": t + 1, "samples": state.iteration * cfg.batch_size,
-             "checkpoint": state.path})
+    progress = survive.StepState.resume(run_dir, t, model, optimizer, cfg, world)
+    if progress.iteration:
+        print(f"rank {world.rank}: {where}: resuming at sample "
+              f"{progress.iteration * cfg.batch_size} of {n_iters * cfg.batch_size} from "
+              f"{progress.path}")
+        log({"event": "resume", "time_step": t + 1, "samples": progress.iteration * cfg.batch_size,
+             "checkpoint": progress.path})
     train_model = torch.compile(model) if cfg.compile else model
     if world.distributed:
         device_ids = [world.device] if world.device.type == "cuda" else None
         train_model = DDP(train_model, device_ids=device_ids)
     stream = data.TrainStream(parts, budget, cfg.batch_size, world.rank, world.size, cfg.seed, t,
                               model.cfg.image_px, step.tokenizer, model.cfg.context_tokens,
-                              keep_seed=cfg.seed, start_batch=state.iteration,
+                              keep_seed=cfg.seed, start_batch=progress.iteration,
                               max_bad_fraction=cfg.max_bad_fraction,
                               max_image_pixels=cfg.max_image_pixels)
     ckpt_every = cfg.ckpt_interval_samples // cfg.batch_size  # iterations between them; 0: none
-    t_log, it_log = time.time(), state.iteration
+    t_log, it_log = time.time(), progress.iteration
     with data.workers_stopped():  # however the loop ends, no loader worker outlives it
         loader = data.train_loader(stream, cfg.workers)
-        for it, (images, tokens, faults) in enumerate(loader, state.iteration):
-            state.count_faults(faults, images is None, stream.min_read, cfg, where)
+        for it, (images, tokens, faults) in enumerate(loader, progress.iteration):
+            progress.count_faults(faults, images is None, stream.min_read, cfg, where)
             if carries and it == schedule.cooldown_start:  # the branch leaves the trunk: keep it
-                state.trunk = {"model": cpu_copy(model.state_dict()),
+                progress.trunk = {"model": cpu_copy(model.state_dict()),
                                "optimizer": cpu_copy(optimizer.state_dict()),
                                "iterations": (before or 0) + it}
             for group in optimizer.param_groups:
@@ -427,23 +436,23 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss,
             optimizer.zero_grad(set_to_none=True)
             loss = forward_backward(train_model, images, tokens, batch_loss, world, cfg.precision,
                                     cfg.accum_steps)
-            state.optimizer_step(model, optimizer)  # skipped, and counted, if not finite
+            progress.optimizer_step(model, optimizer)  # skipped, and counted, if not finite
             model.clamp_logit_scale_()
-            state.iteration = it + 1
-            log_due = state.iteration % cfg.log_interval == 0 or state.iteration == n_iters
-            ckpt_due = ckpt_every > 0 and state.iteration % ckpt_every == 0 \
-                and state.iteration < n_iters
+            progress.iteration = it + 1
+            log_due = progress.iteration % cfg.log_interval == 0 or progress.iteration == n_iters
+            ckpt_due = ckpt_every > 0 and progress.iteration % ckpt_every == 0 \
+                and progress.iteration < n_iters
             if not (log_due or ckpt_due):
                 continue
             # once per log interval: read the device's counters, log, save, stop if asked
-            state.check_nonfinite(run_dir, t, cfg, where)
+            progress.check_nonfinite(run_dir, t, cfg, where)
             stop = survive.stop_requested(world)
             if world.master and log_due:
                 now = time.time()  # .item() syncs with the device: only once per log interval
-                samples_per_s = (state.iteration - it_log) * cfg.batch_size / (now - t_log)
-                record = {"samples": state.iteration * cfg.batch_size, "loss": loss.item(),
+                samples_per_s = (progress.iteration - it_log) * cfg.batch_size / (now - t_log)
+                record = {"samples": progress.iteration * cfg.batch_size, "loss": loss.item(),
                           "lr": schedule.lr(it), "logit_scale": model.logit_scale.exp().item()}
-                eta_s = (n_iters - state.iteration) * cfg.batch_size / samples_per_s
+                eta_s = (n_iters - progress.iteration) * cfg.batch_size / samples_per_s
                 print(f"step {t + 1}/{len(step.step_names)} ({step.step_names[t]}) | "
                       f"{record['samples']}/{n_iters * cfg.batch_size} samples | "
                       f"loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
@@ -451,18 +460,19 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss,
                       f"eta {eta_s:.0f}s")
                 log({"event": "train", "time_step": t + 1, **record,
                      "samples_per_s": samples_per_s})
-                t_log, it_log = now, state.iteration
+                t_log, it_log = now, progress.iteration
             if ckpt_due or stop:
-                saved = state.save(run_dir, t, model, optimizer, cfg, world)
+                saved = progress.save(run_dir, t, model, optimizer, cfg, world)
             if stop:
                 if world.master:
-                    print(f"SIGTERM: saved {saved} at sample {state.iteration * cfg.batch_size} of "
-                          f"step {t + 1}; rerun the same command to continue")
+                    print(f"SIGTERM: saved {saved} at sample "
+                          f"{progress.iteration * cfg.batch_size} of step {t + 1}; rerun the "
+                          f"same command to continue")
                 return None
     if carries:
-        state.end = {"optimizer": cpu_copy(optimizer.state_dict()),
+        progress.end = {"optimizer": cpu_copy(optimizer.state_dict()),
                      "iterations": (before or 0) + n_iters}
-    return state
+    return progress
 
 
 def cpu_copy(obj):
@@ -471,23 +481,25 @@ def cpu_copy(obj):
         return obj.detach().cpu().clone()
     if isinstance(obj, dict):
         return {k: cpu_copy(v) for k, v in obj.items()}
-    return [cpu_copy(v) for v in obj] if isinstance(obj, list) else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
 
 
-def next_trunk(strategy: strategies.Strategy, cfg: SimpleNamespace, state: survive.StepState,
-               trained: dict, deployed: dict) -> dict | None:
-    """Where the schedule carries its optimizer, the continue point ({"model", "optimizer",
+def next_continue_point(strategy: strategies.Strategy, cfg: SimpleNamespace,
+                        progress: survive.StepState, trained: dict, deployed: dict) -> dict | None:
+    """The continue point where the schedule carries its optimizer ({"model", "optimizer",
     "iterations"}): the trunk where the cooled branch began (continue_from=trunk); the branch's end
     (continue_from=cooled, or no branch); or, for a strategy that goes on from the model its
     end-of-step action made (patching, ema-from-merge), that model with the branch's optimizer.
     None otherwise, and for a strategy that starts every step afresh (restart, oracle)."""
-    if state.end is None or not strategy.warm_start:
+    if progress.end is None or not strategy.warm_start:
         return None
     if trained is not deployed and strategy.continue_from_deployed:
-        return {**state.end, "model": deployed}
-    if state.trunk is not None and cfg.continue_from == "trunk":
-        return state.trunk
-    return {**state.end, "model": trained}
+        return {**progress.end, "model": deployed}
+    if progress.trunk is not None and cfg.continue_from == "trunk":
+        return progress.trunk
+    return {**progress.end, "model": trained}
 
 
 def announce_step(step: strategies.TimeStep, strategy: strategies.Strategy,
@@ -500,7 +512,7 @@ def announce_step(step: strategies.TimeStep, strategy: strategies.Strategy,
                     + (f" ({100 * p.keep_fraction:.0f}%)" if p.keep_fraction < 1 else "")
                     + (f" [{100 * p.share:.0f}% of samples]" if p.share is not None else "")
                     for p in parts)
-    start = "warm start" if step.continue_point is not None else \
+    start = "warm start" if step.continue_point is not None and step.t > 0 else \
         "the initial model" if step.initial is not None else "random init"
     if step.continue_point is not None and step.continue_point["optimizer"] is not None:
         start += (f" with the optimizer carried over "
@@ -598,7 +610,7 @@ def main(argv):
     strategy = strategies.get_strategy(cfg.strategy)
     world = start_world(cfg)
     signal.signal(signal.SIGTERM, survive.on_sigterm)  # save, then exit at the next log interval
-    run_dir = cfg.out_dir or os.path.join("runs", cfg.strategy)
+    run_dir = run_folder(cfg)
     prepare_run_dir(run_dir, world)
     step_years, step_data, tasks = load_benchmark(cfg, world)
     names = [shards.step_name(ys) for ys in step_years]
@@ -652,11 +664,13 @@ def main(argv):
                 world.finish()
                 return
             summary = progress.summary(world)  # time, faults of every rank, non-finite losses
-            # 3. the end-of-step action (patching's interpolation, ema's merge) makes the deployed
+            # 3. the end-of-step action (patching's interpolation, ema's merge): the deployed model
             acts = hooks and strategy.end_of_step is not None
             trained = cpu_copy(model.state_dict())
             action = strategies.act(strategy, "end_of_step", model, step) if acts else {}
             deployed = cpu_copy(model.state_dict()) if acts else trained
+            if acts and all(torch.equal(trained[k], deployed[k]) for k in trained):
+                deployed = trained  # an action that left the weights as trained (patching's a = 1)
             # 4. the checkpoint, with the step's compute: training costs 3 forward passes a pair
             seen = budget // cfg.batch_size * cfg.batch_size
             per_sample = 3 * model.flops_per_pair() + (batch_loss.flops_per_sample if batch_loss
@@ -665,8 +679,9 @@ def main(argv):
             record = {"steps": step_years, "time_step": t + 1, "step_name": name,
                       "samples_seen": seen, "flops": flops, "strategy": cfg.strategy,
                       "start_of_step": begun, "end_of_step": action, **summary,
-                      **({"trained": trained} if acts else {}),  # before the action (ema's)
-                      "trunk": next_trunk(strategy, cfg, progress, trained, deployed),
+                      **({"trained": trained} if deployed is not trained else {}),  # ema's
+                      "continue_point": next_continue_point(strategy, cfg, progress, trained,
+                                                            deployed),
                       "state": cpu_copy(step.state)}
             save_step(path, deployed, model.cfg, step, record, world)
         previous = deployed
@@ -696,9 +711,7 @@ def run(argv: list[str]) -> None:
     except SystemExit as e:  # the one-line refusals of bad input
         raise refusal(e) from None
     except Exception as e:
-        cfg = parse_config(argv)
-        run_dir = cfg.out_dir or os.path.join("runs", cfg.strategy)
-        raise failure(e, "train.py", argv, run_dir) from None
+        raise failure(e, "train.py", argv, run_folder(parse_config(argv))) from None
 
 
 if __name__ == "__main__":

@@ -38,33 +38,40 @@ strategies.SETTINGS["ewc_decay"] = Setting(1.0, "ewc: the share of earlier steps
 
 def fisher(model: CLIP, step: strategies.TimeStep) -> dict:
     """The start-of-step action: the previous model's diagonal Fisher, the squared gradient of the
-    contrastive loss averaged over ewc_batches batches (per batch: the loss does not split into
-    per-sample terms), plus ewc_decay x the Fisher kept from earlier steps. Every rank computes it
-    alike, from the same batches."""
+    contrastive loss averaged over ewc_batches batches of the step before's data, plus ewc_decay x
+    the Fisher kept from earlier steps. The gradient is squared per micro-batch (the loss does not
+    split into per-sample terms), each process takes its share of every batch, and the sum goes
+    to all of them, so the state is the same on every process."""
     cfg = step.config
     previous = CLIP(model.cfg).to(step.device)
     previous.load_state_dict(step.previous)
+    rank, ranks = (dist.get_rank(), dist.get_world_size()) if step.distributed else (0, 1)
     source = max(step.t - 1, 0)  # with --init, the first step has no step before: its own data
     stream = data.TrainStream(step.step_data[source], cfg.ewc_batches * cfg.batch_size,
-                              cfg.batch_size, 0, 1, cfg.seed, step.t, model.cfg.image_px,
+                              cfg.batch_size, rank, ranks, cfg.seed, step.t, model.cfg.image_px,
                               step.tokenizer, model.cfg.context_tokens,
                               max_bad_fraction=cfg.max_bad_fraction,
                               max_image_pixels=cfg.max_image_pixels)
     new = {k: torch.zeros_like(p) for k, p in previous.named_parameters()}
+    micro_batches = cfg.ewc_batches * cfg.accum_steps * ranks  # each at the memory of training's
     for images, tokens, _ in stream.batches(0, 1):
         if images is None:
             raise SystemExit(f"error: ewc: too much bad data in step {source + 1}'s shards")
-        previous.zero_grad(set_to_none=True)
         images, tokens = data.normalize_images(images.to(step.device)), tokens.to(step.device)
-        with autocast(step.device, cfg.precision):
-            loss = clip_loss(*previous(images, tokens))
-        loss.backward()
-        for k, p in previous.named_parameters():
-            new[k] += p.grad.float() ** 2 / cfg.ewc_batches
+        for x, y in zip(images.chunk(cfg.accum_steps), tokens.chunk(cfg.accum_steps)):
+            previous.zero_grad(set_to_none=True)
+            with autocast(step.device, cfg.precision):
+                loss = clip_loss(*previous(x, y))
+            loss.backward()
+            for k, p in previous.named_parameters():
+                new[k] += p.grad.float() ** 2 / micro_batches
+    if step.distributed:
+        for f in new.values():
+            dist.all_reduce(f)
     kept = step.state.get("fisher", {})
     total = {k: cfg.ewc_decay * kept[k].to(step.device) + f if k in kept else f
              for k, f in new.items()}
-    flops = cfg.ewc_batches * cfg.batch_size * 3 * previous.flops_per_pair()  # forward + backward
+    flops = cfg.ewc_batches * cfg.batch_size * 3 * previous.flops_per_pair()  # of all processes
     mean = sum(float(f.sum()) for f in new.values()) / previous.num_params()
     return {"flops": flops, "fisher_mean": mean, "state": {"fisher": total}}
 

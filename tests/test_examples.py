@@ -212,8 +212,8 @@ def test_wsd_stopped_mid_cooldown_resumes_bitwise(example, monkeypatch, two_year
     train_in_process([f"--out_dir={stopped}", *args])
     for step in (1, 2):
         a, b = load(reference, step), load(stopped, step)
-        assert same(a["model"], b["model"]) and same(a["trunk"]["model"], b["trunk"]["model"]), f"step {step}"
-    assert load(reference, 1)["trunk"]["iterations"] == 4
+        assert same(a["model"], b["model"]) and same(a["continue_point"]["model"], b["continue_point"]["model"]), f"step {step}"
+    assert load(reference, 1)["continue_point"]["iterations"] == 4
 
 
 # ----------------------------------------------------------------------------- both in a comparison
@@ -229,3 +229,16 @@ def test_compare_gives_a_strategy_from_a_file_its_row(example, two_years, tmp_pa
     assert ewc["strategy"] == "ewc" and ewc["start_of_step"]["flops"] > 0 and ewc["flops"] > sequential["flops"]
     assert same(load(os.path.join(out, "seed0", "ewc"), 1)["model"], load(os.path.join(out, "seed0", "sequential"),
                                                                           1)["model"])  # the shared first step
+
+
+def test_a_row_that_names_no_schedule_runs_the_default_even_under_a_file_with_its_own(example, tmp_path,
+                                                                                       monkeypatch):
+    import compare
+    example("wsd")  # its file starts train.py with --lr_schedule=wsd
+    launched = []
+    monkeypatch.setattr(compare, "launch", lambda program, args, nproc: launched.append(args) or True)
+    program = os.path.join(EXAMPLES, "wsd.py")
+    compare.run_row("sequential", 0, str(tmp_path / "a"), None, 1, [], program)
+    compare.run_row("sequential+wsd", 0, str(tmp_path / "b"), None, 1, [], program)
+    assert "--lr_schedule=cosine" in launched[0] and launched[1][-1] == "--lr_schedule=wsd"
+    assert compare.first_step("sequential", []) != compare.first_step("sequential+wsd", [])

@@ -160,10 +160,10 @@ def test_const_cooldown_carries_fused_adamw_and_resumes_bitwise_on_the_gpu(
     reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
     train_in_process([f"--out_dir={reference}", *args])
     first, second = load(reference, 1), load(reference, 2)
-    assert first["trunk"]["optimizer"]["param_groups"][0]["fused"]
+    assert first["continue_point"]["optimizer"]["param_groups"][0]["fused"]
     # the second step went on with the first step's trunk optimizer: AdamW's step count is 8 + 8
-    assert (first["trunk"]["iterations"], second["trunk"]["iterations"]) == (8, 16)
-    assert int(second["trunk"]["optimizer"]["state"][0]["step"]) == 16
+    assert (first["continue_point"]["iterations"], second["continue_point"]["iterations"]) == (8, 16)
+    assert int(second["continue_point"]["optimizer"]["state"][0]["step"]) == 16
     # as SIGTERM would: the check at iteration 12 asks to stop, once iteration 10 is saved
     ten = os.path.join(stopped, "resume", "step01-0000010.pt")
     monkeypatch.setattr(survive, "stop_requested", lambda world: os.path.exists(ten))
@@ -176,5 +176,5 @@ def test_const_cooldown_carries_fused_adamw_and_resumes_bitwise_on_the_gpu(
     for step in (1, 2):
         a, b = load(reference, step), load(stopped, step)
         assert same(a["model"], b["model"]), f"step {step}"
-        assert same(a["trunk"]["model"], b["trunk"]["model"]), f"step {step}"
-        assert same(a["trunk"]["optimizer"]["state"][0], b["trunk"]["optimizer"]["state"][0])
+        assert same(a["continue_point"]["model"], b["continue_point"]["model"]), f"step {step}"
+        assert same(a["continue_point"]["optimizer"]["state"][0], b["continue_point"]["optimizer"]["state"][0])

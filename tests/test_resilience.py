@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import data
+import survive
 import synthetic
 import train
 from conftest import ENV, REPO, png_bytes, run_train, train_command, train_in_process, write_tar
@@ -421,3 +422,17 @@ def test_nonfinite_loss_skips_its_update_and_a_run_of_them_stops(two_years, tmp_
     assert ckpt[3]["optimizer"]["state"][0]["step"] == ckpt[4]["optimizer"]["state"][0]["step"] == 3  # and Adam
     assert ckpt[7]["nonfinite"] == 3 and ckpt[7]["nonfinite_in_row"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt[7]["model"].values())  # the last good checkpoint, intact
+
+
+def test_a_damaged_or_outdated_start_of_step_file_is_said(tmp_path, capsys):
+    """RUN/resume/stepNN-start.pt (a strategy's start-of-step action, kept for a resumed step): a
+    damaged one is done again, with a warning; one written under other settings says which."""
+    world, cfg = train.World(0, 1, False, torch.device("cpu")), train.parse_config(["--lr=1e-3"])
+    path = str(tmp_path / "step02-start.pt")
+    open(path, "wb").write(b"half a file")
+    assert survive.load_start(path, cfg, world) is None
+    assert "does not load" in capsys.readouterr().err
+    torch.save({"report": {"flops": 1}, "state": {}, "config": {**vars(cfg), "lr": 5e-4}}, path)
+    assert survive.load_start(path, cfg, world)["report"] == {"flops": 1}
+    assert "note: the config changed since that checkpoint: lr 0.0005 -> 0.001" in capsys.readouterr().out
+    assert survive.load_start(str(tmp_path / "none.pt"), cfg, world) is None

@@ -155,27 +155,27 @@ def test_const_cooldown_deploys_the_cooled_branch_and_goes_on_from_the_trunk(two
     train_in_process([f"--data_root={two_years}", f"--out_dir={run}", "--strategy=sequential",
                       "--lr_schedule=const-cooldown", f"--continue_from={continue_from}", *TINY])
     first, second = load(run, 1), load(run, 2)
-    trunk = first["trunk"]  # what the second step goes on from: the trunk, or the cooled branch, deployed
+    trunk = first["continue_point"]  # what the second step goes on from: the trunk, or the cooled branch, deployed
     assert same(trunk["model"], first["model"]) == (continue_from == "cooled")
     assert same(starts[1], trunk["model"])
     # the optimizer carries over: AdamW's own step count goes on from the first step's
     steps_done = {"trunk": (8, 16), "cooled": (16, 32)}[continue_from]
-    assert (trunk["iterations"], second["trunk"]["iterations"]) == steps_done
-    assert int(second["trunk"]["optimizer"]["state"][0]["step"]) == steps_done[1]
+    assert (trunk["iterations"], second["continue_point"]["iterations"]) == steps_done
+    assert int(second["continue_point"]["optimizer"]["state"][0]["step"]) == steps_done[1]
 
 
 def test_cosine_keeps_no_trunk_and_goes_on_from_the_deployed_model(two_years, tmp_path, monkeypatch):
     starts = starts_of(monkeypatch)
     run = str(tmp_path / "run")
     train_in_process([f"--data_root={two_years}", f"--out_dir={run}", "--strategy=sequential", *TINY])
-    assert load(run, 1)["trunk"] is None and same(starts[1], load(run, 1)["model"])
+    assert load(run, 1)["continue_point"] is None and same(starts[1], load(run, 1)["model"])
 
 
 def test_a_strategy_that_starts_afresh_keeps_no_trunk_under_a_carried_schedule(two_years, tmp_path):
     run = str(tmp_path / "run")
     train_in_process([f"--data_root={two_years}", f"--out_dir={run}", "--strategy=restart",
                       "--lr_schedule=const-cooldown", *TINY])
-    assert load(run, 1)["trunk"] is None and load(run, 2)["trunk"] is None
+    assert load(run, 1)["continue_point"] is None and load(run, 2)["continue_point"] is None
 
 
 @pytest.mark.slow
@@ -197,7 +197,7 @@ def test_a_run_stopped_mid_cooldown_resumes_bitwise(two_years, tmp_path, monkeyp
     train_in_process([f"--out_dir={stopped}", *args])
     for step in (1, 2):
         a, b = load(reference, step), load(stopped, step)
-        assert same(a["model"], b["model"]) and same(a["trunk"]["model"], b["trunk"]["model"]), f"step {step}"
+        assert same(a["model"], b["model"]) and same(a["continue_point"]["model"], b["continue_point"]["model"]), f"step {step}"
 
 
 # ----------------------------------------------------------------------------- merging across time

@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,6 +145,8 @@ def test_a_strategys_state_is_saved_with_each_step_and_handed_back(tmp_path, thr
                                                                "dict with 'flops'"),
     (dict(start_of_step=lambda model, step: {"flops": 1, "state": [1]}), "start_of_step's 'state' is not a dict"),
     (dict(end_of_step=lambda model, step: {"flops": 0, "w": torch.ones(1)}), "keep tensors in 'state'"),
+    (dict(end_of_step=lambda model, step: {"flops": 0, "state": {"w": np.ones(2)}}),
+     "could not be read back from stepNN.pt"),
     (dict(batch_loss=lambda model, step: (lambda *batch: 0.0)), "its batch loss has no flops_per_sample")])
 def test_a_hook_that_declares_no_compute_or_keeps_what_cannot_be_saved_is_an_error(tmp_path, two_years, monkeypatch,
                                                                                     row, message):
@@ -161,3 +164,20 @@ def test_a_row_that_cannot_be_trained_is_refused_before_any_compute(tmp_path, tw
     with pytest.raises(SystemExit, match=re.escape(f"error: strategy mine: {message}")):
         train_in_process([f"--data_root={two_years}", f"--out_dir={tmp_path}/run", "--strategy=mine", *TINY])
     assert not os.path.exists(tmp_path / "run" / "tokenizer.json")
+
+
+def test_an_action_that_only_keeps_state_leaves_the_run_as_it_was(tmp_path, three_years, monkeypatch):
+    """Under a schedule with a cooled branch, an end-of-step action that changes no weight must not
+    move the continue point from the trunk to the branch's end: the run is sequential's, bit for bit."""
+    monkeypatch.setitem(STRATEGIES, "counting", Strategy("counting", True, new_only, end_of_step=counting))
+    runs = {name: str(tmp_path / name) for name in ("sequential", "counting")}
+    for name, run_dir in runs.items():
+        train_in_process([f"--data_root={three_years}", f"--out_dir={run_dir}", f"--strategy={name}",
+                          "--lr_schedule=const-cooldown", "--cooldown_fraction=0.5", *TINY])
+    for t in (1, 2, 3):
+        a, b = (torch.load(f"{runs[name]}/step0{t}.pt", weights_only=True) for name in runs)
+        assert "trained" not in b  # nothing to keep beside the deployed model
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        cp_a, cp_b = a["continue_point"], b["continue_point"]
+        assert cp_a["iterations"] == cp_b["iterations"]
+        assert all(torch.equal(cp_a["model"][k], cp_b["model"][k]) for k in cp_a["model"])

@@ -48,6 +48,8 @@ from shards import write_json  # noqa: E402
 OPTIONS = {  # compare.py's own keys; the rest go to train.py
     "strategies": "", "schedules": "", "sweep": "", "rows": "", "seeds": "0", "out": "runs/compare",
     "nproc": 1, "table_only": False, "module": ""}
+DEFAULT_SCHEDULE = "cosine"  # train.py's lr_schedule, given to a row that names none (a --module
+                             # file may set another default)
 
 
 def load_module(path: str) -> str:
@@ -97,7 +99,7 @@ def first_step(row: str, train_args: list[str]) -> tuple:
     args = dict(arg[2:].partition("=")[::2]
                 for arg in train_args + row_args(row))  # the last value of a key wins
     strategy = strategies.get_strategy(args["strategy"])
-    schedule = args.get("lr_schedule", "cosine")
+    schedule = args.get("lr_schedule", DEFAULT_SCHEDULE)
     settings = [part for part in row.split("+")[1:] if "=" in part
                 and not (part.startswith("new_data_fraction=") and set(strategy.replay(0)) == {0})]
     return (strategy.first_step(from_initial=bool(args.get("init"))),
@@ -125,6 +127,8 @@ def run_row(row: str, seed: int, run_dir: str, shared_first: str | None, nproc: 
                                (step_checkpoint(shared_first, 0), step_checkpoint(run_dir, 0))]:
             shutil.copyfile(source, target)
     strategy, *settings = row_args(row)
+    if not any(arg.startswith("--lr_schedule=") for arg in train_args + settings):
+        settings.append(f"--lr_schedule={DEFAULT_SCHEDULE}")  # the row's name says none
     if not launch(program, [strategy, f"--seed={seed}", f"--out_dir={run_dir}", *train_args,
                             *settings], nproc):
         raise SystemExit(f"error: the {row} run (seed {seed}) failed; see its output above, fix it "

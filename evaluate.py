@@ -32,7 +32,8 @@ import torch.nn.functional as F
 import pictures
 import shards
 from data import Tokenizer, eval_batches, normalize_images
-from model import PRECISIONS, autocast, load_checkpoint, parse_heads
+from checkpoints import load_checkpoint, parse_heads
+from model import PRECISIONS, autocast
 from settings import parse_flags
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix

@@ -44,8 +44,8 @@ import shards
 import strategies
 import survive
 import synthetic
-from model import (CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, is_checkpoint_file,
-                   load_checkpoint, make_config, parse_heads)
+from checkpoints import is_checkpoint_file, load_checkpoint, parse_heads
+from model import CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, make_config
 from settings import parse_flags
 from world import World, failure, refusal, start_world
 
@@ -583,6 +583,23 @@ def load_step(path: str, step: strategies.TimeStep, model_cfg: CLIPConfig,
     return model.to(world.device), record
 
 
+def announce_run(run_dir: str, cfg: SimpleNamespace, model_cfg: CLIPConfig, names: list[str],
+                 world: World, log) -> None:
+    """The run's first line, and its config in the log (rank 0)."""
+    if world.master:
+        print(f"run {run_dir}: strategy {cfg.strategy}, model {cfg.model}, {len(names)} steps "
+              f"({', '.join(names)}), {world.size} process(es) on {world.device.type}, "
+              f"global batch {cfg.batch_size}")
+        log({"event": "config", "config": vars(cfg), "model_config": asdict(model_cfg)})
+
+
+def report_run(run_dir: str, result: dict) -> None:
+    """The run's evaluation matrix, printed and drawn (RUN/eval_matrix.png)."""
+    print(evaluate.format_matrix(result))
+    pictures.write_eval_matrix(run_dir, result)
+    print(f"checkpoints, log.jsonl, eval_matrix.json and eval_matrix.png in {run_dir}")
+
+
 def report_step(step: strategies.TimeStep, record: dict, row: dict, log) -> None:
     """The step's line: samples, time, compute, R@1 per task, and what it skipped (rank 0)."""
     faults, nonfinite = record["faults"], record["nonfinite"]
@@ -620,11 +637,7 @@ def main(argv):
     model_cfg = initial.cfg if initial else make_config(cfg.model, vocab_size=tokenizer.vocab_size,
                                                         eot_token_id=tokenizer.eot_id)
     log = run_log(run_dir, world)
-    if world.master:
-        print(f"run {run_dir}: strategy {cfg.strategy}, model {cfg.model}, {len(names)} steps "
-              f"({', '.join(names)}), {world.size} process(es) on {world.device.type}, "
-              f"global batch {cfg.batch_size}")
-        log({"event": "config", "config": vars(cfg), "model_config": asdict(model_cfg)})
+    announce_run(run_dir, cfg, model_cfg, names, world, log)
     matrix_path = os.path.join(run_dir, "eval_matrix.json")
     rows, initial_row = evaluate.read_results(matrix_path, names)  # what an earlier run measured
     if initial:  # measured first: a row of its own, outside ID and the transfers
@@ -696,10 +709,7 @@ def main(argv):
                 report_step(step, record, rows[name], log)
             world.barrier()
     if world.master and rows:  # none yet if SIGTERM came before the first step ended
-        result = evaluate.eval_matrix(rows, names, initial_row)
-        print(evaluate.format_matrix(result))
-        pictures.write_eval_matrix(run_dir, result)
-        print(f"checkpoints, log.jsonl, eval_matrix.json and eval_matrix.png in {run_dir}")
+        report_run(run_dir, evaluate.eval_matrix(rows, names, initial_row))
     world.finish()
 
 

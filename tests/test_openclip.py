@@ -27,8 +27,8 @@ import prepare
 import shards
 import synthetic
 from conftest import REPO, train_in_process
-from model import (load_checkpoint, load_openclip_state_dict, make_config, openclip_config,
-                   read_torchscript)
+from checkpoints import load_checkpoint, load_openclip_state_dict, openclip_config, read_torchscript
+from model import make_config
 
 
 def openclip_model(name: str, seed: int = 0):

@@ -16,7 +16,7 @@ import strategies
 import survive
 import train
 from conftest import train_in_process
-from model import load_checkpoint
+from checkpoints import load_checkpoint
 from test_data import make_stream, tokenizer, write_shard  # noqa: F401 (tokenizer is a fixture)
 
 LR = 1.0

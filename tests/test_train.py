@@ -16,7 +16,8 @@ import shards
 import strategies
 import train
 from conftest import run_train, train_in_process, train_refused
-from model import CLIP, load_checkpoint, make_config
+from checkpoints import load_checkpoint
+from model import CLIP, make_config
 
 
 def test_config_overrides_and_errors():

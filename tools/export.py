@@ -19,14 +19,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 import data  # noqa: E402
 import shards  # noqa: E402
-from model import load_checkpoint, parse_heads, to_openclip  # noqa: E402
+from checkpoints import load_checkpoint, parse_heads, to_openclip  # noqa: E402
 from settings import parse_flags  # noqa: E402
 
 
 def export(checkpoint: str, out: str, quick_gelu: bool | None = None,
            heads: tuple[int, int] | None = None) -> None:
     """Write checkpoint as an OpenCLIP folder at out (made if new). quick_gelu and heads: as
-    model.load_checkpoint's, None to read them from the file."""
+    checkpoints.load_checkpoint's, None to read them from the file."""
     model, _ = load_checkpoint(checkpoint, quick_gelu, heads)
     state_dict, model_cfg = to_openclip(model)
     if os.path.exists(out) and not os.path.isdir(out):

@@ -62,6 +62,17 @@ def train_in_process(args: list[str]) -> None:
         signal.signal(signal.SIGTERM, previous_handler)
 
 
+def train_stopped(args: list[str], run_dir: str, once_saved: str) -> None:
+    """train_in_process, stopped as SIGTERM would stop it: at the first check after the resume
+    checkpoint RUN/resume/once_saved exists (the check comes at the next log interval)."""
+    import pytest
+    import survive
+    with pytest.MonkeyPatch.context() as patch:
+        saved = os.path.join(run_dir, "resume", once_saved)
+        patch.setattr(survive, "stop_requested", lambda world: os.path.exists(saved))
+        train_in_process([f"--out_dir={run_dir}", *args])
+
+
 def train_refused(args: list[str], env: dict | None = None) -> str:
     """train.py's one-line refusal of args (asserted: a non-zero exit, no traceback, one line on stderr)."""
     out = subprocess.run(train_command(args), cwd=REPO, capture_output=True, text=True, timeout=300,

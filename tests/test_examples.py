@@ -17,7 +17,7 @@ import schedules
 import strategies
 import survive
 import train
-from conftest import ENV, REPO, train_in_process
+from conftest import ENV, REPO, train_in_process, train_stopped
 from test_resilience import kill_mid_step
 from test_train import loss_and_grads, random_pairs, tiny_clip
 
@@ -144,14 +144,10 @@ def test_ewc_stopped_mid_step_resumes_bitwise_without_estimating_again(example, 
     args = [f"--data_root={two_years}", "--strategy=ewc", *EWC, "--ckpt_interval_samples=32"]
     reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
     train_in_process([f"--out_dir={reference}", *args])
-    # as SIGTERM would: the check at iteration 2 of step 2 asks to stop, once its checkpoint at iteration 1 exists
-    asked = lambda world: os.path.exists(os.path.join(stopped, "resume", "step02-0000001.pt"))  # noqa: E731
-    monkeypatch.setattr(survive, "stop_requested", asked)
-    train_in_process([f"--out_dir={stopped}", *args])
+    train_stopped(args, stopped, "step02-0000001.pt")  # the check at step 2's iteration 2 stops it
     assert not os.path.exists(os.path.join(stopped, "step02.pt"))
     assert os.path.exists(survive.start_checkpoint(stopped, 1))
-    monkeypatch.undo()
-    calls = recording(monkeypatch, "ewc", "start_of_step")
+    calls.clear()
     train_in_process([f"--out_dir={stopped}", *args])
     assert calls == []  # the resumed step took the Fisher it had estimated from RUN/resume
     assert not os.listdir(os.path.join(stopped, "resume"))  # gone once the step ended
@@ -199,16 +195,13 @@ def test_wsd_warms_up_once_holds_then_falls_linearly_on_the_cooled_branch(exampl
 
 
 @pytest.mark.slow
-def test_wsd_stopped_mid_cooldown_resumes_bitwise(example, monkeypatch, two_years, tmp_path):
+def test_wsd_stopped_mid_cooldown_resumes_bitwise(example, two_years, tmp_path):
     example("wsd")
     args = [f"--data_root={two_years}", "--strategy=sequential", "--lr_schedule=wsd", *TINY,
             "--budget_samples=256", "--cooldown_fraction=0.5", "--ckpt_interval_samples=64"]
     reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
     train_in_process([f"--out_dir={reference}", *args])
-    asked = lambda world: os.path.exists(os.path.join(stopped, "resume", "step01-0000006.pt"))  # noqa: E731
-    monkeypatch.setattr(survive, "stop_requested", asked)  # at iteration 6 of 8: the branch began at 4
-    train_in_process([f"--out_dir={stopped}", *args])
-    monkeypatch.undo()
+    train_stopped(args, stopped, "step01-0000006.pt")  # at iteration 6 of 8: the branch began at 4
     train_in_process([f"--out_dir={stopped}", *args])
     for step in (1, 2):
         a, b = load(reference, step), load(stopped, step)

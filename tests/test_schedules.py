@@ -13,9 +13,8 @@ import torch
 import data
 import schedules
 import strategies
-import survive
 import train
-from conftest import train_in_process
+from conftest import train_in_process, train_stopped
 from checkpoints import load_checkpoint
 from test_data import make_stream, tokenizer, write_shard  # noqa: F401 (tokenizer is a fixture)
 
@@ -180,20 +179,16 @@ def test_a_strategy_that_starts_afresh_keeps_no_trunk_under_a_carried_schedule(t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["const-cooldown", "rsqrt"])
-def test_a_run_stopped_mid_cooldown_resumes_bitwise(two_years, tmp_path, monkeypatch, kind):
+def test_a_run_stopped_mid_cooldown_resumes_bitwise(two_years, tmp_path, kind):
     """Stopped at iteration 12 of the first step (inside the cooldown, which began at 8): the trunk kept in the
     resume checkpoint is the one the second step goes on from, so both steps end bit for bit as an unstopped run."""
     args = [f"--data_root={two_years}", "--strategy=cumulative-all", f"--lr_schedule={kind}", *TINY]
     reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
     train_in_process([f"--out_dir={reference}", *args])
-    # as SIGTERM would: the check at iteration 12 asks to stop, once the checkpoint of iteration 10 exists
-    asked = lambda world: os.path.exists(os.path.join(stopped, "resume", "step01-0000010.pt"))  # noqa: E731
-    monkeypatch.setattr(survive, "stop_requested", asked)
-    train_in_process([f"--out_dir={stopped}", *args])
+    train_stopped(args, stopped, "step01-0000010.pt")  # the check at iteration 12 stops it
     assert not os.path.exists(os.path.join(stopped, "step01.pt"))
     resume = torch.load(os.path.join(stopped, "resume", "step01-0000012.pt"), weights_only=True)
     assert resume["trunk"]["iterations"] == 8
-    monkeypatch.undo()
     train_in_process([f"--out_dir={stopped}", *args])
     for step in (1, 2):
         a, b = load(reference, step), load(stopped, step)

@@ -36,6 +36,7 @@ import tokenizers  # noqa: E402
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's per-channel image statistics
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # what Pillow may decode: never EPS (Ghostscript) and the like
 
 # -----------------------------------------------------------------------------
 # Selecting samples by hash
@@ -295,7 +296,7 @@ def _decode(sample: dict[str, bytes], target: str = "caption", draft_px: int | N
     label = {"caption": caption, "class": class_id, "captions": captions}[target](sample)
     if ext is None or label is None:
         return None
-    img = Image.open(io.BytesIO(sample[ext]))
+    img = Image.open(io.BytesIO(sample[ext]), formats=IMAGE_FORMATS)  # else a counted bad image
     if draft_px:  # libjpeg's scaled IDCT (docs/results.md, Performance); a no-op for PNGs
         img.draft("RGB", (draft_px, draft_px))
     if img.width * img.height > max_pixels:

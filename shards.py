@@ -17,7 +17,7 @@ members of one sample share a key and sit next to each other: KEY.png (or jpg/jp
 import io
 import json
 import os
-import shlex
+import re
 import signal
 import stat
 import subprocess
@@ -312,11 +312,19 @@ class ShardError(RuntimeError):
     """A tar shard that cannot be read to its end (truncated, or not a tar)."""
 
 
+PLAIN_PATH = re.compile(r"[A-Za-z0-9_.+=@%,-]+(/[A-Za-z0-9_.+=@%,-]+)*")  # nothing a shell acts on
+
+
 def stream_path(shard_cmd: str, relative_path: str) -> str:
     """The path of a streamed shard: "pipe:" and the shell command that writes it to stdout
     (webdataset's form), with {path} in shard_cmd (e.g. "aws s3 cp s3://bucket/tic/{path} -")
-    replaced by the shard's path relative to the data root."""
-    return "pipe:" + shard_cmd.replace("{path}", shlex.quote(relative_path))
+    replaced by the shard's path relative to the data root. That path must be plain (PLAIN_PATH):
+    quoting cannot make a name safe inside quotes the user wrote around {path}."""
+    if not PLAIN_PATH.fullmatch(relative_path) or relative_path.startswith("-"):
+        raise SystemExit(f"error: shard {relative_path!r}: with --shard_cmd, shard and year names "
+                         f"reach a shell command, so they may hold only letters, digits and "
+                         f"_ . + = @ % , - (and / between folders); rename it in sizes.json")
+    return "pipe:" + shard_cmd.replace("{path}", relative_path)
 
 
 class ShardStream:

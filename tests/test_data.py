@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 import data
 import evaluate
@@ -314,6 +314,44 @@ def test_caps_on_captions_members_and_pixels(tmp_path, monkeypatch):
     assert data._decode(sample)[0].size == (200, 200)
     with pytest.raises(ValueError, match="200x200 pixels, over the cap of 10000"):
         data._decode(sample, max_pixels=10_000)
+
+
+def test_only_jpeg_png_and_webp_are_decoded_so_a_shard_runs_no_program(tmp_path, tokenizer, monkeypatch, capfd):
+    """Pillow opens every format it knows: an EPS image is handed to Ghostscript. A member holding anything but
+    JPEG, PNG or WebP is a counted bad image, in training and evaluation, and no program runs."""
+    ran = tmp_path / "gs-ran"
+    fake_gs = tmp_path / "bin" / "gs"
+    fake_gs.parent.mkdir()
+    fake_gs.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    fake_gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_gs.parent}:{os.environ['PATH']}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+    members = [("k0.png", eps), ("k0.txt", b"eps posing as png")]
+    members += [m for i in range(1, 4) for m in [(f"k{i}.png", png_bytes(i)), (f"k{i}.txt", b"fine")]]
+    path = write_tar(tmp_path / "0.tar", members)
+    with pytest.raises(UnidentifiedImageError):  # not even identified
+        data._decode({"png": eps, "txt": b"x"})
+    stream = data.TrainStream([data.Part("2018", [(path, 4)])], 8, 8, 0, 1, seed=0, time_step=0, image_px=8,
+                              tokenizer=tokenizer, context_tokens=16, shuffle_buffer=4, max_bad_fraction=1)
+    faults = next(stream.batches(0, 1))[2]
+    assert faults["corrupt_image"] >= 1
+    keys = [k for *_, ks in data.eval_batches([(path, 4)], 8, 16, max_bad_fraction=0.5) for k in ks]
+    assert keys == ["k1", "k2", "k3"] and "corrupt_image 1" in capfd.readouterr().err
+    assert not ran.exists()
+
+
+def test_a_shard_name_that_reaches_a_command_cannot_run_one(tmp_path):
+    """shlex.quote breaks inside quotes the user put around {path}: names that reach --shard_cmd must be plain."""
+    folder = tmp_path / "train" / "2018"
+    folder.mkdir(parents=True)
+    ran = tmp_path / "X"
+    (folder / "sizes.json").write_text(json.dumps({f"$(touch {ran}).tar": 4}))
+    with pytest.raises(SystemExit, match=r"may hold only letters, digits .*rename it in sizes.json"):
+        shards.year_shards(str(tmp_path), "2018", shard_cmd=f'cat "{tmp_path}/{{path}}"')
+    (folder / "sizes.json").write_text(json.dumps({"shard-000_1.tar": 4}))
+    assert shards.year_shards(str(tmp_path), "2018", shard_cmd='cat "/d/{path}"') == [
+        ('pipe:cat "/d/train/2018/shard-000_1.tar"', 4)]
+    assert not ran.exists()
 
 
 def test_write_failures_leave_no_temporary_file_and_stale_ones_are_cleared(tmp_path):

@@ -1,4 +1,5 @@
 """Bad input is refused before any compute, in one line that names the thing and the fix, with no traceback."""
+import json
 import os
 import re
 import shutil
@@ -165,3 +166,16 @@ def test_a_failure_under_torchrun_is_one_line_from_all_processes(tmp_path, two_y
     message = "no such file" if "tokenizer" in arg else "the count of 000000.tar is '64'"
     assert len(ours) == 1 and message in ours[0], out.stderr
     assert "Connection closed" not in out.stderr
+
+
+def test_a_shard_name_that_would_run_a_command_is_refused_before_any_compute(tmp_path, two_years):
+    root = tmp_path / "d"
+    shutil.copytree(two_years, root)
+    sizes_path, ran = root / "train" / "2019" / "sizes.json", tmp_path / "X"
+    sizes = json.loads(sizes_path.read_text())
+    first = next(iter(sizes))
+    sizes[f"$(touch {ran}){first}"] = sizes.pop(first)
+    sizes_path.write_text(json.dumps(sizes))
+    line = train_refused([f"--data_root={root}", f"--shard_cmd=cat \"{root}/{{path}}\"", f"--out_dir={tmp_path}/run",
+                          *TINY])
+    assert "$(touch" in line and "rename it in sizes.json" in line and not ran.exists()

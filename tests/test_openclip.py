@@ -121,14 +121,15 @@ def test_checkpoint_files_of_every_kind(tmp_path):
 
 
 def openclip_with_heads(vision_width: int, head_width: int, text_width: int, text_heads: int,
-                        layers: int = 2, image_px: int = 32, patch_px: int = 8):
-    """A random open_clip ViT CLIP with image heads head_width wide and text_heads text heads, and
-    its model config as an open_clip_config.json holds it."""
+                        layers: int = 2, image_px: int = 32, patch_px: int = 8, **text_settings):
+    """A random open_clip ViT CLIP with image heads head_width wide and text_heads text heads (and
+    text_settings in its text_cfg: pool_type, ...), and its model config as an
+    open_clip_config.json holds it."""
     torch.manual_seed(0)
     vision = dict(image_size=image_px, patch_size=patch_px, width=vision_width,
                   head_width=head_width, layers=layers)
     text = dict(context_length=16, vocab_size=49408, width=text_width, heads=text_heads,
-                layers=layers)
+                layers=layers, **text_settings)
     model_cfg = {"embed_dim": 64, "vision_cfg": vision, "text_cfg": text}
     return open_clip.CLIP(**model_cfg).eval(), model_cfg
 
@@ -142,7 +143,7 @@ def test_heads_other_than_64_wide_come_from_the_config_beside_or_the_setting_or_
     path = _saved(tmp_path, theirs)
     guessed, _ = load_checkpoint(path)  # no config beside, no open_clip model of these widths
     note = capsys.readouterr().out
-    assert f"no open_clip model of its widths ({width} image, {width} text)" in note
+    assert f"64 wide (no open_clip model has its widths, {width} image, {width} text)" in note
     assert "pass --heads=IMAGE,TEXT" in note
     assert (guessed.cfg.vision_heads, guessed.cfg.text_heads) != heads
     with torch.no_grad():  # the guess is wrong here, which the line says may be
@@ -166,8 +167,28 @@ def test_an_open_clip_shape_with_80_wide_image_heads_is_known_by_its_widths(tmp_
     theirs, _ = openclip_with_heads(1280, 80, 1024, 16, layers=1, image_px=28, patch_px=14)  # ViT-H
     ours, _ = load_checkpoint(_saved(tmp_path, theirs))
     assert (ours.cfg.vision_heads, ours.cfg.text_heads) == (16, 16)
-    assert "attention heads" not in capsys.readouterr().out
+    assert ("assuming 16 image and 16 text heads, those of open_clip's model of its widths "
+            "(1280 image, 1024 text)") in capsys.readouterr().out  # assumed, so said
     assert_same_embeddings(theirs, ours, 28, 16)
+
+
+def test_vit_b_widths_with_32_wide_heads_and_no_config_name_the_heads_assumed(tmp_path, capsys):
+    import export
+    theirs, _ = openclip_with_heads(768, 32, 512, 16, layers=1, patch_px=16)  # 24 and 16 heads
+    path = _saved(tmp_path, theirs)
+    guessed, _ = load_checkpoint(path)  # widths open_clip's ViT-B has, with 12 and 8 heads
+    note = capsys.readouterr().out
+    assert "no open_clip_config.json beside it says its attention heads" in note
+    assert "assuming 12 image and 8 text heads" in note and "pass --heads=IMAGE,TEXT" in note
+    with torch.no_grad():  # the assumption is wrong here, which the note says it may be
+        tokens = open_clip.tokenize(["a photo of a cat"], 16)
+        assert (guessed.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() > 1e-3
+    assert_same_embeddings(theirs, load_checkpoint(path, heads=(24, 16))[0], 32, 16)
+    export.main([path, f"--out={tmp_path / 'exported'}", "--heads=24,16"])  # what was loaded
+    written = json.load(open(tmp_path / "exported" / "open_clip_config.json"))["model_cfg"]
+    assert (written["vision_cfg"]["head_width"], written["text_cfg"]["heads"]) == (32, 16)
+    assert_same_embeddings(theirs, open_clip.create_model(f"local-dir:{tmp_path / 'exported'}"),
+                           32, 16)
 
 
 def test_the_heads_setting_is_checked(tmp_path):
@@ -176,6 +197,50 @@ def test_the_heads_setting_is_checked(tmp_path):
         train.check_config(train.parse_config(["--heads=16"]))
     with pytest.raises(SystemExit, match="--heads=0,8: use auto"):
         evaluate.main([f"--checkpoint={tmp_path}", "--tokenizer=t", "--data_root=d", "--heads=0,8"])
+
+
+@pytest.mark.parametrize("text_settings", [dict(pool_type="last", no_causal_mask=True),  # CLIPA's
+                                           dict(pool_type="eos", eos_id=1),  # the -worldwide ones'
+                                           dict(pool_type="last"), dict(no_causal_mask=True)])
+def test_text_pooling_eos_id_and_causal_mask_are_read_from_the_config_beside(tmp_path,
+                                                                            text_settings):
+    import export
+    theirs, model_cfg = openclip_with_heads(128, 64, 128, 2, **text_settings)
+    path = _saved(tmp_path, theirs)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    ours, _ = load_checkpoint(path)
+    tokens = torch.randint(3, 49406, (3, 16), generator=torch.Generator().manual_seed(1))
+    eot = text_settings.get("eos_id", 49407)  # as a tokenizer makes them: end-of-text, padding
+    tokens[:, 0], tokens[:, 7], tokens[:, 8:] = 49406, eot, 0
+    sd = theirs.state_dict()
+    unread = load_openclip_state_dict(sd, openclip_config(sd, False))  # the settings left unread
+    with torch.no_grad():
+        assert (unread.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() > 1e-3
+        assert (ours.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() < 1e-5
+    export.main([path, f"--out={tmp_path / 'exported'}"])  # written back as read
+    exported = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}").eval()
+    with torch.no_grad():
+        assert (exported.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("section, setting, refusal", [
+    ("text_cfg", {"pool_type": "first"}, 'text_cfg.pool_type="first": this project\'s CLIP'),
+    ("vision_cfg", {"pool_type": "avg"}, 'vision_cfg.pool_type="avg": this project\'s CLIP'),
+    ("text_cfg", {"act_kwargs": {"approximate": "tanh"}}, 'text_cfg.act_kwargs={"approximate"'),
+    ("text_cfg", {"norm_kwargs": {"eps": 1e-6}}, 'text_cfg.norm_kwargs={"eps": 1e-06}'),
+    ("vision_cfg", {"width": 768}, "vision_cfg.width=768, but the weights beside it have 128"),
+    ("text_cfg", {"rope": True}, "text_cfg.rope=true is a setting this loader does not know"),
+    ("preprocess_cfg", {"mean": [0.5] * 3}, "preprocess_cfg.mean=[0.5, 0.5, 0.5]: evaluate.py")])
+def test_a_config_setting_our_clip_cannot_follow_is_refused_in_a_line_naming_it(
+        tmp_path, section, setting, refusal):
+    theirs, model_cfg = openclip_with_heads(128, 64, 128, 2, layers=1)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {}}
+    (config if section == "preprocess_cfg" else model_cfg)[section].update(setting)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as refused:
+        load_checkpoint(_saved(tmp_path, theirs))
+    assert str(refused.value).startswith(f"error: {tmp_path / 'open_clip_config.json'}: {refusal}")
+    assert "\n" not in str(refused.value)
 
 
 # ------------------------------------------------------------------- archives that would run code
@@ -359,6 +424,10 @@ def test_an_unstated_activation_is_assumed_gelu_with_a_note_and_a_config_beside_
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
     assert load_checkpoint(str(tmp_path / "model.pt"))[0].cfg.quick_gelu
     assert "does not say" not in capsys.readouterr().out
+    _, model_cfg = openclip_with_heads(128, 64, 128, 2)  # a config silent on it: GELU, as open_clip
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    assert not load_checkpoint(str(tmp_path / "model.pt"))[0].cfg.quick_gelu
+    assert "note:" not in capsys.readouterr().out
 
 
 @pytest.mark.slow

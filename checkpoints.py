@@ -456,6 +456,22 @@ def _check_preprocess(preprocess: dict, cfg: CLIPConfig, source: str) -> None:
                              f"open_clip for this model")
 
 
+def check_tokenizer(cfg: CLIPConfig, tokenizer: data.Tokenizer, tokenizer_path: str,
+                    model_path: str) -> None:
+    """Refuse, in one line, a tokenizer whose ids the model of cfg cannot read: more ids than it
+    embeds, or, where it pools at end-of-text, another end-of-text id."""
+    pools = (f"pools at end-of-text {cfg.eot_token_id}" if cfg.text_pool == "eot"
+             else f"pools at the {cfg.text_pool} token")
+    if tokenizer.vocab_size <= cfg.vocab_size and (cfg.text_pool != "eot"
+                                                   or tokenizer.eot_id == cfg.eot_token_id):
+        return
+    raise SystemExit(f"error: {tokenizer_path}: {tokenizer.vocab_size} ids with end-of-text "
+                     f"{tokenizer.eot_id}, but {model_path} embeds {cfg.vocab_size} ids and "
+                     f"{pools}; pass the tokenizer it was trained with (CLIP's: python "
+                     f"tools/prepare.py clip-tokenizer), or, if this is it, put the model's "
+                     f"open_clip_config.json (its pool_type and eos_id) beside the weights")
+
+
 def to_openclip(model: CLIP) -> tuple[dict, dict]:
     """(OpenCLIP state dict, OpenCLIP model config) of our model: open_clip.CLIP(**config) loads
     the state dict with strict=True and gives the same embeddings. The config names every shape, so

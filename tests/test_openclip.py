@@ -460,22 +460,36 @@ def test_a_run_from_an_openclip_model_with_lr_0_keeps_it_and_scores_it_first(tmp
 
 
 @pytest.mark.parametrize("vocabulary", ["clip", "bpe"])
-def test_an_exported_model_loads_into_open_clip_strictly_with_the_same_embeddings(tmp_path, vocabulary):
+def test_an_exported_model_loads_into_open_clip_strictly_with_the_same_embeddings(
+        tmp_path, vocabulary, capsys, clip_tokenizer):
     import export
     from dataclasses import asdict
     from model import CLIP
     if vocabulary == "clip":  # CLIP's vocabulary: open_clip pools at the largest id, end-of-text
         ours, _ = load_checkpoint(_saved(tmp_path, tiny_openclip(quick_gelu=True)), quick_gelu=True)
+        tokenizer = clip_tokenizer
     else:  # a vocabulary of our own, end-of-text id 2: open_clip pools at that id ("eos")
         torch.manual_seed(0)
         ours = CLIP(make_config("tiny", vocab_size=300, eot_token_id=2)).eval()
+        tokenizer = data.Tokenizer.train(CAPTIONS, 300)
     path = tmp_path / "run" / "step01.pt"
     path.parent.mkdir()
     torch.save({"model": ours.state_dict(), "model_config": asdict(ours.cfg)}, path)
-    (path.parent / "tokenizer.json").write_text("{}")
+    tokenizer.save(str(path.parent / "tokenizer.json"))
+    capsys.readouterr()
     export.main([str(path), f"--out={tmp_path / 'exported'}"])
+    said = capsys.readouterr().out.splitlines()[-1]  # how to tokenize for it
     theirs = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}").eval()  # loads its weights strictly
     assert (tmp_path / "exported" / "tokenizer.json").exists()
+    folder = tmp_path / "exported"
+    if vocabulary == "clip":  # open_clip's tokenizer of the folder gives our ids
+        assert said == (f"tokenize with open_clip.get_tokenizer('local-dir:{folder}'): "
+                        f"CLIP's vocabulary")
+        their_ids = open_clip.get_tokenizer(f"local-dir:{folder}")(CAPTIONS)
+        assert torch.equal(their_ids, tokenizer(CAPTIONS, 16))
+    else:  # it would give CLIP's ids, which this model cannot read: the line says what to use
+        assert said.startswith(f"tokenize with this project's data.Tokenizer.load('{folder}/"
+                               f"tokenizer.json')(texts, 24): the run's own vocabulary")
     g = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, ours.cfg.image_px, ours.cfg.image_px, generator=g)
     tokens = torch.randint(3, ours.cfg.vocab_size - 1, (2, ours.cfg.context_tokens), generator=g)
@@ -485,6 +499,46 @@ def test_an_exported_model_loads_into_open_clip_strictly_with_the_same_embedding
         assert (theirs.encode_text(tokens) - ours.encode_text(tokens)).abs().max() < 1e-5
     missing, unexpected = theirs.load_state_dict(torch.load(tmp_path / "exported" / "open_clip_pytorch_model.bin"))
     assert not missing and not unexpected
+
+
+def test_a_run_exported_reads_back_as_the_run_itself(tmp_path, capsys, clip_tokenizer):
+    import export
+    import train
+    from types import SimpleNamespace
+    root = str(tmp_path / "bench")
+    synthetic.make_synthetic_benchmark(root, years=(2020,), train_samples_per_year=64,
+                                       eval_samples_per_year=24, samples_per_shard=64,
+                                       classification_samples_per_year=16, static_samples=16)
+    run, out = tmp_path / "run", tmp_path / "exported"
+    train_in_process([f"--data_root={root}", f"--out_dir={run}", "--budget_samples=32",
+                      "--batch_size=16", "--workers=0", "--eval_batch=32", "--log_interval=100",
+                      "--warmup_iters=1"])  # a tiny run, its own BPE: end-of-text id 2
+    export.main([str(run / "step01.pt"), f"--out={out}"])
+    assert f"data.Tokenizer.load('{out}/tokenizer.json')" in capsys.readouterr().out
+    trained, _ = load_checkpoint(str(run / "step01.pt"))
+    exported, _ = load_checkpoint(str(out / "open_clip_pytorch_model.bin"))
+    assert "note:" not in capsys.readouterr().out  # the config beside says everything
+    assert exported.cfg == trained.cfg and trained.cfg.eot_token_id == 2
+    tokenizer = data.Tokenizer.load(str(out / "tokenizer.json"))
+    tokens = tokenizer(["a red circle at top left and a blue star at bottom right"] * 2, 24)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (exported.encode_text(tokens) - trained.encode_text(tokens)).abs().max() < 1e-5
+        assert (exported.encode_image(images) - trained.encode_image(images)).abs().max() < 1e-5
+    rows = [evaluate.main([f"--checkpoint={checkpoint}", f"--tokenizer={out / 'tokenizer.json'}",
+                           f"--data_root={root}", "--device=cpu"])
+            for checkpoint in (run / "step01.pt", out / "open_clip_pytorch_model.bin")]
+    assert rows[0] == rows[1] and rows[0]["2020"]["gallery"] == 24
+    initial = train.load_initial(SimpleNamespace(init=str(out / "open_clip_pytorch_model.bin"),
+                                                 quick_gelu="auto", heads="auto"),
+                                 tokenizer, SimpleNamespace(master=False))
+    assert all(torch.equal(v, initial.state_dict()[k]) for k, v in trained.state_dict().items())
+    clip_tokenizer.save(str(tmp_path / "clip.json"))  # another tokenizer: a true refusal
+    with pytest.raises(SystemExit, match=r"clip.json: 49408 ids with end-of-text 49407, but .*"
+                                         r"open_clip_pytorch_model.bin embeds \d+ ids and pools "
+                                         r"at end-of-text 2; pass the tokenizer it was trained"):
+        evaluate.main([f"--checkpoint={out / 'open_clip_pytorch_model.bin'}",
+                       f"--tokenizer={tmp_path / 'clip.json'}", f"--data_root={root}"])
 
 
 def _saved(folder, openclip_model) -> str:

@@ -8,8 +8,10 @@ their code), and a model handed back to OpenCLIP (to_openclip, tools/export.py).
 
 OpenCLIP keeps OpenAI's parameter names, and model.CLIP keeps OpenCLIP's layout, so one key map
 (openclip_key_map) reads both, name by name. What weights do not show (the activation, the
-attention heads) comes from the file's neighbours where they say it, else from open_clip's model of
-the same widths, with a line saying what was assumed.
+attention heads, the text pooling and mask) comes from an open_clip_config.json beside them, read
+field by field as open_clip reads it (a field our CLIP cannot follow is refused, naming it), else
+from open_clip's model of the same widths, with a line saying what was assumed. An exported folder
+reads back as the checkpoint it came from.
 """
 import json
 import math
@@ -20,6 +22,7 @@ from collections import OrderedDict
 
 import torch
 
+import data
 from model import CLIP, CLIPConfig
 
 
@@ -88,11 +91,13 @@ def parse_heads(spec: str) -> tuple[int, int] | None:
 
 
 def openclip_config(state_dict: dict, quick_gelu: bool, heads: tuple[int, int] | None = None,
-                    model_cfg: dict | None = None) -> CLIPConfig:
+                    model_cfg: dict | None = None, source: str = "the model config") -> CLIPConfig:
     """The CLIPConfig of an OpenCLIP or OpenAI ViT state dict, read from its shapes. What weights
     do not show is passed: quick_gelu (OpenAI's models and OpenCLIP's -quickgelu ones), and heads,
     the attention heads (image, text). heads None takes those model_cfg names (an
-    open_clip_config.json's model config), else OPENCLIP_HEADS' of the same widths, else 64-wide."""
+    open_clip_config.json's model config), else OPENCLIP_HEADS' of the same widths, else 64-wide.
+    model_cfg's text pooling, end-of-text id and causal mask are read; a setting our CLIP lacks,
+    or a shape other than the weights', is refused naming the field (source names the file)."""
     sd = state_dict
     need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
             "positional_embedding", "token_embedding.weight", "ln_final.weight"]
@@ -123,14 +128,82 @@ def openclip_config(state_dict: dict, quick_gelu: bool, heads: tuple[int, int] |
             raise SystemExit(f"{n} attention heads do not divide the {tower} tower's width "
                              f"{width}; pass --heads=IMAGE,TEXT that divide {vision_width} and "
                              f"{text_width}")
-    return CLIPConfig(image_px=grid * patch_px, patch_px=patch_px, vision_width=vision_width,
-                      vision_layers=layers("visual.transformer.resblocks"), vision_heads=heads[0],
-                      text_width=text_width, text_layers=layers("transformer.resblocks"),
-                      text_heads=heads[1],
-                      context_tokens=sd["positional_embedding"].shape[0], vocab_size=vocab_size,
-                      embed_dim=sd["text_projection"].shape[1], mlp_ratio=mlp_ratios.pop(),
-                      quick_gelu=quick_gelu,
-                      eot_token_id=vocab_size - 1)  # <|endoftext|>, CLIP's last id
+    text = text or {}
+    pool = text.get("pool_type", "argmax")
+    # argmax pools at the largest id: CLIP's <|endoftext|>, its last; eos at eos_id (default 2)
+    eot_token_id = text.get("eos_id", 2) if pool == "eos" else vocab_size - 1
+    cfg = CLIPConfig(image_px=grid * patch_px, patch_px=patch_px, vision_width=vision_width,
+                     vision_layers=layers("visual.transformer.resblocks"), vision_heads=heads[0],
+                     text_width=text_width, text_layers=layers("transformer.resblocks"),
+                     text_heads=heads[1],
+                     context_tokens=sd["positional_embedding"].shape[0], vocab_size=vocab_size,
+                     embed_dim=sd["text_projection"].shape[1], mlp_ratio=mlp_ratios.pop(),
+                     quick_gelu=quick_gelu, eot_token_id=eot_token_id,
+                     text_pool="last" if pool == "last" else "eot",
+                     text_causal=not text.get("no_causal_mask", False))
+    check_openclip_model_cfg(model_cfg or {}, cfg, source)
+    return cfg
+
+
+# What an open_clip model config may say, field by field ("text_cfg.pool_type": text_cfg's
+# pool_type). Read: the activation, the heads, the text pooling and mask. Shapes: read from the
+# weights, and the config's must agree (our CLIPConfig's name for each).
+_READ = {"quick_gelu", "vision_cfg.head_width", "text_cfg.heads", "text_cfg.pool_type",
+         "text_cfg.eos_id", "text_cfg.no_causal_mask"}
+_SHAPES = {"embed_dim": "embed_dim", "vision_cfg.image_size": "image_px",
+           "vision_cfg.patch_size": "patch_px", "vision_cfg.width": "vision_width",
+           "vision_cfg.layers": "vision_layers", "text_cfg.width": "text_width",
+           "text_cfg.layers": "text_layers", "text_cfg.context_length": "context_tokens",
+           "text_cfg.vocab_size": "vocab_size"}
+# Settings our CLIP does not have: accepted only at the values where open_clip computes as it does
+_BLOCK = {"ls_init_value": (None,), "act_kwargs": (None, {}), "norm_kwargs": (None, {}),
+          "block_type": (None, "default"),
+          **dict.fromkeys(("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner",
+                           "scale_attn", "scale_fc"), (False,))}
+_FIXED = {"custom_text": (False,), "nonscalar_logit_scale": (False,), "multimodal_cfg": (None,),
+          **{f"{tower}.{k}": v for tower in ("vision_cfg", "text_cfg") for k, v in _BLOCK.items()},
+          "vision_cfg.timm_model_name": (None,), "vision_cfg.attentional_pool": (False,),
+          "vision_cfg.no_ln_pre": (False,), "vision_cfg.pos_embed_type": ("learnable",),
+          "vision_cfg.final_ln_after_pool": (False,), "vision_cfg.pool_type": ("tok",),
+          "vision_cfg.global_average_pool": (False,), "vision_cfg.input_patchnorm": (False,),  # old
+          "text_cfg.hf_model_name": (None,), "text_cfg.embed_cls": (False,),
+          "text_cfg.proj_bias": (False,), "text_cfg.proj_type": ("linear",),
+          "text_cfg.final_ln_after_pool": (False,), "text_cfg.pool_type": ("argmax", "eos", "last")}
+# Settings that change no embedding: the weights say it, it starts or regularises training, it
+# tokenizes, or it belongs to a tower kind refused above (timm's, Hugging Face's, a pooler's)
+_IGNORED = {"init_logit_scale", "init_logit_bias", "cast_dtype", "output_dict",
+            "vision_cfg.mlp_ratio", "text_cfg.mlp_ratio", "vision_cfg.patch_dropout",
+            "vision_cfg.output_tokens", "text_cfg.output_tokens", "text_cfg.pad_id",
+            "text_cfg.hf_tokenizer_name", "text_cfg.tokenizer_kwargs", "text_cfg.tokenizer_mode",
+            "vision_cfg.attn_pooler_queries", "vision_cfg.attn_pooler_heads",
+            "vision_cfg.n_queries",
+            *(f"vision_cfg.timm_{k}" for k in ("model_pretrained", "pool", "proj", "proj_bias",
+                                               "drop", "drop_path")),
+            *(f"text_cfg.hf_{k}" for k in ("model_pretrained", "proj_type", "pooler_type"))}
+
+
+def check_openclip_model_cfg(model_cfg: dict, cfg: CLIPConfig, source: str) -> None:
+    """Refuse, in one line naming the field, an open_clip model config (an open_clip_config.json's
+    model_cfg) that says what our CLIP of cfg does not compute: a setting it lacks (_FIXED), a
+    shape other than the weights' (_SHAPES), or a field this table does not know."""
+    fields = {k: v for k, v in model_cfg.items() if k not in ("vision_cfg", "text_cfg")}
+    for tower in ("vision_cfg", "text_cfg"):
+        fields.update({f"{tower}.{k}": v for k, v in (model_cfg.get(tower) or {}).items()})
+    for name, value in fields.items():
+        said = json.dumps(value)
+        said = said if len(said) <= 60 else said[:57] + "..."  # a nested config: its start
+        if name in _FIXED and value not in _FIXED[name]:
+            raise SystemExit(f"error: {source}: {name}={said}: this project's CLIP computes only "
+                             f"{' or '.join(json.dumps(v) for v in _FIXED[name])} there; use "
+                             f"open_clip for this model")
+        ours = getattr(cfg, _SHAPES[name]) if name in _SHAPES else None
+        if name in _SHAPES and value not in (ours, [ours, ours]):
+            raise SystemExit(f"error: {source}: {name}={said}, but the weights beside it have "
+                             f"{ours}: it is another model's config; put this model's there")
+        if name not in _READ | _SHAPES.keys() | _FIXED.keys() | _IGNORED:
+            raise SystemExit(f"error: {source}: {name}={said} is a setting this loader does not "
+                             f"know (it may change the model); use open_clip for this model, or "
+                             f"remove it if it changes nothing")
 
 
 def load_openclip_state_dict(state_dict: dict, cfg: CLIPConfig) -> CLIP:
@@ -295,10 +368,13 @@ def load_checkpoint(path: str, quick_gelu: bool | None = None,
     OpenCLIP training checkpoint ({"state_dict": ...}, DDP's "module." prefix too). The model
     comes in eval mode, on the CPU; this is the one way the project reads a model from a file.
 
-    Two things weights do not show; None takes each from the file, with a printed note where it
-    must assume. quick_gelu: True for OpenAI's archives, else what an open_clip_config.json beside
-    the weights says, else GELU, as OpenCLIP's models. heads (image, text): what such a file says,
-    else those of open_clip's model of the same widths, else 64-wide heads."""
+    Two settings weights do not show; None takes each from the file, with a printed note where
+    it must assume. quick_gelu: True for OpenAI's archives, else what an open_clip_config.json
+    beside the weights says (open_clip's false where it is silent), else GELU, as OpenCLIP's
+    models. heads (image, text): what such a file says, else those of open_clip's model of the
+    same widths, else 64-wide heads. The text pooling, end-of-text id and causal mask come from
+    such a file, else are CLIP's (argmax: the largest id); a setting in it that our CLIP cannot
+    follow is refused in one line (check_openclip_model_cfg)."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such checkpoint file; pass --checkpoint=FILE (an OpenCLIP or "
                          f"OpenAI CLIP)")
@@ -323,32 +399,77 @@ def load_checkpoint(path: str, quick_gelu: bool | None = None,
         return model.eval(), {k: v for k, v in state_dict.items() if k != "model"}
     state_dict = state_dict.get("state_dict", state_dict)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    beside = _openclip_config_beside(path)
-    if quick_gelu is None:
-        quick_gelu = beside.get("quick_gelu")
+    config_path, model_cfg, preprocess = _openclip_config_beside(path)
+    if quick_gelu is None and config_path:  # open_clip reads a quick_gelu it lacks as false
+        quick_gelu = model_cfg.get("quick_gelu", False)
     if quick_gelu is None:
         print(f"note: {path} does not say which activation its model uses; assuming GELU, as "
               f"OpenCLIP's models; for OpenAI's weights (or an OpenCLIP -quickgelu model) pass "
               f"--quick_gelu=true")
-    cfg = openclip_config(state_dict, bool(quick_gelu), heads, beside)
-    said = heads or "vision_cfg" in beside and "text_cfg" in beside
-    if not said and (cfg.vision_width, cfg.text_width) not in OPENCLIP_HEADS:
-        print(f"note: {path}: no open_clip_config.json beside it, and no open_clip model of "
-              f"its widths ({cfg.vision_width} image, {cfg.text_width} text), says its attention "
-              f"heads; assuming {cfg.vision_heads} image and {cfg.text_heads} text heads; if it "
-              f"has others, pass --heads=IMAGE,TEXT")
+    cfg = openclip_config(state_dict, bool(quick_gelu), heads, model_cfg, config_path or path)
+    _check_preprocess(preprocess, cfg, config_path)
+    if not (heads or "vision_cfg" in model_cfg and "text_cfg" in model_cfg):
+        widths = f"{cfg.vision_width} image, {cfg.text_width} text"
+        print(f"note: {path}: no open_clip_config.json beside it says its attention heads; "
+              f"assuming {cfg.vision_heads} image and {cfg.text_heads} text heads, "
+              + (f"those of open_clip's model of its widths ({widths})"
+                 if (cfg.vision_width, cfg.text_width) in OPENCLIP_HEADS
+                 else f"64 wide (no open_clip model has its widths, {widths})")
+              + "; if it has others, pass --heads=IMAGE,TEXT")
     return load_openclip_state_dict(state_dict, cfg), {}
 
 
-def _openclip_config_beside(path: str) -> dict:
-    """The open_clip model config in an open_clip_config.json beside the weights (Hugging Face's
-    layout, or export's); {} where there is none."""
+def _openclip_config_beside(path: str) -> tuple[str | None, dict, dict]:
+    """(its path, the open_clip model config, the preprocessing config) of an
+    open_clip_config.json beside the weights (Hugging Face's layout, or export's); (None, {}, {})
+    where there is none."""
     config_path = os.path.join(os.path.dirname(path), "open_clip_config.json")
     if not os.path.exists(config_path):
-        return {}
-    with open(config_path) as f:
-        config = json.load(f)
-    return config.get("model_cfg", config)
+        return None, {}, {}
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise SystemExit(f"error: {config_path}: not readable JSON ({e}); fix or remove it "
+                         f"(it says the model's settings that weights do not show)") from None
+    return config_path, config.get("model_cfg", config), config.get("preprocess_cfg") or {}
+
+
+def _check_preprocess(preprocess: dict, cfg: CLIPConfig, source: str) -> None:
+    """Refuse, naming the field, an open_clip_config.json's preprocess_cfg other than the one
+    evaluate.py applies (data.ImageTransform and normalize_images, as open_clip's defaults)."""
+    expected = {"size": (cfg.image_px, [cfg.image_px] * 2), "mode": ("RGB",),
+                "mean": (list(data.CLIP_MEAN),), "std": (list(data.CLIP_STD),),
+                "interpolation": ("bicubic",), "resize_mode": ("shortest",)}
+    for name, value in preprocess.items():
+        said = f"error: {source}: preprocess_cfg.{name}={json.dumps(value)}"
+        if name == "fill_color":  # pads only under the resize modes refused here
+            continue
+        if name not in expected:
+            raise SystemExit(f"{said} is a setting evaluate.py does not know; use open_clip for "
+                             f"this model, or remove it if it changes nothing")
+        close = (name in ("mean", "std") and isinstance(value, list) and len(value) == 3
+                 and all(abs(a - b) < 1e-6 for a, b in zip(value, expected[name][0])))
+        if not close and value not in expected[name]:
+            raise SystemExit(f"{said}: evaluate.py prepares images only as "
+                             f"{' or '.join(json.dumps(v) for v in expected[name])}; use "
+                             f"open_clip for this model")
+
+
+def check_tokenizer(cfg: CLIPConfig, tokenizer: data.Tokenizer, tokenizer_path: str,
+                    model_path: str) -> None:
+    """Refuse, in one line, a tokenizer whose ids the model of cfg cannot read: more ids than it
+    embeds, or, where it pools at end-of-text, another end-of-text id."""
+    pools = (f"pools at end-of-text {cfg.eot_token_id}" if cfg.text_pool == "eot"
+             else f"pools at the {cfg.text_pool} token")
+    if tokenizer.vocab_size <= cfg.vocab_size and (cfg.text_pool != "eot"
+                                                   or tokenizer.eot_id == cfg.eot_token_id):
+        return
+    raise SystemExit(f"error: {tokenizer_path}: {tokenizer.vocab_size} ids with end-of-text "
+                     f"{tokenizer.eot_id}, but {model_path} embeds {cfg.vocab_size} ids and "
+                     f"{pools}; pass the tokenizer it was trained with (CLIP's: python "
+                     f"tools/prepare.py clip-tokenizer), or, if this is it, put the model's "
+                     f"open_clip_config.json (its pool_type and eos_id) beside the weights")
 
 
 def to_openclip(model: CLIP) -> tuple[dict, dict]:
@@ -362,8 +483,10 @@ def to_openclip(model: CLIP) -> tuple[dict, dict]:
         value = value.t() if name in _TRANSPOSED else value
         state_dict[theirs] = value.reshape(value.shape[_LEADING_DIMS.get(name, 0):]).contiguous()
     # pool at end-of-text: argmax where it is the largest id, as in CLIP's vocabulary
-    text_pool = (dict(pool_type="argmax") if cfg.eot_token_id == cfg.vocab_size - 1
+    text_pool = (dict(pool_type="last") if cfg.text_pool == "last"
+                 else dict(pool_type="argmax") if cfg.eot_token_id == cfg.vocab_size - 1
                  else dict(pool_type="eos", eos_id=cfg.eot_token_id))
+    text_pool.update({} if cfg.text_causal else {"no_causal_mask": True})
     config = {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
               "vision_cfg": {"image_size": cfg.image_px, "patch_size": cfg.patch_px,
                              "width": cfg.vision_width, "layers": cfg.vision_layers,

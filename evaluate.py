@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import pictures
 import shards
 from data import Tokenizer, eval_batches, normalize_images
-from checkpoints import load_checkpoint, parse_heads
+from checkpoints import check_tokenizer, load_checkpoint, parse_heads
 from model import PRECISIONS, autocast
 from settings import parse_flags
 
@@ -502,11 +502,7 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
     model = load_checkpoint(args["checkpoint"], quick_gelu, heads)[0].to(device)
     tokenizer = Tokenizer.load(args["tokenizer"])
     cfg = model.cfg
-    if tokenizer.vocab_size > cfg.vocab_size or tokenizer.eot_id != cfg.eot_token_id:
-        raise SystemExit(f"{args['tokenizer']}: {tokenizer.vocab_size} ids with end-of-text "
-                         f"{tokenizer.eot_id}, but the model has {cfg.vocab_size} with "
-                         f"{cfg.eot_token_id}; pass the tokenizer the model was trained with "
-                         f"(CLIP's: python tools/prepare.py clip-tokenizer)")
+    check_tokenizer(cfg, tokenizer, args["tokenizer"], args["checkpoint"])
     step_years = shards.parse_steps(args["data_root"], args["steps"], split="retrieval")
     tasks = {**tasks_of(args["data_root"], step_years, args["shard_cmd"]),
              **static_tasks(args["data_root"], args["static"])}

@@ -44,6 +44,8 @@ class CLIPConfig:
     mlp_ratio: float = 4.0          # MLP hidden width = mlp_ratio x width, in both towers
     quick_gelu: bool = False        # OpenAI's checkpoints use QuickGELU, OpenCLIP's GELU
     eot_token_id: int = 2           # the text tower pools at the first position holding this id
+    text_pool: str = "eot"          # or "last": the last position (open_clip's pool_type "last")
+    text_causal: bool = True        # False: no causal mask (open_clip's no_causal_mask)
 
     def __post_init__(self):
         if self.image_px % self.patch_px:
@@ -54,6 +56,8 @@ class CLIPConfig:
             if width % heads:
                 raise ValueError(f"{tower}_width={width} is not a multiple of "
                                  f"{tower}_heads={heads}")
+        if self.text_pool not in ("eot", "last"):
+            raise ValueError(f"text_pool={self.text_pool!r}: use eot or last")
 
 
 _VIT_B = dict(image_px=224, vision_width=768, vision_layers=12, vision_heads=12, text_width=512,
@@ -89,17 +93,17 @@ class QuickGELU(nn.Module):
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.in_proj = nn.Linear(width, 3 * width)  # q, k, v stacked, as OpenCLIP's in_proj_weight
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.in_proj(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        # causal, as CLIP: the padding after end-of-text cannot change the pooled feature
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # causal, as CLIP (text_causal): the padding after end-of-text cannot change the pooled one
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -118,10 +122,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int, hidden: int, act: type[nn.Module]):
+    def __init__(self, width: int, heads: int, hidden: int, act: type[nn.Module],
+                 causal: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads)
+        self.attn = CausalSelfAttention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, hidden, act)
 
@@ -150,8 +155,8 @@ class CLIP(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_tokens, cfg.text_width))
         hidden = int(cfg.text_width * cfg.mlp_ratio)
-        self.text_blocks = nn.ModuleList(Block(cfg.text_width, cfg.text_heads, hidden, act)
-                                         for _ in range(cfg.text_layers))
+        self.text_blocks = nn.ModuleList(Block(cfg.text_width, cfg.text_heads, hidden, act,
+                                               cfg.text_causal) for _ in range(cfg.text_layers))
         self.ln_final = nn.LayerNorm(cfg.text_width)
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         # the softmax temperature, learned in log space so it stays positive
@@ -209,8 +214,11 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids -> [B, embed_dim], not normalised: the hidden state at the first
-        end-of-text token, or at the last token of a caption cut before it."""
+        end-of-text token, or at the last token of a caption cut before it (text_pool "last":
+        always at the last token)."""
         x = self.text_hidden_states(tokens)
+        if self.cfg.text_pool == "last":
+            return self.text_proj(x[:, -1])
         # not OpenCLIP's argmax, which needs eot to be the largest id
         is_eot = tokens == self.cfg.eot_token_id
         eot_pos = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.shape[1] - 1)

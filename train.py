@@ -44,7 +44,7 @@ import shards
 import strategies
 import survive
 import synthetic
-from checkpoints import is_checkpoint_file, load_checkpoint, parse_heads
+from checkpoints import check_tokenizer, is_checkpoint_file, load_checkpoint, parse_heads
 from model import CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, make_config
 from settings import parse_flags
 from world import World, failure, refusal, start_world
@@ -279,11 +279,7 @@ def load_initial(cfg: SimpleNamespace, tokenizer: data.Tokenizer, world: World) 
     quick_gelu = {"auto": None, "true": True, "false": False}[cfg.quick_gelu]
     model, _ = load_checkpoint(cfg.init, quick_gelu, parse_heads(cfg.heads))
     shape = model.cfg
-    if tokenizer.vocab_size > shape.vocab_size or tokenizer.eot_id != shape.eot_token_id:
-        raise SystemExit(f"error: the tokenizer has {tokenizer.vocab_size} ids with end-of-text "
-                         f"{tokenizer.eot_id}, but --init's model has {shape.vocab_size} with "
-                         f"{shape.eot_token_id}; pass --tokenizer= the one it was trained with "
-                         f"(CLIP's: python tools/prepare.py clip-tokenizer)")
+    check_tokenizer(shape, tokenizer, "the run's tokenizer.json", f"--init={cfg.init}")
     if world.master:
         print(f"init {cfg.init}: ViT {shape.vision_layers}x{shape.vision_width} at "
               f"{shape.image_px} px, patch {shape.patch_px}; text {shape.text_layers}x"

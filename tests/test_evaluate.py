@@ -48,6 +48,31 @@ def test_recall_perfect_and_collapsed():
     assert recall_any_at_k(broken, eye[:, :8], torch.arange(20), ks=(1,))[1] == 0.0
 
 
+def test_the_tie_example_in_docs_data_md():
+    """docs/data.md's example of ties, made here: 30 random pairs (16-d features, each caption its
+    image plus noise 0.2), the first caption a copy of the second, scored with ties against the
+    model and by clip_benchmark's rule (a hit iff torch.topk's k hold the match)."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(2)
+    images = F.normalize(torch.randn(30, 16, generator=g), dim=-1)
+    texts = F.normalize(images + 0.2 * torch.randn(30, 16, generator=g), dim=-1)
+    texts[0] = texts[1]
+    assert torch.equal((images @ texts.T)[:, 0], (images @ texts.T)[:, 1])  # exact ties
+
+    def topk_rule(queries, gallery):
+        top = torch.topk(queries @ gallery.T, 1, dim=1).indices[:, 0]
+        return 100 * (top == torch.arange(len(queries))).double().mean().item()
+
+    ours = [100 * recall_at_k(a, b, ks=(1,))[1] for a, b in ((images, texts), (texts, images))]
+    theirs = [topk_rule(images, texts), topk_rule(texts, images)]
+    assert ours[0] < theirs[0] and ours[1] == theirs[1]  # the tie is image->text's only
+    said = (f"mean R@1 is {sum(ours) / 2:.2f} here and {sum(theirs) / 2:.2f} by clip_benchmark's "
+            f"rule (image->text {ours[0]:.2f} vs {theirs[0]:.2f}")
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "data.md")).read()
+    page = " ".join(page.split())  # the sentence, whatever its line breaks
+    assert said in page and "test_the_tie_example_in_docs_data_md" in page
+
+
 def test_summary_of_matrix():
     E = [[10.0, 1.0, 2.0],
          [8.0, 12.0, 3.0],

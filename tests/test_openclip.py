@@ -121,14 +121,15 @@ def test_checkpoint_files_of_every_kind(tmp_path):
 
 
 def openclip_with_heads(vision_width: int, head_width: int, text_width: int, text_heads: int,
-                        layers: int = 2, image_px: int = 32, patch_px: int = 8):
-    """A random open_clip ViT CLIP with image heads head_width wide and text_heads text heads, and
-    its model config as an open_clip_config.json holds it."""
+                        layers: int = 2, image_px: int = 32, patch_px: int = 8, **text_settings):
+    """A random open_clip ViT CLIP with image heads head_width wide and text_heads text heads (and
+    text_settings in its text_cfg: pool_type, ...), and its model config as an
+    open_clip_config.json holds it."""
     torch.manual_seed(0)
     vision = dict(image_size=image_px, patch_size=patch_px, width=vision_width,
                   head_width=head_width, layers=layers)
     text = dict(context_length=16, vocab_size=49408, width=text_width, heads=text_heads,
-                layers=layers)
+                layers=layers, **text_settings)
     model_cfg = {"embed_dim": 64, "vision_cfg": vision, "text_cfg": text}
     return open_clip.CLIP(**model_cfg).eval(), model_cfg
 
@@ -142,7 +143,7 @@ def test_heads_other_than_64_wide_come_from_the_config_beside_or_the_setting_or_
     path = _saved(tmp_path, theirs)
     guessed, _ = load_checkpoint(path)  # no config beside, no open_clip model of these widths
     note = capsys.readouterr().out
-    assert f"no open_clip model of its widths ({width} image, {width} text)" in note
+    assert f"64 wide (no open_clip model has its widths, {width} image, {width} text)" in note
     assert "pass --heads=IMAGE,TEXT" in note
     assert (guessed.cfg.vision_heads, guessed.cfg.text_heads) != heads
     with torch.no_grad():  # the guess is wrong here, which the line says may be
@@ -166,8 +167,28 @@ def test_an_open_clip_shape_with_80_wide_image_heads_is_known_by_its_widths(tmp_
     theirs, _ = openclip_with_heads(1280, 80, 1024, 16, layers=1, image_px=28, patch_px=14)  # ViT-H
     ours, _ = load_checkpoint(_saved(tmp_path, theirs))
     assert (ours.cfg.vision_heads, ours.cfg.text_heads) == (16, 16)
-    assert "attention heads" not in capsys.readouterr().out
+    assert ("assuming 16 image and 16 text heads, those of open_clip's model of its widths "
+            "(1280 image, 1024 text)") in capsys.readouterr().out  # assumed, so said
     assert_same_embeddings(theirs, ours, 28, 16)
+
+
+def test_vit_b_widths_with_32_wide_heads_and_no_config_name_the_heads_assumed(tmp_path, capsys):
+    import export
+    theirs, _ = openclip_with_heads(768, 32, 512, 16, layers=1, patch_px=16)  # 24 and 16 heads
+    path = _saved(tmp_path, theirs)
+    guessed, _ = load_checkpoint(path)  # widths open_clip's ViT-B has, with 12 and 8 heads
+    note = capsys.readouterr().out
+    assert "no open_clip_config.json beside it says its attention heads" in note
+    assert "assuming 12 image and 8 text heads" in note and "pass --heads=IMAGE,TEXT" in note
+    with torch.no_grad():  # the assumption is wrong here, which the note says it may be
+        tokens = open_clip.tokenize(["a photo of a cat"], 16)
+        assert (guessed.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() > 1e-3
+    assert_same_embeddings(theirs, load_checkpoint(path, heads=(24, 16))[0], 32, 16)
+    export.main([path, f"--out={tmp_path / 'exported'}", "--heads=24,16"])  # what was loaded
+    written = json.load(open(tmp_path / "exported" / "open_clip_config.json"))["model_cfg"]
+    assert (written["vision_cfg"]["head_width"], written["text_cfg"]["heads"]) == (32, 16)
+    assert_same_embeddings(theirs, open_clip.create_model(f"local-dir:{tmp_path / 'exported'}"),
+                           32, 16)
 
 
 def test_the_heads_setting_is_checked(tmp_path):
@@ -176,6 +197,50 @@ def test_the_heads_setting_is_checked(tmp_path):
         train.check_config(train.parse_config(["--heads=16"]))
     with pytest.raises(SystemExit, match="--heads=0,8: use auto"):
         evaluate.main([f"--checkpoint={tmp_path}", "--tokenizer=t", "--data_root=d", "--heads=0,8"])
+
+
+@pytest.mark.parametrize("text_settings", [dict(pool_type="last", no_causal_mask=True),  # CLIPA's
+                                           dict(pool_type="eos", eos_id=1),  # the -worldwide ones'
+                                           dict(pool_type="last"), dict(no_causal_mask=True)])
+def test_text_pooling_eos_id_and_causal_mask_are_read_from_the_config_beside(tmp_path,
+                                                                            text_settings):
+    import export
+    theirs, model_cfg = openclip_with_heads(128, 64, 128, 2, **text_settings)
+    path = _saved(tmp_path, theirs)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    ours, _ = load_checkpoint(path)
+    tokens = torch.randint(3, 49406, (3, 16), generator=torch.Generator().manual_seed(1))
+    eot = text_settings.get("eos_id", 49407)  # as a tokenizer makes them: end-of-text, padding
+    tokens[:, 0], tokens[:, 7], tokens[:, 8:] = 49406, eot, 0
+    sd = theirs.state_dict()
+    unread = load_openclip_state_dict(sd, openclip_config(sd, False))  # the settings left unread
+    with torch.no_grad():
+        assert (unread.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() > 1e-3
+        assert (ours.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() < 1e-5
+    export.main([path, f"--out={tmp_path / 'exported'}"])  # written back as read
+    exported = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}").eval()
+    with torch.no_grad():
+        assert (exported.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("section, setting, refusal", [
+    ("text_cfg", {"pool_type": "first"}, 'text_cfg.pool_type="first": this project\'s CLIP'),
+    ("vision_cfg", {"pool_type": "avg"}, 'vision_cfg.pool_type="avg": this project\'s CLIP'),
+    ("text_cfg", {"act_kwargs": {"approximate": "tanh"}}, 'text_cfg.act_kwargs={"approximate"'),
+    ("text_cfg", {"norm_kwargs": {"eps": 1e-6}}, 'text_cfg.norm_kwargs={"eps": 1e-06}'),
+    ("vision_cfg", {"width": 768}, "vision_cfg.width=768, but the weights beside it have 128"),
+    ("text_cfg", {"rope": True}, "text_cfg.rope=true is a setting this loader does not know"),
+    ("preprocess_cfg", {"mean": [0.5] * 3}, "preprocess_cfg.mean=[0.5, 0.5, 0.5]: evaluate.py")])
+def test_a_config_setting_our_clip_cannot_follow_is_refused_in_a_line_naming_it(
+        tmp_path, section, setting, refusal):
+    theirs, model_cfg = openclip_with_heads(128, 64, 128, 2, layers=1)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {}}
+    (config if section == "preprocess_cfg" else model_cfg)[section].update(setting)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as refused:
+        load_checkpoint(_saved(tmp_path, theirs))
+    assert str(refused.value).startswith(f"error: {tmp_path / 'open_clip_config.json'}: {refusal}")
+    assert "\n" not in str(refused.value)
 
 
 # ------------------------------------------------------------------- archives that would run code
@@ -359,6 +424,10 @@ def test_an_unstated_activation_is_assumed_gelu_with_a_note_and_a_config_beside_
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
     assert load_checkpoint(str(tmp_path / "model.pt"))[0].cfg.quick_gelu
     assert "does not say" not in capsys.readouterr().out
+    _, model_cfg = openclip_with_heads(128, 64, 128, 2)  # a config silent on it: GELU, as open_clip
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    assert not load_checkpoint(str(tmp_path / "model.pt"))[0].cfg.quick_gelu
+    assert "note:" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -391,22 +460,36 @@ def test_a_run_from_an_openclip_model_with_lr_0_keeps_it_and_scores_it_first(tmp
 
 
 @pytest.mark.parametrize("vocabulary", ["clip", "bpe"])
-def test_an_exported_model_loads_into_open_clip_strictly_with_the_same_embeddings(tmp_path, vocabulary):
+def test_an_exported_model_loads_into_open_clip_strictly_with_the_same_embeddings(
+        tmp_path, vocabulary, capsys, clip_tokenizer):
     import export
     from dataclasses import asdict
     from model import CLIP
     if vocabulary == "clip":  # CLIP's vocabulary: open_clip pools at the largest id, end-of-text
         ours, _ = load_checkpoint(_saved(tmp_path, tiny_openclip(quick_gelu=True)), quick_gelu=True)
+        tokenizer = clip_tokenizer
     else:  # a vocabulary of our own, end-of-text id 2: open_clip pools at that id ("eos")
         torch.manual_seed(0)
         ours = CLIP(make_config("tiny", vocab_size=300, eot_token_id=2)).eval()
+        tokenizer = data.Tokenizer.train(CAPTIONS, 300)
     path = tmp_path / "run" / "step01.pt"
     path.parent.mkdir()
     torch.save({"model": ours.state_dict(), "model_config": asdict(ours.cfg)}, path)
-    (path.parent / "tokenizer.json").write_text("{}")
+    tokenizer.save(str(path.parent / "tokenizer.json"))
+    capsys.readouterr()
     export.main([str(path), f"--out={tmp_path / 'exported'}"])
+    said = capsys.readouterr().out.splitlines()[-1]  # how to tokenize for it
     theirs = open_clip.create_model(f"local-dir:{tmp_path / 'exported'}").eval()  # loads its weights strictly
     assert (tmp_path / "exported" / "tokenizer.json").exists()
+    folder = tmp_path / "exported"
+    if vocabulary == "clip":  # open_clip's tokenizer of the folder gives our ids
+        assert said == (f"tokenize with open_clip.get_tokenizer('local-dir:{folder}'): "
+                        f"CLIP's vocabulary")
+        their_ids = open_clip.get_tokenizer(f"local-dir:{folder}")(CAPTIONS)
+        assert torch.equal(their_ids, tokenizer(CAPTIONS, 16))
+    else:  # it would give CLIP's ids, which this model cannot read: the line says what to use
+        assert said.startswith(f"tokenize with this project's data.Tokenizer.load('{folder}/"
+                               f"tokenizer.json')(texts, 24): the run's own vocabulary")
     g = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, ours.cfg.image_px, ours.cfg.image_px, generator=g)
     tokens = torch.randint(3, ours.cfg.vocab_size - 1, (2, ours.cfg.context_tokens), generator=g)
@@ -416,6 +499,46 @@ def test_an_exported_model_loads_into_open_clip_strictly_with_the_same_embedding
         assert (theirs.encode_text(tokens) - ours.encode_text(tokens)).abs().max() < 1e-5
     missing, unexpected = theirs.load_state_dict(torch.load(tmp_path / "exported" / "open_clip_pytorch_model.bin"))
     assert not missing and not unexpected
+
+
+def test_a_run_exported_reads_back_as_the_run_itself(tmp_path, capsys, clip_tokenizer):
+    import export
+    import train
+    from types import SimpleNamespace
+    root = str(tmp_path / "bench")
+    synthetic.make_synthetic_benchmark(root, years=(2020,), train_samples_per_year=64,
+                                       eval_samples_per_year=24, samples_per_shard=64,
+                                       classification_samples_per_year=16, static_samples=16)
+    run, out = tmp_path / "run", tmp_path / "exported"
+    train_in_process([f"--data_root={root}", f"--out_dir={run}", "--budget_samples=32",
+                      "--batch_size=16", "--workers=0", "--eval_batch=32", "--log_interval=100",
+                      "--warmup_iters=1"])  # a tiny run, its own BPE: end-of-text id 2
+    export.main([str(run / "step01.pt"), f"--out={out}"])
+    assert f"data.Tokenizer.load('{out}/tokenizer.json')" in capsys.readouterr().out
+    trained, _ = load_checkpoint(str(run / "step01.pt"))
+    exported, _ = load_checkpoint(str(out / "open_clip_pytorch_model.bin"))
+    assert "note:" not in capsys.readouterr().out  # the config beside says everything
+    assert exported.cfg == trained.cfg and trained.cfg.eot_token_id == 2
+    tokenizer = data.Tokenizer.load(str(out / "tokenizer.json"))
+    tokens = tokenizer(["a red circle at top left and a blue star at bottom right"] * 2, 24)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (exported.encode_text(tokens) - trained.encode_text(tokens)).abs().max() < 1e-5
+        assert (exported.encode_image(images) - trained.encode_image(images)).abs().max() < 1e-5
+    rows = [evaluate.main([f"--checkpoint={checkpoint}", f"--tokenizer={out / 'tokenizer.json'}",
+                           f"--data_root={root}", "--device=cpu"])
+            for checkpoint in (run / "step01.pt", out / "open_clip_pytorch_model.bin")]
+    assert rows[0] == rows[1] and rows[0]["2020"]["gallery"] == 24
+    initial = train.load_initial(SimpleNamespace(init=str(out / "open_clip_pytorch_model.bin"),
+                                                 quick_gelu="auto", heads="auto"),
+                                 tokenizer, SimpleNamespace(master=False))
+    assert all(torch.equal(v, initial.state_dict()[k]) for k, v in trained.state_dict().items())
+    clip_tokenizer.save(str(tmp_path / "clip.json"))  # another tokenizer: a true refusal
+    with pytest.raises(SystemExit, match=r"clip.json: 49408 ids with end-of-text 49407, but .*"
+                                         r"open_clip_pytorch_model.bin embeds \d+ ids and pools "
+                                         r"at end-of-text 2; pass the tokenizer it was trained"):
+        evaluate.main([f"--checkpoint={out / 'open_clip_pytorch_model.bin'}",
+                       f"--tokenizer={tmp_path / 'clip.json'}", f"--data_root={root}"])
 
 
 def _saved(folder, openclip_model) -> str:

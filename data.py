@@ -64,35 +64,41 @@ def keep_sample(key: str, fraction: float, seed: int | str) -> bool:
 class ImageTransform:
     """PIL image -> uint8 tensor [3, px, px], as OpenCLIP: train = random resized crop
     (scale 0.9-1, ratio 3/4-4/3) with bicubic resize; eval = bicubic resize of the short
-    side + centre crop. The model takes normalize_images of a batch of them."""
+    side + centre crop (open_clip's preprocess). Both resize in the image's own mode and convert
+    to RGB after, as open_clip does: Pillow resizes a palette image by its nearest pixel and one
+    with alpha premultiplied. The model takes normalize_images of a batch of them."""
 
     def __init__(self, image_px: int, train: bool):
         self.image_px, self.train = image_px, train
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
-        img = img.convert("RGB")
         W, H = img.size
         px = self.image_px
         if self.train:
             rng = rng if rng is not None else np.random.default_rng()  # the stream passes its own
-            box = (0, 0, W, H)
-            for _ in range(10):  # torchvision's RandomResizedCrop: 10 tries, then the whole image
-                area = H * W * rng.uniform(0.9, 1.0)
-                aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-                w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-                if 0 < w <= W and 0 < h <= H:
-                    top, left = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
-                    box = (left, top, left + w, top + h)
-                    break
-            img = img.resize((px, px), Image.BICUBIC, box=box)
+            img = img.resize((px, px), Image.BICUBIC, box=self.crop_box(W, H, rng))
         else:
-            scale = px / min(W, H)
-            w, h = max(px, int(W * scale)), max(px, int(H * scale))
+            # torchvision's Resize(px): the short side px, the long one int(px * long / short)
+            w, h = (px, int(px * H / W)) if W <= H else (int(px * W / H), px)
             if (w, h) != (W, H):
                 img = img.resize((w, h), Image.BICUBIC)
             top, left = int(round((h - px) / 2)), int(round((w - px) / 2))
             img = img.crop((left, top, left + px, top + px))
+        img = img.convert("RGB")
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+    @staticmethod
+    def crop_box(W: int, H: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """The training crop (left, top, right, bottom) of a W x H image, drawn from rng as
+        torchvision's RandomResizedCrop draws it: 10 tries, then the whole image."""
+        for _ in range(10):
+            area = H * W * rng.uniform(0.9, 1.0)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= W and 0 < h <= H:
+                top, left = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
+                return left, top, left + w, top + h
+        return 0, 0, W, H
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:

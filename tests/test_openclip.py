@@ -1,6 +1,7 @@
 """Existing CLIP models: OpenCLIP and OpenAI state dicts load into our model and give open_clip's embeddings;
 attention heads of any width load right; TorchScript archives are read without running anything in them;
-our CLIP tokenizer gives open_clip's token ids; evaluate.py --checkpoint scores a model as open_clip would.
+our CLIP tokenizer gives open_clip's token ids; our image preprocessing is open_clip's for every image mode;
+evaluate.py --checkpoint scores a model as open_clip would.
 
 Needs open-clip-torch (test-only: pip install -r requirements-test.txt), for random-weight models and
 CLIP's vocabulary file that ships inside it; no pretrained weights are downloaded. Nothing here skips.
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -264,6 +266,65 @@ def test_an_archive_made_to_write_a_file_writes_nothing_and_is_refused_in_a_line
     with pytest.raises(SystemExit, match=r"calls.pt: refused: .* archive needs (posix|os)\.system"):
         load_checkpoint(str(tmp_path / "calls.pt"))
     assert not written.exists()
+
+
+# ----------------------------------------------------------------------------- image preprocessing
+def images_of_every_mode(W: int, H: int, seed: int = 0) -> dict[str, Image.Image]:
+    """Random W x H images in every mode that JPEG, PNG and WebP decode to, and PA."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    alpha = Image.fromarray(rng.integers(0, 256, (H, W), dtype=np.uint8))
+    rgba, la = rgb.convert("RGBA"), rgb.convert("LA")
+    rgba.putalpha(alpha)
+    la.putalpha(alpha)
+    return {"RGB": rgb, "P": rgb.quantize(64), "PA": rgb.quantize(64).convert("PA"), "RGBA": rgba, "LA": la,
+            "L": rgb.convert("L"), "CMYK": rgb.convert("CMYK"), "1": rgb.convert("1"),
+            "I;16": Image.fromarray(rng.integers(0, 2 ** 16, (H, W)).astype(np.uint16))}
+
+
+def test_eval_preprocessing_is_open_clips_for_every_image_mode():
+    """open_clip resizes in the image's mode and converts to RGB after: Pillow resizes a palette image by its nearest
+    pixel and premultiplies alpha. (Pillow drops a PA image's palette as it resizes: black, for both.)"""
+    px = 224
+    ours, theirs = data.ImageTransform(px, train=False), open_clip.image_transform(px, is_train=False)
+    for W, H in [(97, 61), (61, 97), (px, px)]:
+        for mode, img in images_of_every_mode(W, H).items():
+            assert img.mode == mode
+            diff = (data.normalize_images(ours(img)) - theirs(img)).abs().max().item()
+            assert diff < 1e-5, (mode, W, H, diff)
+
+
+def test_eval_resize_rounds_the_long_side_as_torchvision():
+    px, sides = 224, (45, 49, 99, 223, 225, 277, 301, 554)
+    sizes = [(W, H) for W in sides for H in sides]
+    # the grid holds sizes where int(long * (px / short)) is one less than torchvision's int(px * long / short)
+    assert sum(int(max(s) * (px / min(s))) != int(px * max(s) / min(s)) for s in sizes) == 4
+    ours, theirs = data.ImageTransform(px, train=False), open_clip.image_transform(px, is_train=False)
+    rng = np.random.default_rng(0)
+    for W, H in sizes:
+        img = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+        diff = (data.normalize_images(ours(img)) - theirs(img)).abs().max().item()
+        assert diff < 1e-5, (W, H, diff)
+
+
+def test_training_crop_converts_to_rgb_where_open_clip_does(monkeypatch):
+    """Given the same crop box, open_clip crops, resizes and then converts to RGB. Pillow resizes palette and bilevel
+    images by their nearest pixel, so their crops are open_clip's; other modes resize bicubic over the box (the
+    pixels beyond its edges too) where open_clip crops first, except for a box that is the whole image: an image too
+    long for any crop of 0.9-1 of its area at ratio 3/4-4/3. There every mode is open_clip's."""
+    from torchvision.transforms import RandomResizedCrop
+    px = 32
+    ours, theirs = data.ImageTransform(px, train=True), open_clip.image_transform(px, is_train=True)
+    cases = [(img, seed) for seed in range(3) for mode, img in images_of_every_mode(70, 64).items()
+             if mode in ("P", "1")]
+    cases += [(img, 0) for img in images_of_every_mode(97, 61).values()]
+    for img, seed in cases:
+        left, top, right, bottom = box = ours.crop_box(*img.size, np.random.default_rng(seed))
+        assert box == (0, 0, 97, 61) if img.size == (97, 61) else box != (0, 0, 70, 64)
+        monkeypatch.setattr(RandomResizedCrop, "get_params",
+                            staticmethod(lambda *_, box=box: (box[1], box[0], box[3] - box[1], box[2] - box[0])))
+        diff = (data.normalize_images(ours(img, np.random.default_rng(seed))) - theirs(img)).abs().max().item()
+        assert diff < 1e-5, (img.mode, img.size, box, diff)
 
 
 # ----------------------------------------------------------------------------- the tokenizer

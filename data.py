@@ -8,7 +8,6 @@ rank), written from scratch without the webdataset package.
 """
 import functools
 import hashlib
-import html
 import io
 import json
 import math
@@ -16,7 +15,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import unicodedata
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import shards
+from cleaning import clean_text, fix_surrogates  # CLIP's caption cleaning, without ftfy
 
 # tokenizers' thread pool warns at every DataLoader fork; one caption batch gains nothing from it
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -120,44 +119,11 @@ def _pixel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple((torch.tensor(v).view(3, 1, 1) * 255).to(device) for v in (CLIP_MEAN, CLIP_STD))
 
 
-def _char_fixes() -> dict[int, str | None]:
-    """The character fixes of ftfy.fix_text, which CLIP runs on every caption: Latin ligatures
-    spelled out, full-width forms made normal width, curly quotes straightened, stray control
-    characters dropped."""
-    quotes = {**{c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"},
-              **{c: '"' for c in "\u201c\u201d\u201e\u201f"}}
-    ligatures = dict(zip("ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ",
-                         ("IJ ij ʼn DZ Dz dz DŽ Dž dž LJ Lj lj NJ Nj nj "
-                          "ff fi fl ffi ffl ſt st").split()))
-    # "ŉ" -> "'n", as ftfy's repeated passes give
-    fixes = {c: s.translate(str.maketrans(quotes)) for c, s in ligatures.items()}
-    fixes.update(quotes)
-    fixes["\u3000"] = " "  # the ideographic space
-    fixes.update({chr(i): unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
-                  if unicodedata.normalize("NFKC", chr(i)) != chr(i)})
-    controls = [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
-                *range(0xFFF9, 0xFFFD)]
-    fixes.update({chr(i): None for i in controls})
-    return str.maketrans(fixes)
-
-
-CHAR_FIXES = _char_fixes()
-
-
-def clean_text(text: str) -> str:
-    """CLIP's caption cleaning (open_clip's basic_clean, then lower case): HTML entities decoded
-    twice, as CLIP does, ftfy's character fixes, NFC, lower case. Not reproduced: ftfy's repair of
-    mojibake (text decoded with the wrong codec). The tokenizer's normaliser collapses
-    whitespace."""
-    text = html.unescape(html.unescape(text)).translate(CHAR_FIXES)
-    return unicodedata.normalize("NFC", text).lower()  # only Python's spells a final 'ς' as CLIP
-
-
 class Tokenizer:
     """Byte-level BPE from the `tokenizers` package, trained on the captions, or a loaded
     tokenizer.json (such as CLIP's, made by `python tools/prepare.py clip-tokenizer`). Captions are
-    cleaned first, as CLIP does (clean_text). Rows are [sot] + tokens + [eot] + padding, so a text
-    model can pool at the eot position."""
+    cleaned first, as CLIP does (cleaning.clean_text). Rows are [sot] + tokens + [eot] + padding,
+    so a text model can pool at the eot position."""
 
     def __init__(self, tok: tokenizers.Tokenizer):
         self.tok = tok
@@ -248,8 +214,8 @@ def caption(sample: dict[str, bytes]) -> str | None:
             else sample_json(sample).get("caption"))
     if not isinstance(text, str):
         return None
-    # no lone surrogates
-    text = text.encode("utf-8", errors="replace").decode("utf-8")[:MAX_CAPTION_CHARS].strip()
+    # a json may hold surrogates, which no text codec takes: mended as CLIP's cleaning does
+    text = fix_surrogates(text)[:MAX_CAPTION_CHARS].strip()
     return text or None
 
 

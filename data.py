@@ -170,10 +170,21 @@ class Tokenizer:
 
     def __call__(self, texts: list[str], context_tokens: int) -> torch.Tensor:
         """LongTensor [len(texts), context_tokens]; over-long text is cut so the row still ends
-        with eot."""
+        with eot. Any str encodes with a byte-level BPE (clean_text mends surrogates); a
+        tokenizer.json that refuses a text (a word-level one without an unknown token) raises
+        ValueError naming it."""
         rows = torch.full((len(texts), context_tokens), self.pad_id, dtype=torch.long)
         texts = [clean_text(t) for t in texts]
-        for row, enc in zip(rows, self.tok.encode_batch(texts, add_special_tokens=False)):
+        try:
+            encoded = self.tok.encode_batch(texts, add_special_tokens=False)
+        except Exception:  # tokenizers raises a bare Exception: find the text it refuses
+            for text in texts:
+                try:
+                    self.tok.encode(text, add_special_tokens=False)
+                except Exception as e:
+                    raise ValueError(f"the tokenizer cannot encode {text[:80]!r} ({e})") from None
+            raise
+        for row, enc in zip(rows, encoded):
             ids = [self.sot_id] + enc.ids[:context_tokens - 2] + [self.eot_id]
             row[:len(ids)] = torch.tensor(ids)
         return rows
@@ -420,7 +431,7 @@ class TrainStream(IterableDataset):
     def chunk(self, rng: np.random.Generator, n_batches: int, faults: Counter, too_bad):
         """n_batches (images, tokens) through a fresh shuffle buffer filled from shards drawn by
         rng; None and stop once too_bad()."""
-        buffer, images, captions = [], [], []
+        buffer, images, captions, taken = [], [], [], []  # taken: (shard, key) of each
         samples = self.samples(rng, faults, too_bad)
         while n_batches > 0:
             # shuffle buffer: hold raw samples (small) and decode only the one drawn out
@@ -441,9 +452,27 @@ class TrainStream(IterableDataset):
                 self.skip(faults, "corrupt_image", path, f"sample {key}", why=f" ({e})")
                 continue
             captions.append(text)
+            taken.append((path, key))
             if len(images) == self.local_batch:
-                yield torch.stack(images), self.tokenizer(captions, self.context_tokens)
-                images, captions, n_batches = [], [], n_batches - 1
+                try:
+                    tokens = self.tokenizer(captions, self.context_tokens)
+                except ValueError:  # a caption the tokenizer refuses: count its sample, draw more
+                    kept = [i for i, (text, (path, key)) in enumerate(zip(captions, taken))
+                            if self.encodes(text, faults, path, key)]
+                    images, captions, taken = ([x[i] for i in kept]
+                                               for x in (images, captions, taken))
+                    continue
+                yield torch.stack(images), tokens
+                images, captions, taken, n_batches = [], [], [], n_batches - 1
+
+    def encodes(self, text: str, faults: Counter, path: str, key: str) -> bool:
+        """Can the tokenizer encode this caption? If not, its sample is skipped and counted."""
+        try:
+            self.tokenizer([text], self.context_tokens)
+            return True
+        except ValueError as e:
+            self.skip(faults, "corrupt_sample", path, f"sample {key}", why=f" ({e})")
+            return False
 
     def batches(self, worker: int,
                 num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:

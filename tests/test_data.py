@@ -316,6 +316,26 @@ def test_caps_on_captions_members_and_pixels(tmp_path, monkeypatch):
         data._decode(sample, max_pixels=10_000)
 
 
+def test_a_caption_the_tokenizer_cannot_encode_is_a_counted_bad_sample(tmp_path, capfd):
+    """A byte-level BPE encodes any text; a word-level tokenizer.json without an unknown token refuses a word it lacks.
+    The tokenizer names the text; the training stream skips and counts its sample."""
+    import tokenizers
+    vocab = {"<pad>": 0, "<start_of_text>": 1, "<end_of_text>": 2, "fine": 3}
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = data.Tokenizer(word_level)
+    with pytest.raises(ValueError, match="the tokenizer cannot encode 'oops'"):
+        tokenizer(["fine", "oops"], 8)
+    members = [m for i in range(4) for m in [(f"k{i}.png", png_bytes(i)), (f"k{i}.txt", b"oops" if i == 1 else b"fine")]]
+    path = write_tar(tmp_path / "0.tar", members)
+    stream = data.TrainStream([data.Part("2018", [(path, 4)])], 2 * 8, 2, 0, 1, seed=0, time_step=0, image_px=8,
+                              tokenizer=tokenizer, context_tokens=8, shuffle_buffer=4)
+    batches = list(stream.batches(0, 1))
+    assert len(batches) == 8 and all(torch.equal(t, tokenizer(["fine", "fine"], 8)) for _, t, _ in batches)
+    assert sum(f.get("corrupt_sample", 0) for *_, f in batches) >= 1
+    assert "skipped sample k1: corrupt sample (the tokenizer cannot encode 'oops'" in capfd.readouterr().err
+
+
 def test_the_built_in_benchmarks_captions_clean_to_their_lower_case():
     """A guard: CLIP's cleaning leaves plain ASCII without "&" as it is, so these captions tokenize as they always
     did."""

@@ -8,7 +8,6 @@ rank), written from scratch without the webdataset package.
 """
 import functools
 import hashlib
-import html
 import io
 import json
 import math
@@ -16,7 +15,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import unicodedata
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import shards
+from cleaning import clean_text, fix_surrogates  # CLIP's caption cleaning, without ftfy
 
 # tokenizers' thread pool warns at every DataLoader fork; one caption batch gains nothing from it
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,35 +63,41 @@ def keep_sample(key: str, fraction: float, seed: int | str) -> bool:
 class ImageTransform:
     """PIL image -> uint8 tensor [3, px, px], as OpenCLIP: train = random resized crop
     (scale 0.9-1, ratio 3/4-4/3) with bicubic resize; eval = bicubic resize of the short
-    side + centre crop. The model takes normalize_images of a batch of them."""
+    side + centre crop (open_clip's preprocess). Both resize in the image's own mode and convert
+    to RGB after, as open_clip does: Pillow resizes a palette image by its nearest pixel and one
+    with alpha premultiplied. The model takes normalize_images of a batch of them."""
 
     def __init__(self, image_px: int, train: bool):
         self.image_px, self.train = image_px, train
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
-        img = img.convert("RGB")
         W, H = img.size
         px = self.image_px
         if self.train:
             rng = rng if rng is not None else np.random.default_rng()  # the stream passes its own
-            box = (0, 0, W, H)
-            for _ in range(10):  # torchvision's RandomResizedCrop: 10 tries, then the whole image
-                area = H * W * rng.uniform(0.9, 1.0)
-                aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-                w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-                if 0 < w <= W and 0 < h <= H:
-                    top, left = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
-                    box = (left, top, left + w, top + h)
-                    break
-            img = img.resize((px, px), Image.BICUBIC, box=box)
+            img = img.resize((px, px), Image.BICUBIC, box=self.crop_box(W, H, rng))
         else:
-            scale = px / min(W, H)
-            w, h = max(px, int(W * scale)), max(px, int(H * scale))
+            # torchvision's Resize(px): the short side px, the long one int(px * long / short)
+            w, h = (px, int(px * H / W)) if W <= H else (int(px * W / H), px)
             if (w, h) != (W, H):
                 img = img.resize((w, h), Image.BICUBIC)
             top, left = int(round((h - px) / 2)), int(round((w - px) / 2))
             img = img.crop((left, top, left + px, top + px))
+        img = img.convert("RGB")
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+    @staticmethod
+    def crop_box(W: int, H: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """The training crop (left, top, right, bottom) of a W x H image, drawn from rng as
+        torchvision's RandomResizedCrop draws it: 10 tries, then the whole image."""
+        for _ in range(10):
+            area = H * W * rng.uniform(0.9, 1.0)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= W and 0 < h <= H:
+                top, left = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
+                return left, top, left + w, top + h
+        return 0, 0, W, H
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -114,44 +119,11 @@ def _pixel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple((torch.tensor(v).view(3, 1, 1) * 255).to(device) for v in (CLIP_MEAN, CLIP_STD))
 
 
-def _char_fixes() -> dict[int, str | None]:
-    """The character fixes of ftfy.fix_text, which CLIP runs on every caption: Latin ligatures
-    spelled out, full-width forms made normal width, curly quotes straightened, stray control
-    characters dropped."""
-    quotes = {**{c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"},
-              **{c: '"' for c in "\u201c\u201d\u201e\u201f"}}
-    ligatures = dict(zip("ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ",
-                         ("IJ ij ʼn DZ Dz dz DŽ Dž dž LJ Lj lj NJ Nj nj "
-                          "ff fi fl ffi ffl ſt st").split()))
-    # "ŉ" -> "'n", as ftfy's repeated passes give
-    fixes = {c: s.translate(str.maketrans(quotes)) for c, s in ligatures.items()}
-    fixes.update(quotes)
-    fixes["\u3000"] = " "  # the ideographic space
-    fixes.update({chr(i): unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
-                  if unicodedata.normalize("NFKC", chr(i)) != chr(i)})
-    controls = [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
-                *range(0xFFF9, 0xFFFD)]
-    fixes.update({chr(i): None for i in controls})
-    return str.maketrans(fixes)
-
-
-CHAR_FIXES = _char_fixes()
-
-
-def clean_text(text: str) -> str:
-    """CLIP's caption cleaning (open_clip's basic_clean, then lower case): HTML entities decoded
-    twice, as CLIP does, ftfy's character fixes, NFC, lower case. Not reproduced: ftfy's repair of
-    mojibake (text decoded with the wrong codec). The tokenizer's normaliser collapses
-    whitespace."""
-    text = html.unescape(html.unescape(text)).translate(CHAR_FIXES)
-    return unicodedata.normalize("NFC", text).lower()  # only Python's spells a final 'ς' as CLIP
-
-
 class Tokenizer:
     """Byte-level BPE from the `tokenizers` package, trained on the captions, or a loaded
     tokenizer.json (such as CLIP's, made by `python tools/prepare.py clip-tokenizer`). Captions are
-    cleaned first, as CLIP does (clean_text). Rows are [sot] + tokens + [eot] + padding, so a text
-    model can pool at the eot position."""
+    cleaned first, as CLIP does (cleaning.clean_text). Rows are [sot] + tokens + [eot] + padding,
+    so a text model can pool at the eot position."""
 
     def __init__(self, tok: tokenizers.Tokenizer):
         self.tok = tok
@@ -198,10 +170,21 @@ class Tokenizer:
 
     def __call__(self, texts: list[str], context_tokens: int) -> torch.Tensor:
         """LongTensor [len(texts), context_tokens]; over-long text is cut so the row still ends
-        with eot."""
+        with eot. Any str encodes with a byte-level BPE (clean_text mends surrogates); a
+        tokenizer.json that refuses a text (a word-level one without an unknown token) raises
+        ValueError naming it."""
         rows = torch.full((len(texts), context_tokens), self.pad_id, dtype=torch.long)
         texts = [clean_text(t) for t in texts]
-        for row, enc in zip(rows, self.tok.encode_batch(texts, add_special_tokens=False)):
+        try:
+            encoded = self.tok.encode_batch(texts, add_special_tokens=False)
+        except Exception:  # tokenizers raises a bare Exception: find the text it refuses
+            for text in texts:
+                try:
+                    self.tok.encode(text, add_special_tokens=False)
+                except Exception as e:
+                    raise ValueError(f"the tokenizer cannot encode {text[:80]!r} ({e})") from None
+            raise
+        for row, enc in zip(rows, encoded):
             ids = [self.sot_id] + enc.ids[:context_tokens - 2] + [self.eot_id]
             row[:len(ids)] = torch.tensor(ids)
         return rows
@@ -242,8 +225,8 @@ def caption(sample: dict[str, bytes]) -> str | None:
             else sample_json(sample).get("caption"))
     if not isinstance(text, str):
         return None
-    # no lone surrogates
-    text = text.encode("utf-8", errors="replace").decode("utf-8")[:MAX_CAPTION_CHARS].strip()
+    # a json may hold surrogates, which no text codec takes: mended as CLIP's cleaning does
+    text = fix_surrogates(text)[:MAX_CAPTION_CHARS].strip()
     return text or None
 
 
@@ -448,7 +431,7 @@ class TrainStream(IterableDataset):
     def chunk(self, rng: np.random.Generator, n_batches: int, faults: Counter, too_bad):
         """n_batches (images, tokens) through a fresh shuffle buffer filled from shards drawn by
         rng; None and stop once too_bad()."""
-        buffer, images, captions = [], [], []
+        buffer, images, captions, taken = [], [], [], []  # taken: (shard, key) of each
         samples = self.samples(rng, faults, too_bad)
         while n_batches > 0:
             # shuffle buffer: hold raw samples (small) and decode only the one drawn out
@@ -469,9 +452,27 @@ class TrainStream(IterableDataset):
                 self.skip(faults, "corrupt_image", path, f"sample {key}", why=f" ({e})")
                 continue
             captions.append(text)
+            taken.append((path, key))
             if len(images) == self.local_batch:
-                yield torch.stack(images), self.tokenizer(captions, self.context_tokens)
-                images, captions, n_batches = [], [], n_batches - 1
+                try:
+                    tokens = self.tokenizer(captions, self.context_tokens)
+                except ValueError:  # a caption the tokenizer refuses: count its sample, draw more
+                    kept = [i for i, (text, (path, key)) in enumerate(zip(captions, taken))
+                            if self.encodes(text, faults, path, key)]
+                    images, captions, taken = ([x[i] for i in kept]
+                                               for x in (images, captions, taken))
+                    continue
+                yield torch.stack(images), tokens
+                images, captions, taken, n_batches = [], [], [], n_batches - 1
+
+    def encodes(self, text: str, faults: Counter, path: str, key: str) -> bool:
+        """Can the tokenizer encode this caption? If not, its sample is skipped and counted."""
+        try:
+            self.tokenizer([text], self.context_tokens)
+            return True
+        except ValueError as e:
+            self.skip(faults, "corrupt_sample", path, f"sample {key}", why=f" ({e})")
+            return False
 
     def batches(self, worker: int,
                 num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:

@@ -306,7 +306,7 @@ def test_caps_on_captions_members_and_pixels(tmp_path, monkeypatch):
     assert data.caption({"txt": long.encode()}) == "x" * data.MAX_CAPTION_CHARS
     assert data.caption({"txt": b"  \n "}) is None and data.caption({"json": b'{"caption": ""}'}) is None
     lone = data.caption({"json": b'{"caption": "a \\ud800 b"}'})  # a lone surrogate: no text codec takes it
-    assert lone == "a ? b" and data.Tokenizer.train(["a b"] * 4, 300)([lone], 8).shape == (1, 8)
+    assert lone == "a \ufffd b" and data.Tokenizer.train(["a b"] * 4, 300)([lone], 8).shape == (1, 8)  # as ftfy
     monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", 50)
     write_tar(tmp_path / "big.tar", [("k.png", png_bytes(1, px=64)), ("k.txt", b"fine")])  # the PNG is > 50 B
     assert [set(s) for _, s in shards.iter_tar(str(tmp_path / "big.tar"))] == [{"txt"}]  # not read: missing image
@@ -314,6 +314,37 @@ def test_caps_on_captions_members_and_pixels(tmp_path, monkeypatch):
     assert data._decode(sample)[0].size == (200, 200)
     with pytest.raises(ValueError, match="200x200 pixels, over the cap of 10000"):
         data._decode(sample, max_pixels=10_000)
+
+
+def test_a_caption_the_tokenizer_cannot_encode_is_a_counted_bad_sample(tmp_path, capfd):
+    """A byte-level BPE encodes any text; a word-level tokenizer.json without an unknown token refuses a word it lacks.
+    The tokenizer names the text; the training stream skips and counts its sample."""
+    import tokenizers
+    vocab = {"<pad>": 0, "<start_of_text>": 1, "<end_of_text>": 2, "fine": 3}
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = data.Tokenizer(word_level)
+    with pytest.raises(ValueError, match="the tokenizer cannot encode 'oops'"):
+        tokenizer(["fine", "oops"], 8)
+    members = [m for i in range(4) for m in [(f"k{i}.png", png_bytes(i)), (f"k{i}.txt", b"oops" if i == 1 else b"fine")]]
+    path = write_tar(tmp_path / "0.tar", members)
+    stream = data.TrainStream([data.Part("2018", [(path, 4)])], 2 * 8, 2, 0, 1, seed=0, time_step=0, image_px=8,
+                              tokenizer=tokenizer, context_tokens=8, shuffle_buffer=4)
+    batches = list(stream.batches(0, 1))
+    assert len(batches) == 8 and all(torch.equal(t, tokenizer(["fine", "fine"], 8)) for _, t, _ in batches)
+    assert sum(f.get("corrupt_sample", 0) for *_, f in batches) >= 1
+    assert "skipped sample k1: corrupt sample (the tokenizer cannot encode 'oops'" in capfd.readouterr().err
+
+
+def test_the_built_in_benchmarks_captions_clean_to_their_lower_case():
+    """A guard: CLIP's cleaning leaves plain ASCII without "&" as it is, so these captions tokenize as they always
+    did."""
+    colours, shapes, places = list(synthetic.COLOURS), synthetic.SHAPES, synthetic.POSITIONS
+    captions = [t.format(c0=c0, s0=s0, p0=p0, c1=c1, s1=s1, p1=p1) for t in synthetic.TEMPLATES
+                for c0, c1 in zip(colours, colours[1:]) for s0, s1 in zip(shapes[::2], shapes[1::2])
+                for p0, p1 in zip(places, places[::-1])]
+    captions += [t.format(s) for t in synthetic.CLASS_TEMPLATES for s in synthetic.SHAPES]
+    assert len(captions) > 500 and all(data.clean_text(c) == c.lower() for c in captions)
 
 
 def test_only_jpeg_png_and_webp_are_decoded_so_a_shard_runs_no_program(tmp_path, tokenizer, monkeypatch, capfd):

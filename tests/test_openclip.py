@@ -1,25 +1,31 @@
 """Existing CLIP models: OpenCLIP and OpenAI state dicts load into our model and give open_clip's embeddings;
 attention heads of any width load right; TorchScript archives are read without running anything in them;
-our CLIP tokenizer gives open_clip's token ids; evaluate.py --checkpoint scores a model as open_clip would.
+our CLIP tokenizer gives open_clip's token ids, also on 300 varied captions (mojibake, HTML escaped several times,
+surrogates, ...); our image preprocessing is open_clip's for every image mode; evaluate.py --checkpoint scores a
+model as open_clip would.
 
 Needs open-clip-torch (test-only: pip install -r requirements-test.txt), for random-weight models and
 CLIP's vocabulary file that ships inside it; no pretrained weights are downloaded. Nothing here skips.
 
     python -m pytest -q tests/test_openclip.py
 """
+import html
 import json
 import os
 import pickle
+import random
 import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cleaning
 import data
 import evaluate
 import pictures
@@ -331,6 +337,65 @@ def test_an_archive_made_to_write_a_file_writes_nothing_and_is_refused_in_a_line
     assert not written.exists()
 
 
+# ----------------------------------------------------------------------------- image preprocessing
+def images_of_every_mode(W: int, H: int, seed: int = 0) -> dict[str, Image.Image]:
+    """Random W x H images in every mode that JPEG, PNG and WebP decode to, and PA."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    alpha = Image.fromarray(rng.integers(0, 256, (H, W), dtype=np.uint8))
+    rgba, la = rgb.convert("RGBA"), rgb.convert("LA")
+    rgba.putalpha(alpha)
+    la.putalpha(alpha)
+    return {"RGB": rgb, "P": rgb.quantize(64), "PA": rgb.quantize(64).convert("PA"), "RGBA": rgba, "LA": la,
+            "L": rgb.convert("L"), "CMYK": rgb.convert("CMYK"), "1": rgb.convert("1"),
+            "I;16": Image.fromarray(rng.integers(0, 2 ** 16, (H, W)).astype(np.uint16))}
+
+
+def test_eval_preprocessing_is_open_clips_for_every_image_mode():
+    """open_clip resizes in the image's mode and converts to RGB after: Pillow resizes a palette image by its nearest
+    pixel and premultiplies alpha. (Pillow drops a PA image's palette as it resizes: black, for both.)"""
+    px = 224
+    ours, theirs = data.ImageTransform(px, train=False), open_clip.image_transform(px, is_train=False)
+    for W, H in [(97, 61), (61, 97), (px, px)]:
+        for mode, img in images_of_every_mode(W, H).items():
+            assert img.mode == mode
+            diff = (data.normalize_images(ours(img)) - theirs(img)).abs().max().item()
+            assert diff < 1e-5, (mode, W, H, diff)
+
+
+def test_eval_resize_rounds_the_long_side_as_torchvision():
+    px, sides = 224, (45, 49, 99, 223, 225, 277, 301, 554)
+    sizes = [(W, H) for W in sides for H in sides]
+    # the grid holds sizes where int(long * (px / short)) is one less than torchvision's int(px * long / short)
+    assert sum(int(max(s) * (px / min(s))) != int(px * max(s) / min(s)) for s in sizes) == 4
+    ours, theirs = data.ImageTransform(px, train=False), open_clip.image_transform(px, is_train=False)
+    rng = np.random.default_rng(0)
+    for W, H in sizes:
+        img = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+        diff = (data.normalize_images(ours(img)) - theirs(img)).abs().max().item()
+        assert diff < 1e-5, (W, H, diff)
+
+
+def test_training_crop_converts_to_rgb_where_open_clip_does(monkeypatch):
+    """Given the same crop box, open_clip crops, resizes and then converts to RGB. Pillow resizes palette and bilevel
+    images by their nearest pixel, so their crops are open_clip's; other modes resize bicubic over the box (the
+    pixels beyond its edges too) where open_clip crops first, except for a box that is the whole image: an image too
+    long for any crop of 0.9-1 of its area at ratio 3/4-4/3. There every mode is open_clip's."""
+    from torchvision.transforms import RandomResizedCrop
+    px = 32
+    ours, theirs = data.ImageTransform(px, train=True), open_clip.image_transform(px, is_train=True)
+    cases = [(img, seed) for seed in range(3) for mode, img in images_of_every_mode(70, 64).items()
+             if mode in ("P", "1")]
+    cases += [(img, 0) for img in images_of_every_mode(97, 61).values()]
+    for img, seed in cases:
+        left, top, right, bottom = box = ours.crop_box(*img.size, np.random.default_rng(seed))
+        assert box == (0, 0, 97, 61) if img.size == (97, 61) else box != (0, 0, 70, 64)
+        monkeypatch.setattr(RandomResizedCrop, "get_params",
+                            staticmethod(lambda *_, box=box: (box[1], box[0], box[3] - box[1], box[2] - box[0])))
+        diff = (data.normalize_images(ours(img, np.random.default_rng(seed))) - theirs(img)).abs().max().item()
+        assert diff < 1e-5, (img.mode, img.size, box, diff)
+
+
 # ----------------------------------------------------------------------------- the tokenizer
 CAPTIONS = [
     "A photo of a cat.", "  Two   dogs\tplaying\n in the   snow!!!  ", "It's 2021: what's 3.14 + 42?",
@@ -365,11 +430,104 @@ def test_clip_tokenizer_gives_open_clips_ids(clip_tokenizer):
 
 def test_char_fixes_are_ftfys():
     import ftfy.chardata as chardata  # installed with open_clip
-    ours = {k: v for k, v in data.CHAR_FIXES.items()}
+    from ftfy.fixes import fix_c1_controls
     quotes = {ord(c): "'" for c in "\u02bc\u2018\u2019\u201a\u201b"} | {ord(c): '"' for c in "\u201c\u201d\u201e\u201f"}
+    c1 = {i: fix_c1_controls(chr(i)).translate(quotes) for i in range(0x80, 0xA0) if fix_c1_controls(chr(i)) != chr(i)}
     theirs = {**chardata.WIDTH_MAP, **chardata.CONTROL_CHARS, **quotes,
-              **{k: v.translate(quotes) for k, v in chardata.LIGATURES.items()}}
-    assert ours == theirs
+              **{k: v.translate(quotes) for k, v in chardata.LIGATURES.items()}, **c1}
+    assert len(c1) == 27 and cleaning.CHAR_FIXES == theirs  # Windows-1252 leaves 5 of the 32 undefined
+
+
+def varied_captions() -> list[str]:
+    """300 captions as web data holds them, built deterministically: plain ones, and the damage CLIP's cleaning
+    repairs (mojibake, HTML escaped several times, C1 controls, ANSI escapes, surrogates), with emoji, CJK,
+    accents and other scripts."""
+    rng = random.Random(30)
+    subjects = ["a dog", "Two cats", "an old man", "the Eiffel Tower", "A red car", "my kids", "a bowl of ramen",
+                "Street art", "the team", "A wooden table", "sunflowers", "an iPhone 12", "the U.S. Open",
+                "a 3D-printed vase", "Grandma's kitchen"]
+    verbs = ["sitting on", "in front of", "next to", "running through", "painted on", "for sale at", "at", "under",
+             "waiting for", "covered in"]
+    places = ["the beach", "a snowy street", "Times Square", "the kitchen table", "sunset", "the rain",
+              "Paris, France", "a farmers' market", "the 2019 World Cup", "a window"]
+    tails = ["", ".", "!", " #travel #photo", " (stock photo)", " - 4K wallpaper", " | Getty Images", " on Instagram",
+             " 😍", ", 1920x1080", " ...", " @user"]
+    plain = []
+    while len(plain) < 143:
+        text = " ".join(rng.choice(words) for words in (subjects, verbs, places)) + rng.choice(tails)
+        plain += [text] if text not in plain else []
+    plain += ["It's 2021: what's 3.14 + 42?", "don't won't I'll we've they're I'm he'd", "price: $1,299.99 (50% off!)",
+              "e-mail me@example.com, https://example.com/a?b=c", "hello-world_foo/bar\\baz", "#tbt #nofilter #sunset",
+              "SALE!!! 70% OFF!!!", "", "   ", "x" * 300, "word " * 100, "a photo of a {}.", "<b>bold</b> & <i>it</i>",
+              "1 < 2 and 3 > 2", "AT&T and H&M, R&D", "tab\tnew\nline\r\ncarriage", "a<start_of_text>b<end_of_text>"]
+    accents = ["Café naïve Zürich résumé", "crème brûlée à la carte", "Straße über Köln", "niño año señor, ¿qué?",
+               "São João coração", "Łódź żółć źdźbło", "Příliš žluťoučký", "İstanbul'da güzel şişe",
+               "Tiếng Việt có dấu", "Þórsmörk ævintýri", "e\u0301cole de\u0301compose\u0301e", "ÆØÅ æøå ß",
+               "FRANÇAIS ÉTÉ À L'ÉCOLE", "Ångström Ørsted", "Dvořák's Šárka", "Ελληνικά ΟΔΥΣΣΕΥΣ σοφός",
+               "Привет, мир! Москва 2020", "Київ і Львів", "«Пример» — тест", "Mañana en Málaga", "Ærøskøbing havn",
+               "Dziękuję bardzo"]
+    scripts = ["東京タワー at night", "北京烤鸭 Peking duck", "서울의 밤 풍경", "ひらがなとカタカナ", "नमस्ते दुनिया",
+               "مرحبا بالعالم", "שלום עולם", "สวัสดีชาวโลก", "გამარჯობა", "Բարեւ աշխարհ", "வணக்கம் உலகம்",
+               "ᚠᚢᚦᚨᚱᚲ runes", "𝔉𝔯𝔞𝔨𝔱𝔲𝔯 math letters", "中文，标点。", "日本語の「引用」です",
+               "Ιαπωνία και Κίνα 2022", "ภาษาไทย ๑๒๓", "كتاب ٣ جديد"]
+    emoji = ["🐱🐶 emoji party 🎉🎉", "👍🏽 thumbs up", "👨‍👩‍👧‍👦 family", "🇫🇷🇯🇵 flags", "1️⃣ keycap", "❤️ love ☀️",
+             "🏴󠁧󠁢󠁷󠁬󠁳󠁿 Wales", "🤷‍♀️ shrug", "😀😃😄😁", "🎂 happy birthday 🎈", "☕️ coffee time", "🧑🏿‍🚀 astronaut"]
+    width = ["ＬＯＵＤ　ＮＯＩＳＥＳ", "ﬂuﬃest ﬁsh", "“curly” ‘quotes’ ʼn", "Ǆemal Ĳssel", "ﾊﾝｶｸ ｶﾀｶﾅ", "½ ¼ ² ³ ™ © ®",
+             "naïve\u00a0nbsp\u2003em space", "zero\u200bwidth", "\ufeffbyte order mark", "left\u200fright\u202emarks",
+             "\x00\x07control\x7f chars", "line\u2028sep\u2029para", "soft\u00adhyphen", "Ligature Ǳ and ǉ"]
+    # UTF-8 read as Windows-1252 or Latin-1 (once or twice, a byte lost, a no-break space made a space),
+    # as Windows-1251, as Mac Roman
+    words = ["café", "naïve résumé", "Zürich", "São Paulo", "it’s “quoted”", "€100 — cheap", "東京", "😀 smile",
+             "Привет", "señor", "Ελλάδα", "crème brûlée", "…and more", "déjà vu", "Ñandú"]
+    misread = lambda text, codec: "".join(  # noqa: E731  as a browser does: an undefined byte as is
+        bytes([b]).decode(codec, errors="ignore") or chr(b) for b in text.encode())
+    mojibake = [misread(w, "cp1252") for w in words[:10]]
+    mojibake += [words[4].encode().decode("cp1252", errors="replace")]  # "â€\ufffd"
+    mojibake += [w.encode().decode("latin-1") for w in words[10:13]]
+    mojibake += [misread(misread(w, "cp1252"), "cp1252") for w in words[13:15]]
+    mojibake += [misread("Привет мир", "cp1251"), misread("It’s", "mac_roman"), misread("naïve", "cp1252") + " and 東京",
+                 "the Ã©lite and Ã¼ber", misread("voilà le travail", "cp1252").replace("\xa0", " "), "Ã  la mode",
+                 misread("日本語", "cp1252"), misread("₹500 only", "cp1252"), "Crème fraîche".encode().decode("latin-1"),
+                 "Â£5 fee"]
+    escaped = []
+    for text, times in [("Tom & Jerry", 2), ("AT&T <3 “quotes”", 3), ("fish & chips", 4), ("café & crème", 2),
+                        ("a < b > c", 2), ("Q&A: it's", 3), ("5 € & 3 £", 2), ("R&D", 5), ("Ben & Jerry's", 2),
+                        ("<3 x", 1), ("naïve &c", 3)]:
+        for _ in range(times):
+            text = html.escape(text)
+        escaped.append(text)
+    escaped += ["it&amp;#39;s", "&amp;quot;hi&amp;quot;", "caf&amp;eacute;", "&#8220;x&#8221;", "P&EACUTE;REZ",
+                "&amp;lt;b&amp;gt; <b>", "&amp;amp;\n&lt;i&gt;", "&ampx; &amp", "&amp;amp;#x1F600;"]
+    c1 = ["\x93quoted\x94 text", "caf\xe9 \x96 bar", "it\x92s fine", "\x91single\x92", "wait\x85 what", "price \x80100",
+          "brand\x99 name", "a\x81b undefined", "\x97dash\x97", "naïve \x93東京\x94", "\x84low quote\x93",
+          "\x8a\x9e\x9f letters"]
+    ansi = ["\x1b[31mred\x1b[0m text", "\x1b[1;32mbold green\x1b[0m", "plain \x1b[Kclear", "\x1b[38;5;208morange\x1b[m",
+            "\x1b[4munder\x1b[24m line", "\x1b[0;31;47mwarn\x1b[0m: disk", "\x1b[2J\x1b[Hscreen", "ok \x1b[1m✓\x1b[22m"]
+    surrogates = ["a\udcffb", "\ud83d\ude00 pair", "lone \ud800 high", "end \udfff", "\ude00\ud83d reversed",
+                  "x\udcc3\udca9y escaped bytes", "\udbff\udfff max pair", "two \udc80\udc81 lows"]
+    return plain + accents + scripts + emoji + width + mojibake + escaped + c1 + ansi + surrogates
+
+
+def test_varied_captions_tokenize_as_open_clip(clip_tokenizer):
+    """open_clip cleans every caption with ftfy.fix_text; cleaning.py does it without ftfy. Where the two can differ
+    (mojibake ftfy's heuristic reads otherwise) is in docs/data.md; on this set, nowhere."""
+    texts = varied_captions()
+    assert len(texts) == len(set(texts)) == 300
+    expected = open_clip.tokenize(texts, context_length=77)
+    got = clip_tokenizer(texts, 77)  # surrogates included: no exception
+    bad = [t for t, a, b in zip(texts, expected, got) if not torch.equal(a, b)]
+    assert not bad, bad  # the issue asks for 295 of 300
+
+
+def test_class_names_and_templates_with_surrogates_or_controls_build_a_classifier(clip_tokenizer):
+    from model import CLIP
+    names, templates = ["cat\udcff", "\ud83d\ude00 dog", "bird\x93s"], ["a photo of a {}.", "\x1b[1m{}\x1b[0m\ud800"]
+    prompts = [t.format(n) for n in names for t in templates]
+    assert torch.equal(clip_tokenizer(prompts, 16), open_clip.tokenize(prompts, 16))
+    torch.manual_seed(0)
+    model = CLIP(make_config("tiny", vocab_size=clip_tokenizer.vocab_size, eot_token_id=clip_tokenizer.eot_id))
+    classifier = evaluate.zero_shot_classifier(model, names, templates, clip_tokenizer, torch.device("cpu"))
+    assert classifier.shape == (model.cfg.embed_dim, 3) and torch.isfinite(classifier).all()
 
 
 def test_clip_tokenizer_command_writes_a_loadable_file(tmp_path, clip_tokenizer):

@@ -164,7 +164,8 @@ def years_in(root: str, split: str = "train") -> list[str]:
 
 def parse_steps(root: str, spec: str, split: str = "train") -> list[list[str]]:
     """Year folders of each time step: '2014-2016,2017' -> [['2014', '2015', '2016'], ['2017']];
-    '': one step per year."""
+    '': one step per year. A step is a year (YYYY: its folder and its month folders YYYYMM), a
+    month (YYYYMM), or a range of them, ends included; a shorter prefix ('202') is refused."""
     years = years_in(root, split)
     if not spec:
         return [[y] for y in years]
@@ -172,11 +173,11 @@ def parse_steps(root: str, spec: str, split: str = "train") -> list[list[str]]:
     for group in spec.split(","):
         first, _, last = group.strip().partition("-")
         last = last or first
-        if not (first.isdigit() and last.isdigit()):
+        if not all(end.isdigit() and len(end) in (4, 6) for end in (first, last)):
             raise SystemExit(f"error: --steps={spec}: '{group}' is not a year (2019), a month "
                              f"(201905) or a range of them (2014-2016); separate the steps by "
                              f"commas, e.g. --steps=2014-2016,2017,2018")
-        chosen = [y for y in years if first <= y[:len(first)] <= last]  # YYYY or YYYYMM folders
+        chosen = [y for y in years if y[:len(first)] >= first and y[:len(last)] <= last]
         if not chosen:
             raise SystemExit(f"error: step '{group}' names no year folder under "
                              f"{_split_dir(root, split)} (found: {', '.join(years)}); fix --steps")

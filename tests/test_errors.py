@@ -93,10 +93,22 @@ def test_cuda_on_a_machine_without_a_gpu(tmp_path, two_years):
 
 @pytest.mark.parametrize("steps, message", [("2018,2018", "2018 is in two steps"), (",2018", "'' is not a year"),
                                             ("-2019", "'-2019' is not a year"),
-                                            ("2018-2019,2019", "2019 is in two steps")])
+                                            ("2018-2019,2019", "2019 is in two steps"),
+                                            ("2018,201", "'201' is not a year"),  # not 2019's prefix
+                                            ("2", "'2' is not a year"), ("20189", "'20189' is not")])
 def test_steps_that_do_not_name_distinct_years(two_years, steps, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         shards.parse_steps(two_years, steps)
+
+
+def test_steps_name_years_and_months_of_a_month_layout(tmp_path):
+    for month in ("201811", "201812", "201901", "201902", "2020"):
+        os.makedirs(tmp_path / "train" / month)
+    assert shards.parse_steps(str(tmp_path), "2018,201901-201902,2020") == [
+        ["201811", "201812"], ["201901", "201902"], ["2020"]]
+    assert shards.parse_steps(str(tmp_path), "201812-2019") == [["201812", "201901", "201902"]]
+    with pytest.raises(SystemExit, match="'20' is not a year"):
+        shards.parse_steps(str(tmp_path), "20")
 
 
 @pytest.mark.parametrize("sizes, message", [('{"0.tar": "10"}', "the count of 0.tar is '10'"),

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import string
 import sys
 import time
 from dataclasses import dataclass
@@ -202,26 +203,41 @@ def tasks_of(root: str, step_years: list[list[str]], shard_cmd: str = "") -> dic
 
 
 def read_lines(path: str) -> list[str]:
+    """The lines of a classnames.txt or templates.txt that hold text; at least one."""
     if not os.path.exists(path):
         raise SystemExit(f"{path}: missing; classification needs classnames.txt (class id i = "
                          f"line i, from 0) and templates.txt (prompts such as 'a photo of a "
                          f"{{}}.'), one per line")
     with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise SystemExit(f"error: {path}: empty; write one class name or prompt template a line")
+    return lines
 
 
 def read_templates(folder: str) -> list[str]:
     """The prompt templates in folder, with "{}" for the class name: templates.txt, or
-    clip_benchmark's zeroshot_classification_templates.txt, whose templates hold "{c}"."""
+    clip_benchmark's zeroshot_classification_templates.txt, whose templates hold "{c}". Each must
+    format with one class name: exactly one {} (other braces doubled)."""
     path = os.path.join(folder, "templates.txt")
     if not os.path.exists(path) and os.path.exists(
             os.path.join(folder, "zeroshot_classification_templates.txt")):
         path = os.path.join(folder, "zeroshot_classification_templates.txt")
     templates = [t.replace("{c}", "{}") for t in read_lines(path)]
-    if not all("{}" in t for t in templates):
-        raise SystemExit(f"{path}: every prompt template needs a {{}} (or {{c}}) for the class "
-                         f"name")
+    bad = next((t for t in templates if replacement_fields(t) != [("", "", None)]), None)
+    if bad is not None:
+        raise SystemExit(f"error: {path}: the prompt template {bad!r} needs exactly one {{}} (or "
+                         f"{{c}}) for the class name, and any other brace doubled ({{{{, }}}}); "
+                         f"fix it")
     return templates
+
+
+def replacement_fields(template: str) -> list[tuple] | None:
+    """The (name, format spec, conversion) of each {...} in template; None if it does not parse."""
+    try:
+        return [field[1:] for field in string.Formatter().parse(template) if field[1] is not None]
+    except ValueError:  # a lone { or }
+        return None
 
 
 # ----------------------------------------------------------------------------- static tasks
@@ -245,21 +261,40 @@ def static_task(path: str) -> StaticTask:
         raise SystemExit(f"{path}: no test/nshards.txt, so not a task in clip_benchmark's "
                          f"webdataset format (test/0.tar ... with nshards.txt, dataset_type.txt, "
                          f"classnames.txt beside test/)")
-    with open(nshards) as f:
-        shards = [(os.path.join(path, "test", f"{i}.tar"), None)
-                  for i in range(int(f.read().strip()))]
-    missing = [p for p, _ in shards if not os.path.exists(p)]
-    if missing:
-        raise SystemExit(f"{missing[0]}: listed by {nshards} but missing ({len(missing)} in all)")
     kind_path = os.path.join(path, "dataset_type.txt")
     kind = open(kind_path).read().strip().lower() if os.path.exists(kind_path) else "classification"
     if kind not in ("classification", "retrieval"):
         raise SystemExit(f"{kind_path}: {kind!r} tasks are not scored here; classification and "
                          f"retrieval are")
+    shards = [(shard, None) for shard in static_shards(nshards)]
     if kind == "retrieval":
         return StaticTask(kind, shards)
     return StaticTask(kind, shards, read_lines(os.path.join(path, "classnames.txt")),
                       read_templates(path))
+
+
+def static_shards(nshards: str) -> list[str]:
+    """The shards 0.tar ... N-1.tar beside nshards.txt, which holds N: each checked to be a file,
+    and the count to be at most the files there, before a list of N is made."""
+    with open(nshards) as f:
+        text = f.read(100).strip()
+    if not re.fullmatch(r"[0-9]+", text) or int(text) == 0:
+        raise SystemExit(f"error: {nshards}: holds {text!r}, not a number of shards; write the "
+                         f"count of the task's shards (0.tar ... N-1.tar beside it), 1 or more")
+    test, n = os.path.dirname(nshards), int(text)
+    present = set(os.listdir(test))
+    missing = next((i for i in range(n) if f"{i}.tar" not in present), None)  # 0.tar on: soon
+    if missing is not None:
+        listed = sum(1 for name in present if re.fullmatch(r"(0|[1-9][0-9]*)\.tar", name)
+                     and int(name[:-4]) < n)
+        raise SystemExit(f"error: {test}/{missing}.tar: listed by {nshards} ({n} shards) but "
+                         f"missing ({n - listed} in all); re-download the task or fix nshards.txt")
+    paths = [os.path.join(test, f"{i}.tar") for i in range(n)]
+    not_file = next((p for p in paths if not os.path.isfile(p)), None)
+    if not_file:
+        raise SystemExit(f"error: {not_file}: listed by {nshards} but not a file (a folder, FIFO "
+                         f"or device); put the shard there or fix nshards.txt")
+    return paths
 
 
 def static_tasks(root: str, spec: str) -> dict[str, StaticTask]:

@@ -4,9 +4,11 @@ import os
 import re
 import shutil
 import subprocess
+import tracemalloc
 
 import pytest
 
+import evaluate
 import shards
 
 from conftest import ENV, REPO, train_command, train_refused
@@ -191,3 +193,58 @@ def test_a_shard_name_that_would_run_a_command_is_refused_before_any_compute(tmp
     line = train_refused([f"--data_root={root}", f"--shard_cmd=cat \"{root}/{{path}}\"", f"--out_dir={tmp_path}/run",
                           *TINY])
     assert "$(touch" in line and "rename it in sizes.json" in line and not ran.exists()
+
+
+# ----------------------------------------------------------------------------- evaluation data, read before training
+def eval_files(two_years, root, file, text):
+    """A copy of two_years' evaluation data (none of its training data) with file written as text."""
+    for part in ("eval", "static"):
+        shutil.copytree(os.path.join(two_years, part), root / part)
+    if file.endswith("/0.tar"):
+        (root / file).unlink()
+        (root / file).mkdir()  # a folder where the shard should be
+    else:
+        (root / file).write_text(text)
+
+
+TEMPLATES, CLASSNAMES = "eval/classification/templates.txt", "eval/classification/classnames.txt"
+NSHARDS = "static/shapes/test/nshards.txt"
+
+
+@pytest.mark.parametrize("file, text, message", [
+    (TEMPLATES, "a {}\na {} of {}\n", "the prompt template 'a {} of {}' needs exactly one {}"),
+    (TEMPLATES, "a {0}", "'a {0}' needs exactly one {}"), (TEMPLATES, "a {name}", "'a {name}' needs"),
+    (TEMPLATES, "a {} {", "'a {} {' needs"), (TEMPLATES, "a photo", "'a photo' needs"),
+    (TEMPLATES, "\n\n", "templates.txt: empty"), (CLASSNAMES, "", "classnames.txt: empty"),
+    (NSHARDS, "abc", "nshards.txt: holds 'abc', not a number of shards"),
+    (NSHARDS, "0", "nshards.txt: holds '0', not a number of shards"),
+    (NSHARDS, "3000000", "test/1.tar: listed by ROOT/static/shapes/test/nshards.txt (3000000 shards) but missing "
+                         "(2999999 in all)"),
+    ("static/shapes/test/0.tar", "", "shapes/test/0.tar: listed by ROOT/static/shapes/test/nshards.txt but not a file")])
+def test_evaluation_data_that_cannot_be_scored_is_refused_where_it_is_read(tmp_path, two_years, file, text,
+                                                                            message):
+    root = tmp_path / "data"
+    eval_files(two_years, root, file, text)
+    read = evaluate.static_tasks if file.startswith("static") else evaluate.tasks_of
+    with pytest.raises(SystemExit, match=re.escape(message.replace("ROOT", str(root)))):
+        read(str(root), "") if read is evaluate.static_tasks else read(str(root), [["2018"]])
+
+
+def test_a_long_nshards_txt_is_refused_at_once(tmp_path, two_years):
+    root = tmp_path / "data"
+    eval_files(two_years, root, NSHARDS, "300000")
+    tracemalloc.start()
+    with pytest.raises(SystemExit, match="missing"):
+        evaluate.static_tasks(str(root), "")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1e6, peak  # no list of 300,000 paths before the refusal
+
+
+def test_a_prompt_template_that_cannot_format_is_refused_before_training(tmp_path, two_years):
+    root = tmp_path / "data"
+    shutil.copytree(two_years, root)
+    (root / TEMPLATES).write_text("a {}\na {} of {}\n")
+    line = train_refused([f"--data_root={root}", f"--out_dir={tmp_path}/run", *TINY])
+    assert f"{root}/{TEMPLATES}: the prompt template 'a {{}} of {{}}' needs exactly one {{}}" in line
+    assert not os.path.exists(tmp_path / "run" / "step01.pt")

@@ -45,8 +45,9 @@ import strategies
 import survive
 import synthetic
 from checkpoints import is_checkpoint_file, load_checkpoint, parse_heads
-from model import CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, make_config
-from settings import parse_flags
+from model import (CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, check_device, clip_loss,
+                   make_config)
+from settings import MAX_SEED, parse_flags
 from world import World, failure, refusal, start_world
 
 # ----------------------------------------------------------------------------- config
@@ -97,6 +98,7 @@ max_image_pixels = 4096 * 4096  # a larger decoded image is skipped as corrupt
 DEFAULTS = {k: v for k, v in globals().items()
             if k not in _globals_before_config and k != "_globals_before_config"}
 SYNTH_ROOT = "data/tic-synth"  # where the built-in benchmark is made when data_root is left as is
+MAX_VOCAB = 262_144  # a BPE's largest vocab_size: 2^18, as the largest in use (Gemma's 256k)
 
 
 def parse_config(argv: list[str]) -> SimpleNamespace:
@@ -146,10 +148,15 @@ def check_config(cfg: SimpleNamespace) -> None:
              "workers": 0, "ckpt_interval_samples": 0, "keep_checkpoints": 1,
              "max_nonfinite_in_row": 1, "seed": 0, "warmup_iters": 0, "warmup_iters_later": 0,
              "eval_batch": 1, "tokenizer_samples": 1,
-             "vocab_size": 259, "max_image_pixels": 1}  # a byte-level BPE: 256 bytes, 3 specials
+             "vocab_size": 259,  # a byte-level BPE: 256 bytes, 3 specials
+             "max_image_pixels": make_config(cfg.model).image_px ** 2}  # the model's input image
     for key, n in least.items():
         if getattr(cfg, key) < n:
             raise SystemExit(f"error: --{key}={getattr(cfg, key)} is too small; use at least {n}")
+    most = {"seed": MAX_SEED, "vocab_size": MAX_VOCAB}
+    for key, n in most.items():
+        if getattr(cfg, key) > n:
+            raise SystemExit(f"error: --{key}={getattr(cfg, key)} is too large; use at most {n}")
     ranges = {"lr": (0 <= cfg.lr < math.inf, "a rate of 0 or more"),
               "eps": (0 < cfg.eps < 1, "above 0, below 1"),
               "weight_decay": (0 <= cfg.weight_decay < math.inf, "0 or more"),
@@ -189,18 +196,6 @@ def check_config(cfg: SimpleNamespace) -> None:
         raise SystemExit(f"error: --shard_cmd={cfg.shard_cmd!r} has no {{path}} for the shard's "
                          f"path under data_root")
     check_device(cfg.device)
-
-
-def check_device(name: str) -> None:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: --device={name} is not a device; use cpu or cuda") from None
-    usable = device.type == "cpu" or device.type == "cuda" and torch.cuda.is_available()
-    if not usable:
-        here = "CUDA is" if torch.cuda.is_available() else "no GPU is"
-        raise SystemExit(f"error: --device={name} cannot be used here ({here} visible); "
-                         f"use --device=cpu or cuda")
 
 
 # ----------------------------------------------------------------------------- data, tokenizer
@@ -284,6 +279,9 @@ def load_initial(cfg: SimpleNamespace, tokenizer: data.Tokenizer, world: World) 
                          f"{tokenizer.eot_id}, but --init's model has {shape.vocab_size} with "
                          f"{shape.eot_token_id}; pass --tokenizer= the one it was trained with "
                          f"(CLIP's: python tools/prepare.py clip-tokenizer)")
+    if cfg.max_image_pixels < shape.image_px ** 2:  # check_config knew only --model's size
+        raise SystemExit(f"error: --max_image_pixels={cfg.max_image_pixels} is too small for "
+                         f"--init's {shape.image_px} px images; use at least {shape.image_px ** 2}")
     if world.master:
         print(f"init {cfg.init}: ViT {shape.vision_layers}x{shape.vision_width} at "
               f"{shape.image_px} px, patch {shape.patch_px}; text {shape.text_layers}x"

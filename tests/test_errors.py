@@ -7,6 +7,7 @@ import subprocess
 import tracemalloc
 
 import pytest
+import torch
 
 import evaluate
 import shards
@@ -80,11 +81,36 @@ def test_unknown_model(tmp_path, two_years):
     ("--beta2=1", "--beta2=1.0 is out of range"), ("--seed=-1", "--seed=-1 is too small"),
     ("--vocab_size=100", "--vocab_size=100 is too small"), ("--device=tpu9", "--device=tpu9 is not a device"),
     ("--accum_steps=0", "--accum_steps=0 is too small"),
-    ("--ckpt_interval_samples=16", "--ckpt_interval_samples=16 is less than one batch (32)")])
+    ("--ckpt_interval_samples=16", "--ckpt_interval_samples=16 is less than one batch (32)"),
+    (f"--seed={2 ** 64}", f"--seed={2 ** 64} is too large; use at most {2 ** 63 - 1}"),
+    ("--vocab_size=100000000", "--vocab_size=100000000 is too large; use at most 262144"),
+    ("--max_image_pixels=1", "--max_image_pixels=1 is too small; use at least 1024"),  # tiny: 32 x 32 px
+    ("--model=ViT-B-16 --max_image_pixels=1024", "--max_image_pixels=1024 is too small; use at least 50176"),
+    ("--patch_alphas=2", "--patch_alphas=2 is not valid; use a list of numbers from 0 to 1"),
+    ("--patch_alphas=0,-0.5", "--patch_alphas=0,-0.5 is not valid; use a list of numbers from 0 to 1")])
 def test_values_that_cannot_work(arg, message):
     import train
     with pytest.raises(SystemExit, match=re.escape(message)):
-        train.check_config(train.parse_config(["--batch_size=32", arg]))
+        train.check_config(train.parse_config(["--batch_size=32", *arg.split()]))
+
+
+@pytest.mark.parametrize("args, readers", [
+    ("--cooldown_fraction=0.3", "const-cooldown, rsqrt"), ("--continue_from=cooled", "const-cooldown, rsqrt"),
+    ("--lr_schedule=cosine-ar --cooldown_fraction=0.5", "const-cooldown, rsqrt"),
+    ("--ar_horizon=3", "cosine-ar"), ("--lr_min_fraction=0.5", "cosine-ar"),
+    ("--lr_schedule=const-cooldown --rsqrt_timescale=100", "rsqrt")])
+def test_a_schedule_setting_is_refused_where_it_does_nothing_and_taken_where_it_is_read(args, readers):
+    import train
+    *schedule, setting = args.split()  # the schedule, if not the default cosine
+    said = f"does nothing under {(schedule or ['--lr_schedule=cosine'])[0]}; drop it, or choose a schedule that " \
+           f"reads it: {readers}"
+    with pytest.raises(SystemExit, match=re.escape(f"error: {setting} {said}")):
+        train.check_config(train.parse_config([*schedule, setting]))
+    for reader in readers.split(", "):
+        train.check_config(train.parse_config([f"--lr_schedule={reader}", setting]))
+    key = setting[2:].split("=")[0]
+    default = getattr(train.parse_config([]), key)
+    train.check_config(train.parse_config([*schedule, f"--{key}={default}"]))  # the default, said aloud
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CPU-only machine's answer")
@@ -248,3 +274,21 @@ def test_a_prompt_template_that_cannot_format_is_refused_before_training(tmp_pat
     line = train_refused([f"--data_root={root}", f"--out_dir={tmp_path}/run", *TINY])
     assert f"{root}/{TEMPLATES}: the prompt template 'a {{}} of {{}}' needs exactly one {{}}" in line
     assert not os.path.exists(tmp_path / "run" / "step01.pt")
+
+
+def test_max_image_pixels_below_the_image_of_an_init_model_is_refused(tmp_path):
+    from dataclasses import asdict
+    from types import SimpleNamespace
+    import data
+    import train
+    from model import CLIP, make_config
+    tok = data.Tokenizer.train(["a red circle"] * 8, vocab_size=300)
+    model = CLIP(make_config("tiny", image_px=64, vocab_size=tok.vocab_size, eot_token_id=tok.eot_id))
+    init = str(tmp_path / "step01.pt")
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg)}, init)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = train.parse_config([f"--init={init}", "--max_image_pixels=1024"])
+    train.check_config(cfg)  # enough for --model=tiny's 32 px
+    with pytest.raises(SystemExit, match=re.escape("--max_image_pixels=1024 is too small for --init's 64 px "
+                                                   "images; use at least 4096")):
+        train.load_initial(cfg, tok, SimpleNamespace(master=True))

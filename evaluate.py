@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import pictures
 import shards
-from data import Tokenizer, eval_batches, normalize_images
+from data import NotScored, Tokenizer, eval_batches, normalize_images
 from checkpoints import load_checkpoint, parse_heads
 from model import PRECISIONS, autocast
 from settings import parse_flags
@@ -101,9 +101,9 @@ def embed_pairs(model, shards, tokenizer, device, batch_samples=256, precision=N
 def retrieval(model, shards, tokenizer, device, batch_samples=256, precision=None, **read) -> dict:
     img, txt = embed_pairs(model, shards, tokenizer, device, batch_samples, precision, **read)
     if not len(img):
-        raise SystemExit(f"error: {shards[0][0]} ...: no pairs to score (validation pairs: the 2% "
-                         f"of training pairs data.is_validation picks; shards too small to hold "
-                         f"any?)")
+        raise NotScored(f"error: {shards[0][0]} ...: no pairs to score (validation pairs: the 2% "
+                        f"of training pairs data.is_validation picks; shards too small to hold "
+                        f"any?)")
     i2t, t2i = recall_at_k(img, txt), recall_at_k(txt, img)
     out = {f"i2t_R@{k}": 100 * v for k, v in i2t.items()}
     out.update({f"t2i_R@{k}": 100 * v for k, v in t2i.items()})
@@ -142,8 +142,8 @@ def classification(model, shards, classifier, device, batch_samples=256, precisi
         labels = torch.tensor(labels)
         if labels.max() >= n_classes or labels.min() < 0:
             bad = keys[int(((labels >= n_classes) | (labels < 0)).nonzero()[0])]
-            raise SystemExit(f"sample {bad}: class id out of range for {n_classes} class names; "
-                             f"fix classnames.txt")
+            raise NotScored(f"error: sample {bad}: class id out of range for {n_classes} class "
+                            f"names; fix classnames.txt")
         x = normalize_images(x.to(device))
         with autocast(device, precision):
             image_features = F.normalize(model.encode_image(x).float(), dim=-1)
@@ -154,8 +154,8 @@ def classification(model, shards, classifier, device, batch_samples=256, precisi
         class_hits.index_add_(0, labels, (top[:, 0] == labels).float())
         class_count.index_add_(0, labels, torch.ones(len(labels)))
     if n == 0:
-        raise SystemExit(f"{shards[0][0]}: no images with a class id (.cls member or json "
-                         f"\"cls\") in this task")
+        raise NotScored(f"error: {shards[0][0]}: no images with a class id (.cls member or json "
+                        f"\"cls\") in this task")
     per_class = class_hits[class_count > 0] / class_count[class_count > 0]  # the task's classes
     return {"top1": 100 * hits1 / n, "top5": 100 * hits5 / n,
             "mean_per_class_recall": 100 * per_class.mean().item(), "class_samples": n,
@@ -328,6 +328,8 @@ def multi_caption_retrieval(model, shards, tokenizer, device, batch_samples=256,
             for start in range(0, len(flat), batch_samples):
                 tokens = tokenizer(flat[start:start + batch_samples], cfg.context_tokens).to(device)
                 texts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    if not images:
+        raise NotScored(f"error: {shards[0][0]} ...: no images with captions to score")
     img, txt, owner = torch.cat(images), torch.cat(texts), torch.tensor(owner, device=device)
     i2t, t2i = recall_any_at_k(img, txt, owner), recall_at_k(txt, img, match=owner)
     return {**{f"i2t_R@{k}": 100 * v for k, v in i2t.items()},
@@ -340,7 +342,9 @@ def evaluate_step(model, tasks: dict[str, Task | StaticTask], tokenizer, device,
                   precision=None, **read) -> dict[str, dict]:
     """One row of the evaluation matrix: {task name: metrics} for the model as it is now:
     retrieval recalls, and zero-shot top-1/top-5 and mean recall per class for a task with
-    classification data; a static task's metrics beside them. precision, read: see embed_pairs."""
+    classification data; a static task's metrics beside them. A kind of task that cannot be
+    scored (NotScored) is said in a line and kept as metrics["not_scored"][kind] = why, without
+    its numbers (n/a in the matrix), and the row goes on. precision, read: see embed_pairs."""
     was_training = model.training
     model.eval()
     row, classifiers = {}, {}
@@ -354,18 +358,33 @@ def evaluate_step(model, tasks: dict[str, Task | StaticTask], tokenizer, device,
                               **read)
 
     for name, task in tasks.items():
-        if isinstance(task, StaticTask):
-            row[name] = (multi_caption_retrieval(model, task.shards, tokenizer, device,
-                                                 batch_samples, precision, **read)
-                         if task.kind == "retrieval" else
-                         classify(task.shards, task.classnames, task.templates))
-            continue
-        row[name] = retrieval(model, task.retrieval, tokenizer, device, batch_samples, precision,
-                              **read)
-        if task.classification:
-            row[name].update(classify(task.classification, task.classnames, task.templates))
+        if isinstance(task, StaticTask) and task.kind == "retrieval":
+            kinds = {"retrieval": lambda: multi_caption_retrieval(
+                model, task.shards, tokenizer, device, batch_samples, precision, **read)}
+        elif isinstance(task, StaticTask):
+            kinds = {"classification": lambda: classify(task.shards, task.classnames,
+                                                         task.templates)}
+        else:
+            kinds = {"retrieval": lambda: retrieval(model, task.retrieval, tokenizer, device,
+                                                    batch_samples, precision, **read)}
+            if task.classification:
+                kinds["classification"] = lambda: classify(task.classification, task.classnames,
+                                                           task.templates)
+        row[name] = {}
+        for kind, measure in kinds.items():
+            try:
+                row[name].update(measure())
+            except NotScored as e:
+                why = str(e.code).removeprefix("error: ")
+                row[name].setdefault("not_scored", {})[kind] = why
+                print(f"warning: task {name} ({kind}) not scored: {why}", file=sys.stderr)
     model.train(was_training)
     return row
+
+
+def scored(metrics: dict | None) -> bool:
+    """Whether a task's metrics in a row are all there: measured, and no kind of it not scored."""
+    return metrics is not None and "not_scored" not in metrics
 
 
 # ----------------------------------------------------------------------------- the matrix
@@ -391,7 +410,9 @@ def eval_matrix(rows: dict[str, dict[str, dict]], task_names: list[str],
     year without classification data) or is not measured yet (a grown run's old models on its new
     task). initial: the initial model's row (--init), kept apart from E and its summary, so E stays
     steps x tasks. result["static"]: the numbers (static_number) of the static tasks, those in rows
-    but not in task_names, row by row, and the last row's mean, as the paper's Table 2 has it."""
+    but not in task_names, row by row, and the last row's mean, as the paper's Table 2 has it.
+    result["not_scored"]: [step or "initial", task, kind, why] of each task not scored
+    (evaluate_step); its cell is None, and ID and the transfers are means of the other cells."""
     cells = lambda row, kind_metric: [row.get(task, {}).get(kind_metric)  # noqa: E731
                                       for task in task_names]
     matrix = [cells(rows[step], metric) for step in rows]
@@ -413,6 +434,11 @@ def eval_matrix(rows: dict[str, dict[str, dict]], task_names: list[str],
                             "final_mean": sum(last) / len(last) if last else None,
                             "initial": [static_number((initial or {}).get(t)) for t in static]
                             if initial else None}
+    missed = [[step, task, kind, why] for step, row in [("initial", initial or {}), *rows.items()]
+              for task, metrics in row.items()
+              for kind, why in metrics.get("not_scored", {}).items()]
+    if missed:
+        result["not_scored"] = missed
     return result
 
 
@@ -426,10 +452,9 @@ def read_results(path: str, step_names: list[str]) -> tuple[dict, dict | None]:
     """(rows, initial row) of an eval_matrix.json, if there is one: the rows of these steps, in
     their order. A run grows by steps added at its end and never shrinks: a matrix of more steps
     than step_names, which begin them, is a one-line error, so that it is not rewritten smaller."""
-    if not os.path.exists(path):
+    result = read_matrix(path)
+    if result is None:
         return {}, None
-    with open(path) as f:
-        result = json.load(f)
     if len(result["tasks"]) > len(step_names) and result["tasks"][:len(step_names)] == step_names:
         raise SystemExit(f"error: {path} is the matrix of the steps {', '.join(result['tasks'])}, "
                          f"and only its first {len(step_names)} are named; a run grows by steps "
@@ -437,6 +462,45 @@ def read_results(path: str, step_names: list[str]) -> tuple[dict, dict | None]:
                          f"pass another --out_dir")
     return ({name: result["results"][name] for name in step_names if name in result["results"]},
             result.get("initial"))
+
+
+def read_matrix(path: str) -> dict | None:
+    """An eval_matrix.json as eval_matrix wrote it, or None where there is none. One that does not
+    parse, or lacks the parts that readers use, is a one-line error."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise SystemExit(f"error: {path}: not valid JSON ({e}); delete it: rerunning the run's "
+                         f"command scores its finished steps again") from None
+    if not is_matrix(result):
+        raise SystemExit(f"error: {path}: not an evaluation matrix as this program writes it "
+                         f"(tasks, steps, results, matrix, summary); delete it: rerunning the "
+                         f"run's command scores its finished steps again")
+    return result
+
+
+def is_matrix(result) -> bool:
+    """Whether result has the parts of eval_matrix's result that its readers use: the task and
+    step names, rows of {task: metrics} with numbers (and the initial model's row), retrieval's
+    matrix of numbers or None, and its summary."""
+    def names(x):
+        return isinstance(x, list) and all(isinstance(name, str) for name in x)
+
+    def numbers(x):
+        return isinstance(x, list) and all(v is None or type(v) in (int, float) for v in x)
+
+    def row(x):
+        return isinstance(x, dict) and all(isinstance(m, dict) and numbers(
+            [m.get(kind_metric) for kind_metric in TASK_KINDS.values()]) for m in x.values())
+
+    rows = result.get("results") if isinstance(result, dict) else None
+    return (isinstance(rows, dict) and all(map(row, rows.values()))
+            and names(result.get("tasks")) and names(result.get("steps"))
+            and row(result.get("initial") or {}) and isinstance(result.get("summary"), dict)
+            and isinstance(result.get("matrix"), list) and all(map(numbers, result["matrix"])))
 
 
 def format_matrix(result: dict) -> str:
@@ -459,15 +523,15 @@ def format_matrix(result: dict) -> str:
         s = table["summary"]
         lines.append(f"ID {fmt(s['id'])} | backward transfer {fmt(s['backward_transfer'])} | "
                      f"forward transfer {fmt(s['forward_transfer'])}")
-        if kind == "retrieval":
-            gallery = {t: last[t]["gallery"] for t in tasks if t in last}
+        size = "gallery" if kind == "retrieval" else "class_samples"  # the last row's, per task
+        sizes = {t: last[t][size] for t in tasks if size in last.get(t, {})}
+        if kind == "retrieval" and sizes:  # none where the last row's tasks were not scored
             lines.append("gallery (pairs per task): "
-                         + ", ".join(f"{t} {n}" for t, n in gallery.items())
-                         + f"; chance R@1 = {100 / min(gallery.values()):.2f}% at most")
-        else:
-            images = {t: last[t]["class_samples"] for t in tasks if "class_samples" in last[t]}
-            classes = next(last[t]["classes"] for t in images)
-            lines.append("images per task: " + ", ".join(f"{t} {n}" for t, n in images.items())
+                         + ", ".join(f"{t} {n}" for t, n in sizes.items())
+                         + f"; chance R@1 = {100 / min(sizes.values()):.2f}% at most")
+        elif sizes:
+            classes = next(last[t]["classes"] for t in sizes)
+            lines.append("images per task: " + ", ".join(f"{t} {n}" for t, n in sizes.items())
                          + f"; {classes} classes, chance top-1 = {100 / classes:.2f}%")
     static = result.get("static")
     if static:
@@ -480,6 +544,13 @@ def format_matrix(result: dict) -> str:
         lines += [f"{'after ' + step:<12}" + "".join(fmt(v, width) for v in row)
                   for step, row in zip(result["steps"], static["numbers"])]
         lines.append(f"mean of the static tasks after the last step: {fmt(static['final_mean'])}")
+    if result.get("not_scored"):
+        cells = [f"{task} ({kind}) " + ("of the initial model" if step == "initial" else
+                                        f"after {step}")
+                 for step, task, kind, _ in result["not_scored"]]
+        lines.append(f"not scored (n/a above; ID and the transfers are means of the other cells): "
+                     f"{', '.join(cells)}; why is in eval_matrix.json; fix the data and rerun to "
+                     f"score them")
     return "\n".join(lines)
 
 
@@ -519,7 +590,8 @@ def format_row(row: dict[str, dict]) -> str:
         recalls = (f"{m['mean_R@1']:>9.2f}{m['mean_R@5']:>7.2f}{m['mean_R@10']:>7.2f}"
                    f"{m['gallery']:>9}" if "mean_R@1" in m
                    else " " * 32)  # a static classification task: no retrieval
-        lines.append(f"{task:<12}{recalls}{cls}")
+        missed = "  not scored: " + ", ".join(m["not_scored"]) if "not_scored" in m else ""
+        lines.append(f"{task:<12}{recalls}{cls}{missed}")
     return "\n".join(lines)
 
 

@@ -525,10 +525,12 @@ def announce_step(step: strategies.TimeStep, strategy: strategies.Strategy,
 
 def score(model: CLIP, row: dict | None, tasks: dict, tokenizer: data.Tokenizer,
           cfg: SimpleNamespace, world: World) -> dict:
-    """A row of the evaluation matrix: row (measured earlier) completed with the tasks it lacks,
-    all of them for a new row. Rank 0 evaluates; the other ranks return row as it is."""
+    """A row of the evaluation matrix: row (measured earlier) completed with the tasks it lacks or
+    could not score then, all of them for a new row. Rank 0 evaluates; the other ranks return row
+    as it is."""
     row = dict(row or {})
-    todo = {task_name: task for task_name, task in tasks.items() if task_name not in row}
+    todo = {task_name: task for task_name, task in tasks.items()
+            if not evaluate.scored(row.get(task_name))}
     if world.master and todo:
         row.update(evaluate.evaluate_step(model, todo, tokenizer, world.device, cfg.eval_batch,
                                           cfg.precision, max_bad_fraction=cfg.max_bad_fraction,
@@ -601,9 +603,10 @@ def report_run(run_dir: str, result: dict) -> None:
 def report_step(step: strategies.TimeStep, record: dict, row: dict, log) -> None:
     """The step's line: samples, time, compute, R@1 per task, and what it skipped (rank 0)."""
     faults, nonfinite = record["faults"], record["nonfinite"]
-    cells = " ".join(f"{task} {m[evaluate.METRIC]:.1f}" for task, m in row.items()
+    number = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731 (n/a: not scored)
+    cells = " ".join(f"{task} {number(m.get(evaluate.METRIC))}" for task, m in row.items()
                      if task in step.step_names)
-    static = " ".join(f"{task} {evaluate.static_number(m):.1f}" for task, m in row.items()
+    static = " ".join(f"{task} {number(evaluate.static_number(m))}" for task, m in row.items()
                       if task not in step.step_names)
     health = "".join([f"; skipped {faults['bad_samples']} of {faults['samples']} samples read "
                       f"({survive.fault_summary(faults)})" if faults.get("bad_samples") else "",

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import pictures
 import shards
 from data import NotScored, Tokenizer, eval_batches, normalize_images
-from checkpoints import load_checkpoint, parse_heads
-from model import PRECISIONS, autocast
+from checkpoints import is_checkpoint_file, load_checkpoint, parse_heads
+from model import PRECISIONS, autocast, check_device
 from settings import parse_flags
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
@@ -632,10 +632,30 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
     return row
 
 
+def read_record(path: str) -> dict:
+    """The record (config, steps, ...) of a run's step checkpoint, its weights left on disk."""
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # whatever torch.load says of a damaged file
+        raise SystemExit(f"error: {path}: not a readable step checkpoint "
+                         f"({str(e).splitlines()[0]}); delete it and rerun the run's training "
+                         f"command to train that step again") from None
+    if not (isinstance(record, dict) and {"config", "steps", "step_name"} <= record.keys()):
+        raise SystemExit(f"error: {path}: not a step checkpoint of train.py (no config, steps and "
+                         f"step_name); move it out of the run folder")
+    return record
+
+
 def main(argv):
     args = parse_flags(argv, FLAGS)
     if args["precision"] not in ("", *PRECISIONS):
         raise SystemExit(f"--precision={args['precision']}: use {' or '.join(PRECISIONS)}")
+    check_device(args["device"])
+    if not 0 <= args["max_bad_fraction"] <= 1:  # nan fails it too
+        raise SystemExit(f"error: --max_bad_fraction={args['max_bad_fraction']} is out of range; "
+                         f"use a fraction, 0 to 1")
+    if args["out"]:
+        shards.check_writable(args["out"])
     if args["checkpoint"]:
         return evaluate_checkpoint(args)
     run_flags = ("run", "device", "precision", "max_bad_fraction", "shard_cmd")
@@ -648,9 +668,14 @@ def main(argv):
     if not checkpoints:
         raise SystemExit(f"error: no step checkpoints (step*.pt) in {run}; train first with "
                          f"train.py --out_dir={run}")
+    damaged = next((path for path in checkpoints if not is_checkpoint_file(path)), None)
+    if damaged:  # cut short: refused now, not after the checkpoints before it are evaluated
+        raise SystemExit(f"error: {damaged}: damaged (not a whole checkpoint); delete it and "
+                         f"rerun the run's training command to train that step again")
+    shards.check_writable(os.path.join(run, "eval_matrix.json"))
     tokenizer = Tokenizer.load(os.path.join(run, "tokenizer.json"))
     # every model on the newest checkpoint's tasks: a grown run gets a new column in every row
-    last = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
+    last = read_record(checkpoints[-1])
     config = last["config"]
     if config.get("shard_cmd") and not args["shard_cmd"]:  # a command from a file is never run
         raise SystemExit(f"error: {run} streamed its shards with --shard_cmd="

@@ -80,6 +80,22 @@ class KeepsOSError:
         return getattr(self.f, name)
 
 
+def check_writable(path: str) -> None:
+    """Refuse in one line, before any compute, a file that cannot be written at path: a folder
+    there, no folder to hold it, or one that cannot be written (WriteError)."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        why = "it is a folder" if os.path.isdir(path) else f"no folder {folder}"
+        raise SystemExit(f"error: cannot write {path}: {why}; name a file in a folder that exists")
+    probe = f"{path}.tmp{os.getpid()}"  # as write_atomic's: a rerun clears one a kill left
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise WriteError(path, e) from e
+
+
 def write_json(path: str, obj) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 

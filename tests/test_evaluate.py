@@ -189,6 +189,40 @@ def test_a_task_that_cannot_be_scored_is_marked_and_the_run_finishes(tmp_path, t
     assert capsys.readouterr().out.count("done already") == 2  # no step trained again
 
 
+@pytest.mark.parametrize("arg, message", [
+    ("--device=tpu", "error: --device=tpu is not a device"),
+    pytest.param("--device=cuda", "error: --device=cuda cannot be used here (no GPU is visible)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only machine's answer")),
+    ("--max_bad_fraction=nan", "error: --max_bad_fraction=nan is out of range; use a fraction, 0 to 1"),
+    ("--max_bad_fraction=-1", "error: --max_bad_fraction=-1.0 is out of range"),
+    ("--out=TMP/nowhere/r.json", "error: cannot write TMP/nowhere/r.json: no folder TMP/nowhere"),
+    ("--out=TMP", "error: cannot write TMP: it is a folder"),
+    ("--out=TMP/locked/r.json", "error: could not write TMP/locked/r.json: Permission denied")])
+def test_evaluate_refuses_a_flag_before_reading_a_model(tmp_path, arg, message):
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if "locked" in arg and os.access(tmp_path / "locked", os.W_OK):
+        pytest.skip("running as root")
+    arg, message = arg.replace("TMP", str(tmp_path)), message.replace("TMP", str(tmp_path))
+    with pytest.raises(SystemExit, match=re.escape(message)):  # not "no such checkpoint file"
+        evaluate.main([f"--checkpoint={tmp_path}/none.pt", f"--tokenizer={tmp_path}/none.json",
+                       f"--data_root={tmp_path}", arg])
+    assert os.listdir(tmp_path) == ["locked"]  # no probe left behind
+
+
+def test_evaluate_run_refuses_a_damaged_checkpoint_before_any_compute(tmp_path, one_year):
+    run = random_run(tmp_path, one_year, "")
+    whole = open(os.path.join(run, "step01.pt"), "rb").read()
+    with open(os.path.join(run, "step02.pt"), "wb") as f:
+        f.write(whole[:len(whole) // 2])  # a kill mid-copy
+    with pytest.raises(SystemExit, match=re.escape(f"error: {run}/step02.pt: damaged (not a whole checkpoint); "
+                                                   f"delete it")):
+        evaluate.main([f"--run={run}", "--device=cpu"])
+    torch.save({"model": {}}, os.path.join(run, "step02.pt"))
+    with pytest.raises(SystemExit, match=re.escape(f"error: {run}/step02.pt: not a step checkpoint of train.py")):
+        evaluate.main([f"--run={run}", "--device=cpu"])
+    assert not os.path.exists(os.path.join(run, "eval_matrix.json"))
+
+
 @pytest.mark.parametrize("text, message", [
     ("{not json", "not valid JSON"), ("[]", "not an evaluation matrix"),
     ('{"tasks": ["2018"], "steps": ["2018"], "results": {"2018": 5}, "matrix": [[1]], "summary": {}}',
@@ -224,3 +258,13 @@ def test_a_run_with_cells_not_scored_is_tabulated_and_drawn_without_them(tmp_pat
     table = (tmp_path / "table.md").read_text()
     assert "cells not scored, left out of the means (eval_matrix.json says why): sequential 2" in table
     assert (tmp_path / "heatmap_sequential.png").exists()
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--seeds=a", "error: --seeds=a: use distinct seeds from 0 to"), ("--seeds=0,0", "--seeds=0,0: use distinct"),
+    ("--seeds=0,-1", "--seeds=0,-1: use"), (f"--seeds={2 ** 63}", f"--seeds={2 ** 63}: use"),
+    ("--nproc=0", "error: --nproc=0 is too small; use at least 1")])
+def test_compare_refuses_a_bad_option_before_any_run(tmp_path, arg, message):
+    import compare
+    with pytest.raises(SystemExit, match=re.escape(message)):  # not "no finished runs"
+        compare.main([arg, "--strategies=sequential", f"--out={tmp_path}", "--table_only=true"])

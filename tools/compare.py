@@ -28,6 +28,7 @@ and all of them on one sheet (heatmaps.png).
 """
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,7 @@ import pictures  # noqa: E402
 import schedules  # noqa: E402
 import strategies  # noqa: E402
 from evaluate import read_matrix, step_checkpoint, step_checkpoints, summarize  # noqa: E402
-from settings import parse_flags  # noqa: E402
+from settings import MAX_SEED, parse_flags  # noqa: E402
 from shards import write_json  # noqa: E402
 
 OPTIONS = {  # compare.py's own keys; the rest go to train.py
@@ -62,6 +63,15 @@ def load_module(path: str) -> str:
     spec = importlib.util.spec_from_file_location("compared_module", path)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     return os.path.abspath(path)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds=0,1 as [0, 1]: distinct seeds from 0 to MAX_SEED, or a one-line error."""
+    seeds = [int(s) if re.fullmatch(r"[0-9]+", s) else -1 for s in text.split(",")]
+    if not all(0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) < len(seeds):
+        raise SystemExit(f"error: --seeds={text}: use distinct seeds from 0 to {MAX_SEED}, "
+                         f"separated by commas, e.g. --seeds=0,1")
+    return seeds
 
 
 def row_names(opts: dict) -> list[str]:
@@ -202,11 +212,14 @@ def main(argv):
     started = time.time()
     own = [arg for arg in argv if arg[2:].split("=", 1)[0] in OPTIONS]
     opts = parse_flags(own, OPTIONS)
+    seeds, out = parse_seeds(opts["seeds"]), opts["out"]
+    if opts["nproc"] < 1:
+        raise SystemExit(f"error: --nproc={opts['nproc']} is too small; use at least 1 (the "
+                         f"processes of each run)")
     train_args = [arg for arg in argv if arg not in own]  # train.py checks these
     program = load_module(opts["module"])
     names = row_names(opts)
     firsts = {name: first_step(name, train_args) for name in names}  # checks every row first
-    seeds, out = [int(s) for s in opts["seeds"].split(",")], opts["out"]
     records = {name: [] for name in names}
     for seed in seeds:
         trained_first = {}  # first_step -> the run that trained that first step, for this seed

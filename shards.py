@@ -123,12 +123,18 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     names removed."""
     removed = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        stem, _, pid = name.rpartition(".tmp")
-        if (stem and pid.isdigit() and os.path.isfile(os.path.join(folder, name))
-                and not _alive(int(pid))):
+        if os.path.isfile(os.path.join(folder, name)) and stale_temporary(name):
             os.remove(os.path.join(folder, name))
             removed.append(name)
     return removed
+
+
+def stale_temporary(name: str, stem: str | None = None) -> bool:
+    """Whether name is STEM.tmpPID (of this stem, if given) and process PID is gone: what a kill
+    left half-written."""
+    before, _, pid = name.rpartition(".tmp")
+    return (bool(before) and (stem is None or before == stem) and pid.isdigit()
+            and not _alive(int(pid)))
 
 
 def _alive(pid: int) -> bool:

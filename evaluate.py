@@ -14,8 +14,10 @@ reports zero-shot top-1/top-5 accuracy.
 
 The evaluation matrix E[i][j] is the model after step i on the task of step j, summarised as in
 the paper by three means: ID over i = j, backward transfer over i > j (old tasks: what is
-remembered), forward transfer over i < j (future tasks: how far it generalises). pictures.py
-draws it. This file also names a run's checkpoints (step_checkpoint).
+remembered), forward transfer over i < j (future tasks: how far it generalises). A task that
+cannot be scored after a step (its data unreadable) is said in a line and recorded as not scored:
+n/a in the matrix, left out of the means, scored again on a rerun. pictures.py draws it. This
+file also names a run's checkpoints (step_checkpoint).
 """
 import glob
 import json

@@ -246,7 +246,7 @@ NSHARDS = "static/shapes/test/nshards.txt"
     (NSHARDS, "0", "nshards.txt: holds '0', not a number of shards"),
     (NSHARDS, "3000000", "test/1.tar: listed by ROOT/static/shapes/test/nshards.txt (3000000 shards) but missing "
                          "(2999999 in all)"),
-    ("static/shapes/test/0.tar", "", "shapes/test/0.tar: listed by ROOT/static/shapes/test/nshards.txt but not a file")])
+    ("static/shapes/test/0.tar", "", "test/0.tar: listed by ROOT/static/shapes/test/nshards.txt but not a file")])
 def test_evaluation_data_that_cannot_be_scored_is_refused_where_it_is_read(tmp_path, two_years, file, text,
                                                                             message):
     root = tmp_path / "data"

@@ -448,4 +448,5 @@ def test_a_benchmark_a_kill_left_half_written_is_removed_by_the_next_run(tmp_pat
                                        eval_samples_per_year=8, samples_per_shard=8,
                                        classification_samples_per_year=0, static_samples=4)
     assert sorted(os.listdir(tmp_path)) == sorted(["tic-synth", f"tic-synth.tmp{alive}", f"other.tmp{dead}"])
-    assert f"tic-synth.tmp{dead}: removed, a benchmark that a killed process left half-written" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"tic-synth.tmp{dead}: removed, a benchmark that a killed process left half-written" in said

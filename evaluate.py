@@ -685,6 +685,8 @@ def main(argv):
                          f"--shard_cmd yourself (that one, once read and trusted, or your own)")
     tasks = {**tasks_of(config["data_root"], last["steps"], args["shard_cmd"]),
              **static_tasks(config["data_root"], config.get("static", ""))}
+    names = [shards.step_name(ys) for ys in last["steps"]]
+    _, initial = read_results(os.path.join(run, "eval_matrix.json"), names)  # --init's row, kept
     rows = {}
     for path in checkpoints:
         t0 = time.time()
@@ -693,8 +695,6 @@ def main(argv):
                                                   precision=args["precision"] or None,
                                                   max_bad_fraction=args["max_bad_fraction"])
         print(f"evaluated {path} in {time.time() - t0:.1f}s")
-    names = [shards.step_name(ys) for ys in last["steps"]]
-    _, initial = read_results(os.path.join(run, "eval_matrix.json"), names)  # --init's row, kept
     result = eval_matrix(rows, names, initial)
     shards.write_json(os.path.join(run, "eval_matrix.json"), result)
     pictures.write_eval_matrix(run, result)

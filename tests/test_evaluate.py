@@ -229,7 +229,7 @@ def test_evaluate_run_refuses_a_damaged_checkpoint_before_any_compute(tmp_path, 
      "not an evaluation matrix"),
     ('{"tasks": ["2018"], "steps": ["2018"], "results": {"2018": {"2018": {"mean_R@1": "high"}}}, '
      '"matrix": [[1]], "summary": {}}', "not an evaluation matrix")])
-def test_a_malformed_eval_matrix_json_is_refused_in_one_line(tmp_path, text, message):
+def test_a_malformed_eval_matrix_json_is_refused_in_one_line(tmp_path, one_year, monkeypatch, text, message):
     import compare
     path = tmp_path / "eval_matrix.json"
     path.write_text(text)
@@ -238,6 +238,11 @@ def test_a_malformed_eval_matrix_json_is_refused_in_one_line(tmp_path, text, mes
         evaluate.read_results(str(path), ["2018"])
     with pytest.raises(SystemExit, match=said):
         compare.finished(str(tmp_path))
+    run = random_run(tmp_path, one_year, "")
+    shutil.copy(path, os.path.join(run, "eval_matrix.json"))
+    monkeypatch.setattr(evaluate, "evaluate_step", lambda *a, **k: pytest.fail("a model was evaluated first"))
+    with pytest.raises(SystemExit, match=said.replace(re.escape(str(path)), re.escape(f"{run}/eval_matrix.json"))):
+        evaluate.main([f"--run={run}", "--device=cpu"])
 
 
 def test_a_run_with_cells_not_scored_is_tabulated_and_drawn_without_them(tmp_path):

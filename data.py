@@ -537,6 +537,11 @@ def workers_stopped():
             worker.join()
 
 
+class NotScored(SystemExit):
+    """An evaluation task that cannot be scored (too much of its data unreadable, nothing in it to
+    score), said in one line; evaluate.evaluate_step records it as not scored and goes on."""
+
+
 def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation_only: bool = False,
                  max_samples: int | None = None, target: str = "caption",
                  max_bad_fraction: float = 0.05, max_image_pixels: int = MAX_IMAGE_PIXELS,
@@ -549,7 +554,7 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
     What cannot be scored (a corrupt or missing image, a missing caption or class, a sample name
     not in UTF-8, samples missing from a shard against its listed count) is skipped, counted and
     reported in one line at the end; past max_bad_fraction of the samples listed the task is not
-    scored at all: a smaller gallery scores higher, so it must be noticed."""
+    scored at all (NotScored): a smaller gallery scores higher, so it must be noticed."""
     transform = ImageTransform(image_px, train=False)
     images, captions, keys = [], [], []
     seen, listed_total, skipped, first = 0, 0, Counter(), {}
@@ -591,8 +596,8 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
                     images, captions, keys = [], [], []
         except shards.ShardError as e:
             if listed is None:  # clip_benchmark's format lists no count per shard
-                raise SystemExit(f"error: {e} ({e.__cause__}); the task lists no sample count per "
-                                 f"shard, so what is lost cannot be counted: not scored") from None
+                raise NotScored(f"error: {e} ({e.__cause__}); the task lists no sample count per "
+                                f"shard, so what is lost cannot be counted: not scored") from None
             skipped["truncated_tar"] += max(1, listed - read)
             first.setdefault("truncated_tar", f"{e} ({e.__cause__})")  # a command's stderr, too
         else:
@@ -610,6 +615,6 @@ def eval_batches(shard_list: list, image_px: int, batch_samples: int, validation
         line = (f"{n} of {total} samples {'listed' if whole_task else 'looked at'} could not be "
                 f"scored ({what}); the first: " + "; ".join(first.values()))
         if n > max_bad_fraction * total:
-            raise SystemExit(f"error: {line}; over --max_bad_fraction={max_bad_fraction}, "
-                             f"so the task is not scored; fix or re-download those shards")
+            raise NotScored(f"error: {line}; over --max_bad_fraction={max_bad_fraction}, "
+                            f"so the task is not scored; fix or re-download those shards")
         print(f"warning: {line}", file=sys.stderr)

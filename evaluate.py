@@ -14,14 +14,17 @@ reports zero-shot top-1/top-5 accuracy.
 
 The evaluation matrix E[i][j] is the model after step i on the task of step j, summarised as in
 the paper by three means: ID over i = j, backward transfer over i > j (old tasks: what is
-remembered), forward transfer over i < j (future tasks: how far it generalises). pictures.py
-draws it. This file also names a run's checkpoints (step_checkpoint).
+remembered), forward transfer over i < j (future tasks: how far it generalises). A task that
+cannot be scored after a step (its data unreadable) is said in a line and recorded as not scored:
+n/a in the matrix, left out of the means, scored again on a rerun. pictures.py draws it. This
+file also names a run's checkpoints (step_checkpoint).
 """
 import glob
 import json
 import math
 import os
 import re
+import string
 import sys
 import time
 from dataclasses import dataclass
@@ -31,9 +34,9 @@ import torch.nn.functional as F
 
 import pictures
 import shards
-from data import Tokenizer, eval_batches, normalize_images
-from checkpoints import check_tokenizer, load_checkpoint, parse_heads
-from model import PRECISIONS, autocast
+from data import NotScored, Tokenizer, eval_batches, normalize_images
+from checkpoints import check_tokenizer, is_checkpoint_file, load_checkpoint, parse_heads
+from model import PRECISIONS, autocast, check_device
 from settings import parse_flags
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
@@ -100,9 +103,9 @@ def embed_pairs(model, shards, tokenizer, device, batch_samples=256, precision=N
 def retrieval(model, shards, tokenizer, device, batch_samples=256, precision=None, **read) -> dict:
     img, txt = embed_pairs(model, shards, tokenizer, device, batch_samples, precision, **read)
     if not len(img):
-        raise SystemExit(f"error: {shards[0][0]} ...: no pairs to score (validation pairs: the 2% "
-                         f"of training pairs data.is_validation picks; shards too small to hold "
-                         f"any?)")
+        raise NotScored(f"error: {shards[0][0]} ...: no pairs to score (validation pairs: the 2% "
+                        f"of training pairs data.is_validation picks; shards too small to hold "
+                        f"any?)")
     i2t, t2i = recall_at_k(img, txt), recall_at_k(txt, img)
     out = {f"i2t_R@{k}": 100 * v for k, v in i2t.items()}
     out.update({f"t2i_R@{k}": 100 * v for k, v in t2i.items()})
@@ -141,8 +144,8 @@ def classification(model, shards, classifier, device, batch_samples=256, precisi
         labels = torch.tensor(labels)
         if labels.max() >= n_classes or labels.min() < 0:
             bad = keys[int(((labels >= n_classes) | (labels < 0)).nonzero()[0])]
-            raise SystemExit(f"sample {bad}: class id out of range for {n_classes} class names; "
-                             f"fix classnames.txt")
+            raise NotScored(f"error: sample {bad}: class id out of range for {n_classes} class "
+                            f"names; fix classnames.txt")
         x = normalize_images(x.to(device))
         with autocast(device, precision):
             image_features = F.normalize(model.encode_image(x).float(), dim=-1)
@@ -153,8 +156,8 @@ def classification(model, shards, classifier, device, batch_samples=256, precisi
         class_hits.index_add_(0, labels, (top[:, 0] == labels).float())
         class_count.index_add_(0, labels, torch.ones(len(labels)))
     if n == 0:
-        raise SystemExit(f"{shards[0][0]}: no images with a class id (.cls member or json "
-                         f"\"cls\") in this task")
+        raise NotScored(f"error: {shards[0][0]}: no images with a class id (.cls member or json "
+                        f"\"cls\") in this task")
     per_class = class_hits[class_count > 0] / class_count[class_count > 0]  # the task's classes
     return {"top1": 100 * hits1 / n, "top5": 100 * hits5 / n,
             "mean_per_class_recall": 100 * per_class.mean().item(), "class_samples": n,
@@ -202,26 +205,41 @@ def tasks_of(root: str, step_years: list[list[str]], shard_cmd: str = "") -> dic
 
 
 def read_lines(path: str) -> list[str]:
+    """The lines of a classnames.txt or templates.txt that hold text; at least one."""
     if not os.path.exists(path):
         raise SystemExit(f"{path}: missing; classification needs classnames.txt (class id i = "
                          f"line i, from 0) and templates.txt (prompts such as 'a photo of a "
                          f"{{}}.'), one per line")
     with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise SystemExit(f"error: {path}: empty; write one class name or prompt template a line")
+    return lines
 
 
 def read_templates(folder: str) -> list[str]:
     """The prompt templates in folder, with "{}" for the class name: templates.txt, or
-    clip_benchmark's zeroshot_classification_templates.txt, whose templates hold "{c}"."""
+    clip_benchmark's zeroshot_classification_templates.txt, whose templates hold "{c}". Each must
+    format with one class name: exactly one {} (other braces doubled)."""
     path = os.path.join(folder, "templates.txt")
     if not os.path.exists(path) and os.path.exists(
             os.path.join(folder, "zeroshot_classification_templates.txt")):
         path = os.path.join(folder, "zeroshot_classification_templates.txt")
     templates = [t.replace("{c}", "{}") for t in read_lines(path)]
-    if not all("{}" in t for t in templates):
-        raise SystemExit(f"{path}: every prompt template needs a {{}} (or {{c}}) for the class "
-                         f"name")
+    bad = next((t for t in templates if replacement_fields(t) != [("", "", None)]), None)
+    if bad is not None:
+        raise SystemExit(f"error: {path}: the prompt template {bad!r} needs exactly one {{}} (or "
+                         f"{{c}}) for the class name, and any other brace doubled ({{{{, }}}}); "
+                         f"fix it")
     return templates
+
+
+def replacement_fields(template: str) -> list[tuple] | None:
+    """The (name, format spec, conversion) of each {...} in template; None if it does not parse."""
+    try:
+        return [field[1:] for field in string.Formatter().parse(template) if field[1] is not None]
+    except ValueError:  # a lone { or }
+        return None
 
 
 # ----------------------------------------------------------------------------- static tasks
@@ -245,21 +263,40 @@ def static_task(path: str) -> StaticTask:
         raise SystemExit(f"{path}: no test/nshards.txt, so not a task in clip_benchmark's "
                          f"webdataset format (test/0.tar ... with nshards.txt, dataset_type.txt, "
                          f"classnames.txt beside test/)")
-    with open(nshards) as f:
-        shards = [(os.path.join(path, "test", f"{i}.tar"), None)
-                  for i in range(int(f.read().strip()))]
-    missing = [p for p, _ in shards if not os.path.exists(p)]
-    if missing:
-        raise SystemExit(f"{missing[0]}: listed by {nshards} but missing ({len(missing)} in all)")
     kind_path = os.path.join(path, "dataset_type.txt")
     kind = open(kind_path).read().strip().lower() if os.path.exists(kind_path) else "classification"
     if kind not in ("classification", "retrieval"):
         raise SystemExit(f"{kind_path}: {kind!r} tasks are not scored here; classification and "
                          f"retrieval are")
+    shards = [(shard, None) for shard in static_shards(nshards)]
     if kind == "retrieval":
         return StaticTask(kind, shards)
     return StaticTask(kind, shards, read_lines(os.path.join(path, "classnames.txt")),
                       read_templates(path))
+
+
+def static_shards(nshards: str) -> list[str]:
+    """The shards 0.tar ... N-1.tar beside nshards.txt, which holds N: each checked to be a file,
+    and the count to be at most the files there, before a list of N is made."""
+    with open(nshards) as f:
+        text = f.read(100).strip()
+    if not re.fullmatch(r"[0-9]+", text) or int(text) == 0:
+        raise SystemExit(f"error: {nshards}: holds {text!r}, not a number of shards; write the "
+                         f"count of the task's shards (0.tar ... N-1.tar beside it), 1 or more")
+    test, n = os.path.dirname(nshards), int(text)
+    present = set(os.listdir(test))
+    missing = next((i for i in range(n) if f"{i}.tar" not in present), None)  # 0.tar on: soon
+    if missing is not None:
+        listed = sum(1 for name in present if re.fullmatch(r"(0|[1-9][0-9]*)\.tar", name)
+                     and int(name[:-4]) < n)
+        raise SystemExit(f"error: {test}/{missing}.tar: listed by {nshards} ({n} shards) but "
+                         f"missing ({n - listed} in all); re-download the task or fix nshards.txt")
+    paths = [os.path.join(test, f"{i}.tar") for i in range(n)]
+    not_file = next((p for p in paths if not os.path.isfile(p)), None)
+    if not_file:
+        raise SystemExit(f"error: {not_file}: listed by {nshards} but not a file (a folder, FIFO "
+                         f"or device); put the shard there or fix nshards.txt")
+    return paths
 
 
 def static_tasks(root: str, spec: str) -> dict[str, StaticTask]:
@@ -293,6 +330,8 @@ def multi_caption_retrieval(model, shards, tokenizer, device, batch_samples=256,
             for start in range(0, len(flat), batch_samples):
                 tokens = tokenizer(flat[start:start + batch_samples], cfg.context_tokens).to(device)
                 texts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    if not images:
+        raise NotScored(f"error: {shards[0][0]} ...: no images with captions to score")
     img, txt, owner = torch.cat(images), torch.cat(texts), torch.tensor(owner, device=device)
     i2t, t2i = recall_any_at_k(img, txt, owner), recall_at_k(txt, img, match=owner)
     return {**{f"i2t_R@{k}": 100 * v for k, v in i2t.items()},
@@ -305,7 +344,9 @@ def evaluate_step(model, tasks: dict[str, Task | StaticTask], tokenizer, device,
                   precision=None, **read) -> dict[str, dict]:
     """One row of the evaluation matrix: {task name: metrics} for the model as it is now:
     retrieval recalls, and zero-shot top-1/top-5 and mean recall per class for a task with
-    classification data; a static task's metrics beside them. precision, read: see embed_pairs."""
+    classification data; a static task's metrics beside them. A kind of task that cannot be
+    scored (NotScored) is said in a line and kept as metrics["not_scored"][kind] = why, without
+    its numbers (n/a in the matrix), and the row goes on. precision, read: see embed_pairs."""
     was_training = model.training
     model.eval()
     row, classifiers = {}, {}
@@ -319,18 +360,33 @@ def evaluate_step(model, tasks: dict[str, Task | StaticTask], tokenizer, device,
                               **read)
 
     for name, task in tasks.items():
-        if isinstance(task, StaticTask):
-            row[name] = (multi_caption_retrieval(model, task.shards, tokenizer, device,
-                                                 batch_samples, precision, **read)
-                         if task.kind == "retrieval" else
-                         classify(task.shards, task.classnames, task.templates))
-            continue
-        row[name] = retrieval(model, task.retrieval, tokenizer, device, batch_samples, precision,
-                              **read)
-        if task.classification:
-            row[name].update(classify(task.classification, task.classnames, task.templates))
+        if isinstance(task, StaticTask) and task.kind == "retrieval":
+            kinds = {"retrieval": lambda: multi_caption_retrieval(
+                model, task.shards, tokenizer, device, batch_samples, precision, **read)}
+        elif isinstance(task, StaticTask):
+            kinds = {"classification": lambda: classify(task.shards, task.classnames,
+                                                         task.templates)}
+        else:
+            kinds = {"retrieval": lambda: retrieval(model, task.retrieval, tokenizer, device,
+                                                    batch_samples, precision, **read)}
+            if task.classification:
+                kinds["classification"] = lambda: classify(task.classification, task.classnames,
+                                                           task.templates)
+        row[name] = {}
+        for kind, measure in kinds.items():
+            try:
+                row[name].update(measure())
+            except NotScored as e:
+                why = str(e.code).removeprefix("error: ")
+                row[name].setdefault("not_scored", {})[kind] = why
+                print(f"warning: task {name} ({kind}) not scored: {why}", file=sys.stderr)
     model.train(was_training)
     return row
+
+
+def scored(metrics: dict | None) -> bool:
+    """Whether a task's metrics in a row are all there: measured, and no kind of it not scored."""
+    return metrics is not None and "not_scored" not in metrics
 
 
 # ----------------------------------------------------------------------------- the matrix
@@ -356,7 +412,9 @@ def eval_matrix(rows: dict[str, dict[str, dict]], task_names: list[str],
     year without classification data) or is not measured yet (a grown run's old models on its new
     task). initial: the initial model's row (--init), kept apart from E and its summary, so E stays
     steps x tasks. result["static"]: the numbers (static_number) of the static tasks, those in rows
-    but not in task_names, row by row, and the last row's mean, as the paper's Table 2 has it."""
+    but not in task_names, row by row, and the last row's mean, as the paper's Table 2 has it.
+    result["not_scored"]: [step or "initial", task, kind, why] of each task not scored
+    (evaluate_step); its cell is None, and ID and the transfers are means of the other cells."""
     cells = lambda row, kind_metric: [row.get(task, {}).get(kind_metric)  # noqa: E731
                                       for task in task_names]
     matrix = [cells(rows[step], metric) for step in rows]
@@ -378,6 +436,11 @@ def eval_matrix(rows: dict[str, dict[str, dict]], task_names: list[str],
                             "final_mean": sum(last) / len(last) if last else None,
                             "initial": [static_number((initial or {}).get(t)) for t in static]
                             if initial else None}
+    missed = [[step, task, kind, why] for step, row in [("initial", initial or {}), *rows.items()]
+              for task, metrics in row.items()
+              for kind, why in metrics.get("not_scored", {}).items()]
+    if missed:
+        result["not_scored"] = missed
     return result
 
 
@@ -391,10 +454,9 @@ def read_results(path: str, step_names: list[str]) -> tuple[dict, dict | None]:
     """(rows, initial row) of an eval_matrix.json, if there is one: the rows of these steps, in
     their order. A run grows by steps added at its end and never shrinks: a matrix of more steps
     than step_names, which begin them, is a one-line error, so that it is not rewritten smaller."""
-    if not os.path.exists(path):
+    result = read_matrix(path)
+    if result is None:
         return {}, None
-    with open(path) as f:
-        result = json.load(f)
     if len(result["tasks"]) > len(step_names) and result["tasks"][:len(step_names)] == step_names:
         raise SystemExit(f"error: {path} is the matrix of the steps {', '.join(result['tasks'])}, "
                          f"and only its first {len(step_names)} are named; a run grows by steps "
@@ -402,6 +464,45 @@ def read_results(path: str, step_names: list[str]) -> tuple[dict, dict | None]:
                          f"pass another --out_dir")
     return ({name: result["results"][name] for name in step_names if name in result["results"]},
             result.get("initial"))
+
+
+def read_matrix(path: str) -> dict | None:
+    """An eval_matrix.json as eval_matrix wrote it, or None where there is none. One that does not
+    parse, or lacks the parts that readers use, is a one-line error."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise SystemExit(f"error: {path}: not valid JSON ({e}); delete it: rerunning the run's "
+                         f"command scores its finished steps again") from None
+    if not is_matrix(result):
+        raise SystemExit(f"error: {path}: not an evaluation matrix as this program writes it "
+                         f"(tasks, steps, results, matrix, summary); delete it: rerunning the "
+                         f"run's command scores its finished steps again")
+    return result
+
+
+def is_matrix(result) -> bool:
+    """Whether result has the parts of eval_matrix's result that its readers use: the task and
+    step names, rows of {task: metrics} with numbers (and the initial model's row), retrieval's
+    matrix of numbers or None, and its summary."""
+    def names(x):
+        return isinstance(x, list) and all(isinstance(name, str) for name in x)
+
+    def numbers(x):
+        return isinstance(x, list) and all(v is None or type(v) in (int, float) for v in x)
+
+    def row(x):
+        return isinstance(x, dict) and all(isinstance(m, dict) and numbers(
+            [m.get(kind_metric) for kind_metric in TASK_KINDS.values()]) for m in x.values())
+
+    rows = result.get("results") if isinstance(result, dict) else None
+    return (isinstance(rows, dict) and all(map(row, rows.values()))
+            and names(result.get("tasks")) and names(result.get("steps"))
+            and row(result.get("initial") or {}) and isinstance(result.get("summary"), dict)
+            and isinstance(result.get("matrix"), list) and all(map(numbers, result["matrix"])))
 
 
 def format_matrix(result: dict) -> str:
@@ -424,15 +525,15 @@ def format_matrix(result: dict) -> str:
         s = table["summary"]
         lines.append(f"ID {fmt(s['id'])} | backward transfer {fmt(s['backward_transfer'])} | "
                      f"forward transfer {fmt(s['forward_transfer'])}")
-        if kind == "retrieval":
-            gallery = {t: last[t]["gallery"] for t in tasks if t in last}
+        size = "gallery" if kind == "retrieval" else "class_samples"  # the last row's, per task
+        sizes = {t: last[t][size] for t in tasks if size in last.get(t, {})}
+        if kind == "retrieval" and sizes:  # none where the last row's tasks were not scored
             lines.append("gallery (pairs per task): "
-                         + ", ".join(f"{t} {n}" for t, n in gallery.items())
-                         + f"; chance R@1 = {100 / min(gallery.values()):.2f}% at most")
-        else:
-            images = {t: last[t]["class_samples"] for t in tasks if "class_samples" in last[t]}
-            classes = next(last[t]["classes"] for t in images)
-            lines.append("images per task: " + ", ".join(f"{t} {n}" for t, n in images.items())
+                         + ", ".join(f"{t} {n}" for t, n in sizes.items())
+                         + f"; chance R@1 = {100 / min(sizes.values()):.2f}% at most")
+        elif sizes:
+            classes = next(last[t]["classes"] for t in sizes)
+            lines.append("images per task: " + ", ".join(f"{t} {n}" for t, n in sizes.items())
                          + f"; {classes} classes, chance top-1 = {100 / classes:.2f}%")
     static = result.get("static")
     if static:
@@ -445,6 +546,13 @@ def format_matrix(result: dict) -> str:
         lines += [f"{'after ' + step:<12}" + "".join(fmt(v, width) for v in row)
                   for step, row in zip(result["steps"], static["numbers"])]
         lines.append(f"mean of the static tasks after the last step: {fmt(static['final_mean'])}")
+    if result.get("not_scored"):
+        cells = [f"{task} ({kind}) " + ("of the initial model" if step == "initial" else
+                                        f"after {step}")
+                 for step, task, kind, _ in result["not_scored"]]
+        lines.append(f"not scored (n/a above; ID and the transfers are means of the other cells): "
+                     f"{', '.join(cells)}; why is in eval_matrix.json; fix the data and rerun to "
+                     f"score them")
     return "\n".join(lines)
 
 
@@ -484,7 +592,8 @@ def format_row(row: dict[str, dict]) -> str:
         recalls = (f"{m['mean_R@1']:>9.2f}{m['mean_R@5']:>7.2f}{m['mean_R@10']:>7.2f}"
                    f"{m['gallery']:>9}" if "mean_R@1" in m
                    else " " * 32)  # a static classification task: no retrieval
-        lines.append(f"{task:<12}{recalls}{cls}")
+        missed = "  not scored: " + ", ".join(m["not_scored"]) if "not_scored" in m else ""
+        lines.append(f"{task:<12}{recalls}{cls}{missed}")
     return "\n".join(lines)
 
 
@@ -521,10 +630,30 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
     return row
 
 
+def read_record(path: str) -> dict:
+    """The record (config, steps, ...) of a run's step checkpoint, its weights left on disk."""
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # whatever torch.load says of a damaged file
+        raise SystemExit(f"error: {path}: not a readable step checkpoint "
+                         f"({str(e).splitlines()[0]}); delete it and rerun the run's training "
+                         f"command to train that step again") from None
+    if not (isinstance(record, dict) and {"config", "steps", "step_name"} <= record.keys()):
+        raise SystemExit(f"error: {path}: not a step checkpoint of train.py (no config, steps and "
+                         f"step_name); move it out of the run folder")
+    return record
+
+
 def main(argv):
     args = parse_flags(argv, FLAGS)
     if args["precision"] not in ("", *PRECISIONS):
         raise SystemExit(f"--precision={args['precision']}: use {' or '.join(PRECISIONS)}")
+    check_device(args["device"])
+    if not 0 <= args["max_bad_fraction"] <= 1:  # nan fails it too
+        raise SystemExit(f"error: --max_bad_fraction={args['max_bad_fraction']} is out of range; "
+                         f"use a fraction, 0 to 1")
+    if args["out"]:
+        shards.check_writable(args["out"])
     if args["checkpoint"]:
         return evaluate_checkpoint(args)
     run_flags = ("run", "device", "precision", "max_bad_fraction", "shard_cmd")
@@ -537,9 +666,14 @@ def main(argv):
     if not checkpoints:
         raise SystemExit(f"error: no step checkpoints (step*.pt) in {run}; train first with "
                          f"train.py --out_dir={run}")
+    damaged = next((path for path in checkpoints if not is_checkpoint_file(path)), None)
+    if damaged:  # cut short: refused now, not after the checkpoints before it are evaluated
+        raise SystemExit(f"error: {damaged}: damaged (not a whole checkpoint); delete it and "
+                         f"rerun the run's training command to train that step again")
+    shards.check_writable(os.path.join(run, "eval_matrix.json"))
     tokenizer = Tokenizer.load(os.path.join(run, "tokenizer.json"))
     # every model on the newest checkpoint's tasks: a grown run gets a new column in every row
-    last = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
+    last = read_record(checkpoints[-1])
     config = last["config"]
     if config.get("shard_cmd") and not args["shard_cmd"]:  # a command from a file is never run
         raise SystemExit(f"error: {run} streamed its shards with --shard_cmd="
@@ -547,6 +681,8 @@ def main(argv):
                          f"--shard_cmd yourself (that one, once read and trusted, or your own)")
     tasks = {**tasks_of(config["data_root"], last["steps"], args["shard_cmd"]),
              **static_tasks(config["data_root"], config.get("static", ""))}
+    names = [shards.step_name(ys) for ys in last["steps"]]
+    _, initial = read_results(os.path.join(run, "eval_matrix.json"), names)  # --init's row, kept
     rows = {}
     for path in checkpoints:
         t0 = time.time()
@@ -555,8 +691,6 @@ def main(argv):
                                                   precision=args["precision"] or None,
                                                   max_bad_fraction=args["max_bad_fraction"])
         print(f"evaluated {path} in {time.time() - t0:.1f}s")
-    names = [shards.step_name(ys) for ys in last["steps"]]
-    _, initial = read_results(os.path.join(run, "eval_matrix.json"), names)  # --init's row, kept
     result = eval_matrix(rows, names, initial)
     shards.write_json(os.path.join(run, "eval_matrix.json"), result)
     pictures.write_eval_matrix(run, result)

@@ -307,6 +307,19 @@ def autocast(device: torch.device, precision: str | None = None):
 PRECISIONS = ("bf16", "fp32")
 
 
+def check_device(name: str) -> None:
+    """Refuse in one line a --device that is not one, or that this machine lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device={name} is not a device; use cpu or cuda") from None
+    usable = device.type == "cpu" or device.type == "cuda" and torch.cuda.is_available()
+    if not usable:
+        here = "CUDA is" if torch.cuda.is_available() else "no GPU is"
+        raise SystemExit(f"error: --device={name} cannot be used here ({here} visible); "
+                         f"use --device=cpu or cuda")
+
+
 # ----------------------------------------------------------------------------- loss
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,

@@ -29,7 +29,9 @@ the weights and AdamW state at i0 (continue_from=trunk), or from the cooled bran
 step, or every step of a strategy that does not warm-start.
 
 To add a schedule, write its rate after the warmup and add a row to SCHEDULES; a setting it reads
-goes into SETTINGS with its check. From a file of your own, as examples/wsd.py does:
+goes into SETTINGS with its check, and its name into the row's reads (a setting that no row reads
+is not checked; one set under a row that does not read it is refused). From a file of your own,
+as examples/wsd.py does:
     import sys, schedules, train
     linear = lambda p: 1 - p                  # the cooled branch's factor at progress p through it
     schedules.SCHEDULES["wsd"] = schedules.Schedule("wsd", schedules.constant,
@@ -142,15 +144,21 @@ class Schedule:
     peak: Callable[[SimpleNamespace, int, int], float] = constant_peak  # (cfg, t, n_steps) -> peak
     first_step_as: str | None = None    # the row whose first step this one's equals, at any setting
     grown_note: Callable | None = None  # (cfg, step 1's cfg, steps then, now) -> a line, or None
+    reads: tuple[str, ...] = ()         # the SETTINGS its rate and peak read (with a cooled branch,
+                                        # COOLED_BRANCH's too)
+
+
+COOLED_BRANCH = ("cooldown_fraction", "continue_from")  # what every cooled branch reads
 
 
 SCHEDULES = {s.name: s for s in [
     #        name              rate      one optimizer           cooled branch
     Schedule("cosine",         cosine),
     Schedule("cosine-ar",      cosine,   peak=ar_peak, first_step_as="cosine",
-             grown_note=horizon_note),
+             grown_note=horizon_note, reads=("lr_min_fraction", "ar_horizon")),
     Schedule("const-cooldown", constant, carries_optimizer=True, cooldown=sqrt_cooldown),
-    Schedule("rsqrt",          rsqrt,    carries_optimizer=True, cooldown=sqrt_cooldown),
+    Schedule("rsqrt",          rsqrt,    carries_optimizer=True, cooldown=sqrt_cooldown,
+             reads=("rsqrt_timescale",)),
 ]}
 
 
@@ -173,7 +181,8 @@ def step_schedule(cfg: SimpleNamespace, t: int, n_steps: int, n_iters: int,
 
 def check_schedule(cfg: SimpleNamespace) -> None:
     """Refuse, before any compute, a row that asks for what the loop cannot do, an unknown
-    lr_schedule, or a schedule setting that cannot work."""
+    lr_schedule, a schedule setting that cannot work, or one set (not left at its default) under
+    a schedule that does not read it."""
     for row in SCHEDULES.values():
         if row.cooldown and not row.carries_optimizer:
             raise SystemExit(f"error: schedule {row.name} has a cooled branch but a new optimizer "
@@ -184,3 +193,15 @@ def check_schedule(cfg: SimpleNamespace) -> None:
                              f"is not a schedule; choose one of: {', '.join(SCHEDULES)}")
     get_schedule(cfg.lr_schedule)
     settings.check(SETTINGS, cfg)
+    for key, setting in SETTINGS.items():
+        readers = [row.name for row in SCHEDULES.values() if key in settings_read(row)]
+        value = getattr(cfg, key)
+        if readers and cfg.lr_schedule not in readers and value != setting.default:
+            raise SystemExit(f"error: --{key}={value} does nothing under --lr_schedule="
+                             f"{cfg.lr_schedule}; drop it, or choose a schedule that reads it: "
+                             f"{', '.join(readers)}")
+
+
+def settings_read(row: Schedule) -> tuple[str, ...]:
+    """The SETTINGS a row reads: its own, and a cooled branch's."""
+    return row.reads + (COOLED_BRANCH if row.cooldown else ())

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
 
+MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes below 2^64, and each step adds its index to it
+
 
 @dataclass(frozen=True)
 class Setting:

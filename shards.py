@@ -80,6 +80,22 @@ class KeepsOSError:
         return getattr(self.f, name)
 
 
+def check_writable(path: str) -> None:
+    """Refuse in one line, before any compute, a file that cannot be written at path: a folder
+    there, no folder to hold it, or one that cannot be written (WriteError)."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        why = "it is a folder" if os.path.isdir(path) else f"no folder {folder}"
+        raise SystemExit(f"error: cannot write {path}: {why}; name a file in a folder that exists")
+    probe = f"{path}.tmp{os.getpid()}"  # as write_atomic's: a rerun clears one a kill left
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise WriteError(path, e) from e
+
+
 def write_json(path: str, obj) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
@@ -107,12 +123,18 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     names removed."""
     removed = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        stem, _, pid = name.rpartition(".tmp")
-        if (stem and pid.isdigit() and os.path.isfile(os.path.join(folder, name))
-                and not _alive(int(pid))):
+        if os.path.isfile(os.path.join(folder, name)) and stale_temporary(name):
             os.remove(os.path.join(folder, name))
             removed.append(name)
     return removed
+
+
+def stale_temporary(name: str, stem: str | None = None) -> bool:
+    """Whether name is STEM.tmpPID (of this stem, if given) and process PID is gone: what a kill
+    left half-written."""
+    before, _, pid = name.rpartition(".tmp")
+    return (bool(before) and (stem is None or before == stem) and pid.isdigit()
+            and not _alive(int(pid)))
 
 
 def _alive(pid: int) -> bool:
@@ -164,7 +186,8 @@ def years_in(root: str, split: str = "train") -> list[str]:
 
 def parse_steps(root: str, spec: str, split: str = "train") -> list[list[str]]:
     """Year folders of each time step: '2014-2016,2017' -> [['2014', '2015', '2016'], ['2017']];
-    '': one step per year."""
+    '': one step per year. A step is a year (YYYY: its folder and its month folders YYYYMM), a
+    month (YYYYMM), or a range of them, ends included; a shorter prefix ('202') is refused."""
     years = years_in(root, split)
     if not spec:
         return [[y] for y in years]
@@ -172,11 +195,11 @@ def parse_steps(root: str, spec: str, split: str = "train") -> list[list[str]]:
     for group in spec.split(","):
         first, _, last = group.strip().partition("-")
         last = last or first
-        if not (first.isdigit() and last.isdigit()):
+        if not all(end.isdigit() and len(end) in (4, 6) for end in (first, last)):
             raise SystemExit(f"error: --steps={spec}: '{group}' is not a year (2019), a month "
                              f"(201905) or a range of them (2014-2016); separate the steps by "
                              f"commas, e.g. --steps=2014-2016,2017,2018")
-        chosen = [y for y in years if first <= y[:len(first)] <= last]  # YYYY or YYYYMM folders
+        chosen = [y for y in years if y[:len(first)] >= first and y[:len(last)] <= last]
         if not chosen:
             raise SystemExit(f"error: step '{group}' names no year folder under "
                              f"{_split_dir(root, split)} (found: {', '.join(years)}); fix --steps")

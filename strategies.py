@@ -240,8 +240,8 @@ def numbers(text: str) -> list[float]:
 
 SETTINGS["patch_alphas"] = Setting("0,0.25,0.5,0.75,1",
                                    "patching: coefficients a tried, (1-a) previous + a trained",
-                                   lambda text: math.nan not in numbers(text),
-                                   "a list of numbers, e.g. 0,0.5,1")
+                                   lambda text: all(0 <= a <= 1 for a in numbers(text)),
+                                   "a list of numbers from 0 to 1, e.g. 0,0.5,1")
 SETTINGS["validation_samples"] = Setting(1000, "patching: validation pairs per past step",
                                          lambda n: n >= 1, "at least 1")
 

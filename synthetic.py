@@ -25,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from shards import add_member
+from shards import add_member, stale_temporary
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
            "yellow": (235, 220, 40), "purple": (150, 60, 210), "pink": (245, 130, 195),
@@ -209,6 +209,7 @@ def make_synthetic_benchmark(root: str, seed: int = 0, years=(2018, 2019, 2020, 
                                       "three captions"}}
     meta = json.loads(json.dumps(meta))  # tuples -> lists, as they read back from the file
     root = os.path.normpath(root)
+    remove_stale_copies(root)
     if os.path.exists(root):
         return _check_existing_benchmark(root, meta)
     tmp = f"{root}.tmp{os.getpid()}"  # same parent folder, so the final os.rename is atomic
@@ -236,6 +237,16 @@ def make_synthetic_benchmark(root: str, seed: int = 0, years=(2018, 2019, 2020, 
           f"{eval_samples_per_year} retrieval + {classification_samples_per_year} classification) "
           f"= {n} samples at {image_px}px in {time.time() - t0:.1f}s; retrieval recall@1 chance "
           f"level {1 / eval_samples_per_year:.4f}")
+
+
+def remove_stale_copies(root: str) -> None:
+    """Remove the ROOT.tmpPID folders beside root that a killed writer (process PID, gone) left."""
+    parent, stem = os.path.split(root)
+    for name in os.listdir(parent or ".") if os.path.isdir(parent or ".") else []:
+        path = os.path.join(parent, name)
+        if os.path.isdir(path) and stale_temporary(name, stem):
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"{path}: removed, a benchmark that a killed process left half-written")
 
 
 def _write_classification(folder: str, meta: dict) -> None:

@@ -45,8 +45,9 @@ import strategies
 import survive
 import synthetic
 from checkpoints import check_tokenizer, is_checkpoint_file, load_checkpoint, parse_heads
-from model import CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, clip_loss, make_config
-from settings import parse_flags
+from model import (CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, check_device, clip_loss,
+                   make_config)
+from settings import MAX_SEED, parse_flags
 from world import World, failure, refusal, start_world
 
 # ----------------------------------------------------------------------------- config
@@ -97,6 +98,7 @@ max_image_pixels = 4096 * 4096  # a larger decoded image is skipped as corrupt
 DEFAULTS = {k: v for k, v in globals().items()
             if k not in _globals_before_config and k != "_globals_before_config"}
 SYNTH_ROOT = "data/tic-synth"  # where the built-in benchmark is made when data_root is left as is
+MAX_VOCAB = 262_144  # a BPE's largest vocab_size: 2^18, as the largest in use (Gemma's 256k)
 
 
 def parse_config(argv: list[str]) -> SimpleNamespace:
@@ -146,10 +148,15 @@ def check_config(cfg: SimpleNamespace) -> None:
              "workers": 0, "ckpt_interval_samples": 0, "keep_checkpoints": 1,
              "max_nonfinite_in_row": 1, "seed": 0, "warmup_iters": 0, "warmup_iters_later": 0,
              "eval_batch": 1, "tokenizer_samples": 1,
-             "vocab_size": 259, "max_image_pixels": 1}  # a byte-level BPE: 256 bytes, 3 specials
+             "vocab_size": 259,  # a byte-level BPE: 256 bytes, 3 specials
+             "max_image_pixels": make_config(cfg.model).image_px ** 2}  # the model's input image
     for key, n in least.items():
         if getattr(cfg, key) < n:
             raise SystemExit(f"error: --{key}={getattr(cfg, key)} is too small; use at least {n}")
+    most = {"seed": MAX_SEED, "vocab_size": MAX_VOCAB}
+    for key, n in most.items():
+        if getattr(cfg, key) > n:
+            raise SystemExit(f"error: --{key}={getattr(cfg, key)} is too large; use at most {n}")
     ranges = {"lr": (0 <= cfg.lr < math.inf, "a rate of 0 or more"),
               "eps": (0 < cfg.eps < 1, "above 0, below 1"),
               "weight_decay": (0 <= cfg.weight_decay < math.inf, "0 or more"),
@@ -189,18 +196,6 @@ def check_config(cfg: SimpleNamespace) -> None:
         raise SystemExit(f"error: --shard_cmd={cfg.shard_cmd!r} has no {{path}} for the shard's "
                          f"path under data_root")
     check_device(cfg.device)
-
-
-def check_device(name: str) -> None:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: --device={name} is not a device; use cpu or cuda") from None
-    usable = device.type == "cpu" or device.type == "cuda" and torch.cuda.is_available()
-    if not usable:
-        here = "CUDA is" if torch.cuda.is_available() else "no GPU is"
-        raise SystemExit(f"error: --device={name} cannot be used here ({here} visible); "
-                         f"use --device=cpu or cuda")
 
 
 # ----------------------------------------------------------------------------- data, tokenizer
@@ -280,6 +275,9 @@ def load_initial(cfg: SimpleNamespace, tokenizer: data.Tokenizer, world: World) 
     model, _ = load_checkpoint(cfg.init, quick_gelu, parse_heads(cfg.heads))
     shape = model.cfg
     check_tokenizer(shape, tokenizer, "the run's tokenizer.json", f"--init={cfg.init}")
+    if cfg.max_image_pixels < shape.image_px ** 2:  # check_config knew only --model's size
+        raise SystemExit(f"error: --max_image_pixels={cfg.max_image_pixels} is too small for "
+                         f"--init's {shape.image_px} px images; use at least {shape.image_px ** 2}")
     if world.master:
         print(f"init {cfg.init}: ViT {shape.vision_layers}x{shape.vision_width} at "
               f"{shape.image_px} px, patch {shape.patch_px}; text {shape.text_layers}x"
@@ -523,10 +521,12 @@ def announce_step(step: strategies.TimeStep, strategy: strategies.Strategy,
 
 def score(model: CLIP, row: dict | None, tasks: dict, tokenizer: data.Tokenizer,
           cfg: SimpleNamespace, world: World) -> dict:
-    """A row of the evaluation matrix: row (measured earlier) completed with the tasks it lacks,
-    all of them for a new row. Rank 0 evaluates; the other ranks return row as it is."""
+    """A row of the evaluation matrix: row (measured earlier) completed with the tasks it lacks or
+    could not score then, all of them for a new row. Rank 0 evaluates; the other ranks return row
+    as it is."""
     row = dict(row or {})
-    todo = {task_name: task for task_name, task in tasks.items() if task_name not in row}
+    todo = {task_name: task for task_name, task in tasks.items()
+            if not evaluate.scored(row.get(task_name))}
     if world.master and todo:
         row.update(evaluate.evaluate_step(model, todo, tokenizer, world.device, cfg.eval_batch,
                                           cfg.precision, max_bad_fraction=cfg.max_bad_fraction,
@@ -599,9 +599,10 @@ def report_run(run_dir: str, result: dict) -> None:
 def report_step(step: strategies.TimeStep, record: dict, row: dict, log) -> None:
     """The step's line: samples, time, compute, R@1 per task, and what it skipped (rank 0)."""
     faults, nonfinite = record["faults"], record["nonfinite"]
-    cells = " ".join(f"{task} {m[evaluate.METRIC]:.1f}" for task, m in row.items()
+    number = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731 (n/a: not scored)
+    cells = " ".join(f"{task} {number(m.get(evaluate.METRIC))}" for task, m in row.items()
                      if task in step.step_names)
-    static = " ".join(f"{task} {evaluate.static_number(m):.1f}" for task, m in row.items()
+    static = " ".join(f"{task} {number(evaluate.static_number(m))}" for task, m in row.items()
                       if task not in step.step_names)
     health = "".join([f"; skipped {faults['bad_samples']} of {faults['samples']} samples read "
                       f"({survive.fault_summary(faults)})" if faults.get("bad_samples") else "",

@@ -4,9 +4,12 @@ import os
 import re
 import shutil
 import subprocess
+import tracemalloc
 
 import pytest
+import torch
 
+import evaluate
 import shards
 
 from conftest import ENV, REPO, train_command, train_refused
@@ -78,11 +81,36 @@ def test_unknown_model(tmp_path, two_years):
     ("--beta2=1", "--beta2=1.0 is out of range"), ("--seed=-1", "--seed=-1 is too small"),
     ("--vocab_size=100", "--vocab_size=100 is too small"), ("--device=tpu9", "--device=tpu9 is not a device"),
     ("--accum_steps=0", "--accum_steps=0 is too small"),
-    ("--ckpt_interval_samples=16", "--ckpt_interval_samples=16 is less than one batch (32)")])
+    ("--ckpt_interval_samples=16", "--ckpt_interval_samples=16 is less than one batch (32)"),
+    (f"--seed={2 ** 64}", f"--seed={2 ** 64} is too large; use at most {2 ** 63 - 1}"),
+    ("--vocab_size=100000000", "--vocab_size=100000000 is too large; use at most 262144"),
+    ("--max_image_pixels=1", "--max_image_pixels=1 is too small; use at least 1024"),  # tiny: 32 x 32 px
+    ("--model=ViT-B-16 --max_image_pixels=1024", "--max_image_pixels=1024 is too small; use at least 50176"),
+    ("--patch_alphas=2", "--patch_alphas=2 is not valid; use a list of numbers from 0 to 1"),
+    ("--patch_alphas=0,-0.5", "--patch_alphas=0,-0.5 is not valid; use a list of numbers from 0 to 1")])
 def test_values_that_cannot_work(arg, message):
     import train
     with pytest.raises(SystemExit, match=re.escape(message)):
-        train.check_config(train.parse_config(["--batch_size=32", arg]))
+        train.check_config(train.parse_config(["--batch_size=32", *arg.split()]))
+
+
+@pytest.mark.parametrize("args, readers", [
+    ("--cooldown_fraction=0.3", "const-cooldown, rsqrt"), ("--continue_from=cooled", "const-cooldown, rsqrt"),
+    ("--lr_schedule=cosine-ar --cooldown_fraction=0.5", "const-cooldown, rsqrt"),
+    ("--ar_horizon=3", "cosine-ar"), ("--lr_min_fraction=0.5", "cosine-ar"),
+    ("--lr_schedule=const-cooldown --rsqrt_timescale=100", "rsqrt")])
+def test_a_schedule_setting_is_refused_where_it_does_nothing_and_taken_where_it_is_read(args, readers):
+    import train
+    *schedule, setting = args.split()  # the schedule, if not the default cosine
+    said = f"does nothing under {(schedule or ['--lr_schedule=cosine'])[0]}; drop it, or choose a schedule that " \
+           f"reads it: {readers}"
+    with pytest.raises(SystemExit, match=re.escape(f"error: {setting} {said}")):
+        train.check_config(train.parse_config([*schedule, setting]))
+    for reader in readers.split(", "):
+        train.check_config(train.parse_config([f"--lr_schedule={reader}", setting]))
+    key = setting[2:].split("=")[0]
+    default = getattr(train.parse_config([]), key)
+    train.check_config(train.parse_config([*schedule, f"--{key}={default}"]))  # the default, said aloud
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CPU-only machine's answer")
@@ -93,10 +121,22 @@ def test_cuda_on_a_machine_without_a_gpu(tmp_path, two_years):
 
 @pytest.mark.parametrize("steps, message", [("2018,2018", "2018 is in two steps"), (",2018", "'' is not a year"),
                                             ("-2019", "'-2019' is not a year"),
-                                            ("2018-2019,2019", "2019 is in two steps")])
+                                            ("2018-2019,2019", "2019 is in two steps"),
+                                            ("2018,201", "'201' is not a year"),  # not 2019's prefix
+                                            ("2", "'2' is not a year"), ("20189", "'20189' is not")])
 def test_steps_that_do_not_name_distinct_years(two_years, steps, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         shards.parse_steps(two_years, steps)
+
+
+def test_steps_name_years_and_months_of_a_month_layout(tmp_path):
+    for month in ("201811", "201812", "201901", "201902", "2020"):
+        os.makedirs(tmp_path / "train" / month)
+    assert shards.parse_steps(str(tmp_path), "2018,201901-201902,2020") == [
+        ["201811", "201812"], ["201901", "201902"], ["2020"]]
+    assert shards.parse_steps(str(tmp_path), "201812-2019") == [["201812", "201901", "201902"]]
+    with pytest.raises(SystemExit, match="'20' is not a year"):
+        shards.parse_steps(str(tmp_path), "20")
 
 
 @pytest.mark.parametrize("sizes, message", [('{"0.tar": "10"}', "the count of 0.tar is '10'"),
@@ -179,3 +219,76 @@ def test_a_shard_name_that_would_run_a_command_is_refused_before_any_compute(tmp
     line = train_refused([f"--data_root={root}", f"--shard_cmd=cat \"{root}/{{path}}\"", f"--out_dir={tmp_path}/run",
                           *TINY])
     assert "$(touch" in line and "rename it in sizes.json" in line and not ran.exists()
+
+
+# ----------------------------------------------------------------------------- evaluation data, read before training
+def eval_files(two_years, root, file, text):
+    """A copy of two_years' evaluation data (none of its training data) with file written as text."""
+    for part in ("eval", "static"):
+        shutil.copytree(os.path.join(two_years, part), root / part)
+    if file.endswith("/0.tar"):
+        (root / file).unlink()
+        (root / file).mkdir()  # a folder where the shard should be
+    else:
+        (root / file).write_text(text)
+
+
+TEMPLATES, CLASSNAMES = "eval/classification/templates.txt", "eval/classification/classnames.txt"
+NSHARDS = "static/shapes/test/nshards.txt"
+
+
+@pytest.mark.parametrize("file, text, message", [
+    (TEMPLATES, "a {}\na {} of {}\n", "the prompt template 'a {} of {}' needs exactly one {}"),
+    (TEMPLATES, "a {0}", "'a {0}' needs exactly one {}"), (TEMPLATES, "a {name}", "'a {name}' needs"),
+    (TEMPLATES, "a {} {", "'a {} {' needs"), (TEMPLATES, "a photo", "'a photo' needs"),
+    (TEMPLATES, "\n\n", "templates.txt: empty"), (CLASSNAMES, "", "classnames.txt: empty"),
+    (NSHARDS, "abc", "nshards.txt: holds 'abc', not a number of shards"),
+    (NSHARDS, "0", "nshards.txt: holds '0', not a number of shards"),
+    (NSHARDS, "3000000", "test/1.tar: listed by ROOT/static/shapes/test/nshards.txt (3000000 shards) but missing "
+                         "(2999999 in all)"),
+    ("static/shapes/test/0.tar", "", "test/0.tar: listed by ROOT/static/shapes/test/nshards.txt but not a file")])
+def test_evaluation_data_that_cannot_be_scored_is_refused_where_it_is_read(tmp_path, two_years, file, text,
+                                                                            message):
+    root = tmp_path / "data"
+    eval_files(two_years, root, file, text)
+    read = evaluate.static_tasks if file.startswith("static") else evaluate.tasks_of
+    with pytest.raises(SystemExit, match=re.escape(message.replace("ROOT", str(root)))):
+        read(str(root), "") if read is evaluate.static_tasks else read(str(root), [["2018"]])
+
+
+def test_a_long_nshards_txt_is_refused_at_once(tmp_path, two_years):
+    root = tmp_path / "data"
+    eval_files(two_years, root, NSHARDS, "300000")
+    tracemalloc.start()
+    with pytest.raises(SystemExit, match="missing"):
+        evaluate.static_tasks(str(root), "")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1e6, peak  # no list of 300,000 paths before the refusal
+
+
+def test_a_prompt_template_that_cannot_format_is_refused_before_training(tmp_path, two_years):
+    root = tmp_path / "data"
+    shutil.copytree(two_years, root)
+    (root / TEMPLATES).write_text("a {}\na {} of {}\n")
+    line = train_refused([f"--data_root={root}", f"--out_dir={tmp_path}/run", *TINY])
+    assert f"{root}/{TEMPLATES}: the prompt template 'a {{}} of {{}}' needs exactly one {{}}" in line
+    assert not os.path.exists(tmp_path / "run" / "step01.pt")
+
+
+def test_max_image_pixels_below_the_image_of_an_init_model_is_refused(tmp_path):
+    from dataclasses import asdict
+    from types import SimpleNamespace
+    import data
+    import train
+    from model import CLIP, make_config
+    tok = data.Tokenizer.train(["a red circle"] * 8, vocab_size=300)
+    model = CLIP(make_config("tiny", image_px=64, vocab_size=tok.vocab_size, eot_token_id=tok.eot_id))
+    init = str(tmp_path / "step01.pt")
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg)}, init)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = train.parse_config([f"--init={init}", "--max_image_pixels=1024"])
+    train.check_config(cfg)  # enough for --model=tiny's 32 px
+    with pytest.raises(SystemExit, match=re.escape("--max_image_pixels=1024 is too small for --init's 64 px "
+                                                   "images; use at least 4096")):
+        train.load_initial(cfg, tok, SimpleNamespace(master=True))

@@ -1,7 +1,10 @@
-"""Retrieval metrics against a brute-force reference, the evaluation-matrix summary, and what
-evaluate.py takes from a run folder (no commands) and gives back (no smaller matrix)."""
+"""Retrieval metrics against a brute-force reference, the evaluation-matrix summary, what
+evaluate.py takes from a run folder (no commands) and gives back (no smaller matrix), and tasks that
+cannot be scored: marked, and the run goes on."""
 import json
 import os
+import re
+import shutil
 from dataclasses import asdict
 
 import pytest
@@ -11,6 +14,7 @@ import data
 import evaluate
 import shards
 import synthetic
+from conftest import train_in_process
 from evaluate import recall_any_at_k, recall_at_k, summarize
 from model import CLIP, make_config
 
@@ -168,3 +172,129 @@ def test_a_matrix_is_not_read_back_for_fewer_of_its_steps(tmp_path):
     assert evaluate.read_results(path, names + ["2021"])[0] == rows  # a run grown by a step
     with pytest.raises(SystemExit, match="steps 2018, 2019, 2020, and only its first 2 are named"):
         evaluate.read_results(path, names[:2])
+
+
+# ------------------------------------------------------------------- evaluation data that cannot be scored
+TINY = ["--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=100",
+        "--eval_batch=64"]
+
+
+def test_a_task_that_cannot_be_scored_is_marked_and_the_run_finishes(tmp_path, two_years, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(two_years, root)
+    shard = root / "static" / "shapes" / "test" / "0.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:len(whole) // 2])  # cut short, and the format lists no count to judge the loss by
+    sizes_path = root / "eval" / "retrieval" / "2019" / "sizes.json"
+    sizes = sizes_path.read_text()
+    sizes_path.write_text(json.dumps({k: 10 * n for k, n in json.loads(sizes).items()}))  # a lie: 9 in 10 missing
+    run = tmp_path / "run"
+    args = [f"--data_root={root}", f"--out_dir={run}", *TINY]
+    train_in_process(args)
+    out, err = capsys.readouterr()
+    assert "warning: task 2019 (retrieval) not scored: 576 of 640 samples listed could not be scored" in err
+    assert "warning: task shapes (classification) not scored: " in err and "breaks off after" in err
+    result = json.loads((run / "eval_matrix.json").read_text())
+    assert [row[1] for row in result["matrix"]] == [None, None] and None not in result["matrix"][1][:1]
+    assert result["summary"]["id"] == result["matrix"][0][0]  # the mean of the diagonal's cells scored
+    assert None not in result["classification"]["matrix"][1]  # 2019's classification was scored
+    assert [row[1] for row in result["static"]["numbers"]] == [None, None]
+    assert result["static"]["tasks"] == ["shape-pairs", "shapes"] and None not in result["static"]["numbers"][1][:1]
+    assert [cell[:3] for cell in result["not_scored"]] == [
+        ["2018", "2019", "retrieval"], ["2018", "shapes", "classification"],
+        ["2019", "2019", "retrieval"], ["2019", "shapes", "classification"]]
+    assert "not scored (n/a above; ID and the transfers are means of the other cells): 2019 (retrieval) after " \
+           "2018, shapes (classification) after 2018," in out
+    # the data fixed, a rerun scores those cells and trains nothing
+    shard.write_bytes(whole)
+    sizes_path.write_text(sizes)
+    train_in_process(args)
+    result = json.loads((run / "eval_matrix.json").read_text())
+    assert "not_scored" not in result and None not in result["matrix"][0] + result["matrix"][1]
+    assert capsys.readouterr().out.count("done already") == 2  # no step trained again
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--device=tpu", "error: --device=tpu is not a device"),
+    pytest.param("--device=cuda", "error: --device=cuda cannot be used here (no GPU is visible)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only machine's answer")),
+    ("--max_bad_fraction=nan", "error: --max_bad_fraction=nan is out of range; use a fraction, 0 to 1"),
+    ("--max_bad_fraction=-1", "error: --max_bad_fraction=-1.0 is out of range"),
+    ("--out=TMP/nowhere/r.json", "error: cannot write TMP/nowhere/r.json: no folder TMP/nowhere"),
+    ("--out=TMP", "error: cannot write TMP: it is a folder"),
+    ("--out=TMP/locked/r.json", "error: could not write TMP/locked/r.json: Permission denied")])
+def test_evaluate_refuses_a_flag_before_reading_a_model(tmp_path, arg, message):
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if "locked" in arg and os.access(tmp_path / "locked", os.W_OK):
+        pytest.skip("running as root")
+    arg, message = arg.replace("TMP", str(tmp_path)), message.replace("TMP", str(tmp_path))
+    with pytest.raises(SystemExit, match=re.escape(message)):  # not "no such checkpoint file"
+        evaluate.main([f"--checkpoint={tmp_path}/none.pt", f"--tokenizer={tmp_path}/none.json",
+                       f"--data_root={tmp_path}", arg])
+    assert os.listdir(tmp_path) == ["locked"]  # no probe left behind
+
+
+def test_evaluate_run_refuses_a_damaged_checkpoint_before_any_compute(tmp_path, one_year):
+    run = random_run(tmp_path, one_year, "")
+    whole = open(os.path.join(run, "step01.pt"), "rb").read()
+    with open(os.path.join(run, "step02.pt"), "wb") as f:
+        f.write(whole[:len(whole) // 2])  # a kill mid-copy
+    with pytest.raises(SystemExit, match=re.escape(f"error: {run}/step02.pt: damaged (not a whole checkpoint); "
+                                                   f"delete it")):
+        evaluate.main([f"--run={run}", "--device=cpu"])
+    torch.save({"model": {}}, os.path.join(run, "step02.pt"))
+    with pytest.raises(SystemExit, match=re.escape(f"error: {run}/step02.pt: not a step checkpoint of train.py")):
+        evaluate.main([f"--run={run}", "--device=cpu"])
+    assert not os.path.exists(os.path.join(run, "eval_matrix.json"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"), ("[]", "not an evaluation matrix"),
+    ('{"tasks": ["2018"], "steps": ["2018"], "results": {"2018": 5}, "matrix": [[1]], "summary": {}}',
+     "not an evaluation matrix"),
+    ('{"tasks": ["2018"], "steps": ["2018"], "results": {"2018": {"2018": {"mean_R@1": "high"}}}, '
+     '"matrix": [[1]], "summary": {}}', "not an evaluation matrix")])
+def test_a_malformed_eval_matrix_json_is_refused_in_one_line(tmp_path, one_year, monkeypatch, text, message):
+    import compare
+    path = tmp_path / "eval_matrix.json"
+    path.write_text(text)
+    said = re.escape(f"error: {path}: {message}") + ".*delete it: rerunning the run's command scores"
+    with pytest.raises(SystemExit, match=said):
+        evaluate.read_results(str(path), ["2018"])
+    with pytest.raises(SystemExit, match=said):
+        compare.finished(str(tmp_path))
+    run = random_run(tmp_path, one_year, "")
+    shutil.copy(path, os.path.join(run, "eval_matrix.json"))
+    monkeypatch.setattr(evaluate, "evaluate_step", lambda *a, **k: pytest.fail("a model was evaluated first"))
+    with pytest.raises(SystemExit, match=said.replace(re.escape(str(path)), re.escape(f"{run}/eval_matrix.json"))):
+        evaluate.main([f"--run={run}", "--device=cpu"])
+
+
+def test_a_run_with_cells_not_scored_is_tabulated_and_drawn_without_them(tmp_path):
+    import compare
+    run = tmp_path / "seed0" / "sequential"
+    run.mkdir(parents=True)
+    for t in (0, 1):
+        torch.save({"samples_seen": 64, "flops": 1e9}, evaluate.step_checkpoint(str(run), t))
+    missed = {"not_scored": {"retrieval": "cut short"}}
+    rows = {"2018": {"2018": {"mean_R@1": 10.0, "gallery": 8}, "2019": missed},
+            "2019": {"2018": {"mean_R@1": 8.0, "gallery": 8}, "2019": missed}}
+    result = evaluate.eval_matrix(rows, ["2018", "2019"])
+    shards.write_json(str(run / "eval_matrix.json"), result)
+    assert "2019 (retrieval) after 2018, 2019 (retrieval) after 2019;" in evaluate.format_matrix(result)
+    record = compare.run_record(str(run))
+    assert record["final_mean"] == 8.0 and record["not_scored"] == 2 and record["id"] == 10.0
+    compare.main(["--strategies=sequential", f"--out={tmp_path}", "--table_only=true"])
+    table = (tmp_path / "table.md").read_text()
+    assert "cells not scored, left out of the means (eval_matrix.json says why): sequential 2" in table
+    assert (tmp_path / "heatmap_sequential.png").exists()
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--seeds=a", "error: --seeds=a: use distinct seeds from 0 to"), ("--seeds=0,0", "--seeds=0,0: use distinct"),
+    ("--seeds=0,-1", "--seeds=0,-1: use"), (f"--seeds={2 ** 63}", f"--seeds={2 ** 63}: use"),
+    ("--nproc=0", "error: --nproc=0 is too small; use at least 1")])
+def test_compare_refuses_a_bad_option_before_any_run(tmp_path, arg, message):
+    import compare
+    with pytest.raises(SystemExit, match=re.escape(message)):  # not "no finished runs"
+        compare.main([arg, "--strategies=sequential", f"--out={tmp_path}", "--table_only=true"])

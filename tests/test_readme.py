@@ -76,7 +76,7 @@ def check_train(args: list[str], processes: int) -> None:
 
 def stand_in_files(cfg) -> None:
     """The reader's own files, which check_config reads, made here where they are missing: a model
-    for --init, a tokenizer for --tokenizer, an empty retrieval task for each --static path."""
+    for --init, a tokenizer for --tokenizer, a retrieval task of one (empty) shard for each --static path."""
     import data
     if cfg.init and not os.path.exists(cfg.init):
         torch.save({}, cfg.init)
@@ -84,7 +84,8 @@ def stand_in_files(cfg) -> None:
         data.Tokenizer.train(["a stand-in caption"], 300).save(cfg.tokenizer)
     task = os.path.abspath("static-stand-in")
     os.makedirs(os.path.join(task, "test"), exist_ok=True)
-    open(os.path.join(task, "test", "nshards.txt"), "w").write("0")
+    open(os.path.join(task, "test", "nshards.txt"), "w").write("1")
+    open(os.path.join(task, "test", "0.tar"), "w").close()  # a file, as nshards.txt must list
     open(os.path.join(task, "dataset_type.txt"), "w").write("retrieval")
     items = [item.partition("=") for item in cfg.static.split(",") if item]
     cfg.static = ",".join(name + sep + (path if os.path.exists(path) or not path else task)

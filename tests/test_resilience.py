@@ -436,3 +436,17 @@ def test_a_damaged_or_outdated_start_of_step_file_is_said(tmp_path, capsys):
     assert survive.load_start(path, cfg, world)["report"] == {"flops": 1}
     assert "note: the config changed since that checkpoint: lr 0.0005 -> 0.001" in capsys.readouterr().out
     assert survive.load_start(str(tmp_path / "none.pt"), cfg, world) is None
+
+
+def test_a_benchmark_a_kill_left_half_written_is_removed_by_the_next_run(tmp_path, capsys):
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)  # a process that is gone
+    alive = os.getppid()  # another writer, still at work
+    for name in (f"tic-synth.tmp{dead}", f"tic-synth.tmp{alive}", f"other.tmp{dead}"):
+        (tmp_path / name / "train").mkdir(parents=True)
+    synthetic.make_synthetic_benchmark(str(tmp_path / "tic-synth"), years=(2018,), train_samples_per_year=8,
+                                       eval_samples_per_year=8, samples_per_shard=8,
+                                       classification_samples_per_year=0, static_samples=4)
+    assert sorted(os.listdir(tmp_path)) == sorted(["tic-synth", f"tic-synth.tmp{alive}", f"other.tmp{dead}"])
+    said = capsys.readouterr().out
+    assert f"tic-synth.tmp{dead}: removed, a benchmark that a killed process left half-written" in said

@@ -166,7 +166,8 @@ def test_const_cooldown_deploys_the_cooled_branch_and_goes_on_from_the_trunk(two
 def test_cosine_keeps_no_trunk_and_goes_on_from_the_deployed_model(two_years, tmp_path, monkeypatch):
     starts = starts_of(monkeypatch)
     run = str(tmp_path / "run")
-    train_in_process([f"--data_root={two_years}", f"--out_dir={run}", "--strategy=sequential", *TINY])
+    cosine = [arg for arg in TINY if not arg.startswith("--cooldown_fraction=")]  # cosine has no cooldown
+    train_in_process([f"--data_root={two_years}", f"--out_dir={run}", "--strategy=sequential", *cosine])
     assert load(run, 1)["continue_point"] is None and same(starts[1], load(run, 1)["model"])
 
 

@@ -27,8 +27,8 @@ OUT/compute_vs_retrieval.png, a heatmap of each row's matrix (mean over seeds, h
 and all of them on one sheet (heatmaps.png).
 """
 import importlib.util
-import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,8 +41,8 @@ sys.path.insert(0, ROOT)  # the project's modules
 import pictures  # noqa: E402
 import schedules  # noqa: E402
 import strategies  # noqa: E402
-from evaluate import step_checkpoint, step_checkpoints, summarize  # noqa: E402
-from settings import parse_flags  # noqa: E402
+from evaluate import read_matrix, step_checkpoint, step_checkpoints, summarize  # noqa: E402
+from settings import MAX_SEED, parse_flags  # noqa: E402
 from shards import write_json  # noqa: E402
 
 OPTIONS = {  # compare.py's own keys; the rest go to train.py
@@ -63,6 +63,15 @@ def load_module(path: str) -> str:
     spec = importlib.util.spec_from_file_location("compared_module", path)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     return os.path.abspath(path)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds=0,1 as [0, 1]: distinct seeds from 0 to MAX_SEED, or a one-line error."""
+    seeds = [int(s) if re.fullmatch(r"[0-9]+", s) else -1 for s in text.split(",")]
+    if not all(0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) < len(seeds):
+        raise SystemExit(f"error: --seeds={text}: use distinct seeds from 0 to {MAX_SEED}, "
+                         f"separated by commas, e.g. --seeds=0,1")
+    return seeds
 
 
 def row_names(opts: dict) -> list[str]:
@@ -137,24 +146,21 @@ def run_row(row: str, seed: int, run_dir: str, shared_first: str | None, nproc: 
 
 def finished(run_dir: str) -> bool:
     """A run whose evaluation matrix has a row for every time step."""
-    path = os.path.join(run_dir, "eval_matrix.json")
-    if not os.path.exists(path):
-        return False
-    result = json.load(open(path))
-    return len(result["steps"]) == len(result["tasks"])
+    result = read_matrix(os.path.join(run_dir, "eval_matrix.json"))
+    return result is not None and len(result["steps"]) == len(result["tasks"])
 
 
 def run_record(run_dir: str) -> dict:
     """The compute and evaluation summary of a finished run, from its checkpoints and
-    eval_matrix.json: what make_table averages."""
+    eval_matrix.json: what make_table averages. A cell not scored is left out of the means."""
     ckpts = [torch.load(path, map_location="cpu", weights_only=True)
              for path in step_checkpoints(run_dir)]
-    result = json.load(open(os.path.join(run_dir, "eval_matrix.json")))
-    final_row = result["matrix"][-1]
+    result = read_matrix(os.path.join(run_dir, "eval_matrix.json"))
     static = result.get("static") or {"tasks": [], "numbers": [[]], "final_mean": None}
     return {"samples": sum(c["samples_seen"] for c in ckpts),
             "flops": sum(c["flops"] for c in ckpts), **result["summary"],
-            "final_mean": sum(final_row) / len(final_row), "matrix": result["matrix"],
+            "final_mean": mean(result["matrix"][-1]), "matrix": result["matrix"],
+            "not_scored": len(result.get("not_scored", [])),
             "tasks": result["tasks"], "static_mean": static["final_mean"],
             **{f"static:{t}": v for t, v in zip(static["tasks"], static["numbers"][-1])}}
 
@@ -195,6 +201,10 @@ def make_table(records: dict[str, list[dict]]) -> tuple[list[dict], str]:
                      f"{relative} | {fmt(r, 'id')} | {fmt(r, 'backward_transfer')} | "
                      f"{fmt(r, 'forward_transfer')} | {fmt(r, 'final_mean')} |"
                      + "".join(f" {fmt(r, k)} |" for k in keys[6:]))
+    missed = {name: sum(r.get("not_scored", 0) for r in recs) for name, recs in records.items()}
+    if any(missed.values()):
+        lines.append("\ncells not scored, left out of the means (eval_matrix.json says why): "
+                     + ", ".join(f"{name} {n}" for name, n in missed.items() if n))
     return rows, "\n".join(lines)
 
 
@@ -202,11 +212,14 @@ def main(argv):
     started = time.time()
     own = [arg for arg in argv if arg[2:].split("=", 1)[0] in OPTIONS]
     opts = parse_flags(own, OPTIONS)
+    seeds, out = parse_seeds(opts["seeds"]), opts["out"]
+    if opts["nproc"] < 1:
+        raise SystemExit(f"error: --nproc={opts['nproc']} is too small; use at least 1 (the "
+                         f"processes of each run)")
     train_args = [arg for arg in argv if arg not in own]  # train.py checks these
     program = load_module(opts["module"])
     names = row_names(opts)
     firsts = {name: first_step(name, train_args) for name in names}  # checks every row first
-    seeds, out = [int(s) for s in opts["seeds"].split(",")], opts["out"]
     records = {name: [] for name in names}
     for seed in seeds:
         trained_first = {}  # first_step -> the run that trained that first step, for this seed
@@ -234,8 +247,8 @@ def main(argv):
     matrices = {name: [[mean(cells) for cells in zip(*seed_rows)]
                        for seed_rows in zip(*(r["matrix"] for r in recs))]
                 for name, recs in records.items()}  # each row's matrix, mean over its seeds
-    cells = [v for m in matrices.values() for row in m for v in row]
-    lo, hi = min(cells), max(cells)  # one colour scale for all rows
+    cells = [v for m in matrices.values() for row in m for v in row if v is not None]
+    lo, hi = min(cells, default=0), max(cells, default=100)  # one colour scale for all rows
     heatmaps = []
     for name in names:
         seeds_run = len(records[name])

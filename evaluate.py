@@ -543,7 +543,7 @@ def main(argv):
                          f"train.py --out_dir={run}")
     tokenizer = Tokenizer.load(os.path.join(run, "tokenizer.json"))
     # every model on the newest checkpoint's tasks: a grown run gets a new column in every row
-    last = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
+    last = load_checkpoint(checkpoints[-1])[1]  # its record, once its CRCs are checked
     config = last["config"]
     if config.get("shard_cmd") and not args["shard_cmd"]:  # a command from a file is never run
         raise SystemExit(f"error: {run} streamed its shards with --shard_cmd="

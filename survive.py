@@ -19,6 +19,7 @@ or two at each place; docs/faults.md lists every case.
 
 `world` below is a world.World: rank, size, device, master, gather.
 """
+import itertools
 import os
 import re
 import sys
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import data
 import evaluate
 import shards
+from checkpoints import read_verified
 from model import CLIP, CLIPConfig
 
 
@@ -75,17 +77,30 @@ def start_checkpoint(run_dir: str, t: int) -> str:
 def load_start(path: str, cfg: SimpleNamespace, world) -> dict | None:
     """What an earlier run of this step kept at path (start_checkpoint), or None if there is none or
     it does not load; a line names the settings that changed since."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
     try:
-        kept = torch.load(path, map_location="cpu", weights_only=True)
+        kept = read_verified(path)
     except Exception as e:  # damaged after it was written: the action is done again
         if world.master:
-            print(f"warning: {path} does not load ({e}); doing the start of the step again",
-                  file=sys.stderr)
+            print(f"warning: {path} does not load ({e}); {set_aside(path)}doing the start of the "
+                  f"step again", file=sys.stderr)
         return None
     note_changes(kept["config"], cfg, world)
     return kept
+
+
+def set_aside(path: str) -> str:
+    """Rename a damaged resume checkpoint (or whatever stands where one should) to PATH.damaged,
+    so that no rerun reads it again and the next one can be written there; removed, if a file,
+    with the step's other resume checkpoints. Returns the words that say so."""
+    aside = next(f"{path}.damaged{n or ''}" for n in itertools.count()
+                 if not os.path.lexists(f"{path}.damaged{n or ''}"))  # set aside before: kept
+    try:
+        os.replace(path, aside)
+    except OSError as e:
+        return f"could not set it aside ({e.strerror}); "
+    return f"set aside as {os.path.basename(aside)}; "
 
 
 def note_changes(old: dict, cfg: SimpleNamespace, world) -> None:
@@ -122,18 +137,17 @@ class StepState:
         if world.master:
             for path in resume_checkpoints(run_dir, t):
                 try:
-                    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                    ckpt = read_verified(path)
                     break
                 except Exception as e:  # damaged after it was written: fall back to the one before
-                    print(f"warning: {path} does not load ({e}); trying the one before",
-                          file=sys.stderr)
+                    print(f"warning: {path} does not load ({e}); {set_aside(path)}trying the one "
+                          f"before", file=sys.stderr)
             path = path if ckpt else None
         if world.distributed:
             chosen = [path]
             dist.broadcast_object_list(chosen, 0)
             path = chosen[0]
-            ckpt = (torch.load(path, map_location="cpu", weights_only=True)
-                    if path and not world.master else ckpt)
+            ckpt = read_verified(path) if path and not world.master else ckpt
         if not ckpt:
             return cls().on(world.device)
         check_shape(ckpt, path, model.cfg, cfg.model)
@@ -220,7 +234,8 @@ class StepState:
                              if world.device.type == "cuda" else None)}
         shards.write_atomic(path, lambda f: torch.save(ckpt, f))
         for old in resume_checkpoints(run_dir, t)[cfg.keep_checkpoints:]:
-            os.remove(old)
+            if not os.path.isdir(old):  # a folder of that name is not ours to remove
+                os.remove(old)
         return path
 
     @staticmethod
@@ -230,7 +245,7 @@ class StepState:
         folder, start = os.path.join(run_dir, "resume"), resume_checkpoint(run_dir, t)
         for path in ([os.path.join(folder, f) for f in os.listdir(folder)]
                      if os.path.isdir(folder) else []):
-            if path.startswith(start):
+            if path.startswith(start) and not os.path.isdir(path):  # a folder is not ours
                 os.remove(path)
 
 
@@ -259,3 +274,4 @@ def check_shape(record: dict, path: str, model_cfg: CLIPConfig, model_name: str)
                          f"was trained (--model={was['model']}"
                          f"{', --init=' + was['init'] if was.get('init') else ''}) or use a new "
                          f"--out_dir")
+

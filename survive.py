@@ -19,9 +19,11 @@ or two at each place; docs/faults.md lists every case.
 
 `world` below is a world.World: rank, size, device, master, gather.
 """
+import fcntl
 import itertools
 import os
 import re
+import socket
 import sys
 import time
 from collections import Counter
@@ -275,3 +277,36 @@ def check_shape(record: dict, path: str, model_cfg: CLIPConfig, model_name: str)
                          f"{', --init=' + was['init'] if was.get('init') else ''}) or use a new "
                          f"--out_dir")
 
+
+# ----------------------------------------------------------------------- a run folder, one command
+def lock_run_folder(run_dir: str) -> None:
+    """Hold RUN/.lock for as long as this process lives, or refuse in one line where another
+    process holds it: two runs in one folder would resume from each other's checkpoints and log
+    every step twice. An flock, which the kernel lets go of when its process ends, SIGKILL
+    included, so a killed run leaves none behind. Rank 0 takes it (docs/faults.md: many nodes)."""
+    path = os.path.join(run_dir, ".lock")
+    if os.path.realpath(path) in _locks:  # an earlier main in this process (a test): still held
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SystemExit(f"error: cannot open {path}: {e.strerror}; delete it, or pick another "
+                         f"--out_dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise SystemExit(f"error: {run_dir} is in use by another run ({holder}); wait for it to "
+                         f"end or stop it, then rerun, or pick another --out_dir") from None
+    except OSError as e:  # a file system that does not lock (Lustre mounted without flock)
+        os.close(fd)
+        print(f"warning: {path}: cannot be locked here ({e.strerror}); a second run in "
+              f"{run_dir} would not be refused", file=sys.stderr)
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())  # named to the next
+    _locks[os.path.realpath(path)] = fd
+
+
+_locks = {}  # RUN/.lock files this process holds: {real path: its descriptor}, open until exit

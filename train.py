@@ -249,8 +249,8 @@ def load_tokenizer(run_dir: str, cfg: SimpleNamespace, first_years: list[str],
 
 
 def prepare_run_dir(run_dir: str, world: World) -> None:
-    """Make the run folder if it is new, check it is writable, and remove the temporary files that
-    killed processes left in it (shards.write_atomic)."""
+    """Make the run folder if it is new, check it is writable, lock it (a second run is refused),
+    and remove the temporary files that killed processes left in it (shards.write_atomic)."""
     if world.master:
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise SystemExit(f"error: --out_dir={run_dir} is a file, not a folder; "
@@ -263,6 +263,7 @@ def prepare_run_dir(run_dir: str, world: World) -> None:
         probe = os.path.join(run_dir, ".writable")
         shards.write_atomic(probe, lambda f: None)  # a WriteError line if it is not
         os.remove(probe)
+        survive.lock_run_folder(run_dir)  # a second run in this folder is refused
         for folder in (run_dir, os.path.join(run_dir, "resume")):
             removed = shards.remove_stale_temporaries(folder)
             if removed:

@@ -549,3 +549,29 @@ def test_a_damaged_step_checkpoint_is_one_line_for_every_reader(finished, two_ye
         assert refused.value.code == said, reader
     assert not os.path.exists(os.path.join(tmp_path, "grown", "step01.pt"))
 
+
+# ----------------------------------------------------------------------------- a run folder, one command
+HOLD = """import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)  # as survive.lock_run_folder takes it for a run
+os.write(fd, f"process {os.getpid()} on somewhere".encode())
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_lock(two_years, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        line = train_refused([f"--data_root={two_years}", f"--out_dir={run}", *TINY])
+    finally:
+        holder.kill()  # SIGKILL: nothing of its own lets go of the lock
+        holder.wait()
+    assert line == (f"error: {run} is in use by another run (process {holder.pid} on somewhere); wait for it "
+                    f"to end or stop it, then rerun, or pick another --out_dir")
+    assert os.listdir(run) == [".lock"]  # nothing else written
+    survive.lock_run_folder(str(run))  # the kernel let go of the killed run's lock
+    assert open(run / ".lock").read() == f"process {os.getpid()} on {socket.gethostname()}"

@@ -20,7 +20,9 @@ or two at each place; docs/faults.md lists every case.
 `world` below is a world.World: rank, size, device, master, gather.
 """
 import fcntl
+import hashlib
 import itertools
+import json
 import os
 import re
 import socket
@@ -35,7 +37,9 @@ import torch.distributed as dist
 
 import data
 import evaluate
+import schedules
 import shards
+import strategies
 from checkpoints import read_verified
 from model import CLIP, CLIPConfig
 
@@ -310,3 +314,96 @@ def lock_run_folder(run_dir: str) -> None:
 
 
 _locks = {}  # RUN/.lock files this process holds: {real path: its descriptor}, open until exit
+
+# settings a rerun may change: how the run is done, not what it is (docs/faults.md)
+FREE_SETTINGS = {
+    "out_dir": "the folder itself",
+    "data_root": "where the data is: the data itself (each year's shards, samples) is compared",
+    "steps": "compared as the years of each step: a run grows by steps added at its end",
+    "shard_cmd": "how the shards are read, not which",
+    "static": "tasks outside time, scored for every row that lacks them",
+    "device": "the same arithmetic, rounded as that device rounds",
+    "compile": "the same arithmetic, rounded as the compiled kernels round",
+    "accum_steps": "the same gradients, up to rounding",
+    "grad_checkpointing": "the same activations, computed again",
+    "eval_batch": "the same scores, up to rounding",
+    "workers": "a resumed step draws other batches (as with another number of processes)",
+    "log_interval": "when lines are logged and SIGTERM is acted on",
+    "ckpt_interval_samples": "how often a step in progress is saved",
+    "keep_checkpoints": "how many of those are kept",
+    "max_bad_fraction": "when bad data stops the run",
+    "max_nonfinite_in_row": "when non-finite losses stop the run",
+}
+FILES = ("init", "tokenizer")  # compared by their bytes, wherever they are now
+
+
+def run_definition(cfg: SimpleNamespace, step_years: list[list[str]],
+                   step_data: list[list[data.Part]]) -> dict:
+    """What a run's numbers depend on, as RUN/run.json keeps it: the settings outside
+    FREE_SETTINGS, --init's and --tokenizer's files (path and sha256), the years of each step and
+    each year's training data (shards, samples)."""
+    return {"settings": {k: v for k, v in vars(cfg).items()
+                         if k not in FREE_SETTINGS and k not in FILES},
+            "files": {k: [getattr(cfg, k), file_sha256(getattr(cfg, k))] if getattr(cfg, k)
+                      else None for k in FILES},
+            "steps": step_years,
+            "data": {p.name: [len(p.shards), sum(n for _, n in p.shards)]
+                     for parts in step_data for p in parts}}
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_run_definition(run_dir: str, cfg: SimpleNamespace, step_years: list[list[str]],
+                         step_data: list[list[data.Part]], world) -> None:
+    """Refuse, in one line naming what differs, a command whose numbers would differ from those
+    its run folder holds, as RUN/run.json (run_definition) says: its steps must begin with the
+    run's (check_steps), and its settings, files and data be the same. A setting may change its
+    value where its Setting's resolve says it means the same for the steps trained (ar_horizon).
+    run.json is written on first use, and again when the run grows by steps (rank 0)."""
+    if not world.master:
+        return
+    path, now = os.path.join(run_dir, "run.json"), run_definition(cfg, step_years, step_data)
+    if not os.path.exists(path):
+        shards.write_json(path, now)
+        return
+    try:
+        with open(path) as f:
+            was = json.load(f)
+        check_steps(was, path, step_years)
+        differ = changes(was, now, len(was["steps"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {e}); delete it to "
+                         f"have it written again from this command") from None
+    if differ:
+        raise SystemExit(f"error: {run_dir} holds a run of {', '.join(differ)}, as its run.json "
+                         f"says; rerun with those, or use a new --out_dir")
+    if len(step_years) > len(was["steps"]):  # grown: the new steps' data and settings join it
+        shards.write_json(path, {**now, "settings": {**was["settings"], **now["settings"]}})
+
+
+def changes(was: dict, now: dict, steps_then: int) -> list[str]:
+    """What differs between two run definitions, each as "--key=old (not new)"."""
+    declared = {**strategies.SETTINGS, **schedules.SETTINGS}
+    differ = []
+    for key, old in was["settings"].items():
+        new = now["settings"].get(key, old)  # a setting this program lacks: a file's, not loaded
+        resolve = getattr(declared.get(key), "resolve", None)
+        if old != new and not (resolve and resolve(old, steps_then) == resolve(new, steps_then)):
+            differ.append(f"--{key}={old} (not {new})")
+    for key in FILES:
+        old, new = was["files"][key], now["files"][key]
+        if (old and old[1]) != (new and new[1]):
+            said = [f"{f[0]} (sha256 {f[1][:12]})" if f else '""' for f in (old, new)]
+            differ.append(f"--{key}={said[0]} (not {said[1]})")
+    for year, old in was["data"].items():
+        new = now["data"].get(year, old)
+        if new != old:
+            differ.append(f"{year} data of {old[1]} samples in {old[0]} shards (not {new[1]} in "
+                          f"{new[0]})")
+    return differ

@@ -633,6 +633,7 @@ def main(argv):
     step_years, step_data, tasks = load_benchmark(cfg, world)
     names = [shards.step_name(ys) for ys in step_years]
     strategies.check_strategy(strategy, len(names))
+    survive.check_run_definition(run_dir, cfg, step_years, step_data, world)  # RUN/run.json
     tokenizer = load_tokenizer(run_dir, cfg, step_years[0], world)
     initial = load_initial(cfg, tokenizer, world)  # the initial model (--init), or None
     model_cfg = initial.cfg if initial else make_config(cfg.model, vocab_size=tokenizer.vocab_size,

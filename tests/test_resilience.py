@@ -551,6 +551,34 @@ def test_a_damaged_step_checkpoint_is_one_line_for_every_reader(finished, two_ye
 
 
 # ----------------------------------------------------------------------------- a run folder, one command
+@pytest.mark.slow
+def test_a_rerun_with_settings_that_change_numbers_is_refused_and_free_ones_are_not(finished, two_years, tmp_path,
+                                                                                     capsys):
+    run, args = str(tmp_path / "run"), finished[1]
+    shutil.copytree(finished[0], run)
+    before = all_files(run)
+    line = train_refused([f"--out_dir={run}", *args, "--strategy=lwf"])  # it said "done already", as lwf's
+    assert line == (f"error: {run} holds a run of --strategy=sequential (not lwf), as its run.json says; rerun "
+                    f"with those, or use a new --out_dir")
+    with pytest.raises(SystemExit, match=r"holds a run of --budget_samples=256 \(not 512\), --seed=0 \(not 1\), as"):
+        train_in_process([f"--out_dir={run}", *args, "--budget_samples=512", "--seed=1"])
+    data_copy = str(tmp_path / "data")  # the same data elsewhere is the run's; one more sample is not
+    shutil.copytree(two_years, data_copy)
+    extra = write_tar(os.path.join(data_copy, "train", "2019", "extra.tar"), [("x.png", png_bytes(9)),
+                                                                               ("x.txt", b"one more")])
+    with pytest.raises(SystemExit, match=r"holds a run of 2019 data of 256 samples in 4 shards \(not 257 in 5\)"):
+        train_in_process([f"--out_dir={run}", *args, f"--data_root={data_copy}"])
+    assert {k: v for k, v in all_files(run).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}  # nothing written
+    os.remove(extra)
+    sizes = os.path.join(data_copy, "train", "2019", "sizes.json")
+    json.dump({k: n for k, n in json.load(open(sizes)).items() if k != "extra.tar"}, open(sizes, "w"))
+    capsys.readouterr()
+    train_in_process([f"--out_dir={run}", *args, f"--data_root={data_copy}", "--workers=1", "--log_interval=2",
+                      "--eval_batch=32", "--keep_checkpoints=3", "--ckpt_interval_samples=0", "--max_bad_fraction=1"])
+    assert capsys.readouterr().out.count("done already") == 2
+
+
 HOLD = """import fcntl, os, sys, time
 fd = os.open(os.path.join(sys.argv[1], ".lock"), os.O_RDWR | os.O_CREAT)
 fcntl.flock(fd, fcntl.LOCK_EX)  # as survive.lock_run_folder takes it for a run

@@ -16,6 +16,10 @@ or two at each place; docs/faults.md lists every case.
   max_bad_fraction; a non-finite loss skips its update and stops the run after
   max_nonfinite_in_row in a row.
 - A checkpoint from another run (another model shape, other time steps) is refused in one line.
+- Every checkpoint is verified before it is read (checkpoints.verify_checkpoint): a damaged resume
+  checkpoint is set aside and the one before is used.
+- A run folder answers for one command: RUN/run.json says what its numbers depend on, and a rerun
+  that differs is refused in one line; a second process on a folder in use is refused too.
 
 `world` below is a world.World: rank, size, device, master, gather.
 """

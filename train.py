@@ -16,9 +16,10 @@ On 2 nodes: the same with --nnodes=2 --node_rank=0|1 --rdzv_endpoint=HOST:PORT, 
 Config: the typed values below, and the settings strategies and schedules declare, overridden as
 --key=value (python train.py --help lists them all). The run folder (out_dir) holds tokenizer.json,
 a checkpoint per step (stepNN.pt, with the full config), log.jsonl, eval_matrix.json and its
-picture. Rerunning a command skips the steps whose checkpoint exists and resumes a step exactly
-where it stopped (survive.py). Bad settings are one line before any compute; an unexpected error is
-one line too, its traceback in RUN/error-rankN.log.
+picture, and run.json (what defines the run). Rerunning a command skips the steps whose checkpoint
+exists and resumes a step exactly where it stopped (survive.py); a rerun with settings that would
+change the run's numbers is refused. Bad settings are one line before any compute; an unexpected
+error is one line too, its traceback in RUN/error-rankN.log.
 Follows nanoGPT's train.py for shape, open_clip for the CLIP details, DataComp for the
 hyperparameters.
 """

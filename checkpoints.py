@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 
@@ -339,6 +340,48 @@ def read_torchscript(path: str) -> dict[str, torch.Tensor]:
                              f".safetensors)") from None
 
 
+class DamagedCheckpoint(Exception):
+    """A checkpoint whose bytes are not those that were written (verify_checkpoint says why)."""
+
+
+def verify_checkpoint(path: str) -> None:
+    """Raise DamagedCheckpoint unless path is a regular file holding a whole zip (torch.save's
+    format, OpenAI's TorchScript) whose every record matches the CRC-32 written with it. torch.load
+    checks none: a flipped bit in a tensor loads as another number. Reads the file once (its cost:
+    docs/faults.md)."""
+    if not os.path.isfile(path):  # never opened: a FIFO would wait for a writer forever
+        raise DamagedCheckpoint("a folder, not a file" if os.path.isdir(path)
+                                else "not a regular file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # every record read, its CRC-32 and header checked
+    except OSError as e:
+        raise DamagedCheckpoint(f"unreadable: {e.strerror or e}") from None
+    except Exception as e:  # a zip that a flipped byte broke: its end, its directory, a header
+        raise DamagedCheckpoint(f"not a whole zip: {e}") from None
+    if bad is not None:
+        raise DamagedCheckpoint(f"its record {bad} fails its CRC-32 check")
+
+
+def read_verified(path: str) -> dict:
+    """torch.load of one of this project's checkpoints (weights only, on the CPU) once
+    verify_checkpoint has passed it; raises DamagedCheckpoint."""
+    verify_checkpoint(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def refuse_damaged(path: str) -> None:
+    """SystemExit, in one line saying what to do, where a zip checkpoint fails verify_checkpoint:
+    a run's RUN/stepNN.pt is trained again once deleted; any other file is copied again."""
+    try:
+        verify_checkpoint(path)
+    except DamagedCheckpoint as e:
+        fix = ("delete it and rerun the training command to train that step again"
+               if re.fullmatch(r"step\d+\.pt", os.path.basename(path))
+               else "copy it again from where it came from")
+        raise SystemExit(f"error: {path} is damaged ({e}); {fix}") from None
+
+
 def is_checkpoint_file(path: str) -> bool:
     """Does path hold what load_checkpoint reads, judged from its first and last bytes: a
     whole zip (torch.save's format, OpenAI's TorchScript), torch.save's old pickle, safetensors?"""
@@ -366,7 +409,8 @@ def load_checkpoint(path: str, quick_gelu: bool | None = None,
     record: config, steps, samples seen, ...) or of an existing CLIP (the rest is {}): OpenAI's
     TorchScript archive (ViT-B-32.pt ...), an OpenCLIP state dict (.bin, .pt or .safetensors) or
     OpenCLIP training checkpoint ({"state_dict": ...}, DDP's "module." prefix too). The model
-    comes in eval mode, on the CPU; this is the one way the project reads a model from a file.
+    comes in eval mode, on the CPU; this is the one way the project reads a model from a file. A
+    zip's CRCs are checked first: a damaged one is refused in one line (refuse_damaged).
 
     Two settings weights do not show; None takes each from the file, with a printed note where
     it must assume. quick_gelu: True for OpenAI's archives, else what an open_clip_config.json
@@ -378,6 +422,8 @@ def load_checkpoint(path: str, quick_gelu: bool | None = None,
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such checkpoint file; pass --checkpoint=FILE (an OpenCLIP or "
                          f"OpenAI CLIP)")
+    if zipfile.is_zipfile(path):  # torch.save's format and TorchScript's carry CRCs: checked
+        refuse_damaged(path)
     if _is_torchscript(path):
         state_dict = read_torchscript(path)  # OpenAI's releases are TorchScript: read, never run
         quick_gelu = True if quick_gelu is None else quick_gelu

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 import pictures
 import shards
 from data import NotScored, Tokenizer, eval_batches, normalize_images
-from checkpoints import check_tokenizer, is_checkpoint_file, load_checkpoint, parse_heads
+from checkpoints import (check_tokenizer, is_checkpoint_file, load_checkpoint, parse_heads,
+                         refuse_damaged)
 from model import PRECISIONS, autocast, check_device
 from settings import parse_flags
 
@@ -631,7 +632,9 @@ def evaluate_checkpoint(args: dict) -> dict[str, dict]:
 
 
 def read_record(path: str) -> dict:
-    """The record (config, steps, ...) of a run's step checkpoint, its weights left on disk."""
+    """The record (config, steps, ...) of a run's step checkpoint, once its CRCs are checked, its
+    weights left on disk."""
+    refuse_damaged(path)
     try:
         record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # whatever torch.load says of a damaged file

@@ -50,7 +50,8 @@ SETTINGS = {  # train.py's settings that schedules read (cfg.KEY), checked befor
     "lr_min_fraction": Setting(0.1, "cosine-ar: a step's peak is at least this share of lr",
                                lambda f: 0 <= f <= 1, "a fraction, 0 to 1"),
     "ar_horizon": Setting(0, "cosine-ar: steps its outer cosine spans (0: the run's steps)",
-                          lambda h: h >= 0, "0 (the run's number of steps) or more"),
+                          lambda h: h >= 0, "0 (the run's number of steps) or more",
+                          resolve=lambda h, n_steps: h or n_steps),
     "cooldown_fraction": Setting(0.2, "cooled branch: its share of each step's iterations",
                                  lambda f: 0 <= f < 1, "a fraction, 0 or more, below 1"),
     "continue_from": Setting("trunk", "cooled branch: the next step goes on from the trunk "

@@ -21,6 +21,7 @@ class Setting:
     help: str                                      # one line, shown by --help
     check: Callable[[Any], bool] = lambda v: True  # False for a value that cannot work
     use: str = ""                                  # what to use instead, said when check fails
+    resolve: Callable[[Any, int], Any] | None = None  # its meaning in a run of n steps, if n counts
 
 
 def check(settings: dict[str, Setting], cfg: SimpleNamespace) -> None:

@@ -16,11 +16,20 @@ or two at each place; docs/faults.md lists every case.
   max_bad_fraction; a non-finite loss skips its update and stops the run after
   max_nonfinite_in_row in a row.
 - A checkpoint from another run (another model shape, other time steps) is refused in one line.
+- Every checkpoint is verified before it is read (checkpoints.verify_checkpoint): a damaged resume
+  checkpoint is set aside and the one before is used.
+- A run folder answers for one command: RUN/run.json says what its numbers depend on, and a rerun
+  that differs is refused in one line; a second process on a folder in use is refused too.
 
 `world` below is a world.World: rank, size, device, master, gather.
 """
+import fcntl
+import hashlib
+import itertools
+import json
 import os
 import re
+import socket
 import sys
 import time
 from collections import Counter
@@ -32,7 +41,10 @@ import torch.distributed as dist
 
 import data
 import evaluate
+import schedules
 import shards
+import strategies
+from checkpoints import read_verified
 from model import CLIP, CLIPConfig
 
 
@@ -75,17 +87,30 @@ def start_checkpoint(run_dir: str, t: int) -> str:
 def load_start(path: str, cfg: SimpleNamespace, world) -> dict | None:
     """What an earlier run of this step kept at path (start_checkpoint), or None if there is none or
     it does not load; a line names the settings that changed since."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
     try:
-        kept = torch.load(path, map_location="cpu", weights_only=True)
+        kept = read_verified(path)
     except Exception as e:  # damaged after it was written: the action is done again
         if world.master:
-            print(f"warning: {path} does not load ({e}); doing the start of the step again",
-                  file=sys.stderr)
+            print(f"warning: {path} does not load ({e}); {set_aside(path)}doing the start of the "
+                  f"step again", file=sys.stderr)
         return None
     note_changes(kept["config"], cfg, world)
     return kept
+
+
+def set_aside(path: str) -> str:
+    """Rename a damaged resume checkpoint (or whatever stands where one should) to PATH.damaged,
+    so that no rerun reads it again and the next one can be written there; removed, if a file,
+    with the step's other resume checkpoints. Returns the words that say so."""
+    aside = next(f"{path}.damaged{n or ''}" for n in itertools.count()
+                 if not os.path.lexists(f"{path}.damaged{n or ''}"))  # set aside before: kept
+    try:
+        os.replace(path, aside)
+    except OSError as e:
+        return f"could not set it aside ({e.strerror}); "
+    return f"set aside as {os.path.basename(aside)}; "
 
 
 def note_changes(old: dict, cfg: SimpleNamespace, world) -> None:
@@ -122,18 +147,17 @@ class StepState:
         if world.master:
             for path in resume_checkpoints(run_dir, t):
                 try:
-                    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                    ckpt = read_verified(path)
                     break
                 except Exception as e:  # damaged after it was written: fall back to the one before
-                    print(f"warning: {path} does not load ({e}); trying the one before",
-                          file=sys.stderr)
+                    print(f"warning: {path} does not load ({e}); {set_aside(path)}trying the one "
+                          f"before", file=sys.stderr)
             path = path if ckpt else None
         if world.distributed:
             chosen = [path]
             dist.broadcast_object_list(chosen, 0)
             path = chosen[0]
-            ckpt = (torch.load(path, map_location="cpu", weights_only=True)
-                    if path and not world.master else ckpt)
+            ckpt = read_verified(path) if path and not world.master else ckpt
         if not ckpt:
             return cls().on(world.device)
         check_shape(ckpt, path, model.cfg, cfg.model)
@@ -220,7 +244,8 @@ class StepState:
                              if world.device.type == "cuda" else None)}
         shards.write_atomic(path, lambda f: torch.save(ckpt, f))
         for old in resume_checkpoints(run_dir, t)[cfg.keep_checkpoints:]:
-            os.remove(old)
+            if not os.path.isdir(old):  # a folder of that name is not ours to remove
+                os.remove(old)
         return path
 
     @staticmethod
@@ -230,7 +255,7 @@ class StepState:
         folder, start = os.path.join(run_dir, "resume"), resume_checkpoint(run_dir, t)
         for path in ([os.path.join(folder, f) for f in os.listdir(folder)]
                      if os.path.isdir(folder) else []):
-            if path.startswith(start):
+            if path.startswith(start) and not os.path.isdir(path):  # a folder is not ours
                 os.remove(path)
 
 
@@ -259,3 +284,130 @@ def check_shape(record: dict, path: str, model_cfg: CLIPConfig, model_name: str)
                          f"was trained (--model={was['model']}"
                          f"{', --init=' + was['init'] if was.get('init') else ''}) or use a new "
                          f"--out_dir")
+
+
+# ----------------------------------------------------------------------- a run folder, one command
+def lock_run_folder(run_dir: str) -> None:
+    """Hold RUN/.lock for as long as this process lives, or refuse in one line where another
+    process holds it: two runs in one folder would resume from each other's checkpoints and log
+    every step twice. An flock, which the kernel lets go of when its process ends, SIGKILL
+    included, so a killed run leaves none behind. Rank 0 takes it (docs/faults.md: many nodes)."""
+    path = os.path.join(run_dir, ".lock")
+    if os.path.realpath(path) in _locks:  # an earlier main in this process (a test): still held
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SystemExit(f"error: cannot open {path}: {e.strerror}; delete it, or pick another "
+                         f"--out_dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise SystemExit(f"error: {run_dir} is in use by another run ({holder}); wait for it to "
+                         f"end or stop it, then rerun, or pick another --out_dir") from None
+    except OSError as e:  # a file system that does not lock (Lustre mounted without flock)
+        os.close(fd)
+        print(f"warning: {path}: cannot be locked here ({e.strerror}); a second run in "
+              f"{run_dir} would not be refused", file=sys.stderr)
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())  # named to the next
+    _locks[os.path.realpath(path)] = fd
+
+
+_locks = {}  # RUN/.lock files this process holds: {real path: its descriptor}, open until exit
+
+# settings a rerun may change: how the run is done, not what it is (docs/faults.md)
+FREE_SETTINGS = {
+    "out_dir": "the folder itself",
+    "data_root": "where the data is: the data itself (each year's shards, samples) is compared",
+    "steps": "compared as the years of each step: a run grows by steps added at its end",
+    "shard_cmd": "how the shards are read, not which",
+    "static": "tasks outside time, scored for every row that lacks them",
+    "device": "the same arithmetic, rounded as that device rounds",
+    "compile": "the same arithmetic, rounded as the compiled kernels round",
+    "accum_steps": "the same gradients, up to rounding",
+    "grad_checkpointing": "the same activations, computed again",
+    "eval_batch": "the same scores, up to rounding",
+    "workers": "a resumed step draws other batches (as with another number of processes)",
+    "log_interval": "when lines are logged and SIGTERM is acted on",
+    "ckpt_interval_samples": "how often a step in progress is saved",
+    "keep_checkpoints": "how many of those are kept",
+    "max_bad_fraction": "when bad data stops the run",
+    "max_nonfinite_in_row": "when non-finite losses stop the run",
+}
+FILES = ("init", "tokenizer")  # compared by their bytes, wherever they are now
+
+
+def run_definition(cfg: SimpleNamespace, step_years: list[list[str]],
+                   step_data: list[list[data.Part]]) -> dict:
+    """What a run's numbers depend on, as RUN/run.json keeps it: the settings outside
+    FREE_SETTINGS, --init's and --tokenizer's files (path and sha256), the years of each step and
+    each year's training data (shards, samples)."""
+    return {"settings": {k: v for k, v in vars(cfg).items()
+                         if k not in FREE_SETTINGS and k not in FILES},
+            "files": {k: [getattr(cfg, k), file_sha256(getattr(cfg, k))] if getattr(cfg, k)
+                      else None for k in FILES},
+            "steps": step_years,
+            "data": {p.name: [len(p.shards), sum(n for _, n in p.shards)]
+                     for parts in step_data for p in parts}}
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_run_definition(run_dir: str, cfg: SimpleNamespace, step_years: list[list[str]],
+                         step_data: list[list[data.Part]], world) -> None:
+    """Refuse, in one line naming what differs, a command whose numbers would differ from those
+    its run folder holds, as RUN/run.json (run_definition) says: its steps must begin with the
+    run's (check_steps), and its settings, files and data be the same. A setting may change its
+    value where its Setting's resolve says it means the same for the steps trained (ar_horizon).
+    run.json is written on first use, and again when the run grows by steps (rank 0)."""
+    if not world.master:
+        return
+    path, now = os.path.join(run_dir, "run.json"), run_definition(cfg, step_years, step_data)
+    if not os.path.exists(path):
+        shards.write_json(path, now)
+        return
+    try:
+        with open(path) as f:
+            was = json.load(f)
+        check_steps(was, path, step_years)
+        differ = changes(was, now, len(was["steps"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {e}); delete it to "
+                         f"have it written again from this command") from None
+    if differ:
+        raise SystemExit(f"error: {run_dir} holds a run of {', '.join(differ)}, as its run.json "
+                         f"says; rerun with those, or use a new --out_dir")
+    if len(step_years) > len(was["steps"]):  # grown: the new steps' data and settings join it
+        shards.write_json(path, {**now, "settings": {**was["settings"], **now["settings"]}})
+
+
+def changes(was: dict, now: dict, steps_then: int) -> list[str]:
+    """What differs between two run definitions, each as "--key=old (not new)"."""
+    declared = {**strategies.SETTINGS, **schedules.SETTINGS}
+    differ = []
+    for key, old in was["settings"].items():
+        new = now["settings"].get(key, old)  # a setting this program lacks: a file's, not loaded
+        resolve = getattr(declared.get(key), "resolve", None)
+        if old != new and not (resolve and resolve(old, steps_then) == resolve(new, steps_then)):
+            differ.append(f"--{key}={old} (not {new})")
+    for key in FILES:
+        old, new = was["files"][key], now["files"][key]
+        if (old and old[1]) != (new and new[1]):
+            said = [f"{f[0]} (sha256 {f[1][:12]})" if f else '""' for f in (old, new)]
+            differ.append(f"--{key}={said[0]} (not {said[1]})")
+    for year, old in was["data"].items():
+        new = now["data"].get(year, old)
+        if new != old:
+            differ.append(f"{year} data of {old[1]} samples in {old[0]} shards (not {new[1]} in "
+                          f"{new[0]})")
+    return differ

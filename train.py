@@ -16,9 +16,10 @@ On 2 nodes: the same with --nnodes=2 --node_rank=0|1 --rdzv_endpoint=HOST:PORT, 
 Config: the typed values below, and the settings strategies and schedules declare, overridden as
 --key=value (python train.py --help lists them all). The run folder (out_dir) holds tokenizer.json,
 a checkpoint per step (stepNN.pt, with the full config), log.jsonl, eval_matrix.json and its
-picture. Rerunning a command skips the steps whose checkpoint exists and resumes a step exactly
-where it stopped (survive.py). Bad settings are one line before any compute; an unexpected error is
-one line too, its traceback in RUN/error-rankN.log.
+picture, and run.json (what defines the run). Rerunning a command skips the steps whose checkpoint
+exists and resumes a step exactly where it stopped (survive.py); a rerun with settings that would
+change the run's numbers is refused. Bad settings are one line before any compute; an unexpected
+error is one line too, its traceback in RUN/error-rankN.log.
 Follows nanoGPT's train.py for shape, open_clip for the CLIP details, DataComp for the
 hyperparameters.
 """
@@ -244,8 +245,8 @@ def load_tokenizer(run_dir: str, cfg: SimpleNamespace, first_years: list[str],
 
 
 def prepare_run_dir(run_dir: str, world: World) -> None:
-    """Make the run folder if it is new, check it is writable, and remove the temporary files that
-    killed processes left in it (shards.write_atomic)."""
+    """Make the run folder if it is new, check it is writable, lock it (a second run is refused),
+    and remove the temporary files that killed processes left in it (shards.write_atomic)."""
     if world.master:
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise SystemExit(f"error: --out_dir={run_dir} is a file, not a folder; "
@@ -258,6 +259,7 @@ def prepare_run_dir(run_dir: str, world: World) -> None:
         probe = os.path.join(run_dir, ".writable")
         shards.write_atomic(probe, lambda f: None)  # a WriteError line if it is not
         os.remove(probe)
+        survive.lock_run_folder(run_dir)  # a second run in this folder is refused
         for folder in (run_dir, os.path.join(run_dir, "resume")):
             removed = shards.remove_stale_temporaries(folder)
             if removed:
@@ -629,6 +631,7 @@ def main(argv):
     step_years, step_data, tasks = load_benchmark(cfg, world)
     names = [shards.step_name(ys) for ys in step_years]
     strategies.check_strategy(strategy, len(names))
+    survive.check_run_definition(run_dir, cfg, step_years, step_data, world)  # RUN/run.json
     tokenizer = load_tokenizer(run_dir, cfg, step_years[0], world)
     initial = load_initial(cfg, tokenizer, world)  # the initial model (--init), or None
     model_cfg = initial.cfg if initial else make_config(cfg.model, vocab_size=tokenizer.vocab_size,

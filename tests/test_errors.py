@@ -61,6 +61,9 @@ def test_checkpoint_of_another_model_shape(tmp_path, two_years):
                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     line = train_refused([f"--data_root={two_years}", "--steps=2018", f"--out_dir={run}", "--model=ViT-S-16", *TINY])
+    assert "holds a run of --model=tiny (not ViT-S-16), as its run.json says" in line
+    os.remove(run / "run.json")  # without it, the checkpoint's own shape still refuses
+    line = train_refused([f"--data_root={two_years}", "--steps=2018", f"--out_dir={run}", "--model=ViT-S-16", *TINY])
     assert "step01.pt" in line and "--model=tiny" in line
 
 

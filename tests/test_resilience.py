@@ -13,18 +13,23 @@ import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
 
+import checkpoints
 import data
+import evaluate
 import survive
 import synthetic
 import train
-from conftest import ENV, REPO, png_bytes, run_train, train_command, train_in_process, write_tar
+from conftest import (ENV, REPO, all_files, png_bytes, run_train, train_command, train_in_process, train_refused,
+                      train_stopped, write_tar)
 
 # 8 iterations per step, a resume checkpoint every 2
 TINY = ["--strategy=sequential", "--budget_samples=256", "--batch_size=32", "--vocab_size=300", "--log_interval=4",
@@ -450,3 +455,165 @@ def test_a_benchmark_a_kill_left_half_written_is_removed_by_the_next_run(tmp_pat
     assert sorted(os.listdir(tmp_path)) == sorted(["tic-synth", f"tic-synth.tmp{alive}", f"other.tmp{dead}"])
     said = capsys.readouterr().out
     assert f"tic-synth.tmp{dead}: removed, a benchmark that a killed process left half-written" in said
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+def flip_a_tensor_byte(path):
+    """Flip a bit in the middle of the largest tensor of a torch.save file, as bit rot would; its record's name."""
+    with zipfile.ZipFile(path) as archive:
+        record = max((r for r in archive.infolist() if "/data/" in r.filename), key=lambda r: r.file_size)
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset + 26)  # a local header: 30 bytes, then its name and extra field
+        name_bytes, extra_bytes = struct.unpack("<HH", f.read(4))
+        f.seek(record.header_offset + 30 + name_bytes + extra_bytes + record.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+    return record.filename
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # a flipped protocol byte, read by torch.load
+def test_a_flipped_byte_anywhere_in_a_checkpoint_is_noticed_or_changes_nothing(tmp_path):
+    path, saved = tmp_path / "small.pt", {"weights": torch.arange(64, dtype=torch.float32), "iteration": 7}
+    torch.save(saved, path)
+    whole = path.read_bytes()
+    same = lambda got: got.keys() == saved.keys() and torch.equal(got["weights"], saved["weights"]) \
+        and got["iteration"] == 7  # noqa: E731
+    noticed, silent_in_torch_load = 0, 0
+    for i in range(len(whole)):
+        path.write_bytes(whole[:i] + bytes([whole[i] ^ 0x01]) + whole[i + 1:])
+        try:
+            silent_in_torch_load += not same(torch.load(path, weights_only=True))
+        except Exception:
+            pass  # an error is loud: only another number read in silence is a fault
+        try:
+            got = checkpoints.read_verified(str(path))
+        except checkpoints.DamagedCheckpoint:
+            noticed += 1
+            continue
+        except Exception:
+            continue  # torch.load's own error, after the CRCs passed: loud too
+        assert same(got), f"a flipped byte at {i} of {len(whole)} loaded as other values"
+    assert silent_in_torch_load >= 64 * 4 and noticed > len(whole) // 2  # every byte of the tensor, at least
+
+
+@pytest.mark.slow
+def test_damaged_resume_checkpoints_are_passed_over_and_the_run_ends_bitwise(two_years, tmp_path, capsys):
+    args = [f"--data_root={two_years}", "--workers=0", *TINY]  # a resume checkpoint every 2 iterations, 2 kept
+    reference, run = str(tmp_path / "reference"), str(tmp_path / "run")
+    train_in_process([f"--out_dir={reference}", *args])
+    train_stopped(args, run, "step02-0000002.pt")  # stopped at step 2's iteration 4
+    resume = os.path.join(run, "resume")
+    assert sorted(os.listdir(resume)) == ["step02-0000002.pt", "step02-0000004.pt"]
+    record = flip_a_tensor_byte(os.path.join(resume, "step02-0000004.pt"))
+    os.mkdir(os.path.join(resume, "step02-0000006.pt"))  # a folder where the newest should be
+    capsys.readouterr()
+    train_in_process([f"--out_dir={run}", *args])
+    out, err = capsys.readouterr()
+    assert f"step02-0000006.pt does not load (a folder, not a file); set aside as step02-0000006.pt.damaged" in err
+    assert f"step02-0000004.pt does not load (its record {record} fails its CRC-32 check); set aside" in err
+    assert f"resuming at sample 64 of 256 from {resume}/step02-0000002.pt" in out
+    assert_same_weights(run, reference)
+    assert os.listdir(resume) == ["step02-0000006.pt.damaged"]  # the folder is left; the files went with the step
+    train_in_process([f"--out_dir={run}", *args])  # and blocks no rerun
+    assert capsys.readouterr().out.count("done already") == 2
+
+
+def test_a_start_of_step_file_with_a_flipped_byte_or_a_folder_in_its_place_is_done_again(tmp_path, capsys):
+    world, cfg = train.World(0, 1, False, torch.device("cpu")), train.parse_config([])
+    path = str(tmp_path / "step02-start.pt")
+    torch.save({"report": {"flops": 1}, "state": {"fisher": torch.ones(256)}, "config": vars(cfg)}, path)
+    record = flip_a_tensor_byte(path)
+    assert survive.load_start(path, cfg, world) is None
+    assert f"does not load (its record {record} fails its CRC-32 check); set aside as step02-start.pt.damaged; " \
+           f"doing the start of the step again" in capsys.readouterr().err
+    os.mkdir(path)
+    assert survive.load_start(path, cfg, world) is None
+    assert "does not load (a folder, not a file); set aside as step02-start.pt.damaged1" in capsys.readouterr().err
+    assert not os.path.exists(path)  # out of the way of the one that the step writes again
+
+
+@pytest.fixture(scope="module")
+def finished(two_years, tmp_path_factory):
+    """A finished two-step run (in this process) and its arguments; a test copies it before changing it."""
+    run_dir = str(tmp_path_factory.mktemp("finished") / "run")
+    args = [f"--data_root={two_years}", "--workers=0", *TINY]
+    train_in_process([f"--out_dir={run_dir}", *args])
+    return run_dir, args
+
+
+@pytest.mark.slow
+def test_a_damaged_step_checkpoint_is_one_line_for_every_reader(finished, two_years, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(finished[0], run)
+    path = os.path.join(run, "step02.pt")
+    record = flip_a_tensor_byte(path)
+    said = (f"error: {path} is damaged (its record {record} fails its CRC-32 check); delete it and rerun the "
+            f"training command to train that step again")
+    assert train_refused([f"--out_dir={run}", *finished[1]]) == said  # a rerun that loads its finished steps
+    readers = {"evaluate.py --run": lambda: evaluate.main([f"--run={run}", "--device=cpu"]),
+               "evaluate.py --checkpoint": lambda: evaluate.main([f"--checkpoint={path}", "--device=cpu",
+                                                                  f"--tokenizer={run}/tokenizer.json",
+                                                                  f"--data_root={two_years}"]),
+               "train.py --init": lambda: train_in_process([f"--init={path}", f"--out_dir={tmp_path}/grown",
+                                                            *finished[1]])}
+    for reader, read in readers.items():
+        with pytest.raises(SystemExit) as refused:
+            read()
+        assert refused.value.code == said, reader
+    assert not os.path.exists(os.path.join(tmp_path, "grown", "step01.pt"))
+
+
+# ----------------------------------------------------------------------------- a run folder, one command
+@pytest.mark.slow
+def test_a_rerun_with_settings_that_change_numbers_is_refused_and_free_ones_are_not(finished, two_years, tmp_path,
+                                                                                     capsys):
+    run, args = str(tmp_path / "run"), finished[1]
+    shutil.copytree(finished[0], run)
+    before = all_files(run)
+    line = train_refused([f"--out_dir={run}", *args, "--strategy=lwf"])  # it said "done already", as lwf's
+    assert line == (f"error: {run} holds a run of --strategy=sequential (not lwf), as its run.json says; rerun "
+                    f"with those, or use a new --out_dir")
+    with pytest.raises(SystemExit, match=r"holds a run of --budget_samples=256 \(not 512\), --seed=0 \(not 1\), as"):
+        train_in_process([f"--out_dir={run}", *args, "--budget_samples=512", "--seed=1"])
+    data_copy = str(tmp_path / "data")  # the same data elsewhere is the run's; one more sample is not
+    shutil.copytree(two_years, data_copy)
+    extra = write_tar(os.path.join(data_copy, "train", "2019", "extra.tar"), [("x.png", png_bytes(9)),
+                                                                               ("x.txt", b"one more")])
+    with pytest.raises(SystemExit, match=r"holds a run of 2019 data of 256 samples in 4 shards \(not 257 in 5\)"):
+        train_in_process([f"--out_dir={run}", *args, f"--data_root={data_copy}"])
+    assert {k: v for k, v in all_files(run).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}  # nothing written
+    os.remove(extra)
+    sizes = os.path.join(data_copy, "train", "2019", "sizes.json")
+    json.dump({k: n for k, n in json.load(open(sizes)).items() if k != "extra.tar"}, open(sizes, "w"))
+    capsys.readouterr()
+    train_in_process([f"--out_dir={run}", *args, f"--data_root={data_copy}", "--workers=1", "--log_interval=2",
+                      "--eval_batch=32", "--keep_checkpoints=3", "--ckpt_interval_samples=0", "--max_bad_fraction=1"])
+    assert capsys.readouterr().out.count("done already") == 2
+
+
+HOLD = """import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)  # as survive.lock_run_folder takes it for a run
+os.write(fd, f"process {os.getpid()} on somewhere".encode())
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_lock(two_years, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        line = train_refused([f"--data_root={two_years}", f"--out_dir={run}", *TINY])
+    finally:
+        holder.kill()  # SIGKILL: nothing of its own lets go of the lock
+        holder.wait()
+    assert line == (f"error: {run} is in use by another run (process {holder.pid} on somewhere); wait for it "
+                    f"to end or stop it, then rerun, or pick another --out_dir")
+    assert os.listdir(run) == [".lock"]  # nothing else written
+    survive.lock_run_folder(str(run))  # the kernel let go of the killed run's lock
+    assert open(run / ".lock").read() == f"process {os.getpid()} on {socket.gethostname()}"

@@ -4,6 +4,7 @@ run stopped mid-cooldown resumes bit for bit. Merging across time (the ema strat
 (new_data_fraction) are tested here too: they are the other axes of the same comparison."""
 import math
 import os
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -106,10 +107,14 @@ def test_a_grown_cosine_ar_run_says_its_horizon_moved(three_years, tmp_path, cap
             "--batch_size=32", "--vocab_size=300", "--workers=0", "--eval_batch=64"]
     train_in_process([*args, "--steps=2018,2019"])  # H = 2
     assert "horizon" not in capsys.readouterr().out
+    kept = str(tmp_path / "kept")
+    shutil.copytree(run, kept)
     train_in_process([*args, "--steps=2018,2019,2020"])  # grown: H = 3 for step 3
     assert capsys.readouterr().out.count("cosine-ar's horizon was 2 steps when step 1 was trained and is 3 now") == 1
-    train_in_process([*args, "--steps=2018,2019,2020", "--ar_horizon=2"])  # the old horizon kept: nothing to say
-    assert "horizon" not in capsys.readouterr().out
+    train_in_process([*args, f"--out_dir={kept}", "--steps=2018,2019,2020", "--ar_horizon=2"])  # the old one kept
+    assert "horizon" not in capsys.readouterr().out  # nothing to say, nothing refused: H = 2 is what 0 meant
+    with pytest.raises(SystemExit, match=r"holds a run of --ar_horizon=0 \(not 2\)"):  # step 3 had H = 3
+        train_in_process([*args, "--steps=2018,2019,2020", "--ar_horizon=2"])
     trained = {"lr_schedule": "cosine-ar", "ar_horizon": 0}
     assert schedules.horizon_note(config("cosine-ar"), trained, 5, 5) is None
     assert schedules.horizon_note(config("cosine-ar", ar_horizon=7), {**trained, "ar_horizon": 7}, 5, 6) is None

@@ -119,7 +119,7 @@ def test_a_finished_run_grows_by_a_year_without_retraining(tmp_path, three_years
     assert Image.open(os.path.join(run, "eval_matrix.png")).format == "PNG"
     # steps that do not begin with the run's steps cannot be matched to its checkpoints by position
     line = train_refused([*tiny_args(three_years, run), "--steps=2019,2020"])
-    assert "step01.pt belongs to a run of the steps 2018,2019, which do not begin --steps=2019,2020" in line
+    assert "run.json belongs to a run of the steps 2018,2019,2020, which do not begin --steps=2019,2020" in line
     # nor can fewer steps: the third year's column would be read back as a static task, rewritten 2x2
     before = open(os.path.join(run, "eval_matrix.json")).read()
     line = train_refused([*tiny_args(three_years, run), "--steps=2018,2019"])

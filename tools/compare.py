@@ -34,13 +34,12 @@ import subprocess
 import sys
 import time
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
 import pictures  # noqa: E402
 import schedules  # noqa: E402
 import strategies  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
 from evaluate import read_matrix, step_checkpoint, step_checkpoints, summarize  # noqa: E402
 from settings import MAX_SEED, parse_flags  # noqa: E402
 from shards import write_json  # noqa: E402
@@ -153,8 +152,7 @@ def finished(run_dir: str) -> bool:
 def run_record(run_dir: str) -> dict:
     """The compute and evaluation summary of a finished run, from its checkpoints and
     eval_matrix.json: what make_table averages. A cell not scored is left out of the means."""
-    ckpts = [torch.load(path, map_location="cpu", weights_only=True)
-             for path in step_checkpoints(run_dir)]
+    ckpts = [load_checkpoint(path)[1] for path in step_checkpoints(run_dir)]  # CRCs checked
     result = read_matrix(os.path.join(run_dir, "eval_matrix.json"))
     static = result.get("static") or {"tasks": [], "numbers": [[]], "final_mean": None}
     return {"samples": sum(c["samples_seen"] for c in ckpts),

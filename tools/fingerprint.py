@@ -61,7 +61,7 @@ CONFIGS = {  # name: (program, arguments)
 def tensor_hash(t: torch.Tensor) -> str:
     t = t.detach().cpu().contiguous()
     return hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode()
-                          + t.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+                          + t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
 def tensors(obj) -> list[torch.Tensor]:

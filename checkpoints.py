@@ -69,6 +69,8 @@ def openclip_key_map(cfg: CLIPConfig) -> dict[str, str]:
     for i in range(cfg.text_layers):
         keys.update({f"text_blocks.{i}.{ours}": f"transformer.resblocks.{i}.{theirs}"
                      for theirs, ours, _ in _BLOCK_KEYS})
+    if cfg.init_logit_bias is not None:  # SigLIP's learned bias
+        keys["logit_bias"] = "logit_bias"
     return keys
 
 
@@ -119,6 +121,8 @@ def openclip_config(state_dict: dict, quick_gelu: bool, heads: tuple[int, int] |
         raise SystemExit(f"the image and text MLPs have different width ratios "
                          f"{sorted(mlp_ratios)}; CLIPConfig has one")
     vocab_size = sd["token_embedding.weight"].shape[0]
+    bias = (model_cfg or {}).get("init_logit_bias", float(sd["logit_bias"])) \
+        if "logit_bias" in sd else None  # a SigLIP model's
     vision, text = (model_cfg or {}).get("vision_cfg"), (model_cfg or {}).get("text_cfg")
     if not heads and vision is not None and text is not None:  # open_clip's defaults where unsaid
         heads = vision_width // vision.get("head_width", 64), text.get("heads", 8)
@@ -139,7 +143,7 @@ def openclip_config(state_dict: dict, quick_gelu: bool, heads: tuple[int, int] |
                      text_heads=heads[1],
                      context_tokens=sd["positional_embedding"].shape[0], vocab_size=vocab_size,
                      embed_dim=sd["text_projection"].shape[1], mlp_ratio=mlp_ratios.pop(),
-                     quick_gelu=quick_gelu, eot_token_id=eot_token_id,
+                     quick_gelu=quick_gelu, eot_token_id=eot_token_id, init_logit_bias=bias,
                      text_pool="last" if pool == "last" else "eot",
                      text_causal=not text.get("no_causal_mask", False))
     check_openclip_model_cfg(model_cfg or {}, cfg, source)
@@ -521,10 +525,17 @@ def check_tokenizer(cfg: CLIPConfig, tokenizer: data.Tokenizer, tokenizer_path: 
 def to_openclip(model: CLIP) -> tuple[dict, dict]:
     """(OpenCLIP state dict, OpenCLIP model config) of our model: open_clip.CLIP(**config) loads
     the state dict with strict=True and gives the same embeddings. The config names every shape, so
-    shapes open_clip has no name for (tiny, another vocabulary) load too."""
+    shapes open_clip has no name for (tiny, another vocabulary) load too. A parameter with no
+    OpenCLIP name (one a fork added) is refused in one line, not dropped."""
     cfg, ours = model.cfg, model.state_dict()
+    key_map = openclip_key_map(cfg)
+    unmapped = sorted(set(ours) - set(key_map))
+    if unmapped:
+        raise SystemExit(f"error: cannot export: OpenCLIP has no name for the parameter(s) "
+                         f"{', '.join(unmapped[:5])}; add them to checkpoints.openclip_key_map "
+                         f"(and open_clip's model config) or export without them")
     state_dict = {}
-    for name, theirs in openclip_key_map(cfg).items():
+    for name, theirs in key_map.items():
         value = ours[name].detach().cpu()
         value = value.t() if name in _TRANSPOSED else value
         state_dict[theirs] = value.reshape(value.shape[_LEADING_DIMS.get(name, 0):]).contiguous()
@@ -533,7 +544,8 @@ def to_openclip(model: CLIP) -> tuple[dict, dict]:
                  else dict(pool_type="argmax") if cfg.eot_token_id == cfg.vocab_size - 1
                  else dict(pool_type="eos", eos_id=cfg.eot_token_id))
     text_pool.update({} if cfg.text_causal else {"no_causal_mask": True})
-    config = {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
+    bias = {} if cfg.init_logit_bias is None else {"init_logit_bias": cfg.init_logit_bias}
+    config = {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu, **bias,
               "vision_cfg": {"image_size": cfg.image_px, "patch_size": cfg.patch_px,
                              "width": cfg.vision_width, "layers": cfg.vision_layers,
                              "head_width": cfg.vision_width // cfg.vision_heads,

@@ -8,6 +8,7 @@ rank), written from scratch without the webdataset package.
 """
 import functools
 import hashlib
+import heapq
 import io
 import json
 import math
@@ -53,8 +54,13 @@ def keep_sample(key: str, fraction: float, seed: int | str) -> bool:
     """Is this sample in the replay buffer of this fraction? A hash of (seed, key) as u in [0, 1),
     kept iff u < fraction: the same on every process and run, and a smaller buffer is a subset of
     a larger one (how strategies use it: strategies.py)."""
+    return sample_hash(key, seed) < fraction
+
+
+def sample_hash(key: str, seed: int | str) -> float:
+    """u in [0, 1) of a sample: a hash of (seed, key), as keep_sample compares it."""
     digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2 ** 64 < fraction
+    return int.from_bytes(digest, "big") / 2 ** 64
 
 
 # -----------------------------------------------------------------------------
@@ -325,7 +331,8 @@ class TrainStream(IterableDataset):
                  world_size: int, seed: int, time_step: int, image_px: int, tokenizer: Tokenizer,
                  context_tokens: int, shuffle_buffer: int = 1000, keep_seed: int = 0,
                  start_batch: int = 0, chunk_samples: int = 100_000,
-                 max_bad_fraction: float = 1.0, max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_bad_fraction: float = 1.0, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 stream: int = 0):
         if global_batch % world_size:
             raise ValueError(f"global_batch {global_batch} is not divisible by world_size "
                              f"{world_size}; pick a multiple of {world_size}")
@@ -343,7 +350,7 @@ class TrainStream(IterableDataset):
             self.draw_p = weights / weights.sum()
         self.local_batch = global_batch // world_size
         self.n_batches = budget_samples // global_batch
-        self.rank, self.seed, self.time_step = rank, seed, time_step
+        self.rank, self.seed, self.time_step, self.stream = rank, seed, time_step, stream
         self.transform = ImageTransform(image_px, train=True)
         self.draft_px = image_px  # decode big JPEGs at reduced scale (None: full size); see _decode
         self.max_image_pixels = max_image_pixels
@@ -374,59 +381,67 @@ class TrainStream(IterableDataset):
 
     def samples(self, rng: np.random.Generator, faults: Counter | None = None,
                 too_bad=lambda: False) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        """Endless (shard, key, raw sample) from shards drawn with replacement, replay-buffer
-        samples filtered out, broken shards and samples without image or caption or with a repeated
-        key skipped and counted. Ends when too_bad()."""
+        """Endless (shard, key, raw sample) from shards drawn with replacement (read_shard). Ends
+        when too_bad()."""
         faults = Counter() if faults is None else faults
         empty_shards = 0
         while not too_bad():
             drawn = (rng.integers(len(self.shards)) if self.draw_p is None else
                      rng.choice(len(self.shards), p=self.draw_p))
             path, listed, keep_fraction = self.shards[drawn]
-            keys, found, key = set(), False, None
-            try:
-                for key, sample in shards.iter_tar(path):
-                    faults["samples"] += 1
-                    why, repeated = "", key in keys
-                    keys.add(key)
-                    try:  # an error reading one sample skips that sample, never ends the run
-                        check_key(key)
-                        fault = ("duplicate_key" if repeated else
-                                 "missing_image" if not any(e in sample for e in IMAGE_EXTS) else
-                                 "missing_caption" if caption(sample) is None else None)
-                        wanted = not fault and not is_validation(key) and (
-                            keep_fraction >= 1 or keep_sample(key, keep_fraction, self.keep_seed))
-                    except Exception as e:
-                        fault, why = "corrupt_sample", f" ({e})"
-                    if fault:
-                        self.skip(faults, fault, path, f"sample {key}", why=why)
-                    elif wanted:
-                        found = True
-                        yield path, key, sample
-            except shards.ShardError as e:  # truncated, or not a tar: keep what came before
-                lost = max(1, listed - len(keys))
-                faults["samples"] += lost
-                where = f"the rest of the shard after sample {key}" if key else "the shard"
-                self.skip(faults, "truncated_tar", path, f"{where} (~{lost} samples)", lost,
-                          f" ({e.__cause__})")
-            else:
-                if not keys:
-                    faults["samples"] += max(1, listed)
-                    self.skip(faults, "empty_shard", path, f"the shard ({listed} samples listed)",
-                              max(1, listed))
-                elif len(keys) < listed:  # a tar cut at a member's end reads as whole
-                    faults["samples"] += listed - len(keys)
-                    self.skip(faults, "truncated_tar", path,
-                              f"{listed - len(keys)} samples: it holds {len(keys)} of the "
-                              f"{listed} that sizes.json lists", listed - len(keys))
-                elif len(keys) > listed and (path, "", "surplus") not in self.logged:
-                    self.logged.add((path, "", "surplus"))
-                    print(f"warning: {path}: holds {len(keys)} samples, sizes.json lists {listed}; "
-                          f"fix sizes.json (the mix of years follows it)", file=sys.stderr)
+            found = False
+            for key, sample in self.read_shard(path, listed, keep_fraction, faults):
+                found = True
+                yield path, key, sample
             empty_shards = 0 if found else empty_shards + 1
             if empty_shards > 1000:  # rather than spin forever on shards that hold nothing usable
                 raise RuntimeError(f"1000 shards in a row gave no samples (last {path}); "
                                    f"check the data")
+
+    def read_shard(self, path: str, listed: int, keep_fraction: float,
+                   faults: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """(key, raw sample) of one shard's samples to train on: validation pairs and those outside
+        the replay buffer (keep_fraction) filtered out; a broken shard, samples without image or
+        caption or with a repeated key skipped and counted."""
+        keys, key = set(), None
+        try:
+            for key, sample in shards.iter_tar(path):
+                faults["samples"] += 1
+                why, repeated = "", key in keys
+                keys.add(key)
+                try:  # an error reading one sample skips that sample, never ends the run
+                    check_key(key)
+                    fault = ("duplicate_key" if repeated else
+                             "missing_image" if not any(e in sample for e in IMAGE_EXTS) else
+                             "missing_caption" if caption(sample) is None else None)
+                    wanted = not fault and not is_validation(key) and (
+                        keep_fraction >= 1 or keep_sample(key, keep_fraction, self.keep_seed))
+                except Exception as e:
+                    fault, why = "corrupt_sample", f" ({e})"
+                if fault:
+                    self.skip(faults, fault, path, f"sample {key}", why=why)
+                elif wanted:
+                    yield key, sample
+        except shards.ShardError as e:  # truncated, or not a tar: keep what came before
+            lost = max(1, listed - len(keys))
+            faults["samples"] += lost
+            where = f"the rest of the shard after sample {key}" if key else "the shard"
+            self.skip(faults, "truncated_tar", path, f"{where} (~{lost} samples)", lost,
+                      f" ({e.__cause__})")
+        else:
+            if not keys:
+                faults["samples"] += max(1, listed)
+                self.skip(faults, "empty_shard", path, f"the shard ({listed} samples listed)",
+                          max(1, listed))
+            elif len(keys) < listed:  # a tar cut at a member's end reads as whole
+                faults["samples"] += listed - len(keys)
+                self.skip(faults, "truncated_tar", path,
+                          f"{listed - len(keys)} samples: it holds {len(keys)} of the "
+                          f"{listed} that sizes.json lists", listed - len(keys))
+            elif len(keys) > listed and (path, "", "surplus") not in self.logged:
+                self.logged.add((path, "", "surplus"))
+                print(f"warning: {path}: holds {len(keys)} samples, sizes.json lists {listed}; "
+                      f"fix sizes.json (the mix of years follows it)", file=sys.stderr)
 
     def chunk(self, rng: np.random.Generator, n_batches: int, faults: Counter, too_bad):
         """n_batches (images, tokens) through a fresh shuffle buffer filled from shards drawn by
@@ -490,9 +505,11 @@ class TrainStream(IterableDataset):
                                        read + faults["samples"],
                                        self.max_bad_fraction, self.min_read)
         for chunk in range(done // per_chunk, -(-n // per_chunk) if done < n else 0):
-            # chunk 0's seed has no index: a step of one chunk draws one plain stream per worker
+            # chunk 0's seed has no index: a step of one chunk draws one plain stream per worker;
+            # a strategy's own stream (stream > 0) has six numbers, training's at most five
             rng = np.random.default_rng([self.seed, self.time_step, self.rank, role]
-                                        + [chunk] * (chunk > 0))
+                                        + ([chunk, self.stream] if self.stream else
+                                           [chunk] * (chunk > 0)))
             first = chunk * per_chunk
             for i, batch in enumerate(self.chunk(rng, min(per_chunk, n - first), faults, too_bad),
                                       first):
@@ -503,6 +520,19 @@ class TrainStream(IterableDataset):
                     yield *batch, dict(faults)
                 bad, read = bad + faults["bad_samples"], read + faults["samples"]
                 faults.clear()
+
+
+def smallest_hashes(stream: TrainStream, k: int) -> tuple[list[float], Counter]:
+    """The k smallest sample hashes (sample_hash with the stream's keep_seed) of the samples its
+    shards hold that could be trained on, in order, each shard read once; and the faults of that
+    read, with the samples read. As a keep fraction, hashes[j] keeps exactly the j smallest: a
+    replay buffer of exactly j samples, nested as j shrinks."""
+    faults, hashes = Counter(), []
+    for path, listed, _ in stream.shards:
+        hashes += [sample_hash(key, stream.keep_seed)
+                   for key, _ in stream.read_shard(path, listed, 1.0, faults)]
+        hashes = heapq.nsmallest(k, hashes)
+    return hashes, faults
 
 
 def too_much_bad(bad: int, read: int, max_bad_fraction: float, min_read: int) -> bool:

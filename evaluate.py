@@ -3,6 +3,7 @@ Zero-shot retrieval and classification on each time step's tasks, and TiC-CLIP's
 matrix. train.py calls evaluate_step after every step; this file also runs on its own:
 
     python evaluate.py --run=runs/cumulative-all     # re-evaluate every step checkpoint of a run
+    python evaluate.py --run=runs/agem --module=examples/agem.py   # with a file's rows (summaries)
     python evaluate.py --checkpoint=ViT-B-32.pt --tokenizer=clip-tokenizer.json \
         --data_root=/data/tic-datacomp --steps=2014-2016,2017,2018,2019,2020,2021,2022
 
@@ -38,9 +39,10 @@ from data import NotScored, Tokenizer, eval_batches, normalize_images
 from checkpoints import (check_tokenizer, is_checkpoint_file, load_checkpoint, parse_heads,
                          refuse_damaged)
 from model import PRECISIONS, autocast, check_device
-from settings import parse_flags
+from settings import import_files, parse_flags
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
+RETRIEVAL_METRICS = tuple(f"{d}_R@{k}" for d in ("mean", "i2t", "t2i") for k in (1, 5, 10))
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -391,15 +393,47 @@ def scored(metrics: dict | None) -> bool:
 
 
 # ----------------------------------------------------------------------------- the matrix
-def summarize(matrix: list[list[float]]) -> dict[str, float | None]:
-    """ID, backward and forward transfer of E[i][j] (row i = model after step i, column j = task
-    of step j). A transfer with no entries (e.g. forward transfer of a 1-step run) is None."""
-    def mean(xs):
-        return sum(xs) / len(xs) if xs else None
-    cells = [(i, j, v) for i, row in enumerate(matrix) for j, v in enumerate(row) if v is not None]
-    return {"id": mean([v for i, j, v in cells if i == j]),
-            "backward_transfer": mean([v for i, j, v in cells if i > j]),
-            "forward_transfer": mean([v for i, j, v in cells if i < j])}
+def mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def cells(matrix: list[list[float | None]]) -> list[tuple[int, int, float]]:
+    """(i, j, E[i][j]) of every cell measured."""
+    return [(i, j, v) for i, row in enumerate(matrix) for j, v in enumerate(row) if v is not None]
+
+
+def forgetting(matrix: list[list[float | None]]) -> float | None:
+    """Mean over the tasks before the last step of how far the final model falls below the best
+    model of the steps between learning the task and the last (Chaudhry et al. 2018): max over
+    i in [j, T-2] of E[i][j], minus E[T-1][j]. Positive: forgotten."""
+    final, drops = matrix[-1], []
+    for j in range(len(matrix) - 1):
+        earlier = [matrix[i][j] for i in range(j, len(matrix) - 1) if matrix[i][j] is not None]
+        if earlier and final[j] is not None:
+            drops.append(max(earlier) - final[j])
+    return mean(drops)
+
+
+# The summary numbers of an evaluation matrix E[i][j] (row i = model after step i, column j = task
+# of step j), a row each: printed, in eval_matrix.json, tools/compare.py's table and the pictures'
+# legends. A number with no cells (e.g. forward transfer of a 1-step run) is None. Add a row from a
+# file of your own: evaluate.SUMMARIES["name"] = function(matrix) -> float or None.
+SUMMARIES = {
+    "id": lambda matrix: mean([v for i, j, v in cells(matrix) if i == j]),
+    "backward_transfer": lambda matrix: mean([v for i, j, v in cells(matrix) if i > j]),
+    "forward_transfer": lambda matrix: mean([v for i, j, v in cells(matrix) if i < j]),
+    "forgetting": forgetting,
+}
+
+
+def summarize(matrix: list[list[float | None]]) -> dict[str, float | None]:
+    """Every row of SUMMARIES on matrix."""
+    return {name: number(matrix) for name, number in SUMMARIES.items()}
+
+
+def summary_name(key: str) -> str:
+    """A summary number's printed name: "ID", "backward transfer", ..."""
+    return "ID" if key == "id" else key.replace("_", " ")
 
 
 TASK_KINDS = {"retrieval": METRIC, "classification": "top1"}  # a kind of task: its matrix's number
@@ -506,6 +540,16 @@ def is_matrix(result) -> bool:
             and isinstance(result.get("matrix"), list) and all(map(numbers, result["matrix"])))
 
 
+def check_summaries(path: str) -> None:
+    """Refuse to rewrite an eval_matrix.json whose summary numbers include one that no row of
+    SUMMARIES computes (a file of the run added it), rather than drop it."""
+    lost = [k for k in (read_matrix(path) or {}).get("summary", {}) if k not in SUMMARIES]
+    if lost:
+        raise SystemExit(f"error: {path} has the summary number(s) {', '.join(lost)}, which no "
+                         f"loaded file computes; pass --module=FILE, the file that adds them, "
+                         f"so that they are computed again")
+
+
 def format_matrix(result: dict) -> str:
     """The matrix of each kind of task, with its summary and the size of its tasks."""
     tasks, width = result["tasks"], max(8, *(len(t) + 1 for t in result["tasks"]))
@@ -523,9 +567,7 @@ def format_matrix(result: dict) -> str:
             lines.append(f"{'initial':<12}" + "".join(fmt(v, width) for v in table["initial"]))
         for step, row in zip(result["steps"], table["matrix"]):
             lines.append(f"{'after ' + step:<12}" + "".join(fmt(v, width) for v in row))
-        s = table["summary"]
-        lines.append(f"ID {fmt(s['id'])} | backward transfer {fmt(s['backward_transfer'])} | "
-                     f"forward transfer {fmt(s['forward_transfer'])}")
+        lines.append(" | ".join(f"{summary_name(k)} {fmt(v)}" for k, v in table["summary"].items()))
         size = "gallery" if kind == "retrieval" else "class_samples"  # the last row's, per task
         sizes = {t: last[t][size] for t in tasks if size in last.get(t, {})}
         if kind == "retrieval" and sizes:  # none where the last row's tasks were not scored
@@ -581,7 +623,8 @@ FLAGS = {"run": "", "checkpoint": "", "tokenizer": "", "data_root": "", "steps":
          "precision": "",  # "": bf16 on CUDA, fp32 elsewhere
          "shard_cmd": "",  # stream the shards through this command; never taken from a run
          "max_bad_fraction": 0.05,  # a task with more of its samples unreadable is not scored
-         "static": ""}  # static tasks NAME=PATH,... besides data_root/static/ (--run: the run's)
+         "static": "",  # static tasks NAME=PATH,... besides data_root/static/ (--run: the run's)
+         "module": ""}  # files whose rows (e.g. a summary number) the run used, FILE,FILE,...
 
 
 def format_row(row: dict[str, dict]) -> str:
@@ -659,12 +702,14 @@ def main(argv):
         shards.check_writable(args["out"])
     if args["checkpoint"]:
         return evaluate_checkpoint(args)
-    run_flags = ("run", "device", "precision", "max_bad_fraction", "shard_cmd")
+    run_flags = ("run", "device", "precision", "max_bad_fraction", "shard_cmd", "module")
     if not args["run"] or any(args[k] != FLAGS[k] for k in FLAGS if k not in run_flags):
         raise SystemExit("usage: python evaluate.py --run=RUN_DIR [--device=cpu|cuda] "
-                         "[--precision=bf16|fp32] [--shard_cmd=COMMAND]\n"
+                         "[--precision=bf16|fp32] [--shard_cmd=COMMAND] [--module=FILE,...]\n"
                          "   or: " + CHECKPOINT_USAGE[7:])
+    import_files([p for p in args["module"].split(",") if p])
     run, device = args["run"], torch.device(args["device"])
+    check_summaries(os.path.join(run, "eval_matrix.json"))
     checkpoints = step_checkpoints(run)
     if not checkpoints:
         raise SystemExit(f"error: no step checkpoints (step*.pt) in {run}; train first with "

@@ -4,8 +4,11 @@ tower, a learned temperature, and the symmetric contrastive loss, on one GPU or 
 
     from model import CLIP, clip_loss, make_config
     model = CLIP(make_config("tiny"))                 # or "ViT-B-16", as in the paper
-    image_features, text_features, scale = model(images, tokens)  # [B,3,H,W], [B,T] token ids
-    loss = clip_loss(image_features, text_features, scale, rank, world_size)
+    out = model(images, tokens)       # [B,3,H,W], [B,T] token ids -> named outputs
+    loss = clip_loss(**out, rank=rank, world_size=world_size)
+
+The loss is a row of LOSSES (clip_loss; SigLIP's is added from examples/siglip.py), and
+forward_backward gives a batch's gradients in micro-batches at the memory of one (gradient caching).
 
 Follows OpenCLIP (mlfoundations/open_clip) for the CLIP details: its shapes and initialisation,
 pooling at the end-of-text token, the logit scale from 1/0.07 clamped at 100, and the local loss
@@ -15,10 +18,11 @@ OpenAI checkpoints load onto it name by name (checkpoints.py).
 """
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -46,6 +50,10 @@ class CLIPConfig:
     eot_token_id: int = 2           # the text tower pools at the first position holding this id
     text_pool: str = "eot"          # or "last": the last position (open_clip's pool_type "last")
     text_causal: bool = True        # False: no causal mask (open_clip's no_causal_mask)
+    # the loss's learned scalars (a row of LOSSES sets them): the logit scale, in log space, and a
+    # bias added to the logits (SigLIP's; None: the model has none), as open_clip's CLIP has them
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None
 
     def __post_init__(self):
         if self.image_px % self.patch_px:
@@ -80,6 +88,13 @@ def make_config(name: str, **overrides) -> CLIPConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return CLIPConfig(**{**PRESETS[name], **overrides})
+
+
+def config_differences(saved: dict, cfg: CLIPConfig) -> list[str]:
+    """The fields in which a saved model config (a checkpoint's) differs from cfg, as "field saved
+    -> now"; a field the saved config lacks (written before the field was added) has its default."""
+    return [f"{f.name} {saved.get(f.name, f.default)!r} -> {getattr(cfg, f.name)!r}"
+            for f in fields(CLIPConfig) if saved.get(f.name, f.default) != getattr(cfg, f.name)]
 
 
 class QuickGELU(nn.Module):
@@ -161,6 +176,7 @@ class CLIP(nn.Module):
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         # the softmax temperature, learned in log space so it stays positive
         self.logit_scale = nn.Parameter(torch.empty(()))
+        self.logit_bias = nn.Parameter(torch.empty(())) if cfg.init_logit_bias is not None else None
         self.grad_checkpointing = False  # see set_grad_checkpointing
         self.init_weights()
 
@@ -197,8 +213,10 @@ class CLIP(nn.Module):
         for ln in [self.ln_final, *(m for b in self.text_blocks for m in (b.ln_1, b.ln_2))]:
             ln.reset_parameters()  # weight 1, bias 0
         nn.init.normal_(self.text_proj.weight, std=width ** -0.5)
-        # temperature 0.07, as CLIP
-        self.logit_scale.fill_(math.log(1 / 0.07))
+        # temperature 0.07, as CLIP (the default init_logit_scale)
+        self.logit_scale.fill_(cfg.init_logit_scale)
+        if self.logit_bias is not None:
+            self.logit_bias.fill_(cfg.init_logit_bias)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, image_px, image_px] -> [B, embed_dim], not normalised."""
@@ -224,13 +242,15 @@ class CLIP(nn.Module):
         eot_pos = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.shape[1] - 1)
         return self.text_proj(x[torch.arange(x.shape[0], device=x.device), eot_pos])
 
-    def forward(self, images: torch.Tensor,
-                tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image features, text features), each L2-normalised [B, embed_dim], and the scale
-        exp(logit_scale)."""
-        image_features = F.normalize(self.encode_image(images), dim=-1)
-        text_features = F.normalize(self.encode_text(tokens), dim=-1)
-        return image_features, text_features, self.logit_scale.exp()
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named outputs a loss reads: image_features and text_features, each L2-normalised
+        [B, embed_dim], the scale exp(logit_scale), and logit_bias where the model has one."""
+        out = {"image_features": F.normalize(self.encode_image(images), dim=-1),
+               "text_features": F.normalize(self.encode_text(tokens), dim=-1),
+               "logit_scale": self.logit_scale.exp()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing in both towers: each block is recomputed in the backward pass,
@@ -322,6 +342,29 @@ def check_device(name: str) -> None:
 
 # ----------------------------------------------------------------------------- loss
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All processes' x, concatenated; backward sends each process the gradient of its own x, summed
+    over the processes that used it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[local, ...] features of every process -> [global, ...], in rank order, with gradients: the
+    gradient of a gathered copy flows back to the process that made it."""
+    return _GatherWithGrad.apply(x)
+
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
               rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """Symmetric cross-entropy over image-text similarities; pair i is the positive of row i.
@@ -335,8 +378,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     processes.
     """
     if world_size > 1:
-        all_images = torch.cat(dist_nn.all_gather(image_features))
-        all_texts = torch.cat(dist_nn.all_gather(text_features))
+        all_images, all_texts = gather_with_grad(image_features), gather_with_grad(text_features)
     else:
         all_images, all_texts = image_features, text_features
     logits_per_image = logit_scale * image_features @ all_texts.T   # [local, global]
@@ -345,3 +387,57 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     labels = torch.arange(local, device=image_features.device) + rank * local  # our global rows
     return (F.cross_entropy(logits_per_image, labels)
             + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A training loss, a row of LOSSES: fn(**outputs, rank=, world_size=) -> a scalar, where
+    outputs are CLIP.forward's by name, and the initial values of the learned scalars it reads
+    (CLIPConfig.init_logit_scale and init_logit_bias; a bias of None: the model has none)."""
+    fn: Callable[..., torch.Tensor]
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None
+
+
+LOSSES = {"clip": Loss(clip_loss)}  # train.py's --loss; examples/siglip.py adds "siglip"
+
+
+def forward_backward(model, images: torch.Tensor, tokens: torch.Tensor,
+                     loss_of: Callable[[dict], torch.Tensor], accum_steps: int = 1,
+                     precision: str | None = None) -> torch.Tensor:
+    """The loss of a batch, loss_of(outputs) of the model's named outputs on it; its gradients are
+    added to the parameters' .grad. model may be wrapped (torch.compile, DDP).
+
+    Gradient caching (Gao et al. 2021): with accum_steps = k the batch goes through in k
+    micro-batches, at the memory of one, to the same loss and gradients up to rounding. Embed every
+    micro-batch without gradients; take the whole batch's loss once on those outputs, which gives
+    its gradient with respect to each per-sample output (the features) and each scalar one (the
+    logit scale, a bias), and to the weights, for a loss that reads them; then embed each
+    micro-batch again with gradients, and pass its outputs' gradients back through the model. Under
+    DDP only the last pass all-reduces, and the scalars' gradients go back once, with it."""
+    device = images.device
+    if accum_steps == 1:
+        with autocast(device, precision):
+            loss = loss_of(model(images, tokens))
+        loss.backward()
+        return loss
+    micro = list(zip(images.chunk(accum_steps), tokens.chunk(accum_steps)))
+    with torch.no_grad(), autocast(device, precision):
+        stored = [model(x, y) for x, y in micro]
+    # per-sample outputs are joined over the micro-batches; a scalar is the same in each
+    cached = {k: (v.detach() if v.dim() == 0 else torch.cat([out[k] for out in stored]))
+              .requires_grad_() for k, v in stored[0].items()}
+    with autocast(device, precision):
+        loss = loss_of(cached)
+    loss.backward()  # into the outputs' .grad, and weights a loss reads directly
+    used = [k for k, v in cached.items() if v.grad is not None]
+    grads = {k: cached[k].grad.chunk(accum_steps) for k in used if cached[k].dim() > 0}
+    for j, (x, y) in enumerate(micro):
+        last = j == accum_steps - 1
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(device, precision):
+                out = model(x, y)
+            keys = [k for k in used if k in grads or last]  # a scalar's gradient goes back once
+            torch.autograd.backward([out[k] for k in keys],
+                                    [grads[k][j] if k in grads else cached[k].grad for k in keys])
+    return loss.detach()

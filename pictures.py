@@ -56,10 +56,13 @@ def column_edges(x: int, names: list[str]) -> list[int]:
 
 
 def legend_lines(summary: dict, initial: bool, static: dict | None) -> list[tuple[str, str]]:
-    """(frame colour, text) of each line of a matrix's legend: the three means of summary, then
-    what the initial row and the static columns are, where they are drawn."""
+    """(frame colour, text) of each line of a matrix's legend: the three means of summary, its
+    other numbers (colour None: no frame, e.g. forgetting), then what the initial row and the
+    static columns are, where they are drawn."""
     lines = [(colour, f"{name} {format_mean(summary.get(key))}: mean {where}")
              for key, (name, colour, where) in REGIONS.items()]
+    lines += [(None, f"{key.replace('_', ' ')} {format_mean(value)}")
+              for key, value in summary.items() if key not in REGIONS]
     if initial:
         lines.append((APART_FRAME, "initial: the model the run began with (above, apart), "
                                    "in no mean"))
@@ -128,7 +131,8 @@ def draw_matrix(title: str, matrix: list[list], tasks: list[str], summary: dict,
         row_of_cells(static_xs, y, static_row, [APART_FRAME] * len(static_row))
     for k, (colour, text) in enumerate(legend):
         y = legend_top + 18 * k
-        d.rectangle([10, y, 24, y + 12], fill="white", outline=colour, width=3)
+        if colour:
+            d.rectangle([10, y, 24, y + 12], fill="white", outline=colour, width=3)
         d.text((32, y + 1), text, fill="black", font=FONT)
     return image
 

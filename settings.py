@@ -8,6 +8,8 @@ A strategy's or a schedule's setting is declared with its default, a one-line he
     SETTINGS["lwf_weight"] = Setting(1.0, "lwf: weight of the term", lambda w: w >= 0, "0 or more")
 train.py reads it as cfg.lwf_weight, like its own config, and checks it before any compute.
 """
+import importlib.util
+import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -35,8 +37,8 @@ def check(settings: dict[str, Setting], cfg: SimpleNamespace) -> None:
 
 def parse_flags(argv: list[str], defaults: dict, helps: dict[str, str] | None = None) -> dict:
     """--key=value overrides of defaults, each read as its default's type (bool: true/false/1/0;
-    numbers may hold _). An unknown key or a value of the wrong type is a one-line error; --help
-    lists the keys with their defaults and helps."""
+    numbers may hold _; a list: each --key=value adds one). An unknown key or a value of the wrong
+    type is a one-line error; --help lists the keys with their defaults and helps."""
     flags = dict(defaults)
     for arg in argv:
         if arg in ("--help", "-h"):
@@ -56,9 +58,23 @@ def parse_flags(argv: list[str], defaults: dict, helps: dict[str, str] | None = 
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 flags[key] = value.lower() in ("true", "1")
+            elif kind is list:
+                flags[key] = [*flags[key], value]
             else:
                 flags[key] = kind(value.replace("_", "")) if kind in (int, float) else value
         except ValueError:
             raise SystemExit(f"error: --{key}={value} is not a {kind.__name__} "
                              f"(default: {defaults[key]!r})")
     return flags
+
+
+def import_files(paths: list[str], flag: str = "--module") -> None:
+    """Import each file (as a module, not as __main__: it trains nothing), so that the rows it adds
+    to the project's tables (strategies, schedules, losses, summary numbers) are known here."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {flag}={path}: no such file; pass a file that adds rows to "
+                             f"the project's tables, e.g. examples/ewc.py")
+        name = "module_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+        spec = importlib.util.spec_from_file_location(name, path)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))

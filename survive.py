@@ -45,7 +45,7 @@ import schedules
 import shards
 import strategies
 from checkpoints import read_verified
-from model import CLIP, CLIPConfig
+from model import CLIP, CLIPConfig, config_differences
 
 
 # ----------------------------------------------------------------------------- stopping when asked
@@ -139,10 +139,11 @@ class StepState:
 
     @classmethod
     def resume(cls, run_dir: str, t: int, model: CLIP, optimizer, cfg: SimpleNamespace,
-               world) -> "StepState":
+               world, faults: Counter) -> "StepState":
         """The state of the newest of step t's resume checkpoints that loads (rank 0 chooses, so
         every rank resumes from the same one), with its weights, optimizer and RNG put back; a
-        fresh state if none."""
+        fresh state if none. faults: the step's count of this process's bad data (TimeStep's),
+        which the state keeps and a resumed step starts from its saved value."""
         ckpt, path = None, None
         if world.master:
             for path in resume_checkpoints(run_dir, t):
@@ -159,15 +160,16 @@ class StepState:
             path = chosen[0]
             ckpt = read_verified(path) if path and not world.master else ckpt
         if not ckpt:
-            return cls().on(world.device)
+            return cls(faults=faults).on(world.device)
         check_shape(ckpt, path, model.cfg, cfg.model)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng_cpu"])
         if world.device.type == "cuda" and ckpt["rng_cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], world.device)
-        faults = Counter(ckpt["faults"][world.rank]  # each rank its own
-                         if world.rank < len(ckpt["faults"]) else {})
+        faults.clear()
+        faults.update(ckpt["faults"][world.rank]  # each rank its own
+                      if world.rank < len(ckpt["faults"]) else {})
         note_changes(ckpt["config"], cfg, world)
         state = cls(iteration=ckpt["iteration"], train_s=ckpt["train_s"], faults=faults,
                     nonfinite=ckpt["nonfinite"], in_row=ckpt["nonfinite_in_row"], path=path,
@@ -229,6 +231,7 @@ class StepState:
              world) -> str | None:
         """Write RUN/resume/stepNN-ITERATION.pt and return its path (rank 0 writes it and keeps the
         newest keep_checkpoints; the other ranks send their fault counts and return None)."""
+        world.check_same_weights(model, f"step {t + 1}, sample {self.iteration * cfg.batch_size}")
         all_faults = world.gather(dict(self.faults))  # each rank resumes with its own counts
         if not world.master:
             return None
@@ -276,12 +279,15 @@ def check_steps(record: dict, path: str, step_years: list[list[str]]) -> None:
 
 
 def check_shape(record: dict, path: str, model_cfg: CLIPConfig, model_name: str) -> None:
-    """Refuse a checkpoint (a step's, a resume one) whose model is not of this run's shape."""
-    if record["model_config"] != asdict(model_cfg):
+    """Refuse a checkpoint (a step's, a resume one) whose model is not of this run's shape, naming
+    the fields that differ (model.config_differences)."""
+    differ = config_differences(record["model_config"], model_cfg)
+    if differ:
         was = record["config"]
         raise SystemExit(f"error: {path} holds a model of another shape than this run's "
-                         f"(--model={model_name} with this tokenizer, or --init's); rerun as it "
-                         f"was trained (--model={was['model']}"
+                         f"(--model={model_name} with this tokenizer, or --init's): "
+                         f"{'; '.join(differ[:4])} (saved -> this run); rerun as it was trained "
+                         f"(--model={was['model']}{', --loss=' + was['loss'] if 'loss' in was else ''}"
                          f"{', --init=' + was['init'] if was.get('init') else ''}) or use a new "
                          f"--out_dir")
 

@@ -30,7 +30,6 @@ import re
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -46,8 +45,8 @@ import strategies
 import survive
 import synthetic
 from checkpoints import check_tokenizer, is_checkpoint_file, load_checkpoint, parse_heads
-from model import (CLIP, PRECISIONS, PRESETS, CLIPConfig, autocast, check_device, clip_loss,
-                   make_config)
+from model import (CLIP, LOSSES, PRECISIONS, PRESETS, CLIPConfig, check_device,
+                   forward_backward, make_config)
 from settings import MAX_SEED, parse_flags
 from world import World, failure, refusal, start_world
 
@@ -66,6 +65,7 @@ shard_cmd = ""                 # stream shards from this command, e.g. "aws s3 c
 # strategy and model
 strategy = "cumulative-all"    # one of strategies.STRATEGIES (its settings: strategies.SETTINGS)
 model = "tiny"                 # one of model.PRESETS
+loss = "clip"                  # one of model.LOSSES (a file may add one: examples/siglip.py)
 init = ""                      # start from this CLIP (OpenAI, OpenCLIP, a stepNN.pt), its shape
 quick_gelu = "auto"            # --init's activation: auto (as its file says), true or false
 heads = "auto"                 # --init's attention heads: auto (as its files say), or IMAGE,TEXT
@@ -140,6 +140,8 @@ def check_config(cfg: SimpleNamespace) -> None:
     """Refuse, before any compute, a value that parses but cannot work."""
     if cfg.model not in PRESETS:
         raise SystemExit(f"error: unknown model '{cfg.model}'; choose one of: {', '.join(PRESETS)}")
+    if cfg.loss not in LOSSES:
+        raise SystemExit(f"error: unknown loss '{cfg.loss}'; choose one of: {', '.join(LOSSES)}")
     if cfg.precision not in PRECISIONS:
         raise SystemExit(f"error: unknown precision '{cfg.precision}'; "
                          f"choose one of: {', '.join(PRECISIONS)}")
@@ -280,6 +282,10 @@ def load_initial(cfg: SimpleNamespace, tokenizer: data.Tokenizer, world: World) 
     if cfg.max_image_pixels < shape.image_px ** 2:  # check_config knew only --model's size
         raise SystemExit(f"error: --max_image_pixels={cfg.max_image_pixels} is too small for "
                          f"--init's {shape.image_px} px images; use at least {shape.image_px ** 2}")
+    if (LOSSES[cfg.loss].init_logit_bias is None) != (shape.init_logit_bias is None):
+        has = "has a logit bias" if shape.init_logit_bias is not None else "has no logit bias"
+        raise SystemExit(f"error: --init's model {has}, which --loss={cfg.loss} does not fit; "
+                         f"pass the loss it was trained with")
     if world.master:
         print(f"init {cfg.init}: ViT {shape.vision_layers}x{shape.vision_width} at "
               f"{shape.image_px} px, patch {shape.patch_px}; text {shape.text_layers}x"
@@ -341,54 +347,14 @@ def begin_step(strategy: strategies.Strategy, model: CLIP, step: strategies.Time
     return report
 
 
-def forward_backward(train_model, images, tokens, batch_loss, world: World, precision: str,
-                     accum_steps: int = 1) -> torch.Tensor:
-    """The batch's loss; its gradients are added to the parameters' .grad. The strategy's batch
-    loss, if any, is called once, with the whole batch's features.
-
-    Gradient caching (Gao et al. 2021): with accum_steps = k the batch goes through in k
-    micro-batches, at the memory of one, to the same loss and gradients up to rounding. Embed every
-    micro-batch without gradients; take the whole batch's loss once on those features, which gives
-    its gradient with respect to each feature and the logit scale (and to the weights, for a batch
-    loss that reads them); then embed each micro-batch again with gradients, and pass its features'
-    gradients back through the model. Under DDP only the last pass all-reduces."""
-    def loss_of(image_features, text_features, scale):
-        loss = clip_loss(image_features, text_features, scale, world.rank, world.size)
-        if batch_loss is not None:  # the strategy's term, e.g. lwf's distillation
-            loss = loss + batch_loss(images, tokens, image_features, text_features, scale)
-        return loss
-
-    if accum_steps == 1:
-        with autocast(world.device, precision):
-            loss = loss_of(*train_model(images, tokens))
-        loss.backward()
-        return loss
-    micro = list(zip(images.chunk(accum_steps), tokens.chunk(accum_steps)))
-    with torch.no_grad(), autocast(world.device, precision):
-        stored = [train_model(x, y) for x, y in micro]
-    image_f, text_f = (torch.cat([out[i] for out in stored]).requires_grad_() for i in (0, 1))
-    scale = stored[0][2].detach().requires_grad_()
-    with autocast(world.device, precision):
-        loss = loss_of(image_f, text_f, scale)
-    loss.backward()  # into the features' and scale's .grad, and weights a batch loss reads directly
-    grads = list(zip(image_f.grad.chunk(accum_steps), text_f.grad.chunk(accum_steps)))
-    for j, (x, y) in enumerate(micro):
-        last = j == accum_steps - 1
-        with nullcontext() if last or not world.distributed else train_model.no_sync():
-            with autocast(world.device, precision):
-                image_j, text_j, scale_j = train_model(x, y)
-            n = 3 if last else 2  # the logit scale's gradient goes back once, with the all-reduce
-            torch.autograd.backward((image_j, text_j, scale_j)[:n], (*grads[j], scale.grad)[:n])
-    return loss.detach()
-
-
-def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss,
+def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss, before_update,
                step: strategies.TimeStep, world: World, run_dir: str,
                log) -> survive.StepState | None:
     """Train model on parts for budget samples at the rates of the step's schedule, with a new
     optimizer or the continue point's, from the newest resume checkpoint if an earlier run left
-    one. Returns the step's progress (with the trunk and the optimizer where the schedule carries
-    it), or None if SIGTERM stopped the step (saved)."""
+    one; the strategy's batch_loss and before_update (or None) on every batch. Returns the step's
+    progress (with the trunk and the optimizer where the schedule carries it), or None if SIGTERM
+    stopped the step (saved)."""
     cfg, t, where = step.config, step.t, f"step {step.t + 1} ({step.step_names[step.t]})"
     n_iters = budget // cfg.batch_size
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
@@ -398,7 +364,7 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss,
         before = step.continue_point["iterations"]
     schedule = schedules.step_schedule(cfg, t, len(step.step_names), n_iters, before)
     carries = schedule.row.carries_optimizer
-    progress = survive.StepState.resume(run_dir, t, model, optimizer, cfg, world)
+    progress = survive.StepState.resume(run_dir, t, model, optimizer, cfg, world, step.faults)
     if progress.iteration:
         print(f"rank {world.rank}: {where}: resuming at sample "
               f"{progress.iteration * cfg.batch_size} of {n_iters * cfg.batch_size} from "
@@ -415,11 +381,17 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss,
                               max_bad_fraction=cfg.max_bad_fraction,
                               max_image_pixels=cfg.max_image_pixels)
     ckpt_every = cfg.ckpt_interval_samples // cfg.batch_size  # iterations between them; 0: none
+    run_loss = LOSSES[cfg.loss].fn
+
+    def total_loss(batch: dict, out: dict) -> torch.Tensor:  # the run's loss and the strategy's term
+        loss = run_loss(**out, rank=world.rank, world_size=world.size)
+        return loss if batch_loss is None else loss + batch_loss(batch, out)
     t_log, it_log = time.time(), progress.iteration
     with data.workers_stopped():  # however the loop ends, no loader worker outlives it
         loader = data.train_loader(stream, cfg.workers)
         for it, (images, tokens, faults) in enumerate(loader, progress.iteration):
             progress.count_faults(faults, images is None, stream.min_read, cfg, where)
+            step.iteration = it  # the strategy's clock: its own batches (TimeStep.draw) follow it
             if carries and it == schedule.cooldown_start:  # the branch leaves the trunk: keep it
                 progress.trunk = {"model": cpu_copy(model.state_dict()),
                                "optimizer": cpu_copy(optimizer.state_dict()),
@@ -429,9 +401,12 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss,
             images = images.to(world.device, non_blocking=True)
             tokens = tokens.to(world.device, non_blocking=True)
             images = data.normalize_images(images)  # after the copy: uint8 is 1/4 of the bytes
+            batch = {"images": images, "tokens": tokens}
             optimizer.zero_grad(set_to_none=True)
-            loss = forward_backward(train_model, images, tokens, batch_loss, world, cfg.precision,
-                                    cfg.accum_steps)
+            loss = forward_backward(train_model, images, tokens, lambda out: total_loss(batch, out),
+                                    cfg.accum_steps, cfg.precision)
+            if before_update is not None:  # e.g. A-GEM's projection of the gradients
+                before_update(model)
             progress.optimizer_step(model, optimizer)  # skipped, and counted, if not finite
             model.clamp_logit_scale_()
             progress.iteration = it + 1
@@ -536,12 +511,14 @@ def score(model: CLIP, row: dict | None, tasks: dict, tokenizer: data.Tokenizer,
     return row
 
 
-def save_step(path: str, deployed: dict, model_cfg: CLIPConfig, step: strategies.TimeStep,
-              record: dict, world: World) -> None:
-    """RUN/stepNN.pt: the deployed model (its weights on the CPU) and the step's record, written by
-    rank 0 with a line giving its size; the step's resume checkpoints go."""
+def save_step(path: str, model: CLIP, deployed: dict, step: strategies.TimeStep, record: dict,
+              world: World) -> None:
+    """RUN/stepNN.pt: the deployed model (model's weights, on the CPU) and the step's record,
+    written by rank 0 with a line giving its size, once every process holds the same weights; the
+    step's resume checkpoints go."""
+    world.check_same_weights(model, f"step {step.t + 1} ({step.step_names[step.t]}), at its end")
     if world.master:  # deployed may also be the trunk's model: torch.save stores it once
-        ckpt = {"model": deployed, "model_config": asdict(model_cfg), "config": vars(step.config),
+        ckpt = {"model": deployed, "model_config": asdict(model.cfg), "config": vars(step.config),
                 **record}
         shards.write_atomic(path, lambda f: torch.save(ckpt, f))
         survive.StepState.clear(os.path.dirname(path), step.t)
@@ -610,11 +587,12 @@ def report_step(step: strategies.TimeStep, record: dict, row: dict, log) -> None
                       f"({survive.fault_summary(faults)})" if faults.get("bad_samples") else "",
                       f"; {nonfinite} non-finite losses (updates skipped)" if nonfinite else ""])
     print(f"step {step.t + 1}/{len(step.step_names)} ({record['step_name']}): "
-          f"{record['samples_seen']} samples in {record['train_s']:.0f}s, "
+          f"{record['samples_seen']} samples ({record['samples_read']} read) in "
+          f"{record['train_s']:.0f}s, "
           f"{record['flops']:.3g} FLOPs; {evaluate.METRIC} per task: {cells}"
           f"{'; static tasks: ' + static if static else ''}{health}")
-    logged = ("samples_seen", "flops", "train_s", "start_of_step", "end_of_step", "faults",
-              "nonfinite")
+    logged = ("samples_seen", "samples_read", "flops", "train_s", "start_of_step", "end_of_step",
+              "faults", "nonfinite")
     log({"event": "step_end", "time_step": step.t + 1, "step": record["step_name"],
          **{k: record[k] for k in logged}, "eval": row})
 
@@ -630,12 +608,14 @@ def main(argv):
     prepare_run_dir(run_dir, world)
     step_years, step_data, tasks = load_benchmark(cfg, world)
     names = [shards.step_name(ys) for ys in step_years]
-    strategies.check_strategy(strategy, len(names))
+    strategies.check_strategy(strategy, names, step_data, cfg)
     survive.check_run_definition(run_dir, cfg, step_years, step_data, world)  # RUN/run.json
     tokenizer = load_tokenizer(run_dir, cfg, step_years[0], world)
     initial = load_initial(cfg, tokenizer, world)  # the initial model (--init), or None
-    model_cfg = initial.cfg if initial else make_config(cfg.model, vocab_size=tokenizer.vocab_size,
-                                                        eot_token_id=tokenizer.eot_id)
+    run_loss = LOSSES[cfg.loss]  # the model learns the scalars it reads
+    model_cfg = initial.cfg if initial else make_config(
+        cfg.model, vocab_size=tokenizer.vocab_size, eot_token_id=tokenizer.eot_id,
+        init_logit_scale=run_loss.init_logit_scale, init_logit_bias=run_loss.init_logit_bias)
     log = run_log(run_dir, world)
     announce_run(run_dir, cfg, model_cfg, names, world, log)
     matrix_path = os.path.join(run_dir, "eval_matrix.json")
@@ -644,11 +624,12 @@ def main(argv):
         initial_row = score(initial.to(world.device), initial_row, tasks, tokenizer, cfg, world)
         initial = {k: v.detach().cpu() for k, v in initial.cpu().state_dict().items()}  # weights
     previous = initial  # lwf's teacher, patching's and ema's partner
+    anchor = initial  # the run's first model: the initial one, else step 1's deployed one
     continue_point = strategies.continue_point(strategy, {}, initial) if initial else None
     strategy_state = {}  # what the strategy's hooks keep across steps
     for t, name in enumerate(names):
-        step = strategies.TimeStep(t, names, step_data, cfg, tokenizer, world.device, world.master,
-                                   world.distributed, initial, previous,
+        step = strategies.TimeStep(t, names, step_data, cfg, tokenizer, world, model_cfg, initial,
+                                   previous, anchor,
                                    continue_point if strategy.warm_start else None, strategy_state)
         path = evaluate.step_checkpoint(run_dir, t)
         done = os.path.exists(path)
@@ -665,13 +646,15 @@ def main(argv):
             hooks = previous is not None  # the hooks relate the model to the previous one
             begun = begin_step(strategy, model, step, run_dir, world) \
                 if hooks and strategy.start_of_step else {}
-            batch_loss = strategies.make_batch_loss(strategy, model, step) \
-                if hooks and strategy.batch_loss else None
-            parts = strategies.step_parts(strategy, t, step_data, cfg.new_data_fraction)
+            batch_loss, before_update = (strategies.make_hook(strategy, hook, model, step)
+                                         if hooks and getattr(strategy, hook) else None
+                                         for hook in ("batch_loss", "before_update"))
+            parts = strategies.step_parts(strategy, step)
             budget = cfg.budget_samples * strategy.budget_units(t)
             announce_step(step, strategy, parts, budget, log)
             # 2. train the step
-            progress = train_step(model, parts, budget, batch_loss, step, world, run_dir, log)
+            progress = train_step(model, parts, budget, batch_loss, before_update, step, world,
+                                  run_dir, log)
             if progress is None:  # stopped by SIGTERM, saved: a rerun continues from there
                 world.barrier()
                 world.finish()
@@ -686,18 +669,22 @@ def main(argv):
                 deployed = trained  # an action that left the weights as trained (patching's a = 1)
             # 4. the checkpoint, with the step's compute: training costs 3 forward passes a pair
             seen = budget // cfg.batch_size * cfg.batch_size
-            per_sample = 3 * model.flops_per_pair() + (batch_loss.flops_per_sample if batch_loss
-                                                       else 0)
+            per_sample = 3 * model.flops_per_pair() + sum(hook.flops_per_sample for hook in
+                                                          (batch_loss, before_update) if hook)
             flops = seen * per_sample + begun.get("flops", 0) + action.get("flops", 0)
+            read = summary["faults"].get("samples", 0) + sum(report.get("samples_read", 0)
+                                                             for report in (begun, action))
             record = {"steps": step_years, "time_step": t + 1, "step_name": name,
-                      "samples_seen": seen, "flops": flops, "strategy": cfg.strategy,
+                      "samples_seen": seen, "samples_read": read, "flops": flops,
+                      "strategy": cfg.strategy,
                       "start_of_step": begun, "end_of_step": action, **summary,
                       **({"trained": trained} if deployed is not trained else {}),  # ema's
                       "continue_point": next_continue_point(strategy, cfg, progress, trained,
                                                             deployed),
                       "state": cpu_copy(step.state)}
-            save_step(path, deployed, model.cfg, step, record, world)
+            save_step(path, model, deployed, step, record, world)
         previous = deployed
+        anchor = deployed if anchor is None else anchor
         continue_point = strategies.continue_point(strategy, record, previous)
         strategy_state = record.get("state", {})
         # 5. evaluate on every step's task (a step done earlier: on the tasks a grown run added)

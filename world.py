@@ -47,6 +47,25 @@ class World:
         dist.all_gather_object(out, obj)
         return out
 
+    def check_same_weights(self, model: torch.nn.Module, where: str) -> None:
+        """Refuse, in one line (rank 0's), weights that differ between the processes: DDP keeps
+        them equal, so a difference is a hook that changed one process's gradients or weights
+        from its own data without an all-reduce. Compares a checksum of every parameter."""
+        if not self.distributed:
+            return
+        with torch.no_grad():
+            sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                                for p in model.parameters()]).flatten()
+        gathered = [torch.empty_like(sums) for _ in range(self.size)]
+        dist.all_gather(gathered, sums)
+        differ = [r for r in range(1, self.size) if not torch.equal(gathered[r], gathered[0])]
+        if differ:
+            raise SystemExit(f"error: {where}: the processes hold different weights (rank "
+                             f"{differ[0]} differs from rank 0): a strategy's hook changed "
+                             f"gradients or weights from one process's data without an "
+                             f"all-reduce; see 'the same weights' in strategies.py's recipe"
+                             if self.master else 1)
+
     def finish(self) -> None:
         if self.distributed:
             dist.destroy_process_group()

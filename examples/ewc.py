@@ -14,6 +14,7 @@ saves it with every step and hands it back at the next.
     python examples/ewc.py --steps=2018,2019,2020     # as train.py, with --strategy=ewc
     python tools/compare.py --module=examples/ewc.py --strategies=sequential,ewc
 """
+import itertools
 import math
 import os
 import sys
@@ -45,23 +46,18 @@ def fisher(model: CLIP, step: strategies.TimeStep) -> dict:
     cfg = step.config
     previous = CLIP(model.cfg).to(step.device)
     previous.load_state_dict(step.previous)
-    rank, ranks = (dist.get_rank(), dist.get_world_size()) if step.distributed else (0, 1)
     source = max(step.t - 1, 0)  # with --init, the first step has no step before: its own data
-    stream = data.TrainStream(step.step_data[source], cfg.ewc_batches * cfg.batch_size,
-                              cfg.batch_size, rank, ranks, cfg.seed, step.t, model.cfg.image_px,
-                              step.tokenizer, model.cfg.context_tokens,
-                              max_bad_fraction=cfg.max_bad_fraction,
-                              max_image_pixels=cfg.max_image_pixels)
+    stream = step.stream(step.step_data[source], cfg.batch_size)  # this process's share
     new = {k: torch.zeros_like(p) for k, p in previous.named_parameters()}
-    micro_batches = cfg.ewc_batches * cfg.accum_steps * ranks  # each at the memory of training's
-    for images, tokens, _ in stream.batches(0, 1):
+    micro_batches = cfg.ewc_batches * cfg.accum_steps * step.world.size  # each at training's memory
+    for images, tokens, _ in itertools.islice(stream.batches(0, 1), cfg.ewc_batches):
         if images is None:
             raise SystemExit(f"error: ewc: too much bad data in step {source + 1}'s shards")
         images, tokens = data.normalize_images(images.to(step.device)), tokens.to(step.device)
         for x, y in zip(images.chunk(cfg.accum_steps), tokens.chunk(cfg.accum_steps)):
             previous.zero_grad(set_to_none=True)
             with autocast(step.device, cfg.precision):
-                loss = clip_loss(*previous(x, y))
+                loss = clip_loss(**previous(x, y))
             loss.backward()
             for k, p in previous.named_parameters():
                 new[k] += p.grad.float() ** 2 / micro_batches
@@ -86,11 +82,11 @@ class Penalty:
         self.previous = {k: step.previous[k].to(step.device) for k in self.params}
         self.fisher = {k: step.state["fisher"][k].to(step.device) for k in self.params}
         self.weight = step.config.ewc_weight
-        ranks = dist.get_world_size() if step.distributed else 1  # each rank adds it once a batch
-        # a subtraction, a square, a product and a sum per weight, and about as much backward
-        self.flops_per_sample = 8 * model.num_params() * ranks / step.config.batch_size
+        # a subtraction, a square, a product and a sum per weight, and about as much backward, on
+        # each process once a batch
+        self.flops_per_sample = 8 * model.num_params() * step.world.size / step.config.batch_size
 
-    def __call__(self, images, tokens, image_features, text_features, scale):
+    def __call__(self, batch: dict, out: dict) -> torch.Tensor:
         return self.weight / 2 * sum((self.fisher[k] * (p - self.previous[k]) ** 2).sum()
                                      for k, p in self.params.items())
 

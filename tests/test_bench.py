@@ -69,7 +69,7 @@ def test_grad_checkpointing_keeps_loss_and_gradients_and_saves_memory():
         saved = []  # what autograd keeps for backward outside the checkpointed blocks
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
-            loss = clip_loss(*model(images, tokens))
+            loss = clip_loss(**model(images, tokens))
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
         saved_bytes.append(sum(saved))

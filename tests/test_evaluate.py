@@ -85,7 +85,11 @@ def test_summary_of_matrix():
     assert s["id"] == 12.0
     assert s["backward_transfer"] == (8.0 + 6.0 + 7.0) / 3
     assert s["forward_transfer"] == (1.0 + 2.0 + 3.0) / 3
-    assert summarize([[5.0]]) == {"id": 5.0, "backward_transfer": None, "forward_transfer": None}
+    assert s["forgetting"] == ((10.0 - 6.0) + (12.0 - 7.0)) / 2  # the best before the last step, minus the last
+    assert summarize([[5.0]]) == {"id": 5.0, "backward_transfer": None, "forward_transfer": None, "forgetting": None}
+    # an old task learned better later (positive transfer) is negative forgetting; an unmeasured cell is skipped
+    assert summarize([[1.0, None], [3.0, 4.0]])["forgetting"] == 1.0 - 3.0
+    assert summarize([[None, 2.0], [3.0, 4.0]])["forgetting"] is None
 
 
 def test_any_caption_recall_against_brute_force_with_the_third_of_five_captions_matching():

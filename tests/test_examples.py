@@ -71,16 +71,16 @@ def test_ewc_penalty_is_zero_at_the_previous_weights_and_its_gradient_is_one_bat
     model = tiny_clip()
     fisher = {k: torch.rand_like(p) for k, p in model.named_parameters()}
     step = strategies.TimeStep(1, ["a", "b"], [], train.parse_config(["--ewc_weight=300"]), None,
-                               torch.device("cpu"), True, False, previous={k: v.clone() for k, v in model.state_dict().items()},
-                               state={"fisher": fisher})
+                               train.World(0, 1, False, torch.device("cpu")),
+                               previous={k: v.clone() for k, v in model.state_dict().items()}, state={"fisher": fisher})
     penalty = ewc.Penalty(model, step)
-    at_previous = penalty(None, None, None, None, None)
+    at_previous = penalty(None, None)
     at_previous.backward()
     assert at_previous.item() == 0 and all(float(p.grad.abs().max()) == 0 for p in model.parameters())
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    moved = penalty(None, None, None, None, None).item()
+    moved = penalty(None, None).item()
     expected = 300 / 2 * sum(float((fisher[k] * (p.detach() - step.previous[k]) ** 2).sum())
                              for k, p in model.named_parameters())
     assert moved == pytest.approx(expected, rel=1e-5) and moved > 0
@@ -230,7 +230,7 @@ def test_a_row_that_names_no_schedule_runs_the_default_even_under_a_file_with_it
     example("wsd")  # its file starts train.py with --lr_schedule=wsd
     launched = []
     monkeypatch.setattr(compare, "launch", lambda program, args, nproc: launched.append(args) or True)
-    program = os.path.join(EXAMPLES, "wsd.py")
+    program = [os.path.join(EXAMPLES, "wsd.py")]
     compare.run_row("sequential", 0, str(tmp_path / "a"), None, 1, [], program)
     compare.run_row("sequential+wsd", 0, str(tmp_path / "b"), None, 1, [], program)
     assert "--lr_schedule=cosine" in launched[0] and launched[1][-1] == "--lr_schedule=wsd"

@@ -41,12 +41,12 @@ def test_bf16_autocast_step_matches_fp32_and_keeps_fp32_weights():
     model = tiny_model().to(CUDA)
     images, tokens = (x.to(CUDA) for x in batch())
     with torch.no_grad():
-        fp32 = clip_loss(*model(images, tokens))
+        fp32 = clip_loss(**model(images, tokens))
     optimizer = model.configure_optimizer(lr=1e-3)
     assert optimizer.defaults["fused"]  # on CUDA the update is one kernel
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = clip_loss(*model(images, tokens))
+        loss = clip_loss(**model(images, tokens))
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss) and abs(loss.item() - fp32.item()) < 0.05 * fp32.item()
@@ -58,11 +58,11 @@ def test_compiled_model_gives_the_eager_features_and_gradients():
     model = tiny_model().to(CUDA)
     compiled = torch.compile(model)
     images, tokens = (x.to(CUDA) for x in batch())
-    eager_loss = clip_loss(*model(images, tokens))
+    eager_loss = clip_loss(**model(images, tokens))
     eager_loss.backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    compiled_loss = clip_loss(*compiled(images, tokens))
+    compiled_loss = clip_loss(**compiled(images, tokens))
     compiled_loss.backward()
     assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-4)
     for name, p in model.named_parameters():  # the compiled module trains the same parameters
@@ -74,19 +74,19 @@ def test_fused_adamw_skips_a_nonfinite_step_exactly_and_counts_it():
     optimizer = model.configure_optimizer(lr=1e-3)
     state = survive.StepState().on(CUDA)
     images, tokens = (x.to(CUDA) for x in batch())
-    clip_loss(*model(images, tokens)).backward()
+    clip_loss(**model(images, tokens)).backward()
     state.optimizer_step(model, optimizer)  # a good step first, so AdamW has moments to keep
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
     optimizer.zero_grad(set_to_none=True)
-    (clip_loss(*model(images, tokens)) * float("nan")).backward()
+    (clip_loss(**model(images, tokens)) * float("nan")).backward()
     state.optimizer_step(model, optimizer)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # no update
     for p in model.parameters():  # nor any change to Adam's moments and step count
         assert all(torch.equal(moments[id(p)][k], v) for k, v in optimizer.state[p].items())
     assert int(state.nonfinite) == 1 and int(state.in_row) == 1
     optimizer.zero_grad(set_to_none=True)
-    clip_loss(*model(images, tokens)).backward()
+    clip_loss(**model(images, tokens)).backward()
     state.optimizer_step(model, optimizer)
     assert int(state.in_row) == 0 and any(not torch.equal(weights[k], v) for k, v in model.state_dict().items())
 

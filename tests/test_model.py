@@ -80,7 +80,9 @@ def test_text_attention_is_causal():
 def test_forward_shapes_normalisation_and_logit_scale():
     model = small_model()
     images, tokens, _ = random_batch(model.cfg, 5)
-    image_features, text_features, scale = model(images, tokens)
+    out = model(images, tokens)
+    image_features, text_features, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    assert list(out) == ["image_features", "text_features", "logit_scale"]  # no bias: CLIP's loss has none
     assert image_features.shape == text_features.shape == (5, model.cfg.embed_dim)
     torch.testing.assert_close(image_features.norm(dim=-1), torch.ones(5))
     torch.testing.assert_close(text_features.norm(dim=-1), torch.ones(5))
@@ -164,8 +166,7 @@ def _ddp_worker(rank: int, world_size: int, tmp: str, images, tokens):
     ddp_model = DDP(model)
     local = images.shape[0] // world_size
     part = slice(rank * local, (rank + 1) * local)
-    image_features, text_features, scale = ddp_model(images[part], tokens[part])
-    loss = clip_loss(image_features, text_features, scale, rank, world_size)
+    loss = clip_loss(**ddp_model(images[part], tokens[part]), rank=rank, world_size=world_size)
     loss.backward()  # DDP all-reduces (averages) the gradients here
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     torch.save({"loss": loss.detach(), "grads": grads}, f"{tmp}/rank{rank}.pt")
@@ -179,7 +180,7 @@ def test_two_process_loss_equals_one_process_loss(tmp_path):
     mp.spawn(_ddp_worker, args=(world_size, str(tmp_path), images, tokens), nprocs=world_size, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
-    loss = clip_loss(*model(images, tokens))  # one process, the whole global batch
+    loss = clip_loss(**model(images, tokens))  # one process, the whole global batch
     loss.backward()
     mean_loss = sum(r["loss"] for r in results) / world_size
     torch.testing.assert_close(mean_loss, loss.detach(), rtol=0, atol=1e-5)
@@ -199,5 +200,5 @@ def test_state_dict_round_trip():
     restored.load_state_dict(ckpt["model"])
     assert CLIPConfig(**ckpt["config"]) == model.cfg
     with torch.no_grad():
-        for a, b in zip(model(images, tokens), restored(images, tokens)):
-            assert torch.equal(a, b)
+        a, b = model(images, tokens), restored(images, tokens)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -230,10 +230,12 @@ def test_new_data_fraction_sets_the_share_of_new_samples(tmp_path, tokenizer):  
     step_data = [[data.Part(str(2018 + s), [write_shard(tmp_path / f"{s}_{i}.tar", f"y{s}_{i}", 10)
                                             for i in range(4 if s < 2 else 1)])] for s in range(3)]
     everything = strategies.STRATEGIES["cumulative-all"]
-    default = strategies.step_parts(everything, 2, step_data)
+    at = lambda t, fraction=0.0: strategies.TimeStep(t, [], step_data,  # noqa: E731
+                                                     SimpleNamespace(new_data_fraction=fraction), None, None)
+    default = strategies.step_parts(everything, at(2))
     assert [p.share for p in default] == [None] * 3  # the default draws as before: in proportion to sizes
-    assert strategies.step_parts(everything, 0, step_data, 0.5)[0].share is None  # nothing to replay at step 1
-    parts = strategies.step_parts(everything, 2, step_data, 0.5)
+    assert strategies.step_parts(everything, at(0, 0.5))[0].share is None  # nothing to replay at step 1
+    parts = strategies.step_parts(everything, at(2, 0.5))
     assert [p.share for p in parts] == pytest.approx([0.25, 0.25, 0.5])  # the old years in proportion to sizes
     stream = make_stream(parts, tokenizer, budget_samples=32)
     samples = stream.samples(np.random.default_rng(0))

@@ -3,6 +3,7 @@ strategies added from this file alone (as a forker would), trained through train
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,14 +14,19 @@ from conftest import train_in_process
 from data import Part, keep_sample
 from model import CLIP, make_config
 from settings import Setting
-from strategies import (SETTINGS, STRATEGIES, Strategy, distillation_loss, equal_buffer, exp_buffer, get_strategy,
-                        interpolate, new_only, step_parts)
+from strategies import (SETTINGS, STRATEGIES, Strategy, TimeStep, distillation_loss, equal_buffer, exp_buffer,
+                        get_strategy, interpolate, new_only, step_parts)
+
+
+def at(t):
+    """A strategy's view of step t, as much of it as a replay rule of this file reads."""
+    return TimeStep(t, [], [], None, None, None)
 
 
 @pytest.mark.parametrize("replay", [exp_buffer, equal_buffer])
 def test_buffer_sizes_and_nesting(replay):
     for t in range(1, 12):
-        now, before = replay(t), replay(t - 1)
+        now, before = replay(at(t)), replay(at(t - 1))
         assert now[t] == 1.0                                          # all new data
         assert sum(f for s, f in now.items() if s < t) <= 2.0 + 1e-9  # at most 2D of old data
         assert all(0 < f <= 1.0 for f in now.values())
@@ -29,16 +35,16 @@ def test_buffer_sizes_and_nesting(replay):
 
 
 def test_exp_and_equal_fractions():
-    assert exp_buffer(4) == {3: 1.0, 2: 0.5, 1: 0.25, 0: 0.125, 4: 1.0}
-    assert equal_buffer(1) == {0: 1.0, 1: 1.0}
-    assert equal_buffer(4) == {0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5, 4: 1.0}
+    assert exp_buffer(at(4)) == {3: 1.0, 2: 0.5, 1: 0.25, 0: 0.125, 4: 1.0}
+    assert equal_buffer(at(1)) == {0: 1.0, 1: 1.0}
+    assert equal_buffer(at(4)) == {0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5, 4: 1.0}
 
 
 def test_kept_samples_stay_nested_through_time():
     keys = [f"2019_{i:07d}" for i in range(3000)]
     kept_before = set(keys)
     for t in range(1, 8):
-        fraction = exp_buffer(t)[0]
+        fraction = exp_buffer(at(t))[0]
         kept = {k for k in keys if keep_sample(k, fraction, seed=0)}
         assert kept <= kept_before                                     # dropped once, never back
         assert abs(len(kept) / len(keys) - fraction) < 0.04
@@ -47,9 +53,11 @@ def test_kept_samples_stay_nested_through_time():
 
 def test_step_parts_and_budgets():
     steps = [[Part(str(2018 + s), [(f"{s}.tar", 100)])] for s in range(4)]
-    parts = step_parts(STRATEGIES["cumulative-exp"], 3, steps)
+    config = SimpleNamespace(new_data_fraction=0.0)
+    at = lambda t: TimeStep(t, [], steps, config, None, None)  # noqa: E731
+    parts = step_parts(STRATEGIES["cumulative-exp"], at(3))
     assert [(p.name, p.keep_fraction) for p in parts] == [("2018", 0.25), ("2019", 0.5), ("2020", 1.0), ("2021", 1.0)]
-    assert [p.name for p in step_parts(STRATEGIES["sequential"], 2, steps)] == ["2020"]
+    assert [p.name for p in step_parts(STRATEGIES["sequential"], at(2))] == ["2020"]
     assert [STRATEGIES["oracle"].budget_units(t) for t in range(4)] == [1, 2, 3, 4]
     assert all(STRATEGIES[n].budget_units(3) == 1 for n in STRATEGIES if n != "oracle")
     assert not STRATEGIES["restart"].warm_start and STRATEGIES["sequential"].warm_start
@@ -61,9 +69,10 @@ def test_distillation_is_zero_for_identical_models_and_positive_otherwise():
     g = torch.Generator().manual_seed(0)
     img, txt = F.normalize(torch.randn(16, 8, generator=g), dim=-1), F.normalize(torch.randn(16, 8, generator=g), dim=-1)
     scale = torch.tensor(14.3)
-    assert distillation_loss(img, txt, scale, img, txt, scale).abs() < 1e-6
+    out = lambda img: {"image_features": img, "text_features": txt, "logit_scale": scale}  # noqa: E731
+    assert distillation_loss(out(img), out(img)).abs() < 1e-6
     other = F.normalize(img + 0.5 * torch.randn(16, 8, generator=g), dim=-1)
-    assert distillation_loss(other, txt, scale, img, txt, scale) > 1e-3
+    assert distillation_loss(out(other), out(img)) > 1e-3
 
 
 def test_interpolate_endpoints_and_midpoint():
@@ -87,7 +96,7 @@ def logged(run_dir, event):
 
 
 def test_a_strategy_defined_here_trains_on_the_last_two_steps(tmp_path, three_years, monkeypatch):
-    recent = Strategy("cumulative-recent", True, lambda t: {s: 1.0 for s in range(max(0, t - 1), t + 1)})
+    recent = Strategy("cumulative-recent", True, lambda step: {s: 1.0 for s in range(max(0, step.t - 1), step.t + 1)})
     monkeypatch.setitem(STRATEGIES, recent.name, recent)
     run_dir = str(tmp_path / "run")
     train_in_process([f"--data_root={three_years}", f"--out_dir={run_dir}", "--strategy=cumulative-recent", *TINY])
@@ -147,7 +156,8 @@ def test_a_strategys_state_is_saved_with_each_step_and_handed_back(tmp_path, thr
     (dict(end_of_step=lambda model, step: {"flops": 0, "w": torch.ones(1)}), "keep tensors in 'state'"),
     (dict(end_of_step=lambda model, step: {"flops": 0, "state": {"w": np.ones(2)}}),
      "could not be read back from stepNN.pt"),
-    (dict(batch_loss=lambda model, step: (lambda *batch: 0.0)), "its batch loss has no flops_per_sample")])
+    (dict(batch_loss=lambda model, step: (lambda *batch: 0.0)), "its batch_loss has no flops_per_sample"),
+    (dict(before_update=lambda model, step: (lambda model: None)), "its before_update has no flops_per_sample")])
 def test_a_hook_that_declares_no_compute_or_keeps_what_cannot_be_saved_is_an_error(tmp_path, two_years, monkeypatch,
                                                                                     row, message):
     monkeypatch.setitem(STRATEGIES, "mine", Strategy("mine", True, new_only, **row))
@@ -156,8 +166,8 @@ def test_a_hook_that_declares_no_compute_or_keeps_what_cannot_be_saved_is_an_err
 
 
 @pytest.mark.parametrize("row, message", [
-    (dict(replay=lambda t: {t - 1: 1.0}), "replay(0) = {-1: 1.0}"),
-    (dict(replay=lambda t: {t: 2.0}), "replay(0) = {0: 2.0}"),
+    (dict(replay=lambda step: {step.t - 1: 1.0}), "replay at step 0 = {-1: 1.0}"),
+    (dict(replay=lambda step: {step.t: 2.0}), "replay at step 0 = {0: 2.0}"),
     (dict(replay=new_only, budget_units=lambda t: 0.5), "budget_units(0) = 0.5")])
 def test_a_row_that_cannot_be_trained_is_refused_before_any_compute(tmp_path, two_years, monkeypatch, row, message):
     monkeypatch.setitem(STRATEGIES, "mine", Strategy("mine", True, **row))

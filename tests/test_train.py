@@ -17,7 +17,7 @@ import strategies
 import train
 from conftest import run_train, train_in_process, train_refused
 from checkpoints import load_checkpoint
-from model import CLIP, make_config
+from model import CLIP, clip_loss, forward_backward, make_config
 
 
 def test_config_overrides_and_errors():
@@ -172,9 +172,15 @@ def random_pairs(n, seed=1):
     return torch.randn(n, 3, 32, 32, generator=g), tokens
 
 
-def loss_and_grads(model, train_model, images, tokens, accum_steps, world, extra_loss=None):
+def loss_and_grads(model, train_model, images, tokens, accum_steps, world, extra_loss=None, loss_fn=clip_loss):
+    """The loss and gradients forward_backward gives, as train.py calls it: the run's loss and a strategy's term."""
     model.zero_grad(set_to_none=True)
-    loss = train.forward_backward(train_model, images, tokens, extra_loss, world, "fp32", accum_steps)
+    batch = {"images": images, "tokens": tokens}
+
+    def loss_of(out):
+        loss = loss_fn(**out, rank=world.rank, world_size=world.size)
+        return loss if extra_loss is None else loss + extra_loss(batch, out)
+    loss = forward_backward(train_model, images, tokens, loss_of, accum_steps, "fp32")
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
@@ -187,23 +193,22 @@ class WeightTerm:
         self.anchor = {k: p.detach() + 0.01 * torch.randn_like(p) for k, p in self.params.items()}
         self.scale = scale
 
-    def __call__(self, images, tokens, image_features, text_features, logit_scale):
+    def __call__(self, batch, out):
         return self.scale * 0.5 * sum(((p - self.anchor[k]) ** 2).sum() for k, p in self.params.items())
 
 
 class MixedTerm(WeightTerm):
     """A term through the weights and the features at once: the weight term times the features' mean."""
 
-    def __call__(self, images, tokens, image_features, text_features, logit_scale):
-        return super().__call__(images, tokens, image_features, text_features, logit_scale) \
-            * (1 + (image_features * text_features).sum(-1).mean())
+    def __call__(self, batch, out):
+        return super().__call__(batch, out) * (1 + (out["image_features"] * out["text_features"]).sum(-1).mean())
 
 
 def batch_losses(model):
     """A feature term (lwf's distillation), a weight term and a mix of both, each with its name."""
     torch.manual_seed(3)
     step = strategies.TimeStep(1, ["a", "b"], [], train.parse_config(["--lwf_weight=0.7"]), None,
-                               torch.device("cpu"), True, False, previous=tiny_clip(seed=5).state_dict())
+                               train.World(0, 1, False, torch.device("cpu")), previous=tiny_clip(seed=5).state_dict())
     return {"none": None, "features (lwf)": strategies.Distillation(model, step), "weights": WeightTerm(model, 5.0),
             "both": MixedTerm(model, 0.05)}
 
@@ -226,7 +231,7 @@ def test_a_batch_loss_is_called_once_a_batch_with_the_whole_batch():
     model, one = tiny_clip(), train.World(0, 1, False, torch.device("cpu"))
     images, tokens = random_pairs(16)
     calls = []
-    record = lambda images, tokens, image_f, text_f, scale: calls.append((len(images), len(image_f))) or 0.0  # noqa
+    record = lambda batch, out: calls.append((len(batch["images"]), len(out["image_features"]))) or 0.0  # noqa
     for k in (1, 2, 4):
         calls.clear()
         loss_and_grads(model, model, images, tokens, k, one, record)

@@ -74,7 +74,7 @@ def build_ours(cfg, device, args):
         model = CLIP(cfg)
     model.set_grad_checkpointing(args.grad_checkpointing)
     optimizer = model.configure_optimizer(lr=5e-4, fused=args.fused_adamw)
-    return (model, lambda images, tokens: clip_loss(*model(images, tokens)), optimizer,
+    return (model, lambda images, tokens: clip_loss(**model(images, tokens)), optimizer,
             model.clamp_logit_scale_)
 
 

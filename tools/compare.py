@@ -9,30 +9,34 @@ Run several TiC strategies on one benchmark and write the paper's Table 2 for it
     python tools/compare.py --strategies=cumulative-all --sweep=new_data_fraction=0.25,0.5
     python tools/compare.py --rows=ema,ema-from-merge,cumulative-all+const-cooldown
     python tools/compare.py --module=examples/ewc.py --strategies=sequential,ewc  # your own file
+    python tools/compare.py --module=examples/agem.py --module=examples/memory.py \
+        --strategies=sequential,agem,memory                   # rows from several files
 
 A row is a strategy, with a schedule (lr_schedule) and settings if given: the grid --strategies x
 --schedules x the values of --sweep=KEY=V1,V2,..., then the rows --rows names. Its name,
 STRATEGY[+SCHEDULE][+KEY=VALUE] (e.g. cumulative-all+cosine+new_data_fraction=0.25), names its
 run folder OUT/seedS/ROW (OUT: --out, default runs/compare). A finished run is reused, not
 retrained, when the command runs again. Every other --key=value goes to train.py unchanged. With
---module=FILE, a file that registers strategies or schedules and runs train.py's main (as
-examples/ewc.py does), every run goes through that file instead of train.py.
+--module=FILE, a file that registers strategies, schedules, losses or summary numbers and runs
+train.py's main (as examples/ewc.py does), every run goes through that file instead of train.py;
+with several, through the last, the others imported first (tools/with_modules.py).
 
 As the paper's "every method starts from the same step-1 model", the first time step is trained
 once per seed for all rows whose first steps are equal (first_step) and copied to the others.
 
 Writes OUT/table.md and table.json (per row, mean over seeds: compute in samples and FLOPs, also
-relative to oracle; ID, backward and forward transfer; the final model's mean R@1 over all tasks),
+relative to oracle; every summary number, evaluate.SUMMARIES: ID, backward and forward transfer,
+forgetting and any a --module adds; the final model's mean R@1 over all tasks),
 OUT/compute_vs_retrieval.png, a heatmap of each row's matrix (mean over seeds, heatmap_ROW.png)
 and all of them on one sheet (heatmaps.png).
 """
-import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
@@ -40,28 +44,29 @@ import pictures  # noqa: E402
 import schedules  # noqa: E402
 import strategies  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
-from evaluate import read_matrix, step_checkpoint, step_checkpoints, summarize  # noqa: E402
-from settings import MAX_SEED, parse_flags  # noqa: E402
+from evaluate import (SUMMARIES, read_matrix, step_checkpoint, step_checkpoints,  # noqa: E402
+                      summarize, summary_name)
+from settings import MAX_SEED, import_files, parse_flags  # noqa: E402
 from shards import write_json  # noqa: E402
 
 OPTIONS = {  # compare.py's own keys; the rest go to train.py
     "strategies": "", "schedules": "", "sweep": "", "rows": "", "seeds": "0", "out": "runs/compare",
-    "nproc": 1, "table_only": False, "module": ""}
+    "nproc": 1, "table_only": False, "module": []}
 DEFAULT_SCHEDULE = "cosine"  # train.py's lr_schedule, given to a row that names none (a --module
                              # file may set another default)
 
 
-def load_module(path: str) -> str:
-    """The program every run goes through: path, or train.py when path is empty. path is imported
-    (not as __main__, so it trains nothing) so that the rows it registers resolve here."""
-    if not path:
-        return os.path.join(ROOT, "train.py")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --module={path}: no such file; pass a file that registers a "
-                         f"strategy or a schedule and runs train.py's main, e.g. examples/ewc.py")
-    spec = importlib.util.spec_from_file_location("compared_module", path)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    return os.path.abspath(path)
+def load_modules(paths: list[str]) -> list[str]:
+    """The program every run goes through: train.py; the file, for one --module; for several,
+    tools/with_modules.py running the last with the others imported first. Each file is imported
+    here too (not as __main__, so it trains nothing), so that the rows it registers resolve."""
+    import_files(paths)
+    if not paths:
+        return [os.path.join(ROOT, "train.py")]
+    if len(paths) == 1:
+        return [os.path.abspath(paths[0])]
+    return [os.path.join(ROOT, "tools", "with_modules.py"),
+            ",".join(os.path.abspath(p) for p in paths)]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -101,31 +106,38 @@ def row_args(row: str) -> list[str]:
 
 
 def first_step(row: str, train_args: list[str]) -> tuple:
-    """What a row's first step is made of; rows with equal ones share one step01.pt. The strategy's
-    (Strategy.first_step), the schedule's (Schedule.first_step_as) and the row's settings, except
-    new_data_fraction where the first step replays nothing."""
+    """What a row's first step is made of; rows with equal ones share one step01.pt: the strategy's
+    data and budget at step 1 (replay asked with a step of t = 0 holding no data, the strategy
+    settings' defaults and the row's), and its hooks where --init gives a model before step 1; the
+    schedule's (Schedule.first_step_as); the row's settings, except new_data_fraction where the
+    first step replays nothing."""
     args = dict(arg[2:].partition("=")[::2]
                 for arg in train_args + row_args(row))  # the last value of a key wins
     strategy = strategies.get_strategy(args["strategy"])
+    config = {k: s.default for k, s in strategies.SETTINGS.items()}
+    config.update({k: type(config[k])(v) for k, v in args.items() if k in config})
+    replay = strategy.replay(strategies.TimeStep(0, [], [], SimpleNamespace(**config), None, None))
+    hooks = (strategy.start_of_step, strategy.batch_loss, strategy.before_update,
+             strategy.end_of_step, strategy.continue_from_deployed) if args.get("init") else ()
     schedule = args.get("lr_schedule", DEFAULT_SCHEDULE)
     settings = [part for part in row.split("+")[1:] if "=" in part
-                and not (part.startswith("new_data_fraction=") and set(strategy.replay(0)) == {0})]
-    return (strategy.first_step(from_initial=bool(args.get("init"))),
+                and not (part.startswith("new_data_fraction=") and set(replay) == {0})]
+    return ((tuple(sorted(replay.items())), strategy.budget_units(0), *hooks),
             schedules.get_schedule(schedule).first_step_as or schedule, tuple(sorted(settings)))
 
 
-def launch(program: str, train_args: list[str], nproc: int) -> bool:
+def launch(program: list[str], train_args: list[str], nproc: int) -> bool:
     """Run program (train.py, or --module's file) in a process of its own, under torchrun for
     nproc > 1; True if it succeeded."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = launcher + [program, *train_args]
+    cmd = launcher + [*program, *train_args]
     print(" ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode == 0
 
 
 def run_row(row: str, seed: int, run_dir: str, shared_first: str | None, nproc: int,
-            train_args: list, program: str):
+            train_args: list, program: list[str]):
     """Train (or finish) one run, first copying in the first step of shared_first, the run of
     another row with the same first step (None: train it here). Raises SystemExit if it fails."""
     os.makedirs(run_dir, exist_ok=True)
@@ -157,6 +169,7 @@ def run_record(run_dir: str) -> dict:
     static = result.get("static") or {"tasks": [], "numbers": [[]], "final_mean": None}
     return {"samples": sum(c["samples_seen"] for c in ckpts),
             "flops": sum(c["flops"] for c in ckpts), **result["summary"],
+            "summary_names": list(result["summary"]),
             "final_mean": mean(result["matrix"][-1]), "matrix": result["matrix"],
             "not_scored": len(result.get("not_scored", [])),
             "tasks": result["tasks"], "static_mean": static["final_mean"],
@@ -174,7 +187,9 @@ def make_table(records: dict[str, list[dict]]) -> tuple[list[dict], str]:
     their mean where the runs had them."""
     static = list(dict.fromkeys(k for recs in records.values() for r in recs for k in r
                                 if k.startswith("static:")))
-    keys = ["samples", "flops", "id", "backward_transfer", "forward_transfer", "final_mean",
+    summaries = list(dict.fromkeys([*SUMMARIES, *(k for recs in records.values() for r in recs
+                                                   for k in r.get("summary_names", []))]))
+    keys = ["samples", "flops", *summaries, "final_mean",
             *(static + ["static_mean"] if static else [])]
     rows = [{"strategy": name, "seeds": len(recs),
              **{k: mean([r.get(k) for r in recs]) for k in keys},
@@ -188,17 +203,16 @@ def make_table(records: dict[str, list[dict]]) -> tuple[list[dict], str]:
             return "n/a"
         spread = (max(values) - min(values)) / 2
         return f"{r[key]:.2f}" + (f" ± {spread:.2f}" if len(values) > 1 else "")
+    names = [summary_name(k).removesuffix(" transfer") for k in summaries]
     extra = [k.removeprefix("static:") for k in static] + ["static mean"] if static else []
-    lines = ["| strategy | seeds | samples | FLOPs | compute vs oracle | ID | backward | forward | "
-             "final model, all tasks |" + "".join(f" {name} |" for name in extra),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
+    lines = ["| strategy | seeds | samples | FLOPs | compute vs oracle |"
+             + "".join(f" {name} |" for name in [*names, "final model, all tasks", *extra]),
+             "|---|---:|---:|---:|---:|" + "---:|" * (len(names) + 1 + len(extra))]
     for r in rows:
         r["relative_compute"] = r["flops"] / oracle["flops"] if oracle else None
         relative = "n/a" if oracle is None else f"{r['relative_compute']:.2f}x"
         lines.append(f"| {r['strategy']} | {r['seeds']} | {r['samples']:,.0f} | {r['flops']:.3g} | "
-                     f"{relative} | {fmt(r, 'id')} | {fmt(r, 'backward_transfer')} | "
-                     f"{fmt(r, 'forward_transfer')} | {fmt(r, 'final_mean')} |"
-                     + "".join(f" {fmt(r, k)} |" for k in keys[6:]))
+                     f"{relative} |" + "".join(f" {fmt(r, k)} |" for k in keys[2:]))
     missed = {name: sum(r.get("not_scored", 0) for r in recs) for name, recs in records.items()}
     if any(missed.values()):
         lines.append("\ncells not scored, left out of the means (eval_matrix.json says why): "
@@ -215,7 +229,7 @@ def main(argv):
         raise SystemExit(f"error: --nproc={opts['nproc']} is too small; use at least 1 (the "
                          f"processes of each run)")
     train_args = [arg for arg in argv if arg not in own]  # train.py checks these
-    program = load_module(opts["module"])
+    program = load_modules(opts["module"])
     names = row_names(opts)
     firsts = {name: first_step(name, train_args) for name in names}  # checks every row first
     records = {name: [] for name in names}

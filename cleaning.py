@@ -4,11 +4,11 @@ CLIP's caption cleaning, as open_clip's tokenizer runs it on every caption befor
 ftfy. data.Tokenizer calls clean_text; data.caption mends surrogates with fix_surrogates.
 
 ftfy repairs text that went wrong on its way to us: HTML entities (escaped several times),
-mojibake (UTF-8 decoded with a one-byte codec: "cafÃ©" for "café", "â€™" for "’"), C1 control
-characters (Windows-1252 bytes read as Latin-1), terminal colour codes, UTF-16 surrogates, and
-it straightens quotes, spells out ligatures and full-width forms, drops control characters.
-Deterministic, whatever is installed. Where it differs from ftfy (whose mojibake detector is a
-large heuristic; ours decodes what spells UTF-8 convincingly):
+mojibake (UTF-8 decoded with a one-byte codec: "cafÃ©" for "café", "â€™" for "’"),
+C1 control characters (Windows-1252 bytes read as Latin-1), terminal colour codes, UTF-16
+surrogates; and it straightens quotes, spells out ligatures and full-width forms, drops control
+characters. Deterministic, whatever is installed. Where it differs from ftfy (whose mojibake
+detector is a large heuristic; ours decodes what spells UTF-8 convincingly):
 docs/data.md#captions-cleaned-as-clip-cleans-them.
 """
 import html

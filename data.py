@@ -36,7 +36,7 @@ import tokenizers  # noqa: E402
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's per-channel image statistics
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # what Pillow may decode: never EPS (Ghostscript) and the like
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # all Pillow may decode: not EPS (Ghostscript), ...
 
 # -----------------------------------------------------------------------------
 # Selecting samples by hash

@@ -222,8 +222,8 @@ class Draw:
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    warm_start: bool                               # start from the continue point, else initial/random
-    replay: Callable[[TimeStep], dict[int, float]]  # step -> {s: fraction of step s's data trained on}
+    warm_start: bool                        # start from the continue point, else initial/random
+    replay: Callable[[TimeStep], dict]      # step -> {s: fraction of step s's data trained on}
     budget_units: Callable[[int], int] = lambda t: 1  # the step's budget in units of C
     start_of_step: Callable | None = None  # (start model, step) -> report {"flops", "state"?, ...}
     batch_loss: Callable | None = None     # (model, step) -> loss(batch, out), .flops_per_sample
@@ -359,9 +359,9 @@ def interpolate(previous: dict, trained: dict, alpha: float) -> dict:
 @torch.no_grad()
 def patch(model: CLIP, step: TimeStep) -> dict:
     """Patching's end of step: set model to (1-a) previous + a trained, for the a of patch_alphas
-    with the best patch_metric (mean R@1) on the validation pairs of the steps so far (data.is_validation:
-    training pairs no strategy trains on). Rank 0 chooses a and broadcasts it. The search costs a
-    forward pass per validation pair and coefficient."""
+    with the best patch_metric (mean R@1) on the validation pairs of the steps so far
+    (data.is_validation: training pairs no strategy trains on). Rank 0 chooses a and broadcasts
+    it. The search costs a forward pass per validation pair and coefficient."""
     trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
     previous = {k: v.to(step.device) for k, v in step.previous.items()}
     alphas = numbers(step.config.patch_alphas)
@@ -381,7 +381,7 @@ def patch(model: CLIP, step: TimeStep) -> dict:
                                          max_image_pixels=step.config.max_image_pixels)
             scores[i] = sum(r[step.config.patch_metric] for r in row.values()) / len(row)
             pairs += sum(r["gallery"] for r in row.values())
-        print(f"patching: validation {step.config.patch_metric} by coefficient: "
+        print(f"patching: validation {step.config.patch_metric.replace('_', ' ')} by coefficient: "
               + ", ".join(f"{a:g} {float(v):.2f}" for a, v in zip(alphas, scores)))
     if step.distributed:
         dist.broadcast(scores, 0)
@@ -474,8 +474,9 @@ def step_parts(strategy: Strategy, step: TimeStep) -> list[Part]:
     t's own data (TiC-LM's fixed-ratio replay; Part.share): step t's parts share it, the replayed
     parts the rest, each in proportion to its size."""
     t, new_data_fraction = step.t, step.config.new_data_fraction
+    replay = replay_of(strategy, step)
     parts = [(s, Part(p.name, p.shards, keep_fraction=fraction))
-             for s, fraction in sorted(replay_of(strategy, step).items()) for p in step.step_data[s]]
+             for s, fraction in sorted(replay.items()) for p in step.step_data[s]]
     new, old = [p for s, p in parts if s == t], [p for s, p in parts if s != t]
     totals = [sum(p.n_samples for p in group) for group in (new, old)]
     if new_data_fraction and all(totals):  # with nothing to replay (or nothing new), all of it

@@ -287,7 +287,8 @@ def check_shape(record: dict, path: str, model_cfg: CLIPConfig, model_name: str)
         raise SystemExit(f"error: {path} holds a model of another shape than this run's "
                          f"(--model={model_name} with this tokenizer, or --init's): "
                          f"{'; '.join(differ[:4])} (saved -> this run); rerun as it was trained "
-                         f"(--model={was['model']}{', --loss=' + was['loss'] if 'loss' in was else ''}"
+                         f"(--model={was['model']}"
+                         f"{', --loss=' + was['loss'] if 'loss' in was else ''}"
                          f"{', --init=' + was['init'] if was.get('init') else ''}) or use a new "
                          f"--out_dir")
 

@@ -383,7 +383,7 @@ def train_step(model: CLIP, parts: list[data.Part], budget: int, batch_loss, bef
     ckpt_every = cfg.ckpt_interval_samples // cfg.batch_size  # iterations between them; 0: none
     run_loss = LOSSES[cfg.loss].fn
 
-    def total_loss(batch: dict, out: dict) -> torch.Tensor:  # the run's loss and the strategy's term
+    def total_loss(batch: dict, out: dict) -> torch.Tensor:  # the run's loss, the strategy's term
         loss = run_loss(**out, rank=world.rank, world_size=world.size)
         return loss if batch_loss is None else loss + batch_loss(batch, out)
     t_log, it_log = time.time(), progress.iteration

@@ -11,7 +11,7 @@ the whole batch; with --accum_steps gradient caching passes the bias's gradient 
 scale's (model.forward_backward). Every strategy works with it; export writes the bias as
 open_clip's (init_logit_bias).
 
-    python examples/siglip.py --steps=2018,2019,2020                # as train.py, with --loss=siglip
+    python examples/siglip.py --steps=2018,2019,2020      # as train.py, with --loss=siglip
     python tools/compare.py --module=examples/siglip.py --strategies=sequential,cumulative-all
 """
 import math
@@ -32,7 +32,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     """The sigmoid loss of this process's images against all texts, over this process's batch."""
     texts = model.gather_with_grad(text_features) if world_size > 1 else text_features
     logits = (logit_scale * image_features @ texts.T + logit_bias).float()  # [local, global]
-    local, rows = image_features.shape[0], torch.arange(image_features.shape[0], device=logits.device)
+    local = image_features.shape[0]
+    rows = torch.arange(local, device=logits.device)
     signs = -torch.ones_like(logits)
     signs[rows, rows + rank * local] = 1  # each image's own caption, in the gathered columns
     return -F.logsigmoid(signs * logits).sum() / local

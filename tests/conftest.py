@@ -53,13 +53,17 @@ def run_train(args: list[str], nproc: int | None = None) -> str:
 
 
 def train_in_process(args: list[str]) -> None:
-    """train.main in this process (so a strategy registered by a test is seen), on the CPU, uncompiled."""
+    """train.main in this process (so a strategy registered by a test is seen), on the CPU, uncompiled, on one
+    thread as the subprocesses of ENV: a run here and there gives the same bits."""
+    import torch
     import train
-    previous_handler = signal.getsignal(signal.SIGTERM)  # main installs its own
+    previous_handler, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()  # main installs its own
+    torch.set_num_threads(1)
     try:
         train.main(["--device=cpu", "--compile=false", *args])
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        torch.set_num_threads(threads)
 
 
 def train_stopped(args: list[str], run_dir: str, once_saved: str) -> None:

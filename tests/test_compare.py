@@ -17,14 +17,18 @@ from conftest import ENV, REPO, train_in_process
 
 
 def test_table_relative_compute_and_means():
-    rec = lambda flops, id_: {"samples": flops / 10, "flops": flops, "id": id_, "backward_transfer": 1.0,
-                              "forward_transfer": None, "final_mean": 2.0}
-    rows, table = make_table({"sequential": [rec(100, 10.0), rec(100, 20.0)], "oracle": [rec(300, 30.0)]})
+    rec = lambda flops, id_, **more: {"samples": flops / 10, "flops": flops, "id": id_, "backward_transfer": 1.0,
+                                      "forward_transfer": None, "forgetting": 0.5, "final_mean": 2.0, **more}
+    rows, table = make_table({"sequential": [rec(100, 10.0), rec(100, 20.0)],
+                              "oracle": [rec(300, 30.0, summary_names=["id", "my_number"], my_number=7.0)]})
     seq = rows[0]
     assert seq["id"] == 15.0 and seq["seeds"] == 2 and seq["forward_transfer"] is None
     assert seq["relative_compute"] == pytest.approx(1 / 3)
-    assert "| sequential | 2 | 10 | 100 | 0.33x | 15.00 ± 5.00 | 1.00 ± 0.00 | n/a | 2.00 ± 0.00 |" in table
-    assert "| oracle | 1 | 30 | 300 | 1.00x | 30.00 | 1.00 | n/a | 2.00 |" in table
+    # every summary number a column, a file's own too (evaluate.SUMMARIES, then those the runs name)
+    assert "| ID | backward | forward | forgetting | my number | final model, all tasks |" in table
+    assert "| sequential | 2 | 10 | 100 | 0.33x | 15.00 ± 5.00 | 1.00 ± 0.00 | n/a | 0.50 ± 0.00 | n/a | 2.00 ± 0.00 |" \
+        in table
+    assert "| oracle | 1 | 30 | 300 | 1.00x | 30.00 | 1.00 | n/a | 0.50 | 7.00 | 2.00 |" in table
 
 
 @pytest.mark.slow

@@ -687,8 +687,7 @@ def test_a_run_exported_reads_back_as_the_run_itself(tmp_path, capsys, clip_toke
                            f"--data_root={root}", "--device=cpu"])
             for checkpoint in (run / "step01.pt", out / "open_clip_pytorch_model.bin")]
     assert rows[0] == rows[1] and rows[0]["2020"]["gallery"] == 24
-    initial = train.load_initial(SimpleNamespace(init=str(out / "open_clip_pytorch_model.bin"),
-                                                 quick_gelu="auto", heads="auto"),
+    initial = train.load_initial(train.parse_config([f"--init={out / 'open_clip_pytorch_model.bin'}"]),
                                  tokenizer, SimpleNamespace(master=False))
     assert all(torch.equal(v, initial.state_dict()[k]) for k, v in trained.state_dict().items())
     clip_tokenizer.save(str(tmp_path / "clip.json"))  # another tokenizer: a true refusal

@@ -81,8 +81,12 @@ def test_the_legend_states_summarize_s_means():
     result = a_result()  # cell (i, j) = 10 i + j
     s = result["summary"]
     assert (s["id"], s["backward_transfer"], s["forward_transfer"]) == (11, 17, 5)
-    lines = [text for _, text in pictures.legend_lines(s, initial=False, static=None)]
+    legend = pictures.legend_lines(s, initial=False, static=None)
+    lines = [text for _, text in legend]
     assert [line.split(":")[0] for line in lines] == ["ID 11.00", "backward transfer 17.00",
-                                                      "forward transfer 5.00"]
+                                                      "forward transfer 5.00", "forgetting -10.00"]
+    assert legend[-1][0] is None  # a number of no region of cells: no frame
+    s["my_number"] = 1.5  # a summary row a file added is stated too
+    assert pictures.legend_lines(s, initial=False, static=None)[-1][1] == "my number 1.50"
     static = a_result(static=2)["static"]  # the last row's: 52 and 53
     assert pictures.legend_lines(s, True, static)[-1][1].endswith("after the last step 52.50")

@@ -93,15 +93,18 @@ def stand_in_files(cfg) -> None:
 
 
 @contextlib.contextmanager
-def registered(path: str | None):
-    """A file of examples/ run as a module (its strategies and schedules registered) while the
-    block runs; the tables are put back afterwards."""
+def registered(paths: str | list[str] | None):
+    """Files of examples/ run as modules (their rows registered) while the block runs; the tables
+    are put back afterwards."""
+    import evaluate
+    import model
     import schedules
     import strategies
-    tables = [strategies.STRATEGIES, strategies.SETTINGS, schedules.SCHEDULES, schedules.SETTINGS]
+    tables = [strategies.STRATEGIES, strategies.SETTINGS, schedules.SCHEDULES, schedules.SETTINGS,
+              model.LOSSES, evaluate.SUMMARIES]
     saved = [dict(table) for table in tables]
     try:
-        if path:
+        for path in [paths] if isinstance(paths, str) else paths or []:
             spec = importlib.util.spec_from_file_location("readme_example", os.path.join(REPO, path))
             spec.loader.exec_module(importlib.util.module_from_spec(spec))
         yield

@@ -25,6 +25,7 @@ import torch
 import checkpoints
 import data
 import evaluate
+import model
 import survive
 import synthetic
 import train
@@ -406,14 +407,14 @@ def test_a_failed_append_to_the_log_names_it_and_leaves_no_half_line(tmp_path):
 # ----------------------------------------------------------------------------- numerical faults
 
 def test_nonfinite_loss_skips_its_update_and_a_run_of_them_stops(two_years, tmp_path, monkeypatch):
-    real_loss, calls = train.clip_loss, itertools.count()
+    real_loss, calls = model.clip_loss, itertools.count()
     poisoned = {3, 5, 6, 7}  # iterations (of 8) whose loss is NaN: one alone, then three in a row
 
     def clip_loss(*args, **kwargs):
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if next(calls) in poisoned else loss
 
-    monkeypatch.setattr(train, "clip_loss", clip_loss)
+    monkeypatch.setitem(model.LOSSES, "clip", model.Loss(clip_loss))
     run_dir = str(tmp_path / "run")
     args = [f"--data_root={two_years}", f"--out_dir={run_dir}", "--steps=2018", "--workers=0", *TINY,
             "--ckpt_interval_samples=32", "--keep_checkpoints=10", "--max_nonfinite_in_row=3"]

@@ -38,12 +38,14 @@ import sys
 import time
 from types import SimpleNamespace
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
 import pictures  # noqa: E402
 import schedules  # noqa: E402
 import strategies  # noqa: E402
-from checkpoints import load_checkpoint  # noqa: E402
+from checkpoints import refuse_damaged  # noqa: E402
 from evaluate import (SUMMARIES, read_matrix, step_checkpoint, step_checkpoints,  # noqa: E402
                       summarize, summary_name)
 from settings import MAX_SEED, import_files, parse_flags  # noqa: E402
@@ -164,7 +166,10 @@ def finished(run_dir: str) -> bool:
 def run_record(run_dir: str) -> dict:
     """The compute and evaluation summary of a finished run, from its checkpoints and
     eval_matrix.json: what make_table averages. A cell not scored is left out of the means."""
-    ckpts = [load_checkpoint(path)[1] for path in step_checkpoints(run_dir)]  # CRCs checked
+    for path in step_checkpoints(run_dir):
+        refuse_damaged(path)  # a damaged one is a line, not a traceback
+    ckpts = [torch.load(path, map_location="cpu", weights_only=True)
+             for path in step_checkpoints(run_dir)]
     result = read_matrix(os.path.join(run_dir, "eval_matrix.json"))
     static = result.get("static") or {"tasks": [], "numbers": [[]], "final_mean": None}
     return {"samples": sum(c["samples_seen"] for c in ckpts),

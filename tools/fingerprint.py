@@ -44,7 +44,8 @@ CONFIGS = {  # name: (program, arguments)
     "sequential+const-cooldown+cooled": ("train.py", ["--strategy=sequential",
                                                       "--lr_schedule=const-cooldown",
                                                       "--continue_from=cooled"]),
-    "patching+const-cooldown": ("train.py", ["--strategy=patching", "--lr_schedule=const-cooldown"]),
+    "patching+const-cooldown": ("train.py", ["--strategy=patching",
+                                             "--lr_schedule=const-cooldown"]),
     "ema+rsqrt": ("train.py", ["--strategy=ema", "--lr_schedule=rsqrt"]),
     "ema-from-merge+const-cooldown": ("train.py", ["--strategy=ema-from-merge",
                                                    "--lr_schedule=const-cooldown"]),
@@ -75,9 +76,11 @@ def tensors(obj) -> list[torch.Tensor]:
 
 
 def fingerprint_run(run_dir: str) -> dict:
-    """The run's steps (weights, other tensors, FLOPs, samples) and matrices, as hashes and numbers."""
+    """The run's steps (weights, other tensors, FLOPs, samples) and matrices, as hashes and
+    numbers."""
     steps = []
-    for name in sorted(f for f in os.listdir(run_dir) if f.startswith("step") and f.endswith(".pt")):
+    names = [f for f in os.listdir(run_dir) if f.startswith("step") and f.endswith(".pt")]
+    for name in sorted(names):
         ckpt = torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=True)
         deployed = ckpt.pop("model")
         steps.append({"deployed": hashlib.sha256("".join(
@@ -147,7 +150,8 @@ def main(argv):
                   f"{results[name]['steps'][-1]['deployed']}", flush=True)
     with open(opts["out"], "w") as f:
         json.dump(results, f, indent=1)
-    print(f"{len(results)} configurations in {time.time() - started:.0f}s; written to {opts['out']}")
+    print(f"{len(results)} configurations in {time.time() - started:.0f}s; written to "
+          f"{opts['out']}")
     if opts["compare"]:
         with open(opts["compare"]) as f:
             problems = compare(json.load(f), results)

@@ -20,11 +20,13 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
+from dataclasses import fields
+from types import SimpleNamespace
 
 import torch
 
 import data
-from model import CLIP, CLIPConfig
+from model import CLIP, LOSSES, CLIPConfig
 
 
 # ----------------------------------------------------------------------------- OpenCLIP and OpenAI
@@ -506,7 +508,7 @@ def _check_preprocess(preprocess: dict, cfg: CLIPConfig, source: str) -> None:
                              f"open_clip for this model")
 
 
-def check_tokenizer(cfg: CLIPConfig, tokenizer: data.Tokenizer, tokenizer_path: str,
+def check_tokenizer(cfg: CLIPConfig, tokenizer, tokenizer_path: str,
                     model_path: str) -> None:
     """Refuse, in one line, a tokenizer whose ids the model of cfg cannot read: more ids than it
     embeds, or, where it pools at end-of-text, another end-of-text id."""
@@ -554,3 +556,58 @@ def to_openclip(model: CLIP) -> tuple[dict, dict]:
                            "width": cfg.text_width, "heads": cfg.text_heads,
                            "layers": cfg.text_layers, "mlp_ratio": cfg.mlp_ratio, **text_pool}}
     return state_dict, config
+
+
+def config_differences(saved: dict, cfg: CLIPConfig) -> list[str]:
+    """The fields in which a saved model config (a checkpoint's) differs from cfg, as "field saved
+    -> now"; a field the saved config lacks (written before the field was added) has its default."""
+    return [f"{f.name} {saved.get(f.name, f.default)!r} -> {getattr(cfg, f.name)!r}"
+            for f in fields(CLIPConfig) if saved.get(f.name, f.default) != getattr(cfg, f.name)]
+
+
+# ----------------------------------------------------------------------------- a run's steps
+def step_checkpoint(run: str, t: int) -> str:
+    """RUN/stepNN.pt: the model after time step t (t from 0, NN from 01), as train.py writes it."""
+    return os.path.join(run, f"step{t + 1:02d}.pt")
+
+
+def step_checkpoints(run: str) -> list[str]:
+    """A run's step checkpoints, in step order."""
+    names = sorted(os.listdir(run)) if os.path.isdir(run) else []
+    return [os.path.join(run, f) for f in names if re.fullmatch(r"step\d+\.pt", f)]
+
+
+def cpu_copy(obj):
+    """A copy of a state dict (a model's, an optimizer's) in CPU memory, apart from the live one."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def load_initial(cfg: SimpleNamespace, tokenizer, world) -> CLIP | None:
+    """The initial model (--init), or None. Its shape, activation, context length and end-of-text
+    id come from the file; --model is ignored, with a line saying so."""
+    if not cfg.init:
+        return None
+    quick_gelu = {"auto": None, "true": True, "false": False}[cfg.quick_gelu]
+    model, _ = load_checkpoint(cfg.init, quick_gelu, parse_heads(cfg.heads))
+    shape = model.cfg
+    check_tokenizer(shape, tokenizer, "the run's tokenizer.json", f"--init={cfg.init}")
+    if cfg.max_image_pixels < shape.image_px ** 2:  # check_config knew only --model's size
+        raise SystemExit(f"error: --max_image_pixels={cfg.max_image_pixels} is too small for "
+                         f"--init's {shape.image_px} px images; use at least {shape.image_px ** 2}")
+    if (LOSSES[cfg.loss].init_logit_bias is None) != (shape.init_logit_bias is None):
+        has = "has a logit bias" if shape.init_logit_bias is not None else "has no logit bias"
+        raise SystemExit(f"error: --init's model {has}, which --loss={cfg.loss} does not fit; "
+                         f"pass the loss it was trained with")
+    if world.master:
+        print(f"init {cfg.init}: ViT {shape.vision_layers}x{shape.vision_width} at "
+              f"{shape.image_px} px, patch {shape.patch_px}; text {shape.text_layers}x"
+              f"{shape.text_width}, {shape.context_tokens} tokens; "
+              f"{'QuickGELU' if shape.quick_gelu else 'GELU'} (--model is ignored: the shape is "
+              f"the file's)")
+    return model

@@ -18,15 +18,16 @@ OpenAI checkpoints load onto it name by name (checkpoints.py).
 """
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer
+
+from world import gather_with_grad
 
 
 @dataclass
@@ -88,13 +89,6 @@ def make_config(name: str, **overrides) -> CLIPConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return CLIPConfig(**{**PRESETS[name], **overrides})
-
-
-def config_differences(saved: dict, cfg: CLIPConfig) -> list[str]:
-    """The fields in which a saved model config (a checkpoint's) differs from cfg, as "field saved
-    -> now"; a field the saved config lacks (written before the field was added) has its default."""
-    return [f"{f.name} {saved.get(f.name, f.default)!r} -> {getattr(cfg, f.name)!r}"
-            for f in fields(CLIPConfig) if saved.get(f.name, f.default) != getattr(cfg, f.name)]
 
 
 class QuickGELU(nn.Module):
@@ -327,43 +321,7 @@ def autocast(device: torch.device, precision: str | None = None):
 PRECISIONS = ("bf16", "fp32")
 
 
-def check_device(name: str) -> None:
-    """Refuse in one line a --device that is not one, or that this machine lacks."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: --device={name} is not a device; use cpu or cuda") from None
-    usable = device.type == "cpu" or device.type == "cuda" and torch.cuda.is_available()
-    if not usable:
-        here = "CUDA is" if torch.cuda.is_available() else "no GPU is"
-        raise SystemExit(f"error: --device={name} cannot be used here ({here} visible); "
-                         f"use --device=cpu or cuda")
-
-
 # ----------------------------------------------------------------------------- loss
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All processes' x, concatenated; backward sends each process the gradient of its own x, summed
-    over the processes that used it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[local, ...] features of every process -> [global, ...], in rank order, with gradients: the
-    gradient of a gathered copy flows back to the process that made it."""
-    return _GatherWithGrad.apply(x)
-
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
               rank: int = 0, world_size: int = 1) -> torch.Tensor:

@@ -13,7 +13,7 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-import shards
+import files
 
 FONT = ImageFont.load_default()
 CELL_W, CELL_H, APART = 64, 40, 14  # px: the narrowest cell, a cell's height, a gap that sets apart
@@ -27,8 +27,8 @@ APART_FRAME = "#A0A0A0"  # the cells in no mean: the initial row, the static tas
 
 
 def save(image: Image.Image, path: str) -> None:
-    """Write image as a PNG at path, atomically (shards.write_atomic)."""
-    shards.write_atomic(path, lambda f: image.save(f, format="PNG"))
+    """Write image as a PNG at path, atomically (files.write_atomic)."""
+    files.write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
 def text_px(text: str) -> int:

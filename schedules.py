@@ -143,7 +143,6 @@ class Schedule:
     cooldown: Callable[[float], float] | None = None  # a cooled branch each step: its factor on the
                                                       # trunk's rate at progress 0 <= p < 1
     peak: Callable[[SimpleNamespace, int, int], float] = constant_peak  # (cfg, t, n_steps) -> peak
-    first_step_as: str | None = None    # the row whose first step this one's equals, at any setting
     grown_note: Callable | None = None  # (cfg, step 1's cfg, steps then, now) -> a line, or None
     reads: tuple[str, ...] = ()         # the SETTINGS its rate and peak read (with a cooled branch,
                                         # COOLED_BRANCH's too)
@@ -155,7 +154,7 @@ COOLED_BRANCH = ("cooldown_fraction", "continue_from")  # what every cooled bran
 SCHEDULES = {s.name: s for s in [
     #        name              rate      one optimizer           cooled branch
     Schedule("cosine",         cosine),
-    Schedule("cosine-ar",      cosine,   peak=ar_peak, first_step_as="cosine",
+    Schedule("cosine-ar",      cosine,   peak=ar_peak,
              grown_note=horizon_note, reads=("lr_min_fraction", "ar_horizon")),
     Schedule("const-cooldown", constant, carries_optimizer=True, cooldown=sqrt_cooldown),
     Schedule("rsqrt",          rsqrt,    carries_optimizer=True, cooldown=sqrt_cooldown,
@@ -189,9 +188,6 @@ def check_schedule(cfg: SimpleNamespace) -> None:
             raise SystemExit(f"error: schedule {row.name} has a cooled branch but a new optimizer "
                              f"each step, so the trunk it branches from cannot go on; give it "
                              f"carries_optimizer=True")
-        if row.first_step_as is not None and row.first_step_as not in SCHEDULES:
-            raise SystemExit(f"error: schedule {row.name}: first_step_as={row.first_step_as!r} "
-                             f"is not a schedule; choose one of: {', '.join(SCHEDULES)}")
     get_schedule(cfg.lr_schedule)
     settings.check(SETTINGS, cfg)
     for key, setting in SETTINGS.items():

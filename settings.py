@@ -1,14 +1,14 @@
 """
-The --key=value command line of train.py, evaluate.py and the tools, and the settings that
-strategies and schedules declare beside the code that reads them.
+The --key=value command line of train.py and the tools, and the settings: train.py's, and those
+that strategies and schedules declare beside the code that reads them, each with its default (its
+type), a one-line help (--help lists them) and its check:
 
-    parse_flags(["--lr=1e-3"], {"lr": 5e-4, "seed": 0})   # {"lr": 0.001, "seed": 0}
-
-A strategy's or a schedule's setting is declared with its default, a one-line help and its check:
-    SETTINGS["lwf_weight"] = Setting(1.0, "lwf: weight of the term", lambda w: w >= 0, "0 or more")
-train.py reads it as cfg.lwf_weight, like its own config, and checks it before any compute.
+    SETTINGS["lwf_weight"] = Setting(1.0, "lwf: weight of the term", *at_least(0))
+    cfg = parse_settings(["--lwf_weight=0.5"], SETTINGS)    # cfg.lwf_weight == 0.5
+    check(SETTINGS, cfg)                                     # one line where a value cannot work
 """
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -24,6 +24,33 @@ class Setting:
     check: Callable[[Any], bool] = lambda v: True  # False for a value that cannot work
     use: str = ""                                  # what to use instead, said when check fails
     resolve: Callable[[Any, int], Any] | None = None  # its meaning in a run of n steps, if n counts
+
+
+def at_least(n) -> tuple[Callable, str]:
+    """A Setting's check and use for a number of n or more, finite (nan fails it too)."""
+    return (lambda v: n <= v < math.inf), f"{n} or more"
+
+
+def between(lo, hi, below_hi: bool = False) -> tuple[Callable, str]:
+    """A Setting's check and use for a number from lo to hi (below hi, with below_hi)."""
+    if below_hi:
+        return (lambda v: lo <= v < hi), f"{lo} or more, below {hi}"
+    return (lambda v: lo <= v <= hi), f"from {lo} to {hi}"
+
+
+def parse_settings(argv: list[str], *tables: dict[str, Setting]) -> SimpleNamespace:
+    """The settings of every table (train.py's, the strategies', the schedules') with --key=value
+    overrides, each read as its default's type; --help lists them with their helps. A name two
+    tables declare is a one-line error."""
+    merged = {}
+    for table in tables:
+        clash = merged.keys() & table.keys()
+        if clash:
+            raise SystemExit(f"error: a strategy's or schedule's setting has the name of another "
+                             f"setting: {', '.join(sorted(clash))}; rename it")
+        merged.update(table)
+    return SimpleNamespace(**parse_flags(argv, {k: s.default for k, s in merged.items()},
+                                         {k: s.help for k, s in merged.items()}))
 
 
 def check(settings: dict[str, Setting], cfg: SimpleNamespace) -> None:
@@ -78,3 +105,12 @@ def import_files(paths: list[str], flag: str = "--module") -> None:
         name = "module_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
         spec = importlib.util.spec_from_file_location(name, path)
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def numbers(text: str) -> list[float]:
+    """"0,0.5,1" -> [0.0, 0.5, 1.0]; [nan] where it is not a list of finite numbers."""
+    try:
+        values = [float(a) for a in text.split(",")]
+    except ValueError:
+        return [math.nan]
+    return values if all(math.isfinite(a) for a in values) else [math.nan]

@@ -1,8 +1,7 @@
 """
-Shards and files: every file the program keeps, written atomically (checkpoints, sizes.json,
-eval_matrix.json, shards); the TiC layout (year folders, time steps, sizes.json); and webdataset
-tar shards read from a file or from a command's stdout. data.py builds the training stream and the
-evaluation batches on it; synthetic.py and tools/prepare.py write shards with it. Follows
+Shards: the TiC layout (year folders, time steps, sizes.json), and webdataset tar shards read from
+a file or from a command's stdout, written member by member. data.py builds the training stream and
+the evaluation batches on it; synthetic.py and tools/prepare.py write shards with it. Follows
 webdataset's conventions (a sample's members grouped by key in a tar, "pipe:COMMAND" paths),
 written from scratch.
 
@@ -25,127 +24,16 @@ import sys
 import tarfile
 import tempfile
 import time
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Iterator
+
+from PIL import Image
+
+from files import WriteError, write_json
+from text import fix_surrogates  # CLIP's caption cleaning mends them
 
 
 # -----------------------------------------------------------------------------
-# Writing files
-
-class WriteError(SystemExit):
-    """A file that could not be written (no space, too large, no permission): one line naming it
-    and the cause."""
-
-    def __init__(self, path: str, cause: OSError):
-        super().__init__(f"error: could not write {path}: {cause.strerror or cause}; free some "
-                         f"space or fix the folder's permissions, then rerun")
-
-
-def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """write(f) into a temporary file beside path, then rename it over path: a reader (or a rerun
-    after a kill) sees the old file or the new one, never half of one. A failure leaves no
-    temporary file and is a WriteError; a kill leaves PATH.tmpPID, which remove_stale_temporaries
-    clears once that process is gone."""
-    tmp = f"{path}.tmp{os.getpid()}"  # one per process: ranks writing one file do not collide
-    f = None
-    try:
-        with open(tmp, "wb") as raw:
-            f = KeepsOSError(raw)
-            write(f)
-        os.replace(tmp, path)
-    except Exception as e:
-        cause = f.error if f is not None and f.error else e
-        if not isinstance(cause, OSError):
-            raise
-        raise WriteError(path, cause) from cause
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-class KeepsOSError:
-    """A file that keeps the OS's error of a failed write (no space, too large): torch.save
-    reports it only as "unexpected pos", which says nothing of the cause."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
-def check_writable(path: str) -> None:
-    """Refuse in one line, before any compute, a file that cannot be written at path: a folder
-    there, no folder to hold it, or one that cannot be written (WriteError)."""
-    folder = os.path.dirname(path) or "."
-    if os.path.isdir(path) or not os.path.isdir(folder):
-        why = "it is a folder" if os.path.isdir(path) else f"no folder {folder}"
-        raise SystemExit(f"error: cannot write {path}: {why}; name a file in a folder that exists")
-    probe = f"{path}.tmp{os.getpid()}"  # as write_atomic's: a rerun clears one a kill left
-    try:
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise WriteError(path, e) from e
-
-
-def write_json(path: str, obj) -> None:
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-def append_line(path: str, line: str) -> None:
-    """Append line and a newline to path (a log such as RUN/log.jsonl): all of it, or, where the
-    write fails, none of it and a WriteError naming the file."""
-    data = (line + "\n").encode()
-    try:
-        with open(path, "ab", buffering=0) as f:
-            end = f.seek(0, os.SEEK_END)
-            try:
-                while data:  # a write near a size limit may take only part
-                    data = data[f.write(data):]
-            except OSError:
-                f.truncate(end)  # no half line for a reader of the log to trip on
-                raise
-    except OSError as e:
-        raise WriteError(path, e) from e
-
-
-def remove_stale_temporaries(folder: str) -> list[str]:
-    """Remove the FILE.tmpPID that write_atomic left in folder when a kill stopped process PID,
-    unless that process is still alive (another rank, another run writing there). Returns the
-    names removed."""
-    removed = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if os.path.isfile(os.path.join(folder, name)) and stale_temporary(name):
-            os.remove(os.path.join(folder, name))
-            removed.append(name)
-    return removed
-
-
-def stale_temporary(name: str, stem: str | None = None) -> bool:
-    """Whether name is STEM.tmpPID (of this stem, if given) and process PID is gone: what a kill
-    left half-written."""
-    before, _, pid = name.rpartition(".tmp")
-    return (bool(before) and (stem is None or before == stem) and pid.isdigit()
-            and not _alive(int(pid)))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
+# Writing shards
 
 def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     """Write one member (a sample's image, caption, json) into a tar being written."""
@@ -471,3 +359,107 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             file.close()
     if sample:
         yield key, sample
+
+
+# -----------------------------------------------------------------------------
+# A sample's members: its image, caption(s), class id
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # all Pillow may decode: not EPS (Ghostscript), ...
+
+
+def image_ext(sample: dict[str, bytes]) -> str | None:
+    """The member that holds the sample's image (png, jpg, jpeg or webp), or None."""
+    return next((e for e in IMAGE_EXTS if e in sample), None)
+
+
+def sample_json(sample: dict[str, bytes]) -> dict:
+    """The sample's json member as a dict ({} when it has none or it does not parse)."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (ValueError, RecursionError):  # broken, or nested too deep to parse: as if none
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+MAX_CAPTION_CHARS = 1000  # CLIP reads 77 tokens; more only costs (BPE is quadratic in a word)
+
+
+def caption(sample: dict[str, bytes]) -> str | None:
+    """The caption: the .txt member, else the json's "caption" (TiC-YFCC and TiC-RedCaps shards
+    hold only json); None if neither holds any text. Cut to MAX_CAPTION_CHARS."""
+    text = (sample["txt"].decode("utf-8", errors="replace") if "txt" in sample
+            else sample_json(sample).get("caption"))
+    if not isinstance(text, str):
+        return None
+    # a json may hold surrogates, which no text codec takes: mended as CLIP's cleaning does
+    text = fix_surrogates(text)[:MAX_CAPTION_CHARS].strip()
+    return text or None
+
+
+def first_captions(root: str, years: list[str], n_captions: int,
+                   shard_cmd: str = "") -> Iterator[str]:
+    """The first n_captions captions of these years' training shards, in order (to train a
+    tokenizer on)."""
+    seen = 0
+    for shard, _ in (s for year in years
+                     for s in year_shards(root, year, shard_cmd=shard_cmd)):
+        try:
+            for _, sample in iter_tar(shard):
+                if seen >= n_captions:
+                    return
+                text = caption(sample)
+                if text is not None:
+                    seen += 1
+                    yield text
+        except ShardError as e:  # counted and reported by the training stream
+            print(f"warning: {e} ({e.__cause__})", file=sys.stderr)  # the cause: a command's stderr
+
+
+def captions(sample: dict[str, bytes]) -> list[str] | None:
+    """Every caption of a retrieval sample with several (clip_benchmark's format: the .txt, one
+    per line)."""
+    if "txt" not in sample:
+        return None
+    lines = [caption({"txt": line.encode()})
+             for line in sample["txt"].decode("utf-8", errors="replace").splitlines()]
+    return [line for line in lines if line] or None
+
+
+def class_id(sample: dict[str, bytes]) -> int | None:
+    """The class id of a classification sample: the .cls member, else the json's "cls" field."""
+    value = sample["cls"].decode().strip() if "cls" in sample else sample_json(sample).get("cls")
+    return None if value is None else int(value)
+
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # default cap on decoded pixels; PIL refuses only a bomb's 89M
+
+
+def decode(sample: dict[str, bytes], target: str = "caption", draft_px: int | None = None,
+            max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, str | int] | None:
+    """(image, caption) of a sample, or for target="class" (image, class id), or for
+    target="captions" (image, [caption, ...]); None if either is missing.
+    draft_px: a JPEG at least twice that on both sides is decoded at 1/2, 1/4 or 1/8 scale, never
+    below it. An image of more than max_pixels (after that scaling) raises ValueError before it is
+    decoded."""
+    ext = image_ext(sample)
+    label = {"caption": caption, "class": class_id, "captions": captions}[target](sample)
+    if ext is None or label is None:
+        return None
+    img = Image.open(io.BytesIO(sample[ext]), formats=IMAGE_FORMATS)  # else a counted bad image
+    if draft_px:  # libjpeg's scaled IDCT (docs/results.md, Performance); a no-op for PNGs
+        img.draft("RGB", (draft_px, draft_px))
+    if img.width * img.height > max_pixels:
+        raise ValueError(f"{img.width}x{img.height} pixels, over the cap of {max_pixels} "
+                         f"(--max_image_pixels)")
+    img.load()  # decode now, so a corrupt image fails here and not inside the transform
+    return img, label
+
+
+def check_key(key: str) -> None:
+    """Raise ValueError for a sample whose name in the tar is not UTF-8: tarfile keeps those bytes
+    as lone surrogates, which no hash (keep_sample) or text encoding takes."""
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        raise ValueError("its name in the tar is not UTF-8") from None

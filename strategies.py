@@ -57,21 +57,18 @@ outside. To add a row, write what differs, from a file of your own as examples/ 
 (docs/extending.md walks through them), touching no file here; tools/compare.py --module=FILE
 compares it:
     import math, sys, strategies, train
-    from settings import Setting
+    from settings import Setting, numbers
     strategies.SETTINGS["ewc_weight"] = Setting(1e3, "ewc: the penalty's weight, lambda",
                                                 lambda w: 0 <= w < math.inf, "0 or more")
     strategies.STRATEGIES["ewc"] = strategies.Strategy("ewc", True, strategies.new_only,
                                                        start_of_step=fisher, batch_loss=Penalty)
     train.run(["--strategy=ewc", *sys.argv[1:]])    # python my_file.py --steps=2018,2019
 
-Replay buffers are never materialised: a sample of step s is in the buffer at step t iff
-data.keep_sample(key, fraction, seed) holds, a hash of its key compared with the fraction. So the
-selection needs no index file at any scale, is the same on every rank, and buffers stay nested as
-they shrink: a sample dropped once never comes back, as its hash stays above every smaller
-fraction. data.smallest_hashes gives the fraction that keeps exactly k samples (examples/memory.py).
+Replay buffers are never materialised: a sample of step s is in the buffer at step t iff its hash
+is below the fraction (data.keep_sample): no index file at any scale, the same on every rank, and
+nested as buffers shrink. data.smallest_hashes gives the fraction that keeps exactly k samples.
 """
 import hashlib
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -79,14 +76,14 @@ from types import SimpleNamespace
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+import checks
 import evaluate
-import settings
-from data import Part, Tokenizer, TrainStream, normalize_images, smallest_hashes
+from data import Part, Tokenizer, TrainStream, on_device, smallest_hashes
+from faults import check_bad
 from model import CLIP, LOSSES, CLIPConfig, forward_backward
-from settings import Setting
+from settings import Setting, numbers
 
 SETTINGS = {}  # train.py's settings that strategies read as step.config.KEY, beside their code
 
@@ -182,13 +179,7 @@ class TimeStep:
                  for k, p in params.items()}
         for k, p in params.items():
             p.grad = kept[k]
-        if self.distributed:  # one all-reduce of all of them, then the mean
-            flat = torch.cat([g.flatten() for g in grads.values()])
-            dist.all_reduce(flat)
-            flat /= world.size
-            grads = dict(zip(grads, flat.split([g.numel() for g in grads.values()])))
-            grads = {k: g.view_as(params[k]) for k, g in grads.items()}
-        return grads
+        return world.mean_over_processes(grads)
 
 
 class Draw:
@@ -211,12 +202,9 @@ class Draw:
         images, tokens, faults = next(self.batches)
         self.next = i + 1
         self.step.faults.update(faults)  # with the step's: reported, saved, checked
-        if images is None:
-            raise SystemExit(f"error: step {self.step.t + 1}: the batches drawn for {self.name} "
-                             f"met too much bad data ({dict(faults)}); fix or drop the shards "
-                             f"named above")
-        return {"images": normalize_images(images.to(self.step.device)),
-                "tokens": tokens.to(self.step.device)}
+        check_bad(self.step.faults, images is None, self.stream.min_read,
+                  self.step.config.max_bad_fraction, f"step {self.step.t + 1} ({self.name})")
+        return on_device(images, tokens, self.step.device)
 
 
 @dataclass(frozen=True)
@@ -233,64 +221,18 @@ class Strategy:
                                            # made (patching), or from the trained one (False: ema)
 
 
-def check_strategy(strategy: Strategy, step_names: list[str], step_data: list[list[Part]],
-                   config: SimpleNamespace) -> None:
-    """Refuse, at start-up, a row whose budget at a step of the run, or whose data at the first
-    step, the loop cannot use (its data at a later step is checked then: replay_of)."""
-    replay_of(strategy, TimeStep(0, step_names, step_data, config, None, None))
-    for t in range(len(step_names)):
-        units = strategy.budget_units(t)
-        if not isinstance(units, int) or units < 1:
-            raise SystemExit(f"error: strategy {strategy.name}: budget_units({t}) = {units!r}; "
-                             f"return a whole number of budgets C, 1 or more")
-
-
 def act(strategy: Strategy, hook: str, model: CLIP, step: TimeStep) -> dict:
     """Run the strategy's start_of_step or end_of_step on model. Its "state" becomes step.state;
     the rest of its report is returned, checked to declare its compute and to be loggable."""
-    report = getattr(strategy, hook)(model, step)
-    flops = report.get("flops") if isinstance(report, dict) else None
-    if not isinstance(flops, (int, float)) or not 0 <= flops < math.inf:
-        raise SystemExit(f"error: strategy {strategy.name}: {hook} returned {str(report)[:80]}; "
-                         f"return a dict with 'flops', the compute it spent (0 if none), and any "
-                         f"other numbers to report")
-    if "state" in report:
-        if not isinstance(report["state"], dict) or not plain(report["state"]):
-            raise SystemExit(f"error: strategy {strategy.name}: {hook}'s 'state' is not a dict of "
-                             f"tensors, numbers, strings and containers, so it could not be read "
-                             f"back from stepNN.pt; convert what else it holds (a numpy array: "
-                             f"torch.from_numpy)")
-        step.state = report["state"]
-    report = {k: v for k, v in report.items() if k != "state"}
-    try:
-        json.dumps(report)
-    except TypeError:
-        raise SystemExit(f"error: strategy {strategy.name}: {hook}'s report {str(report)[:80]} "
-                         f"is logged as JSON; return numbers and strings there, and keep tensors "
-                         f"in 'state'") from None
+    report = checks.check_report(strategy.name, hook, getattr(strategy, hook)(model, step))
+    step.state = report.pop("state", step.state)
     return report
-
-
-def plain(obj) -> bool:
-    """Does obj hold only what torch.load(weights_only=True) reads back: tensors, numbers, strings,
-    None, and dicts, lists and tuples of them?"""
-    if isinstance(obj, dict):
-        return all(plain(k) and plain(v) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return all(plain(v) for v in obj)
-    return obj is None or isinstance(obj, torch.Tensor) or type(obj) in (int, float, bool, str)
 
 
 def make_hook(strategy: Strategy, hook: str, model: CLIP, step: TimeStep):
     """The strategy's batch_loss or before_update for this step, checked to declare its compute
     per sample."""
-    made = getattr(strategy, hook)(model, step)
-    flops = getattr(made, "flops_per_sample", None)
-    if not isinstance(flops, (int, float)) or not 0 <= flops < math.inf:
-        raise SystemExit(f"error: strategy {strategy.name}: its {hook} has no "
-                         f"flops_per_sample; set it to the compute it adds per sample (0 if none), "
-                         f"e.g. a teacher's forward pass")
-    return made
+    return checks.check_per_sample(strategy.name, hook, getattr(strategy, hook)(model, step))
 
 
 # ----------------------------------------------------------------------------- lwf
@@ -329,15 +271,6 @@ class Distillation:
 
 
 # ----------------------------------------------------------------------------- patching
-def numbers(text: str) -> list[float]:
-    """"0,0.5,1" -> [0.0, 0.5, 1.0]; [nan] where it is not a list of finite numbers."""
-    try:
-        values = [float(a) for a in text.split(",")]
-    except ValueError:
-        return [math.nan]
-    return values if all(math.isfinite(a) for a in values) else [math.nan]
-
-
 SETTINGS["patch_alphas"] = Setting("0,0.25,0.5,0.75,1",
                                    "patching: coefficients a tried, (1-a) previous + a trained",
                                    lambda text: all(0 <= a <= 1 for a in numbers(text)),
@@ -383,8 +316,7 @@ def patch(model: CLIP, step: TimeStep) -> dict:
             pairs += sum(r["gallery"] for r in row.values())
         print(f"patching: validation {step.config.patch_metric.replace('_', ' ')} by coefficient: "
               + ", ".join(f"{a:g} {float(v):.2f}" for a, v in zip(alphas, scores)))
-    if step.distributed:
-        dist.broadcast(scores, 0)
+    step.world.broadcast(scores)  # rank 0's, to every process
     best = alphas[int(scores.argmax())]
     model.load_state_dict(interpolate(previous, trained, best))
     return {"patch_alpha": best, "flops": pairs * model.flops_per_pair()}
@@ -409,16 +341,25 @@ def merge(model: CLIP, step: TimeStep) -> dict:
 
 
 # ----------------------------------------------------------------------------- the continue point
-def continue_point(strategy: Strategy, record: dict, deployed: dict) -> dict:
-    """What a warm start after this step goes on from: {"model", "optimizer", "iterations"}. A
-    schedule that carries its optimizer wrote it as record["continue_point"]
-    (train.next_continue_point); else the weights alone: the deployed model, or the trained one
-    (record["trained"]) for a strategy that goes on from it after its end-of-step action (ema)."""
-    if record.get("continue_point"):
-        return record["continue_point"]
-    trained = record.get("trained")
-    weights = deployed if trained is None or strategy.continue_from_deployed else trained
-    return {"model": weights, "optimizer": None, "iterations": None}
+def continue_point(strategy: Strategy, trained: dict, deployed: dict, carried: dict | None,
+                   config: SimpleNamespace) -> dict | None:
+    """What the next step goes on from, the continue point: {"model", "optimizer", "iterations"}
+    (optimizer and iterations None where the schedule starts a new optimizer each step). The one
+    place this is decided:
+      - none for a strategy that starts every step afresh (restart, oracle);
+      - the model the end-of-step action made, for a strategy that goes on from it (patching,
+        ema-from-merge: continue_from_deployed); else the trained model (ema);
+      - where the schedule carries its optimizer (carried: {"optimizer", "iterations", "trunk"}),
+        that optimizer with it; or the trunk where the cooled branch began, weights and optimizer
+        (continue_from=trunk), when the next step goes on from the trained model."""
+    if not strategy.warm_start:
+        return None
+    model = deployed if strategy.continue_from_deployed else trained
+    if carried is None:
+        return {"model": model, "optimizer": None, "iterations": None}
+    if carried["trunk"] is not None and config.continue_from == "trunk" and model is trained:
+        return carried["trunk"]
+    return {"model": model, "optimizer": carried["optimizer"], "iterations": carried["iterations"]}
 
 
 # ----------------------------------------------------------------------------- the table
@@ -444,13 +385,6 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
-def check_settings(config: SimpleNamespace) -> None:
-    """The chosen strategy and every strategy setting, refused before any compute if they cannot
-    work."""
-    get_strategy(config.strategy)
-    settings.check(SETTINGS, config)
-
-
 SETTINGS["new_data_fraction"] = Setting(0.0, "share of each step's samples from its new data "
                                         "(0: in proportion to sizes)", lambda f: 0 <= f <= 1,
                                         "0 (in proportion to sizes) or a share above 0, at most 1")
@@ -458,13 +392,15 @@ SETTINGS["new_data_fraction"] = Setting(0.0, "share of each step's samples from 
 
 def replay_of(strategy: Strategy, step: TimeStep) -> dict[int, float]:
     """The strategy's replay at step, checked to be what step_parts can use."""
-    t, replay = step.t, strategy.replay(step)
-    if not isinstance(replay, dict) or t not in replay or not all(
-            type(s) is int and 0 <= s <= t and 0 < f <= 1 for s, f in replay.items()):
-        raise SystemExit(f"error: strategy {strategy.name}: replay at step {t} = {replay!r}; "
-                         f"return {{step s <= {t}: fraction of its data, above 0, at most 1}}, "
-                         f"step {t} (the new data) included")
-    return replay
+    return checks.check_replay(strategy.name, step.t, strategy.replay(step))
+
+
+def check_strategy(strategy: Strategy, step_names: list[str], step_data: list,
+                   config: SimpleNamespace) -> None:
+    """Refuse, at start-up, a row whose budget at a step of the run, or whose data at the first
+    step, the loop cannot use (its data at a later step is checked then: replay_of)."""
+    replay_of(strategy, TimeStep(0, step_names, step_data, config, None, None))
+    checks.check_budget(strategy.name, [strategy.budget_units(t) for t in range(len(step_names))])
 
 
 def step_parts(strategy: Strategy, step: TimeStep) -> list[Part]:

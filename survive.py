@@ -1,25 +1,23 @@
 """
-Surviving kills and bad data: what lets a long run on preemptible nodes stop and go on exactly,
-and stop with a clear error when its data or its losses go bad. train.py's loop calls it in a line
-or two at each place; docs/faults.md lists every case.
+Surviving kills, bad numbers and reruns: what lets a long run on preemptible nodes stop and go on
+exactly, and a rerun of a command go on where it stopped. train.py's loop calls it in a line at
+each place; docs/faults.md lists every case.
 
-- SIGTERM (a cluster's preemption notice) sets a flag; every rank stops at the same log interval,
-  after saving.
-- Exact resume. StepState is a step in progress beyond its model and optimizer (iteration, time
-  trained, skipped data, non-finite losses, the trunk of a schedule that carries its optimizer),
-  saved with them and the RNG states in RUN/resume/stepNN-IIIIIII.pt every ckpt_interval_samples.
-  A rerun of the same command loads the newest, and the loader remakes the data from that batch
-  on (data.TrainStream), so the run goes on bitwise where it stopped. What a strategy's
-  start-of-step action left is kept beside them (RUN/resume/stepNN-start.pt), so a resumed step
-  does not do it again.
-- Bad data (corrupt images, broken shards) is counted per rank and stops the run past
-  max_bad_fraction; a non-finite loss skips its update and stops the run after
-  max_nonfinite_in_row in a row.
-- A checkpoint from another run (another model shape, other time steps) is refused in one line.
+- The run folder is made, locked (a second process on it is refused) and cleared of what a kill
+  left half-written (open_run_folder). RUN/run.json says what its numbers depend on, and a rerun
+  that differs is refused in one line (check_run_definition).
+- Exact resume. StepProgress is a step in progress beyond its model and optimizer (iteration, time
+  trained, non-finite losses, the trunk of a schedule that carries its optimizer), saved with them,
+  the fault counts and the RNG states in RUN/resume/stepNN-IIIIIII.pt every ckpt_interval_samples
+  and at SIGTERM (world.py). A rerun of the same command loads the newest, and the loader remakes
+  the data from that batch on (data.TrainStream), so the run goes on bitwise where it stopped.
+  What a strategy's start-of-step action left is kept beside them (RUN/resume/stepNN-start.pt), so
+  a resumed step does not do it again. A finished step is RUN/stepNN.pt (save_step, load_step).
+- A non-finite loss skips its update and stops the run after max_nonfinite_in_row in a row; bad
+  data is counted in faults.py.
 - Every checkpoint is verified before it is read (checkpoints.verify_checkpoint): a damaged resume
-  checkpoint is set aside and the one before is used.
-- A run folder answers for one command: RUN/run.json says what its numbers depend on, and a rerun
-  that differs is refused in one line; a second process on a folder in use is refused too.
+  checkpoint is set aside and the one before is used. A checkpoint of another run (another model
+  shape, other time steps) is refused in one line.
 
 `world` below is a world.World: rank, size, device, master, gather.
 """
@@ -39,33 +37,91 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-import data
-import evaluate
+import files
+import report
 import schedules
 import shards
-import strategies
-from checkpoints import read_verified
-from model import CLIP, CLIPConfig, config_differences
+from checkpoints import (config_differences, cpu_copy, load_checkpoint, read_verified,
+                         step_checkpoint, step_checkpoints)
+from faults import check_bad
+from model import CLIP, CLIPConfig
 
 
-# ----------------------------------------------------------------------------- stopping when asked
-sigterm = False  # set by a preemption notice; acted on at the next log interval
+# ----------------------------------------------------------------------------- the run folder
+def run_folder(cfg: SimpleNamespace) -> str:
+    return cfg.out_dir or os.path.join("runs", cfg.strategy)
 
 
-def on_sigterm(signum, frame) -> None:
-    global sigterm
-    sigterm = True
+def open_run_folder(cfg: SimpleNamespace, world) -> str:
+    """The run folder (--out_dir, else runs/STRATEGY): made if it is new, checked writable, locked
+    (a second run there is refused), and cleared of the temporary files killed processes left
+    (files.write_atomic). Rank 0 does it; every rank returns its path."""
+    run_dir = run_folder(cfg)
+    if world.master:
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise SystemExit(f"error: --out_dir={run_dir} is a file, not a folder; "
+                             f"pick another --out_dir")
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: cannot make the run folder {run_dir}: {e.strerror}; "
+                             f"pick another --out_dir")
+        probe = os.path.join(run_dir, ".writable")
+        files.write_atomic(probe, lambda f: None)  # a WriteError line if it is not
+        os.remove(probe)
+        lock_run_folder(run_dir)  # a second run in this folder is refused
+        for folder in (run_dir, os.path.join(run_dir, "resume")):
+            removed = files.remove_stale_temporaries(folder)
+            if removed:
+                print(f"{folder}: removed {len(removed)} temporary file(s) that killed processes "
+                      f"left ({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
+    world.barrier()
+    return run_dir
 
 
-def stop_requested(world) -> bool:
-    return any(world.gather(sigterm))  # SIGTERM on any rank: every rank stops at the same iteration
+# ----------------------------------------------------------------------------- a finished step
+def save_step(path: str, model: CLIP, deployed: dict, step, record: dict) -> None:
+    """RUN/stepNN.pt: the deployed model (model's weights, on the CPU) and the step's record,
+    written by rank 0 with a line giving its size, once every process holds the same weights; the
+    step's resume checkpoints go."""
+    world = step.world
+    world.check_same_weights(model, f"step {step.t + 1} ({step.step_names[step.t]}), at its end")
+    if world.master:  # deployed may also be the continue point's model: torch.save stores it once
+        ckpt = {"model": deployed, "model_config": asdict(model.cfg), "config": vars(step.config),
+                **record}
+        files.write_atomic(path, lambda f: torch.save(ckpt, f))
+        StepProgress.clear(os.path.dirname(path), step.t)
+        kept = report.tensor_bytes(record["state"])
+        print(f"saved {path}: {os.path.getsize(path) / 1e6:.1f} MB"
+              + (f", of which the strategy's state {kept / 1e6:.1f} MB" if kept else ""))
+
+
+def load_step(path: str, step, model_cfg: CLIPConfig) -> tuple[CLIP, dict, dict]:
+    """The model (on the device), its weights on the CPU and the record of a step an earlier run of
+    this command finished, checked to belong to this run; the step's resume checkpoints go (a kill
+    between stepNN.pt and their removal leaves them). A grown run says where that moved its
+    schedule."""
+    model, record = load_checkpoint(path)
+    step_years = [[p.name for p in parts] for parts in step.step_data]
+    check_shape(record, path, model_cfg, step.config.model)
+    check_steps(record, path, step_years)
+    if step.master:
+        StepProgress.clear(os.path.dirname(path), step.t)
+        print(f"step {step.t + 1}/{len(step.step_names)} ({step.step_names[step.t]}): "
+              f"done already ({path})")
+        grown_note = schedules.get_schedule(step.config.lr_schedule).grown_note
+        note = step.t == 0 and grown_note and grown_note(
+            step.config, record["config"], len(record["steps"]), len(step_years))  # from step 1's
+        if note:
+            print(note)
+    return model.to(step.device), cpu_copy(model.state_dict()), record
 
 
 # ----------------------------------------------------------------------------- a step in progress
 def resume_checkpoint(run_dir: str, t: int, iteration: int | None = None) -> str:
     """RUN/resume/stepNN-IIIIIII.pt: time step t's checkpoint at iteration IIIIIII, named after the
     RUN/stepNN.pt it leads to; with no iteration, the prefix that all of step t's share."""
-    stem = os.path.basename(evaluate.step_checkpoint(run_dir, t)).removesuffix(".pt")
+    stem = os.path.basename(step_checkpoint(run_dir, t)).removesuffix(".pt")
     return os.path.join(run_dir, "resume",
                         f"{stem}-" + ("" if iteration is None else f"{iteration:07d}.pt"))
 
@@ -79,9 +135,34 @@ def resume_checkpoints(run_dir: str, t: int) -> list[str]:
 
 
 def start_checkpoint(run_dir: str, t: int) -> str:
-    """RUN/resume/stepNN-start.pt: what step t's start-of-step action left (train.py's
-    begin_step), kept until the step ends so that a resumed step does not do it again."""
+    """RUN/resume/stepNN-start.pt: what step t's start-of-step action left (start_of_step), kept
+    until the step ends so that a resumed step does not do it again."""
     return resume_checkpoint(run_dir, t) + "start.pt"
+
+
+def start_of_step(action, step, run_dir: str) -> dict:
+    """The strategy's start-of-step action (action(): its report), done once a step: its report,
+    the strategy's state and the RNG state it left are kept in RUN/resume until the step ends, and
+    a resumed step takes them from there instead of doing it again."""
+    world, path = step.world, start_checkpoint(run_dir, step.t)
+    kept = load_start(path, step.config, world)
+    world.barrier()  # every rank has looked before rank 0 writes it
+    if kept:
+        torch.set_rng_state(kept["rng_cpu"])
+        if world.device.type == "cuda" and kept["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(kept["rng_cuda"], world.device)
+        step.state = kept["state"]
+        return kept["report"]
+    report_ = action()
+    step.state = cpu_copy(step.state)
+    if world.master:
+        cuda = world.device.type == "cuda"
+        kept = {"report": report_, "state": step.state, "config": vars(step.config),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(world.device) if cuda else None}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        files.write_atomic(path, lambda f: torch.save(kept, f))
+    return report_
 
 
 def load_start(path: str, cfg: SimpleNamespace, world) -> dict | None:
@@ -121,29 +202,36 @@ def note_changes(old: dict, cfg: SimpleNamespace, world) -> None:
 
 
 @dataclass
-class StepState:
+class StepProgress:
     """A step in progress, beyond its model and optimizer: where it is, how long it has trained,
-    the data it skipped and the non-finite losses it met. Saved with them in resume checkpoints
-    (see the module docstring); checked once per log interval, so broken data or a diverging run
-    stops with a clear error."""
-    iteration: int = 0       # optimizer steps done
-    train_s: float = 0.0     # seconds trained by earlier processes (a resumed step)
-    faults: Counter = field(default_factory=Counter)  # this rank's skipped data (data.FAULTS kinds)
+    the non-finite losses it met, the trunk where its cooled branch began (schedules.py), and, once
+    it ends, what it carries to the next step. Saved with them and the step's fault counts in
+    resume checkpoints (see the module docstring); once per log interval (after_update) it checks
+    the counts, logs, saves and stops where asked, so broken data, a diverging run or a preemption
+    stops with a clear line."""
+    run_dir: str = ""
+    step: object = None       # strategies.TimeStep: the step's settings, processes, fault counts
+    n_iters: int = 0          # the step's iterations
+    log: object = None        # report.run_log's log(record)
+    iteration: int = 0        # optimizer steps done
+    train_s: float = 0.0      # seconds trained by earlier processes (a resumed step)
     nonfinite: torch.Tensor | int = 0  # non-finite losses so far; on the device: no sync a step
     in_row: torch.Tensor | int = 0     # ... and in a row; both read once per log interval
     worst_row: torch.Tensor | int = 0  # the longest run of non-finite losses since the last check
-    path: str | None = None  # the resume checkpoint it was loaded from
-    trunk: dict | None = None  # the trunk (schedules.py): model and optimizer where cooldown began
-    end: dict | None = None    # ... and the optimizer at the step's end
+    path: str | None = None   # the resume checkpoint it was loaded from
+    trunk: dict | None = None  # model and optimizer where the cooled branch left the trunk
+    carried: dict | None = None  # at the end: {"optimizer", "iterations", "trunk"} or None
+    interval: object = None   # report.IntervalLog: the line and record of each log interval
     started: float = field(default_factory=time.time)
 
     @classmethod
-    def resume(cls, run_dir: str, t: int, model: CLIP, optimizer, cfg: SimpleNamespace,
-               world, faults: Counter) -> "StepState":
-        """The state of the newest of step t's resume checkpoints that loads (rank 0 chooses, so
-        every rank resumes from the same one), with its weights, optimizer and RNG put back; a
-        fresh state if none. faults: the step's count of this process's bad data (TimeStep's),
-        which the state keeps and a resumed step starts from its saved value."""
+    def resume(cls, run_dir: str, step, model: CLIP, optimizer, n_iters: int,
+               log) -> "StepProgress":
+        """The progress of the newest of the step's resume checkpoints that loads (rank 0 chooses,
+        so every rank resumes from the same one), with its weights, optimizer, RNG and fault
+        counts (step.faults, each rank its own) put back, said in a line; from the start if
+        none."""
+        world, cfg, t = step.world, step.config, step.t
         ckpt, path = None, None
         if world.master:
             for path in resume_checkpoints(run_dir, t):
@@ -159,40 +247,54 @@ class StepState:
             dist.broadcast_object_list(chosen, 0)
             path = chosen[0]
             ckpt = read_verified(path) if path and not world.master else ckpt
-        if not ckpt:
-            return cls(faults=faults).on(world.device)
-        check_shape(ckpt, path, model.cfg, cfg.model)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if world.device.type == "cuda" and ckpt["rng_cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], world.device)
-        faults.clear()
-        faults.update(ckpt["faults"][world.rank]  # each rank its own
-                      if world.rank < len(ckpt["faults"]) else {})
-        note_changes(ckpt["config"], cfg, world)
-        state = cls(iteration=ckpt["iteration"], train_s=ckpt["train_s"], faults=faults,
-                    nonfinite=ckpt["nonfinite"], in_row=ckpt["nonfinite_in_row"], path=path,
-                    trunk=ckpt.get("trunk"))
-        return state.on(world.device)
+        progress = cls(run_dir, step, n_iters, log)
+        if ckpt:
+            check_shape(ckpt, path, model.cfg, cfg.model)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng_cpu"])
+            if world.device.type == "cuda" and ckpt["rng_cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng_cuda"], world.device)
+            step.faults.clear()
+            step.faults.update(ckpt["faults"][world.rank]  # each rank its own
+                               if world.rank < len(ckpt["faults"]) else {})
+            note_changes(ckpt["config"], cfg, world)
+            progress = cls(run_dir, step, n_iters, log, ckpt["iteration"], ckpt["train_s"],
+                           ckpt["nonfinite"], ckpt["nonfinite_in_row"], path=path,
+                           trunk=ckpt.get("trunk"))
+            print(f"rank {world.rank}: {progress.where}: resuming at sample "
+                  f"{progress.iteration * cfg.batch_size} of {n_iters * cfg.batch_size} from "
+                  f"{path}")
+            log({"event": "resume", "time_step": t + 1,
+                 "samples": progress.iteration * cfg.batch_size, "checkpoint": path})
+        progress.interval = report.IntervalLog(step, n_iters, progress.iteration, log)
+        return progress.on(world.device)
 
-    def on(self, device: torch.device) -> "StepState":
+    def on(self, device: torch.device) -> "StepProgress":
+        """Its non-finite counts on the device, where they are counted without a sync a step."""
         self.nonfinite = torch.tensor(self.nonfinite, device=device)
         self.in_row = torch.tensor(self.in_row, device=device)
         self.worst_row = self.in_row.clone()
         return self
 
-    def count_faults(self, new_faults: dict, gave_up: bool, min_read: int, cfg: SimpleNamespace,
-                     where: str) -> None:
-        """Add the faults that came with a batch (counted in the loader's workers); SystemExit past
-        max_bad_fraction of the samples read (data.too_much_bad), or where a loader worker gave up
-        (it sends no batch then)."""
-        self.faults.update(new_faults)
-        bad, read = self.faults["bad_samples"], self.faults["samples"]
-        if gave_up or data.too_much_bad(bad, read, cfg.max_bad_fraction, min_read):
-            raise SystemExit(f"error: {where}: {bad} of {read} samples read were bad "
-                             f"({fault_summary(self.faults)}), over --max_bad_fraction="
-                             f"{cfg.max_bad_fraction}; fix or drop the shards named above")
+    @property
+    def where(self) -> str:
+        return f"step {self.step.t + 1} ({self.step.step_names[self.step.t]})"
+
+    def count_faults(self, new_faults: dict, gave_up: bool, min_read: int) -> None:
+        """Add the faults that came with a batch (counted in the loader's workers) to the step's;
+        SystemExit past max_bad_fraction of the samples read, or where a worker gave up."""
+        self.step.faults.update(new_faults)
+        check_bad(self.step.faults, gave_up, min_read, self.step.config.max_bad_fraction,
+                  self.where)
+
+    def keep_trunk(self, it: int, schedule, model: CLIP, optimizer) -> None:
+        """Where the cooled branch leaves the trunk (a schedule that carries its optimizer), keep
+        the trunk: its model, its optimizer and the iterations that optimizer has done."""
+        if schedule.row.carries_optimizer and it == schedule.cooldown_start:
+            self.trunk = {"model": cpu_copy(model.state_dict()),
+                          "optimizer": cpu_copy(optimizer.state_dict()),
+                          "iterations": schedule.before + it}
 
     def optimizer_step(self, model: CLIP, optimizer) -> None:
         """optimizer.step(), skipped where the loss or a gradient is not finite (the same on every
@@ -208,34 +310,68 @@ class StepState:
         self.in_row = (self.in_row + 1) * bad
         self.worst_row = torch.maximum(self.worst_row, self.in_row)
 
-    def check_nonfinite(self, run_dir: str, t: int, cfg: SimpleNamespace, where: str) -> None:
+    def after_update(self, it: int, loss: torch.Tensor, lr: float, model: CLIP,
+                     optimizer) -> bool:
+        """The end of iteration it: once per log interval read the device's counters, log, save a
+        resume checkpoint when one is due, and stop if asked (SIGTERM on any rank: True, saved)."""
+        cfg, world = self.step.config, self.step.world
+        self.iteration = it + 1
+        ckpt_every = cfg.ckpt_interval_samples // cfg.batch_size  # iterations between; 0: none
+        log_due = self.iteration % cfg.log_interval == 0 or self.iteration == self.n_iters
+        ckpt_due = ckpt_every > 0 and self.iteration % ckpt_every == 0 \
+            and self.iteration < self.n_iters
+        if not (log_due or ckpt_due):
+            return False
+        self.check_nonfinite()
+        stop = world.stop_requested()
+        if log_due:
+            self.interval(self.iteration, loss, lr, model)
+        if ckpt_due or stop:
+            saved = self.save(model, optimizer)
+        if stop and world.master:
+            print(f"SIGTERM: saved {saved} at sample {self.iteration * cfg.batch_size} of step "
+                  f"{self.step.t + 1}; rerun the same command to continue")
+        return stop
+
+    def check_nonfinite(self) -> None:
+        cfg = self.step.config
         if int(self.worst_row) >= cfg.max_nonfinite_in_row:
-            last = next(iter(resume_checkpoints(run_dir, t)
-                             + evaluate.step_checkpoints(run_dir)[::-1]), "none")
-            raise SystemExit(f"error: {where}: {int(self.worst_row)} non-finite losses in a row by "
-                             f"sample {self.iteration * cfg.batch_size}; stopped with the last "
-                             f"good checkpoint ({last}) intact; lower --lr or check the data, "
-                             f"then rerun")
+            last = next(iter(resume_checkpoints(self.run_dir, self.step.t)
+                             + step_checkpoints(self.run_dir)[::-1]), "none")
+            raise SystemExit(f"error: {self.where}: {int(self.worst_row)} non-finite losses in a "
+                             f"row by sample {self.iteration * cfg.batch_size}; stopped with the "
+                             f"last good checkpoint ({last}) intact; lower --lr or check the "
+                             f"data, then rerun")
         self.worst_row = self.in_row.clone()
+
+    def finish(self, schedule, optimizer) -> "StepProgress":
+        """The step's end: what a schedule that carries its optimizer hands on (the optimizer, the
+        iterations it has done, the trunk)."""
+        if schedule.row.carries_optimizer:
+            self.carried = {"optimizer": cpu_copy(optimizer.state_dict()),
+                            "iterations": schedule.before + self.n_iters, "trunk": self.trunk}
+        return self
 
     def seconds(self) -> float:
         return self.train_s + time.time() - self.started
 
-    def summary(self, world) -> dict:
+    def summary(self) -> dict:
         """What the finished step reports and records: its training time, the faults of all ranks,
         its non-finite losses."""
-        faults = sum((Counter(f) for f in world.gather(dict(self.faults))), Counter())
+        faults = sum((Counter(f) for f in self.step.world.gather(dict(self.step.faults))),
+                     Counter())
         return {"train_s": self.seconds(), "faults": dict(faults), "nonfinite": int(self.nonfinite)}
 
-    def save(self, run_dir: str, t: int, model: CLIP, optimizer, cfg: SimpleNamespace,
-             world) -> str | None:
-        """Write RUN/resume/stepNN-ITERATION.pt and return its path (rank 0 writes it and keeps the
-        newest keep_checkpoints; the other ranks send their fault counts and return None)."""
+    def save(self, model: CLIP, optimizer) -> str | None:
+        """Write RUN/resume/stepNN-ITERATION.pt, once every process holds the same weights, and
+        return its path (rank 0 writes it and keeps the newest keep_checkpoints; the other ranks
+        send their fault counts and return None)."""
+        cfg, world, t = self.step.config, self.step.world, self.step.t
         world.check_same_weights(model, f"step {t + 1}, sample {self.iteration * cfg.batch_size}")
-        all_faults = world.gather(dict(self.faults))  # each rank resumes with its own counts
+        all_faults = world.gather(dict(self.step.faults))  # each rank resumes with its own counts
         if not world.master:
             return None
-        path = resume_checkpoint(run_dir, t, self.iteration)
+        path = resume_checkpoint(self.run_dir, t, self.iteration)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "model_config": asdict(model.cfg), "config": vars(cfg), "time_step": t + 1,
@@ -245,8 +381,8 @@ class StepState:
                 "trunk": self.trunk, "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": (torch.cuda.get_rng_state(world.device)
                              if world.device.type == "cuda" else None)}
-        shards.write_atomic(path, lambda f: torch.save(ckpt, f))
-        for old in resume_checkpoints(run_dir, t)[cfg.keep_checkpoints:]:
+        files.write_atomic(path, lambda f: torch.save(ckpt, f))
+        for old in resume_checkpoints(self.run_dir, t)[cfg.keep_checkpoints:]:
             if not os.path.isdir(old):  # a folder of that name is not ours to remove
                 os.remove(old)
         return path
@@ -260,10 +396,6 @@ class StepState:
                      if os.path.isdir(folder) else []):
             if path.startswith(start) and not os.path.isdir(path):  # a folder is not ours
                 os.remove(path)
-
-
-def fault_summary(faults: dict) -> str:
-    return ", ".join(f"{kind} {faults[kind]}" for kind in data.FAULTS if faults.get(kind)) or "none"
 
 
 # ----------------------------------------------------------------------- checkpoints of another run
@@ -280,7 +412,7 @@ def check_steps(record: dict, path: str, step_years: list[list[str]]) -> None:
 
 def check_shape(record: dict, path: str, model_cfg: CLIPConfig, model_name: str) -> None:
     """Refuse a checkpoint (a step's, a resume one) whose model is not of this run's shape, naming
-    the fields that differ (model.config_differences)."""
+    the fields that differ (checkpoints.config_differences)."""
     differ = config_differences(record["model_config"], model_cfg)
     if differ:
         was = record["config"]
@@ -348,8 +480,7 @@ FREE_SETTINGS = {
 FILES = ("init", "tokenizer")  # compared by their bytes, wherever they are now
 
 
-def run_definition(cfg: SimpleNamespace, step_years: list[list[str]],
-                   step_data: list[list[data.Part]]) -> dict:
+def run_definition(cfg: SimpleNamespace, step_years: list[list[str]], step_data: list) -> dict:
     """What a run's numbers depend on, as RUN/run.json keeps it: the settings outside
     FREE_SETTINGS, --init's and --tokenizer's files (path and sha256), the years of each step and
     each year's training data (shards, samples)."""
@@ -371,7 +502,7 @@ def file_sha256(path: str) -> str:
 
 
 def check_run_definition(run_dir: str, cfg: SimpleNamespace, step_years: list[list[str]],
-                         step_data: list[list[data.Part]], world) -> None:
+                         step_data: list, declared: dict, world) -> None:
     """Refuse, in one line naming what differs, a command whose numbers would differ from those
     its run folder holds, as RUN/run.json (run_definition) says: its steps must begin with the
     run's (check_steps), and its settings, files and data be the same. A setting may change its
@@ -381,13 +512,13 @@ def check_run_definition(run_dir: str, cfg: SimpleNamespace, step_years: list[li
         return
     path, now = os.path.join(run_dir, "run.json"), run_definition(cfg, step_years, step_data)
     if not os.path.exists(path):
-        shards.write_json(path, now)
+        files.write_json(path, now)
         return
     try:
         with open(path) as f:
             was = json.load(f)
         check_steps(was, path, step_years)
-        differ = changes(was, now, len(was["steps"]))
+        differ = changes(was, now, len(was["steps"]), declared)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {e}); delete it to "
                          f"have it written again from this command") from None
@@ -395,12 +526,12 @@ def check_run_definition(run_dir: str, cfg: SimpleNamespace, step_years: list[li
         raise SystemExit(f"error: {run_dir} holds a run of {', '.join(differ)}, as its run.json "
                          f"says; rerun with those, or use a new --out_dir")
     if len(step_years) > len(was["steps"]):  # grown: the new steps' data and settings join it
-        shards.write_json(path, {**now, "settings": {**was["settings"], **now["settings"]}})
+        files.write_json(path, {**now, "settings": {**was["settings"], **now["settings"]}})
 
 
-def changes(was: dict, now: dict, steps_then: int) -> list[str]:
-    """What differs between two run definitions, each as "--key=old (not new)"."""
-    declared = {**strategies.SETTINGS, **schedules.SETTINGS}
+def changes(was: dict, now: dict, steps_then: int, declared: dict) -> list[str]:
+    """What differs between two run definitions, each as "--key=old (not new)"; declared: the
+    settings' Settings, whose resolve says where two values mean the same."""
     differ = []
     for key, old in was["settings"].items():
         new = now["settings"].get(key, old)  # a setting this program lacks: a file's, not loaded

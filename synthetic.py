@@ -25,8 +25,10 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from shards import add_member, stale_temporary
+from files import stale_temporary
+from shards import add_member
 
+ROOT = "data/tic-synth"  # where train.py makes it when --data_root is left as is
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
            "yellow": (235, 220, 40), "purple": (150, 60, 210), "pink": (245, 130, 195),
            "white": (235, 235, 235), "cyan": (40, 215, 220)}
@@ -325,4 +327,4 @@ def _check_existing_benchmark(root: str, meta: dict) -> None:
 
 
 if __name__ == "__main__":
-    make_synthetic_benchmark(sys.argv[1] if len(sys.argv) > 1 else "data/tic-synth")
+    make_synthetic_benchmark(sys.argv[1] if len(sys.argv) > 1 else ROOT)

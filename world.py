@@ -1,24 +1,25 @@
 """
 The processes of a run: one under plain python, or torchrun's ranks (RANK, WORLD_SIZE, LOCAL_RANK),
-each on its device, with DDP's process group for their collectives; and how they end. A rank whose
-torchrun died stops as on SIGTERM; an error is one line on stderr, said by the process that met it,
-its traceback in RUN/error-rankN.log. train.py calls start_world once and ends its run with
-refusal or failure.
+each on its device, with DDP's process group for their collectives; its DataLoader workers; and how
+they stop and end. SIGTERM (a cluster's preemption notice) sets a flag that every rank reads at the
+same log interval, to save and stop together; a rank whose torchrun died stops as on SIGTERM; an
+error is one line on stderr, said by the process that met it, its traceback in
+RUN/error-rankN.log. train.py calls start_world once and ends its run with refusal or failure.
 """
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-
-import survive
 
 LAUNCHER_GONE_GRACE_S = 30  # a rank whose torchrun died has this long to save and stop
 
@@ -66,12 +67,35 @@ class World:
                              f"all-reduce; see 'the same weights' in strategies.py's recipe"
                              if self.master else 1)
 
+    def mean_over_processes(self, tensors: dict) -> dict:
+        """{name: the tensor's mean over the processes}, in one all-reduce; tensors as they are
+        with one process."""
+        if not self.distributed:
+            return tensors
+        flat = torch.cat([t.flatten() for t in tensors.values()])
+        dist.all_reduce(flat)
+        flat /= self.size
+        parts = flat.split([t.numel() for t in tensors.values()])
+        return {k: part.view_as(t) for (k, t), part in zip(tensors.items(), parts)}
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Rank 0's tensor, in place on every process."""
+        if self.distributed:
+            dist.broadcast(tensor, 0)
+
+    def stop_requested(self) -> bool:
+        """SIGTERM on any rank: every rank stops at the same iteration (one all-gather)."""
+        return any(self.gather(sigterm))
+
     def finish(self) -> None:
         if self.distributed:
             dist.destroy_process_group()
 
 
 def start_world(cfg: SimpleNamespace) -> World:
+    """This process's view of the run's processes, their process group started; from now on
+    SIGTERM asks the run to save and stop (World.stop_requested)."""
+    signal.signal(signal.SIGTERM, on_sigterm)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % world_size:  # checked before any process waits for the others
         raise SystemExit(f"error: batch_size={cfg.batch_size} does not divide over {world_size} "
@@ -109,7 +133,7 @@ def watch_launcher(local_rank: int) -> None:
         if local_rank == 0:
             print(f"torchrun (pid {launcher}) is gone: the run stops as on SIGTERM, within "
                   f"{LAUNCHER_GONE_GRACE_S}s", file=sys.stderr)
-        survive.on_sigterm(signal.SIGTERM, None)
+        on_sigterm(signal.SIGTERM, None)
         time.sleep(LAUNCHER_GONE_GRACE_S)
         os._exit(1)
     threading.Thread(target=watch, name="watch_launcher", daemon=True).start()
@@ -149,3 +173,69 @@ def peer_exited(e: Exception) -> bool:
     """Did a collective fail because another rank's process exited? (gloo's words for it; NCCL
     waits, and torchrun ends the waiting ranks once one has failed)"""
     return any(said in str(e) for said in ("Connection closed by peer", "Connection reset by peer"))
+
+
+# ----------------------------------------------------------------------------- gathered features
+class _GatherWithGrad(torch.autograd.Function):
+    """All processes' x, concatenated; backward sends each process the gradient of its own x, summed
+    over the processes that used it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[local, ...] features of every process -> [global, ...], in rank order, with gradients: the
+    gradient of a gathered copy flows back to the process that made it."""
+    return _GatherWithGrad.apply(x)
+
+
+# ----------------------------------------------------------------------------- stopping when asked
+sigterm = False  # set by a preemption notice; acted on at the next log interval
+
+
+def on_sigterm(signum, frame) -> None:
+    global sigterm
+    sigterm = True
+
+
+def check_device(name: str) -> None:
+    """Refuse in one line a --device that is not one, or that this machine lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device={name} is not a device; use cpu or cuda") from None
+    usable = device.type == "cpu" or device.type == "cuda" and torch.cuda.is_available()
+    if not usable:
+        here = "CUDA is" if torch.cuda.is_available() else "no GPU is"
+        raise SystemExit(f"error: --device={name} cannot be used here ({here} visible); "
+                         f"use --device=cpu or cuda")
+
+
+# ----------------------------------------------------------------------------- loader workers
+def loader_worker_init(worker: int) -> None:
+    """A DataLoader worker ignores SIGTERM, which reaches every process of a node: it goes on until
+    the main process has saved and stops it (or dies: then it exits by itself)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextmanager
+def workers_stopped():
+    """However the batches' loop ends (an exception in a worker, an error in the main process), no
+    DataLoader worker outlives it: workers ignore SIGTERM, so one left alive would hold the process
+    at its exit forever. They are killed: they hold nothing worth saving."""
+    try:
+        yield
+    finally:
+        for worker in multiprocessing.active_children():
+            worker.kill()
+            worker.join()

@@ -1,5 +1,5 @@
 """
-EWC (Kirkpatrick et al. 2017) as a ninth strategy, added from this file alone: the worked exercise
+EWC (Kirkpatrick et al. 2017) as a strategy of its own, added from this file alone: the worked exercise
 of the recipe at the top of strategies.py. From the second step on, it pulls the weights that
 mattered for earlier steps back towards the previous model, training on the new data with the
 contrastive loss plus

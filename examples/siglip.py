@@ -24,13 +24,14 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project
 import model  # noqa: E402
 import train  # noqa: E402
+from world import gather_with_grad  # noqa: E402
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor, rank: int = 0,
                 world_size: int = 1) -> torch.Tensor:
     """The sigmoid loss of this process's images against all texts, over this process's batch."""
-    texts = model.gather_with_grad(text_features) if world_size > 1 else text_features
+    texts = gather_with_grad(text_features) if world_size > 1 else text_features
     logits = (logit_scale * image_features @ texts.T + logit_bias).float()  # [local, global]
     local = image_features.shape[0]
     rows = torch.arange(local, device=logits.device)

@@ -16,6 +16,8 @@ from PIL import Image
 import bench
 import data
 from model import CLIP, clip_loss, make_config
+from text import Tokenizer
+import shards
 
 TINY_TRAIN = ["--model=tiny", "--batch_size=16", "--steps=2", "--warmup=1", "--compile=0"]
 
@@ -112,7 +114,7 @@ def test_loaders_give_batches_of_the_same_shape(tmp_path):
     pytest.importorskip("webdataset", reason="pip install -r requirements-test.txt")
     args = bench.parse_args(["loader", "--image_px=32", "--loader_batch=4", "--loader_batches=2", "--workers=0"])
     shards, captions = bench.write_jpeg_shards(str(tmp_path), 16, 96, 64, samples_per_shard=8)
-    tok = data.Tokenizer.train(captions, vocab_size=300)
+    tok = Tokenizer.train(captions, vocab_size=300)
     for name, make_loader in bench.LOADERS.items():
         batches = list(make_loader(shards, tok, args))
         assert len(batches) == 2, name
@@ -127,7 +129,7 @@ def decode_both_ways(width: int, height: int, image_px: int = 224):
     rng = np.random.default_rng(0)
     jpeg = bench.synthetic_jpeg(rng, width, height, rng.integers(-3, 4, (height, width, 3), dtype=np.int16))
     sample = {"jpg": jpeg, "txt": b"a photo"}
-    full, drafted = data._decode(sample)[0], data._decode(sample, draft_px=image_px)[0]
+    full, drafted = shards.decode(sample)[0], shards.decode(sample, draft_px=image_px)[0]
     transform = data.ImageTransform(image_px, train=False)  # deterministic: the same crop of the same picture
     diff = (transform(full).float() - transform(drafted).float()).abs()  # in grey levels of 0-255
     return drafted.size, diff

@@ -140,8 +140,8 @@ def test_a_grid_of_strategies_schedules_and_settings_names_its_rows_and_shares_e
     trained_by = {row: (first[row]["strategy"], first[row]["config"]["lr_schedule"]) for row in rows}
     # one first step per schedule: the replay ratio changes nothing where there is nothing to replay
     assert trained_by == {row: ("sequential", row.split("+")[1]) for row in rows}
-    assert first["cumulative-all+const-cooldown"]["continue_point"] is not None
-    assert first["sequential+cosine"]["continue_point"] is None
+    assert first["cumulative-all+const-cooldown"]["continue_point"]["optimizer"] is not None
+    assert first["sequential+cosine"]["continue_point"]["optimizer"] is None
     for row in rows:
         assert os.path.getsize(os.path.join(out, f"heatmap_{row}.png")) > 0
     with pytest.raises(SystemExit, match="unknown lr_schedule 'cosin'"):  # checked before anything runs

@@ -17,10 +17,14 @@ from PIL import Image, UnidentifiedImageError
 
 import data
 import evaluate
+import files
 import shards
 import synthetic
 from conftest import all_files, png_bytes, train_in_process, write_tar
 from model import CLIP, make_config
+from benchmark import tasks_of
+from text import Tokenizer
+from text import clean_text
 
 CAPTIONS = ["a red circle at top left and a blue star at bottom right", "green square in the top right",
             "a white moon next to a pink heart", "yellow cross, cyan bar, purple dots"] * 8
@@ -38,7 +42,7 @@ def write_shard(path, prefix, n, px=8):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return data.Tokenizer.train(CAPTIONS, vocab_size=300)
+    return Tokenizer.train(CAPTIONS, vocab_size=300)
 
 
 def make_stream(parts, tokenizer, budget_samples, global_batch=8, rank=0, world_size=1, shuffle_buffer=16, seed=0):
@@ -139,12 +143,12 @@ def test_tokenizer_rows_end_with_eot_and_round_trip(tmp_path, tokenizer):
     assert tokens[1, -1] == tokenizer.eot_id  # over-long text is cut, but still ends with eot
     assert (tokens == tokenizer.eot_id).sum(1).tolist() == [1, 1]
     tokenizer.save(str(tmp_path / "tokenizer.json"))
-    loaded = data.Tokenizer.load(str(tmp_path / "tokenizer.json"))
+    loaded = Tokenizer.load(str(tmp_path / "tokenizer.json"))
     assert torch.equal(loaded(texts, ctx), tokens) and loaded.vocab_size == tokenizer.vocab_size <= 300
     assert torch.equal(pickle.loads(pickle.dumps(tokenizer))(texts, ctx), tokens)  # as DataLoader workers get it
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(SystemExit, match="bad.json"):
-        data.Tokenizer.load(str(tmp_path / "bad.json"))
+        Tokenizer.load(str(tmp_path / "bad.json"))
 
 
 def test_image_transform_shape_and_normalisation():
@@ -303,17 +307,17 @@ def test_sizes_json_and_the_shards_on_disk_agree(tmp_path, tokenizer, capsys):
 
 def test_caps_on_captions_members_and_pixels(tmp_path, monkeypatch):
     long = "x" * 1_000_000  # one 1 MB word: BPE training on it would not end
-    assert data.caption({"txt": long.encode()}) == "x" * data.MAX_CAPTION_CHARS
-    assert data.caption({"txt": b"  \n "}) is None and data.caption({"json": b'{"caption": ""}'}) is None
-    lone = data.caption({"json": b'{"caption": "a \\ud800 b"}'})  # a lone surrogate: no text codec takes it
-    assert lone == "a \ufffd b" and data.Tokenizer.train(["a b"] * 4, 300)([lone], 8).shape == (1, 8)  # as ftfy
+    assert shards.caption({"txt": long.encode()}) == "x" * shards.MAX_CAPTION_CHARS
+    assert shards.caption({"txt": b"  \n "}) is None and shards.caption({"json": b'{"caption": ""}'}) is None
+    lone = shards.caption({"json": b'{"caption": "a \\ud800 b"}'})  # a lone surrogate: no text codec takes it
+    assert lone == "a \ufffd b" and Tokenizer.train(["a b"] * 4, 300)([lone], 8).shape == (1, 8)  # as ftfy
     monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", 50)
     write_tar(tmp_path / "big.tar", [("k.png", png_bytes(1, px=64)), ("k.txt", b"fine")])  # the PNG is > 50 B
     assert [set(s) for _, s in shards.iter_tar(str(tmp_path / "big.tar"))] == [{"txt"}]  # not read: missing image
     sample = {"png": png_bytes(1, px=200), "txt": b"a big image"}
-    assert data._decode(sample)[0].size == (200, 200)
+    assert shards.decode(sample)[0].size == (200, 200)
     with pytest.raises(ValueError, match="200x200 pixels, over the cap of 10000"):
-        data._decode(sample, max_pixels=10_000)
+        shards.decode(sample, max_pixels=10_000)
 
 
 def test_a_caption_the_tokenizer_cannot_encode_is_a_counted_bad_sample(tmp_path, capfd):
@@ -323,7 +327,7 @@ def test_a_caption_the_tokenizer_cannot_encode_is_a_counted_bad_sample(tmp_path,
     vocab = {"<pad>": 0, "<start_of_text>": 1, "<end_of_text>": 2, "fine": 3}
     word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab))
     word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tokenizer = data.Tokenizer(word_level)
+    tokenizer = Tokenizer(word_level)
     with pytest.raises(ValueError, match="the tokenizer cannot encode 'oops'"):
         tokenizer(["fine", "oops"], 8)
     members = [m for i in range(4) for m in [(f"k{i}.png", png_bytes(i)), (f"k{i}.txt", b"oops" if i == 1 else b"fine")]]
@@ -344,7 +348,7 @@ def test_the_built_in_benchmarks_captions_clean_to_their_lower_case():
                 for c0, c1 in zip(colours, colours[1:]) for s0, s1 in zip(shapes[::2], shapes[1::2])
                 for p0, p1 in zip(places, places[::-1])]
     captions += [t.format(s) for t in synthetic.CLASS_TEMPLATES for s in synthetic.SHAPES]
-    assert len(captions) > 500 and all(data.clean_text(c) == c.lower() for c in captions)
+    assert len(captions) > 500 and all(clean_text(c) == c.lower() for c in captions)
 
 
 def test_only_jpeg_png_and_webp_are_decoded_so_a_shard_runs_no_program(tmp_path, tokenizer, monkeypatch, capfd):
@@ -361,7 +365,7 @@ def test_only_jpeg_png_and_webp_are_decoded_so_a_shard_runs_no_program(tmp_path,
     members += [m for i in range(1, 4) for m in [(f"k{i}.png", png_bytes(i)), (f"k{i}.txt", b"fine")]]
     path = write_tar(tmp_path / "0.tar", members)
     with pytest.raises(UnidentifiedImageError):  # not even identified
-        data._decode({"png": eps, "txt": b"x"})
+        shards.decode({"png": eps, "txt": b"x"})
     stream = data.TrainStream([data.Part("2018", [(path, 4)])], 8, 8, 0, 1, seed=0, time_step=0, image_px=8,
                               tokenizer=tokenizer, context_tokens=16, shuffle_buffer=4, max_bad_fraction=1)
     faults = next(stream.batches(0, 1))[2]
@@ -387,12 +391,12 @@ def test_a_shard_name_that_reaches_a_command_cannot_run_one(tmp_path):
 
 def test_write_failures_leave_no_temporary_file_and_stale_ones_are_cleared(tmp_path):
     target = tmp_path / "missing" / "file.json"  # the folder is not there: the write fails
-    with pytest.raises(shards.WriteError, match=f"could not write {target}: No such file or directory"):
-        shards.write_json(str(target), {"a": 1})
-    shards.write_json(str(tmp_path / "ok.json"), {"a": 1})
+    with pytest.raises(files.WriteError, match=f"could not write {target}: No such file or directory"):
+        files.write_json(str(target), {"a": 1})
+    files.write_json(str(tmp_path / "ok.json"), {"a": 1})
     (tmp_path / "step02.pt.tmp999999999").write_bytes(b"a kill left me")  # no such process: stale
     (tmp_path / f"step03.pt.tmp{os.getpid()}").write_bytes(b"still being written")  # this process is alive
-    assert shards.remove_stale_temporaries(str(tmp_path)) == ["step02.pt.tmp999999999"]
+    assert files.remove_stale_temporaries(str(tmp_path)) == ["step02.pt.tmp999999999"]
     assert sorted(os.listdir(tmp_path)) == ["ok.json", f"step03.pt.tmp{os.getpid()}"]
 
 
@@ -441,7 +445,7 @@ def test_the_model_trains_on_the_floats_the_workers_sent_before(two_years, tmp_p
 def test_evaluation_embeds_the_floats_the_workers_sent_before(two_years, monkeypatch):
     """evaluate.py normalises eval_batches' uint8 batches on the device: the model's image input,
     for retrieval and for classification, is bit for bit what it was."""
-    tok = data.Tokenizer.train(data.first_captions(two_years, ["2018"], 64), vocab_size=300)
+    tok = Tokenizer.train(shards.first_captions(two_years, ["2018"], 64), vocab_size=300)
     torch.manual_seed(0)
     model = CLIP(make_config("tiny", vocab_size=tok.vocab_size, eot_token_id=tok.eot_id))
     seen, encode_image = [], CLIP.encode_image
@@ -451,7 +455,7 @@ def test_evaluation_embeds_the_floats_the_workers_sent_before(two_years, monkeyp
         return encode_image(model, images)
 
     monkeypatch.setattr(CLIP, "encode_image", recording_encode_image)
-    task = evaluate.tasks_of(two_years, [["2018"]])["2018"]
+    task = tasks_of(two_years, [["2018"]])["2018"]
     row = evaluate.evaluate_step(model, {"2018": task}, tok, torch.device("cpu"), batch_samples=24)
     assert row["2018"]["gallery"] == 64 and row["2018"]["class_samples"] == 32
     monkeypatch.setattr(data, "ImageTransform", TransformBefore)

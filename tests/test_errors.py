@@ -9,10 +9,10 @@ import tracemalloc
 import pytest
 import torch
 
-import evaluate
 import shards
-
 from conftest import ENV, REPO, train_command, train_refused
+from benchmark import static_tasks, tasks_of
+from text import Tokenizer
 
 TINY = ["--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=100",
         "--eval_batch=64"]
@@ -75,18 +75,18 @@ def test_unknown_model(tmp_path, two_years):
 
 @pytest.mark.parametrize("arg, message", [
     ("--budget_samples=16", "--budget_samples=16 is too small; use at least 32"),
-    ("--max_bad_fraction=2", "--max_bad_fraction=2.0 is out of range; use a fraction"),
-    ("--keep_checkpoints=0", "--keep_checkpoints=0 is too small"),
+    ("--max_bad_fraction=2", "--max_bad_fraction=2.0 is not valid; use from 0 to 1"),
+    ("--keep_checkpoints=0", "--keep_checkpoints=0 is not valid; use 1 or more"),
     ("--patch_alphas=0,half", "--patch_alphas=0,half is not valid; use a list of numbers"),
     ("--patch_alphas=0,nan", "--patch_alphas=0,nan is not valid; use a list of numbers"),
     ("--validation_samples=0", "--validation_samples=0 is not valid; use at least 1"),
-    ("--lr=-1", "--lr=-1.0 is out of range"), ("--lr=nan", "--lr=nan is out of range"),
-    ("--beta2=1", "--beta2=1.0 is out of range"), ("--seed=-1", "--seed=-1 is too small"),
-    ("--vocab_size=100", "--vocab_size=100 is too small"), ("--device=tpu9", "--device=tpu9 is not a device"),
-    ("--accum_steps=0", "--accum_steps=0 is too small"),
+    ("--lr=-1", "--lr=-1.0 is not valid; use 0 or more"), ("--lr=nan", "--lr=nan is not valid"),
+    ("--beta2=1", "--beta2=1.0 is not valid; use 0 or more, below 1"), ("--seed=-1", "--seed=-1 is not valid"),
+    ("--vocab_size=100", "--vocab_size=100 is not valid; use from 259"), ("--device=tpu9", "--device=tpu9 is not a device"),
+    ("--accum_steps=0", "--accum_steps=0 is not valid; use 1 or more"),
     ("--ckpt_interval_samples=16", "--ckpt_interval_samples=16 is less than one batch (32)"),
-    (f"--seed={2 ** 64}", f"--seed={2 ** 64} is too large; use at most {2 ** 63 - 1}"),
-    ("--vocab_size=100000000", "--vocab_size=100000000 is too large; use at most 262144"),
+    (f"--seed={2 ** 64}", f"--seed={2 ** 64} is not valid; use from 0 to {2 ** 63 - 1}"),
+    ("--vocab_size=100000000", "--vocab_size=100000000 is not valid; use from 259 to 262144"),
     ("--max_image_pixels=1", "--max_image_pixels=1 is too small; use at least 1024"),  # tiny: 32 x 32 px
     ("--model=ViT-B-16 --max_image_pixels=1024", "--max_image_pixels=1024 is too small; use at least 50176"),
     ("--patch_alphas=2", "--patch_alphas=2 is not valid; use a list of numbers from 0 to 1"),
@@ -254,9 +254,9 @@ def test_evaluation_data_that_cannot_be_scored_is_refused_where_it_is_read(tmp_p
                                                                             message):
     root = tmp_path / "data"
     eval_files(two_years, root, file, text)
-    read = evaluate.static_tasks if file.startswith("static") else evaluate.tasks_of
+    read = static_tasks if file.startswith("static") else tasks_of
     with pytest.raises(SystemExit, match=re.escape(message.replace("ROOT", str(root)))):
-        read(str(root), "") if read is evaluate.static_tasks else read(str(root), [["2018"]])
+        read(str(root), "") if read is static_tasks else read(str(root), [["2018"]])
 
 
 def test_a_long_nshards_txt_is_refused_at_once(tmp_path, two_years):
@@ -264,7 +264,7 @@ def test_a_long_nshards_txt_is_refused_at_once(tmp_path, two_years):
     eval_files(two_years, root, NSHARDS, "300000")
     tracemalloc.start()
     with pytest.raises(SystemExit, match="missing"):
-        evaluate.static_tasks(str(root), "")
+        static_tasks(str(root), "")
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 1e6, peak  # no list of 300,000 paths before the refusal
@@ -282,10 +282,9 @@ def test_a_prompt_template_that_cannot_format_is_refused_before_training(tmp_pat
 def test_max_image_pixels_below_the_image_of_an_init_model_is_refused(tmp_path):
     from dataclasses import asdict
     from types import SimpleNamespace
-    import data
     import train
     from model import CLIP, make_config
-    tok = data.Tokenizer.train(["a red circle"] * 8, vocab_size=300)
+    tok = Tokenizer.train(["a red circle"] * 8, vocab_size=300)
     model = CLIP(make_config("tiny", image_px=64, vocab_size=tok.vocab_size, eot_token_id=tok.eot_id))
     init = str(tmp_path / "step01.pt")
     torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg)}, init)

@@ -10,13 +10,18 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import data
+import checkpoints
 import evaluate
+import files
+import report
+import score
 import shards
 import synthetic
 from conftest import train_in_process
 from evaluate import recall_any_at_k, recall_at_k, summarize
 from model import CLIP, make_config
+from benchmark import tasks_of
+from text import Tokenizer
 
 
 def brute_force_recall(queries, gallery, k):
@@ -125,7 +130,7 @@ def one_year(tmp_path_factory) -> str:
 
 def random_run(folder, root: str, shard_cmd: str) -> str:
     """RUN/step01.pt of a random tiny model whose config says its shards streamed by shard_cmd."""
-    tok = data.Tokenizer.train(["a red circle", "a blue square at the top"] * 8, vocab_size=300)
+    tok = Tokenizer.train(["a red circle", "a blue square at the top"] * 8, vocab_size=300)
     run = folder / "run"
     run.mkdir()
     tok.save(str(run / "tokenizer.json"))
@@ -141,11 +146,11 @@ def test_evaluate_run_never_runs_the_command_a_run_folder_holds(tmp_path, one_ye
     ran = tmp_path / "ran"
     run = random_run(tmp_path, one_year, f"touch {ran}; cat {one_year}/{{path}}")
     with pytest.raises(SystemExit) as e:
-        evaluate.main([f"--run={run}", "--device=cpu"])
+        score.main([f"--run={run}", "--device=cpu"])
     assert "streamed its shards with --shard_cmd='touch" in str(e.value)
     assert "pass --shard_cmd yourself" in str(e.value) and "\n" not in str(e.value)
     assert not ran.exists() and not os.path.exists(os.path.join(run, "eval_matrix.json"))
-    evaluate.main([f"--run={run}", "--device=cpu", f"--shard_cmd=cat {one_year}/{{path}}"])
+    score.main([f"--run={run}", "--device=cpu", f"--shard_cmd=cat {one_year}/{{path}}"])
     assert not ran.exists()
     result = json.load(open(os.path.join(run, "eval_matrix.json")))
     assert result["results"]["2020"]["2020"]["gallery"] == 8
@@ -154,14 +159,14 @@ def test_evaluate_run_never_runs_the_command_a_run_folder_holds(tmp_path, one_ye
 def test_a_failing_shard_cmds_stderr_is_in_evaluation_errors_and_tokenizer_warnings(one_year,
                                                                                     capsys):
     failing = "echo no such bucket: {path} >&2; exit 3"
-    task = evaluate.tasks_of(one_year, [["2020"]], failing)["2020"]
+    task = tasks_of(one_year, [["2020"]], failing)["2020"]
     torch.manual_seed(0)
     model = CLIP(make_config("tiny", vocab_size=300))
-    tok = data.Tokenizer.train(["a red circle"] * 8, vocab_size=300)
+    tok = Tokenizer.train(["a red circle"] * 8, vocab_size=300)
     said = "the command failed.*exit status 3: no such bucket: eval/retrieval/2020"
     with pytest.raises(SystemExit, match=said):
         evaluate.retrieval(model, task.retrieval, tok, torch.device("cpu"))
-    assert list(data.first_captions(one_year, ["2020"], 4, failing)) == []
+    assert list(shards.first_captions(one_year, ["2020"], 4, failing)) == []
     assert "exit status 3: no such bucket: train/2020" in capsys.readouterr().err
 
 
@@ -171,11 +176,11 @@ def test_a_matrix_is_not_read_back_for_fewer_of_its_steps(tmp_path):
     rows = {step: {task: {"mean_R@1": 10.0 * i + j} for j, task in enumerate(names)}
             for i, step in enumerate(names)}
     path = str(tmp_path / "eval_matrix.json")
-    shards.write_json(path, evaluate.eval_matrix(rows, names))
-    assert evaluate.read_results(path, names)[0] == rows
-    assert evaluate.read_results(path, names + ["2021"])[0] == rows  # a run grown by a step
+    files.write_json(path, evaluate.eval_matrix(rows, names))
+    assert report.read_results(path, names)[0] == rows
+    assert report.read_results(path, names + ["2021"])[0] == rows  # a run grown by a step
     with pytest.raises(SystemExit, match="steps 2018, 2019, 2020, and only its first 2 are named"):
-        evaluate.read_results(path, names[:2])
+        report.read_results(path, names[:2])
 
 
 # ------------------------------------------------------------------- evaluation data that cannot be scored
@@ -233,7 +238,7 @@ def test_evaluate_refuses_a_flag_before_reading_a_model(tmp_path, arg, message):
         pytest.skip("running as root")
     arg, message = arg.replace("TMP", str(tmp_path)), message.replace("TMP", str(tmp_path))
     with pytest.raises(SystemExit, match=re.escape(message)):  # not "no such checkpoint file"
-        evaluate.main([f"--checkpoint={tmp_path}/none.pt", f"--tokenizer={tmp_path}/none.json",
+        score.main([f"--checkpoint={tmp_path}/none.pt", f"--tokenizer={tmp_path}/none.json",
                        f"--data_root={tmp_path}", arg])
     assert os.listdir(tmp_path) == ["locked"]  # no probe left behind
 
@@ -245,10 +250,10 @@ def test_evaluate_run_refuses_a_damaged_checkpoint_before_any_compute(tmp_path, 
         f.write(whole[:len(whole) // 2])  # a kill mid-copy
     with pytest.raises(SystemExit, match=re.escape(f"error: {run}/step02.pt: damaged (not a whole checkpoint); "
                                                    f"delete it")):
-        evaluate.main([f"--run={run}", "--device=cpu"])
+        score.main([f"--run={run}", "--device=cpu"])
     torch.save({"model": {}}, os.path.join(run, "step02.pt"))
     with pytest.raises(SystemExit, match=re.escape(f"error: {run}/step02.pt: not a step checkpoint of train.py")):
-        evaluate.main([f"--run={run}", "--device=cpu"])
+        score.main([f"--run={run}", "--device=cpu"])
     assert not os.path.exists(os.path.join(run, "eval_matrix.json"))
 
 
@@ -264,14 +269,14 @@ def test_a_malformed_eval_matrix_json_is_refused_in_one_line(tmp_path, one_year,
     path.write_text(text)
     said = re.escape(f"error: {path}: {message}") + ".*delete it: rerunning the run's command scores"
     with pytest.raises(SystemExit, match=said):
-        evaluate.read_results(str(path), ["2018"])
+        report.read_results(str(path), ["2018"])
     with pytest.raises(SystemExit, match=said):
         compare.finished(str(tmp_path))
     run = random_run(tmp_path, one_year, "")
     shutil.copy(path, os.path.join(run, "eval_matrix.json"))
     monkeypatch.setattr(evaluate, "evaluate_step", lambda *a, **k: pytest.fail("a model was evaluated first"))
     with pytest.raises(SystemExit, match=said.replace(re.escape(str(path)), re.escape(f"{run}/eval_matrix.json"))):
-        evaluate.main([f"--run={run}", "--device=cpu"])
+        score.main([f"--run={run}", "--device=cpu"])
 
 
 def test_a_run_with_cells_not_scored_is_tabulated_and_drawn_without_them(tmp_path):
@@ -279,13 +284,13 @@ def test_a_run_with_cells_not_scored_is_tabulated_and_drawn_without_them(tmp_pat
     run = tmp_path / "seed0" / "sequential"
     run.mkdir(parents=True)
     for t in (0, 1):
-        torch.save({"samples_seen": 64, "flops": 1e9}, evaluate.step_checkpoint(str(run), t))
+        torch.save({"samples_seen": 64, "flops": 1e9}, checkpoints.step_checkpoint(str(run), t))
     missed = {"not_scored": {"retrieval": "cut short"}}
     rows = {"2018": {"2018": {"mean_R@1": 10.0, "gallery": 8}, "2019": missed},
             "2019": {"2018": {"mean_R@1": 8.0, "gallery": 8}, "2019": missed}}
     result = evaluate.eval_matrix(rows, ["2018", "2019"])
-    shards.write_json(str(run / "eval_matrix.json"), result)
-    assert "2019 (retrieval) after 2018, 2019 (retrieval) after 2019;" in evaluate.format_matrix(result)
+    files.write_json(str(run / "eval_matrix.json"), result)
+    assert "2019 (retrieval) after 2018, 2019 (retrieval) after 2019;" in report.format_matrix(result)
     record = compare.run_record(str(run))
     assert record["final_mean"] == 8.0 and record["not_scored"] == 2 and record["id"] == 10.0
     compare.main(["--strategies=sequential", f"--out={tmp_path}", "--table_only=true"])

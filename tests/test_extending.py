@@ -264,7 +264,7 @@ def test_wiseft_deploys_the_ensemble_with_the_first_model_and_goes_on_from_the_t
     run = references["wiseft"]
     first, second = load(run, 1), load(run, 2)
     anchor = first["model"]  # no --init: the anchor is what step 1 deployed
-    trained = second["trained"]
+    trained = second["continue_point"]["model"]  # what the next step goes on from
     ensemble = strategies.interpolate(anchor, trained, 0.3)
     assert same(second["model"], ensemble) and not same(trained, second["model"])
     assert second["end_of_step"] == {"wiseft_alpha": 0.3,
@@ -282,3 +282,60 @@ def test_siglip_trains_exports_and_loads_back(references, tmp_path):
     theirs = open_clip.CLIP(**config)
     theirs.load_state_dict(state_dict, strict=True)
     assert torch.equal(theirs.logit_bias.detach(), model.logit_bias.detach())
+
+
+# ----------------------------------------------------------------------------- none silently wrong
+@pytest.mark.slow
+def test_compare_gives_rows_from_several_files(two_years, tmp_path):
+    import compare
+    out = str(tmp_path / "compare")
+    compare.main([f"--module={EXAMPLES}/agem.py", f"--module={EXAMPLES}/memory.py", "--strategies=agem,memory",
+                  f"--out={out}", f"--data_root={two_years}", *TINY, "--budget_samples=64", "--memory_samples=50"])
+    table = open(os.path.join(out, "table.md")).read()
+    assert "| agem | 1 |" in table and "| memory | 1 |" in table and "| forgetting |" in table
+    assert load(os.path.join(out, "seed0", "memory"), 2)["start_of_step"]["samples_read"] == 256
+
+
+FORGETTING_AT_LAST = """
+import evaluate
+evaluate.SUMMARIES["last_row_mean"] = lambda matrix: sum(matrix[-1]) / len(matrix[-1])
+"""
+
+
+def test_a_summary_number_a_file_adds_is_kept_when_a_run_is_scored_again(references, tmp_path, capsys):
+    import score
+    module = tmp_path / "last_row_mean.py"
+    module.write_text(FORGETTING_AT_LAST)
+    run = references["wiseft"]
+    score.main([f"--run={run}", "--device=cpu", f"--module={module}"])
+    result = json.load(open(os.path.join(run, "eval_matrix.json")))
+    assert result["summary"]["last_row_mean"] == pytest.approx(sum(result["matrix"][-1]) / 2)
+    assert "last row mean" in capsys.readouterr().out  # printed with the others
+    evaluate.SUMMARIES.pop("last_row_mean")
+    with pytest.raises(SystemExit, match="has the summary number.s. last_row_mean, which no loaded file computes; "
+                                         "pass --module=FILE"):
+        score.main([f"--run={run}", "--device=cpu"])  # rather than drop it from the file
+
+
+def test_a_field_added_to_the_model_config_refuses_no_earlier_run_and_a_changed_one_is_named(references):
+    import survive
+    record = load(references["agem"], 1)
+    shape = model_module.CLIPConfig(**record["model_config"])
+    written_before = {k: v for k, v in record["model_config"].items() if k not in ("init_logit_scale", "text_pool")}
+    survive.check_shape({**record, "model_config": written_before}, "step01.pt", shape, "tiny")  # defaults: no error
+    other = {**record["model_config"], "text_layers": 2}
+    with pytest.raises(SystemExit, match=r"step01.pt holds a model of another shape .*text_layers 2 -> 3 "):
+        survive.check_shape({**record, "model_config": other}, "step01.pt", shape, "tiny")
+
+
+def test_export_refuses_a_parameter_openclip_has_no_name_for():
+    clip = model_module.CLIP(model_module.make_config("tiny"))
+    clip.register_parameter("my_temperature", torch.nn.Parameter(torch.ones(())))
+    with pytest.raises(SystemExit, match="cannot export: OpenCLIP has no name for the parameter.s. my_temperature"):
+        to_openclip(clip)
+
+
+def test_patchings_selection_metric_is_a_setting_checked_before_any_compute():
+    train.check_config(train.parse_config(["--patch_metric=i2t_R@5"]))
+    with pytest.raises(SystemExit, match="--patch_metric=top1 is not valid; use one of mean_R@1"):
+        train.check_config(train.parse_config(["--patch_metric=top1"]))

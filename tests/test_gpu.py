@@ -17,6 +17,8 @@ import survive
 import synthetic
 from conftest import train_in_process
 from model import CLIP, clip_loss, make_config
+from benchmark import tasks_of
+from text import Tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -72,7 +74,7 @@ def test_compiled_model_gives_the_eager_features_and_gradients():
 def test_fused_adamw_skips_a_nonfinite_step_exactly_and_counts_it():
     model = tiny_model().to(CUDA)
     optimizer = model.configure_optimizer(lr=1e-3)
-    state = survive.StepState().on(CUDA)
+    state = survive.StepProgress().on(CUDA)
     images, tokens = (x.to(CUDA) for x in batch())
     clip_loss(**model(images, tokens)).backward()
     state.optimizer_step(model, optimizer)  # a good step first, so AdamW has moments to keep
@@ -95,16 +97,16 @@ def test_evaluation_on_the_gpu_agrees_with_the_cpu(tmp_path):
     root = str(tmp_path / "bench")
     synthetic.make_synthetic_benchmark(root, years=(2018,), train_samples_per_year=64, eval_samples_per_year=64,
                                        classification_samples_per_year=64, samples_per_shard=64)
-    tok = data.Tokenizer.train(data.first_captions(root, ["2018"], 64), vocab_size=300)
+    tok = Tokenizer.train(shards.first_captions(root, ["2018"], 64), vocab_size=300)
     torch.manual_seed(0)
     model = CLIP(make_config("tiny", vocab_size=tok.vocab_size, eot_token_id=tok.eot_id))
-    tasks = evaluate.tasks_of(root, [["2018"]])
+    tasks = tasks_of(root, [["2018"]])
     on_cpu = evaluate.evaluate_step(model, tasks, tok, torch.device("cpu"))["2018"]
     on_gpu = evaluate.evaluate_step(model.to(CUDA), tasks, tok, CUDA)["2018"]  # bf16 autocast
     assert on_gpu["gallery"] == on_cpu["gallery"] == 64 and on_gpu["class_samples"] == 64
-    shards = tasks["2018"].retrieval
-    img_cpu, txt_cpu = evaluate.embed_pairs(model.cpu(), shards, tok, torch.device("cpu"))
-    img_gpu, txt_gpu = evaluate.embed_pairs(model.to(CUDA), shards, tok, CUDA)
+    pairs = tasks["2018"].retrieval
+    img_cpu, txt_cpu = evaluate.embed_pairs(model.cpu(), pairs, tok, torch.device("cpu"))
+    img_gpu, txt_gpu = evaluate.embed_pairs(model.to(CUDA), pairs, tok, CUDA)
     assert F.cosine_similarity(img_cpu, img_gpu.cpu()).min() > 0.99
     assert F.cosine_similarity(txt_cpu, txt_gpu.cpu()).min() > 0.99
 
@@ -112,7 +114,7 @@ def test_evaluation_on_the_gpu_agrees_with_the_cpu(tmp_path):
 def test_uint8_batches_normalised_on_the_gpu_are_the_cpu_floats(two_years):
     """The loader's pinned uint8 batches, copied without blocking and normalised on the GPU (as
     train.py does), and evaluation batches (as evaluate.py does): bit for bit the CPU's floats."""
-    tok = data.Tokenizer.train(data.first_captions(two_years, ["2018"], 64), vocab_size=300)
+    tok = Tokenizer.train(shards.first_captions(two_years, ["2018"], 64), vocab_size=300)
     part = data.Part("2018", shards.year_shards(two_years, "2018"))
     stream = data.TrainStream([part], 64, 32, 0, 1, seed=0, time_step=0, image_px=24, tokenizer=tok,
                               context_tokens=16)

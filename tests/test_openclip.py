@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import cleaning
+import text
 import data
 import evaluate
 import pictures
@@ -35,6 +35,8 @@ import synthetic
 from conftest import REPO, train_in_process
 from checkpoints import load_checkpoint, load_openclip_state_dict, openclip_config, read_torchscript
 from model import make_config
+from text import Tokenizer
+import score
 
 
 def openclip_model(name: str, seed: int = 0):
@@ -202,7 +204,7 @@ def test_the_heads_setting_is_checked(tmp_path):
     with pytest.raises(SystemExit, match="--heads=16: use auto, or the attention heads of the"):
         train.check_config(train.parse_config(["--heads=16"]))
     with pytest.raises(SystemExit, match="--heads=0,8: use auto"):
-        evaluate.main([f"--checkpoint={tmp_path}", "--tokenizer=t", "--data_root=d", "--heads=0,8"])
+        score.main([f"--checkpoint={tmp_path}", "--tokenizer=t", "--data_root=d", "--heads=0,8"])
 
 
 @pytest.mark.parametrize("text_settings", [dict(pool_type="last", no_causal_mask=True),  # CLIPA's
@@ -315,7 +317,7 @@ def test_an_archive_made_to_write_a_file_writes_nothing_and_is_refused_in_a_line
                                        eval_samples_per_year=4, classification_samples_per_year=0,
                                        samples_per_shard=4)
     with pytest.raises(SystemExit) as evaluated:
-        evaluate.main([f"--checkpoint={tmp_path}/evil.pt", f"--tokenizer={tmp_path}/tok.json",
+        score.main([f"--checkpoint={tmp_path}/evil.pt", f"--tokenizer={tmp_path}/tok.json",
                        f"--data_root={root}", "--device=cpu"])
     with pytest.raises(SystemExit) as trained:
         train_in_process([f"--data_root={root}", f"--out_dir={tmp_path}/run", "--workers=0",
@@ -415,7 +417,7 @@ CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def clip_tokenizer():
-    return data.Tokenizer(prepare.clip_tokenizer(prepare.default_bpe()))
+    return Tokenizer(prepare.clip_tokenizer(prepare.default_bpe()))
 
 
 def test_clip_tokenizer_gives_open_clips_ids(clip_tokenizer):
@@ -435,7 +437,7 @@ def test_char_fixes_are_ftfys():
     c1 = {i: fix_c1_controls(chr(i)).translate(quotes) for i in range(0x80, 0xA0) if fix_c1_controls(chr(i)) != chr(i)}
     theirs = {**chardata.WIDTH_MAP, **chardata.CONTROL_CHARS, **quotes,
               **{k: v.translate(quotes) for k, v in chardata.LIGATURES.items()}, **c1}
-    assert len(c1) == 27 and cleaning.CHAR_FIXES == theirs  # Windows-1252 leaves 5 of the 32 undefined
+    assert len(c1) == 27 and text.CHAR_FIXES == theirs  # Windows-1252 leaves 5 of the 32 undefined
 
 
 def varied_captions() -> list[str]:
@@ -509,7 +511,7 @@ def varied_captions() -> list[str]:
 
 
 def test_varied_captions_tokenize_as_open_clip(clip_tokenizer):
-    """open_clip cleans every caption with ftfy.fix_text; cleaning.py does it without ftfy. Where the two can differ
+    """open_clip cleans every caption with ftfy.fix_text; text.py does it without ftfy. Where the two can differ
     (mojibake ftfy's heuristic reads otherwise) is in docs/data.md; on this set, nowhere."""
     texts = varied_captions()
     assert len(texts) == len(set(texts)) == 300
@@ -535,7 +537,7 @@ def test_clip_tokenizer_command_writes_a_loadable_file(tmp_path, clip_tokenizer)
     run = subprocess.run([sys.executable, "tools/prepare.py", "clip-tokenizer", f"--out={out}"], cwd=REPO,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    loaded = data.Tokenizer.load(str(out))
+    loaded = Tokenizer.load(str(out))
     assert torch.equal(loaded(CAPTIONS, 77), clip_tokenizer(CAPTIONS, 77))
     assert sorted(os.listdir(tmp_path)) == ["clip-tokenizer.json"]  # no temporary file left
 
@@ -548,7 +550,7 @@ def test_evaluate_checkpoint_scores_as_open_clip(tmp_path, clip_tokenizer, capsy
     theirs = tiny_openclip()
     torch.save(theirs.state_dict(), tmp_path / "model.pt")
     clip_tokenizer.save(str(tmp_path / "tok.json"))
-    row = evaluate.main([f"--checkpoint={tmp_path / 'model.pt'}", f"--tokenizer={tmp_path / 'tok.json'}",
+    row = score.main([f"--checkpoint={tmp_path / 'model.pt'}", f"--tokenizer={tmp_path / 'tok.json'}",
                          f"--data_root={root}", "--steps=2020,2021", "--device=cpu", f"--out={tmp_path / 'r.json'}"])
     printed = capsys.readouterr().out
     assert "mean_R@1" in printed and "top1" in printed and (tmp_path / "r.json").exists()
@@ -608,7 +610,7 @@ def test_a_run_from_an_openclip_model_with_lr_0_keeps_it_and_scores_it_first(tmp
         weights = torch.load(run / f"step0{step}.pt", weights_only=True)["model"]
         assert all(torch.equal(weights[k], v) for k, v in initial.state_dict().items())
     result = json.load(open(run / "eval_matrix.json"))
-    alone = evaluate.main([f"--checkpoint={init}", f"--tokenizer={tmp_path}/tok.json", f"--data_root={root}",
+    alone = score.main([f"--checkpoint={init}", f"--tokenizer={tmp_path}/tok.json", f"--data_root={root}",
                            "--device=cpu"])
     assert result["initial"] == alone  # the initial row is the model scored as evaluate.py scores it
     assert result["matrix"] == [[alone[t]["mean_R@1"] for t in ("2020", "2021")]] * 2  # and no step changed it
@@ -629,7 +631,7 @@ def test_an_exported_model_loads_into_open_clip_strictly_with_the_same_embedding
     else:  # a vocabulary of our own, end-of-text id 2: open_clip pools at that id ("eos")
         torch.manual_seed(0)
         ours = CLIP(make_config("tiny", vocab_size=300, eot_token_id=2)).eval()
-        tokenizer = data.Tokenizer.train(CAPTIONS, 300)
+        tokenizer = Tokenizer.train(CAPTIONS, 300)
     path = tmp_path / "run" / "step01.pt"
     path.parent.mkdir()
     torch.save({"model": ours.state_dict(), "model_config": asdict(ours.cfg)}, path)
@@ -646,7 +648,7 @@ def test_an_exported_model_loads_into_open_clip_strictly_with_the_same_embedding
         their_ids = open_clip.get_tokenizer(f"local-dir:{folder}")(CAPTIONS)
         assert torch.equal(their_ids, tokenizer(CAPTIONS, 16))
     else:  # it would give CLIP's ids, which this model cannot read: the line says what to use
-        assert said.startswith(f"tokenize with this project's data.Tokenizer.load('{folder}/"
+        assert said.startswith(f"tokenize with this project's Tokenizer.load('{folder}/"
                                f"tokenizer.json')(texts, 24): the run's own vocabulary")
     g = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, ours.cfg.image_px, ours.cfg.image_px, generator=g)
@@ -672,18 +674,18 @@ def test_a_run_exported_reads_back_as_the_run_itself(tmp_path, capsys, clip_toke
                       "--batch_size=16", "--workers=0", "--eval_batch=32", "--log_interval=100",
                       "--warmup_iters=1"])  # a tiny run, its own BPE: end-of-text id 2
     export.main([str(run / "step01.pt"), f"--out={out}"])
-    assert f"data.Tokenizer.load('{out}/tokenizer.json')" in capsys.readouterr().out
+    assert f"Tokenizer.load('{out}/tokenizer.json')" in capsys.readouterr().out
     trained, _ = load_checkpoint(str(run / "step01.pt"))
     exported, _ = load_checkpoint(str(out / "open_clip_pytorch_model.bin"))
     assert "note:" not in capsys.readouterr().out  # the config beside says everything
     assert exported.cfg == trained.cfg and trained.cfg.eot_token_id == 2
-    tokenizer = data.Tokenizer.load(str(out / "tokenizer.json"))
+    tokenizer = Tokenizer.load(str(out / "tokenizer.json"))
     tokens = tokenizer(["a red circle at top left and a blue star at bottom right"] * 2, 24)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (exported.encode_text(tokens) - trained.encode_text(tokens)).abs().max() < 1e-5
         assert (exported.encode_image(images) - trained.encode_image(images)).abs().max() < 1e-5
-    rows = [evaluate.main([f"--checkpoint={checkpoint}", f"--tokenizer={out / 'tokenizer.json'}",
+    rows = [score.main([f"--checkpoint={checkpoint}", f"--tokenizer={out / 'tokenizer.json'}",
                            f"--data_root={root}", "--device=cpu"])
             for checkpoint in (run / "step01.pt", out / "open_clip_pytorch_model.bin")]
     assert rows[0] == rows[1] and rows[0]["2020"]["gallery"] == 24
@@ -694,7 +696,7 @@ def test_a_run_exported_reads_back_as_the_run_itself(tmp_path, capsys, clip_toke
     with pytest.raises(SystemExit, match=r"clip.json: 49408 ids with end-of-text 49407, but .*"
                                          r"open_clip_pytorch_model.bin embeds \d+ ids and pools "
                                          r"at end-of-text 2; pass the tokenizer it was trained"):
-        evaluate.main([f"--checkpoint={out / 'open_clip_pytorch_model.bin'}",
+        score.main([f"--checkpoint={out / 'open_clip_pytorch_model.bin'}",
                        f"--tokenizer={tmp_path / 'clip.json'}", f"--data_root={root}"])
 
 

@@ -23,7 +23,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import score
 from conftest import ENV, REPO
+from text import Tokenizer
 
 PAGES = ["README.md"] + sorted(os.path.join("docs", f)
                                for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md"))
@@ -77,11 +79,10 @@ def check_train(args: list[str], processes: int) -> None:
 def stand_in_files(cfg) -> None:
     """The reader's own files, which check_config reads, made here where they are missing: a model
     for --init, a tokenizer for --tokenizer, a retrieval task of one (empty) shard for each --static path."""
-    import data
     if cfg.init and not os.path.exists(cfg.init):
         torch.save({}, cfg.init)
     if cfg.tokenizer and not os.path.exists(cfg.tokenizer):
-        data.Tokenizer.train(["a stand-in caption"], 300).save(cfg.tokenizer)
+        Tokenizer.train(["a stand-in caption"], 300).save(cfg.tokenizer)
     task = os.path.abspath("static-stand-in")
     os.makedirs(os.path.join(task, "test"), exist_ok=True)
     open(os.path.join(task, "test", "nshards.txt"), "w").write("1")
@@ -135,9 +136,8 @@ def check_compare_rows(opts: dict, train_args: list[str]) -> None:
 
 
 def check_evaluate(args: list[str]) -> None:
-    """The flags parse and name a use of evaluate.py: --run, or --checkpoint with its inputs."""
-    import evaluate
-    flags = refused(evaluate.parse_flags, args, evaluate.FLAGS)
+    """The flags parse and name a use of tools/score.py: --run, or --checkpoint with its inputs."""
+    flags = refused(score.parse_flags, args, score.FLAGS)
     if flags["checkpoint"]:
         assert flags["tokenizer"] and flags["data_root"] and not flags["run"], args
     else:
@@ -186,7 +186,7 @@ def check(argv: list[str], folder) -> None:
             check_train(args, 1)
     elif program == ["python", "tools/compare.py"]:
         check_compare(args)
-    elif program == ["python", "evaluate.py"]:
+    elif program == ["python", "tools/score.py"]:
         check_evaluate(args)
     elif program == ["python", "tools/bench.py"]:
         import bench
@@ -324,3 +324,67 @@ def test_each_install_command_installs_what_its_programs_import():
     assert ["requirements.txt", "requirements-test.txt"] in installs  # install and test
     ci = open(os.path.join(REPO, ".ci", "run")).read()
     assert "-r requirements.txt -r requirements-test.txt" in ci
+
+
+# ----------------------------------------------------------------------------- names in the pages
+PROJECT = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith(".py"))
+CODE = re.compile(r"`([^`\s]+)`")
+FILE_KINDS = {"json", "jsonl", "txt", "tar", "pt", "png", "md", "bin", "safetensors"}  # benchmark.json
+
+
+def named_in(page: str) -> list[tuple[int, str, str | None]]:
+    """(line, name, the module it is named in or None) of what a page names in code: a file
+    (`train.py`, `tools/compare.py`), a module's name (`strategies.continue_point`,
+    `survive.StepProgress.keep_trunk`), and the names a table row gives after a file
+    ("`train.py`: `start_model`, `train_step`; `schedules.py`"), each in that file."""
+    found = []
+    for number, line in enumerate(open(os.path.join(REPO, page)).read().splitlines(), 1):
+        module = None  # the file the names that follow are in, in this line
+        for match in CODE.finditer(line):
+            code, after = match[1], line[match.end():match.end() + 1]
+            if re.fullmatch(r"(tools/|examples/|tests/)?\w+\.py", code):
+                found.append((number, code, None))
+                module = code[:-3] if "/" not in code and after == ":" else None
+            elif re.fullmatch(r"[A-Za-z_]\w*(\.\w+)+", code) and code.split(".")[0] in PROJECT \
+                    and code.rsplit(".", 1)[1] not in FILE_KINDS:
+                found.append((number, code, None))
+            elif module and re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", code):
+                found.append((number, code, module))
+            if ";" in line[match.end():match.end() + 2] or "|" in after:
+                module = None
+    return found
+
+
+def exists(module_name: str, dotted: str) -> bool:
+    """Is dotted (a name, or a name's attribute) in the module: a function, class, constant, a
+    dataclass field, or a setting of train.py's SETTINGS?"""
+    import dataclasses
+    import importlib
+    obj = importlib.import_module(module_name)
+    for part in dotted.split("."):
+        if dataclasses.is_dataclass(obj) and part in {f.name for f in dataclasses.fields(obj)}:
+            return True
+        if module_name == "train" and obj is importlib.import_module("train") \
+                and part in obj.SETTINGS:
+            return True
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_file_and_name_a_page_gives_is_in_the_code(page):
+    """A renamed function, a moved file or a name that never was: the page says so at once."""
+    missing = []
+    for number, name, module in named_in(page):
+        if name.endswith(".py"):
+            if not os.path.isfile(os.path.join(REPO, name)):
+                missing.append(f"{page}:{number}: {name}")
+        elif module is None:
+            first, rest = name.split(".", 1)
+            if not exists(first, rest):
+                missing.append(f"{page}:{number}: {name}")
+        elif not exists(module, name) and name not in ("main",):
+            missing.append(f"{page}:{number}: {module}.{name}")
+    assert not missing, "names the code does not have:\n" + "\n".join(missing)

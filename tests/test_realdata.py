@@ -24,6 +24,13 @@ import shards
 import synthetic
 from conftest import REPO, all_files, write_tar
 from model import CLIP, make_config
+from benchmark import read_lines
+from benchmark import static_task
+from benchmark import static_tasks
+from benchmark import step_tasks
+from benchmark import tasks_of
+from text import Tokenizer
+import report
 
 
 def image_bytes(fmt: str, value: int = 100, px: int = 8) -> bytes:
@@ -222,16 +229,16 @@ def bench(tmp_path_factory):
 
 def test_classification_split_follows_each_years_shapes(bench):
     folder = os.path.join(bench, "eval", "classification")
-    assert evaluate.read_lines(os.path.join(folder, "classnames.txt")) == list(synthetic.SHAPES)
-    assert evaluate.read_lines(os.path.join(folder, "templates.txt")) == list(synthetic.CLASS_TEMPLATES)
+    assert read_lines(os.path.join(folder, "classnames.txt")) == list(synthetic.SHAPES)
+    assert read_lines(os.path.join(folder, "templates.txt")) == list(synthetic.CLASS_TEMPLATES)
     meta = json.load(open(os.path.join(bench, "benchmark.json")))
     for year in shards.years_in(bench, "classification"):
         classes = []
         for path, n in shards.year_shards(bench, year, "classification"):
             samples = list(shards.iter_tar(path))
             assert len(samples) == n and all(set(s) == {"json", "png", "cls"} for _, s in samples)
-            classes += [data.class_id(s) for _, s in samples]
-            assert all(json.loads(s["json"])["cls"] == data.class_id(s) for _, s in samples)
+            classes += [shards.class_id(s) for _, s in samples]
+            assert all(json.loads(s["json"])["cls"] == shards.class_id(s) for _, s in samples)
         seen = {synthetic.SHAPES[c] for c in classes}
         assert len(classes) == 300 and seen == {s for s, w in meta["shape_weights"][year].items() if w > 0}
 
@@ -249,7 +256,7 @@ def test_a_benchmark_of_another_version_is_refused_in_one_line(bench, tmp_path):
 # ----------------------------------------------------------------------------- zero-shot classification
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
-    tok = data.Tokenizer.train(["a red circle at top left and a blue star", "a picture of a moon"] * 4, vocab_size=300)
+    tok = Tokenizer.train(["a red circle at top left and a blue star", "a picture of a moon"] * 4, vocab_size=300)
     torch.manual_seed(0)
     cfg = make_config("tiny", vocab_size=tok.vocab_size, eot_token_id=tok.eot_id, vision_layers=1, text_layers=1)
     return CLIP(cfg).eval(), tok
@@ -267,7 +274,7 @@ def test_classifier_and_accuracy_match_a_brute_force_reference(bench, model_and_
             torch.testing.assert_close(classifier[:, c], mean / mean.norm(), rtol=0, atol=1e-5)
         listed = shards.year_shards(bench, "2020", "classification")
         got = evaluate.classification(model, listed, classifier, torch.device("cpu"), batch_samples=64)
-        decoded = [data._decode(sample, "class") for path, _ in listed for _, sample in shards.iter_tar(path)]
+        decoded = [shards.decode(sample, "class") for path, _ in listed for _, sample in shards.iter_tar(path)]
         images = torch.stack([data.ImageTransform(32, False)(image) for image, _ in decoded])
         images = data.normalize_images(images)
         all_scores = F.normalize(model.encode_image(images), dim=-1) @ classifier
@@ -282,13 +289,13 @@ def test_classifier_and_accuracy_match_a_brute_force_reference(bench, model_and_
 
 def test_evaluation_rows_and_matrix_hold_both_kinds(bench, model_and_tokenizer, tmp_path):
     model, tok = model_and_tokenizer
-    tasks = {y: evaluate.step_tasks(bench, [y]) for y in ("2018", "2019")}
+    tasks = {y: step_tasks(bench, [y]) for y in ("2018", "2019")}
     row = evaluate.evaluate_step(model, tasks, tok, torch.device("cpu"), batch_samples=128)
     assert set(row["2018"]) >= {"mean_R@1", "gallery", "top1", "top5", "class_samples"}
     # a root without classification data: retrieval only
     no_cls = str(tmp_path / "no_cls")
     shutil.copytree(bench, no_cls, ignore=shutil.ignore_patterns("classification"))
-    assert evaluate.step_tasks(no_cls, ["2018"]).classification is None
+    assert step_tasks(no_cls, ["2018"]).classification is None
     rows = {"2018": row, "2019": {"2018": dict(row["2018"]), "2019": {k: v for k, v in row["2019"].items()
                                                                        if k in ("mean_R@1", "gallery")}}}
     result = evaluate.eval_matrix(rows, ["2018", "2019"])
@@ -296,7 +303,7 @@ def test_evaluation_rows_and_matrix_hold_both_kinds(bench, model_and_tokenizer, 
     cls = result["classification"]
     assert cls["metric"] == "top1" and cls["matrix"][1][1] is None  # that task had no classification
     assert cls["summary"]["id"] == row["2018"]["top1"] and cls["summary"]["forward_transfer"] == row["2019"]["top1"]
-    text = evaluate.format_matrix(result)
+    text = report.format_matrix(result)
     assert "retrieval evaluation matrix" in text and "classification evaluation matrix: top1" in text
     assert "n/a" in text and "16 classes" in text
 
@@ -325,7 +332,7 @@ def test_static_tasks_score_as_computed_directly(tmp_path, model_and_tokenizer):
     captions = [[f"a picture number {i} of {j} {w}" for j, w in enumerate(["red", "blue", "white", "moon", "star"])]
                 for i in range(len(images))]
     write_wds_task(tmp_path / "ret", "retrieval", list(zip(images, captions)))
-    tasks = evaluate.static_tasks(str(tmp_path / "no_root"), f"cls={tmp_path / 'cls'},ret={tmp_path / 'ret'}")
+    tasks = static_tasks(str(tmp_path / "no_root"), f"cls={tmp_path / 'cls'},ret={tmp_path / 'ret'}")
     assert tasks["cls"].templates == ["a photo of a {}.", "a {}"] and tasks["ret"].kind == "retrieval"
     row = evaluate.evaluate_step(model, tasks, tok, cpu, batch_samples=4)
     with torch.no_grad():  # the same numbers, computed directly
@@ -350,13 +357,13 @@ def test_static_tasks_score_as_computed_directly(tmp_path, model_and_tokenizer):
     assert result["matrix"] == [[1.0]] and result["static"]["tasks"] == ["cls", "ret"]  # static: outside E
     assert result["static"]["numbers"] == [[row["cls"]["top1"], row["ret"]["mean_R@1"]]]
     assert result["static"]["final_mean"] == pytest.approx((row["cls"]["top1"] + row["ret"]["mean_R@1"]) / 2)
-    assert "static tasks: top-1 (classification) or mean R@1 (retrieval)" in evaluate.format_matrix(result)
+    assert "static tasks: top-1 (classification) or mean R@1 (retrieval)" in report.format_matrix(result)
     (tmp_path / "multi").mkdir()
     (tmp_path / "multi" / "test").mkdir()
     (tmp_path / "multi" / "test" / "nshards.txt").write_text("0")
     (tmp_path / "multi" / "dataset_type.txt").write_text("multilabel")
     with pytest.raises(SystemExit, match="'multilabel' tasks are not scored here"):
-        evaluate.static_task(str(tmp_path / "multi"))
+        static_task(str(tmp_path / "multi"))
 
 
 def test_tic_datacompnet_as_released_and_an_unknown_eval_folder(tmp_path, capsys):
@@ -373,7 +380,7 @@ def test_tic_datacompnet_as_released_and_an_unknown_eval_folder(tmp_path, capsys
     (root / "eval" / "datacompnet" / "2016" / "classnames.txt").write_text("cat\ndog")
     (root / "eval" / "datacompnet" / "2016" / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.")
     (root / "eval" / "imagenet").mkdir()
-    tasks = evaluate.tasks_of(str(root), [["2016"]])
+    tasks = tasks_of(str(root), [["2016"]])
     assert "eval/imagenet: not an evaluation folder this program reads" in capsys.readouterr().err
     task = tasks["2016"]
     assert [n for _, n in task.classification] == [3] and task.classnames == ["cat", "dog"]

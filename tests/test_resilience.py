@@ -24,13 +24,16 @@ import torch
 
 import checkpoints
 import data
-import evaluate
 import model
+import score
+import shards
 import survive
 import synthetic
 import train
 from conftest import (ENV, REPO, all_files, png_bytes, run_train, train_command, train_in_process, train_refused,
                       train_stopped, write_tar)
+from faults import FAULTS
+from text import Tokenizer
 
 # 8 iterations per step, a resume checkpoint every 2
 TINY = ["--strategy=sequential", "--budget_samples=256", "--batch_size=32", "--vocab_size=300", "--log_interval=4",
@@ -135,7 +138,7 @@ def good_shard(path, prefix, n):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return data.Tokenizer.train(["a good caption", "a bad caption"] * 20, vocab_size=280)
+    return Tokenizer.train(["a good caption", "a bad caption"] * 20, vocab_size=280)
 
 
 def in_loader_order(stream, workers):
@@ -195,7 +198,7 @@ def test_loader_skips_counts_and_logs_every_fault_in_workers_too(tmp_path, token
                                     tokenizer=tokenizer, context_tokens=8, shuffle_buffer=4)
     batches = list(make().batches(0, 1))
     faults = sum((data.Counter(f) for *_, f in batches), data.Counter())
-    assert all(faults[kind] > 0 for kind in data.FAULTS), faults
+    assert all(faults[kind] > 0 for kind in FAULTS), faults
     bad_token = tokenizer.tok.encode("bad").ids[0]
     for images, tokens, _ in batches:  # nothing bad is trained on: no bad caption, no white image
         assert images.shape == (8, 3, 8, 8) and not (tokens == bad_token).any()
@@ -226,7 +229,7 @@ def test_a_bad_name_or_a_json_nested_too_deep_is_a_counted_bad_sample(tmp_path, 
     faults = sum((data.Counter(f) for *_, f in stream.batches(0, 1)), data.Counter())
     assert faults["corrupt_sample"] > 0 and faults["missing_caption"] > 0, faults
     # the tokenizer's captions and the evaluation read the same shard to its end
-    captions = list(data.first_captions(str(tmp_path), ["2020"], 10))
+    captions = list(shards.first_captions(str(tmp_path), ["2020"], 10))
     assert captions == ["a bad caption", "a good caption"]
     scored = r"2 of 3 samples listed could not be scored \(missing_caption 1, corrupt_sample 1\)"
     with pytest.raises(SystemExit, match=scored):
@@ -254,7 +257,7 @@ def test_step_reports_fault_counts_in_its_line_and_the_log(bad_bench, tmp_path):
                "--max_bad_fraction=1"])
     assert "step 1/1 (2018): 128 samples" in out and "; skipped " in out and "corrupt_image" in out
     end = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))][-1]
-    assert end["event"] == "step_end" and all(end["faults"][kind] > 0 for kind in data.FAULTS), end["faults"]
+    assert end["event"] == "step_end" and all(end["faults"][kind] > 0 for kind in FAULTS), end["faults"]
     assert 0 < end["faults"]["bad_samples"] < end["faults"]["samples"] and end["nonfinite"] == 0
 
 
@@ -386,10 +389,10 @@ def test_ranks_whose_torchrun_is_killed_or_stopped_save_and_exit(two_years, tmp_
 APPEND_TO_A_FULL_DISK = """
 import resource, signal, sys
 sys.path.insert(0, sys.argv[1])
-import torch, train
+import torch, report, train
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (40, 40))  # room for 20 more bytes: part of the line
-log = train.run_log(sys.argv[2], train.World(0, 1, False, torch.device("cpu")))
+log = report.run_log(sys.argv[2], train.World(0, 1, False, torch.device("cpu")))
 log({"event": "train", "loss": 1.0})
 """
 
@@ -552,8 +555,8 @@ def test_a_damaged_step_checkpoint_is_one_line_for_every_reader(finished, two_ye
     said = (f"error: {path} is damaged (its record {record} fails its CRC-32 check); delete it and rerun the "
             f"training command to train that step again")
     assert train_refused([f"--out_dir={run}", *finished[1]]) == said  # a rerun that loads its finished steps
-    readers = {"evaluate.py --run": lambda: evaluate.main([f"--run={run}", "--device=cpu"]),
-               "evaluate.py --checkpoint": lambda: evaluate.main([f"--checkpoint={path}", "--device=cpu",
+    readers = {"evaluate.py --run": lambda: score.main([f"--run={run}", "--device=cpu"]),
+               "evaluate.py --checkpoint": lambda: score.main([f"--checkpoint={path}", "--device=cpu",
                                                                   f"--tokenizer={run}/tokenizer.json",
                                                                   f"--data_root={two_years}"]),
                "train.py --init": lambda: train_in_process([f"--init={path}", f"--out_dir={tmp_path}/grown",

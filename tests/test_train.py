@@ -9,22 +9,24 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import data
 import evaluate
 import pictures
+import score
 import shards
 import strategies
 import train
 from conftest import run_train, train_in_process, train_refused
 from checkpoints import load_checkpoint
 from model import CLIP, clip_loss, forward_backward, make_config
+from benchmark import tasks_of
+from text import Tokenizer
 
 
 def test_config_overrides_and_errors():
     cfg = train.parse_config(["--lr=1e-3", "--compile=false", "--strategy=sequential", "--budget_samples=1_000"])
     assert cfg.lr == 1e-3 and cfg.compile is False and cfg.strategy == "sequential"
     assert cfg.budget_samples == 1000 and isinstance(cfg.budget_samples, int)
-    assert train.parse_config([]).lr == train.DEFAULTS["lr"]  # parsing never changes the defaults
+    assert train.parse_config([]).lr == train.SETTINGS["lr"].default  # parsing never changes the defaults
     assert train.parse_config(["--lwf_weight=0.5"]).lwf_weight == 0.5  # a strategy's setting, declared with it
     assert train.parse_config(["--data_root=rel/data"]).data_root == os.path.abspath("rel/data")  # for evaluate --run
     with pytest.raises(SystemExit, match="unknown config key 'lrr'.*valid keys:.*batch_size"):
@@ -73,8 +75,8 @@ def test_end_to_end_two_steps_writes_matrix_and_resumes(tmp_path, two_years):
     # checkpoint round trip: the saved model reproduces the evaluation that was logged
     model, record = load_checkpoint(os.path.join(run, "step02.pt"))
     assert record["step_name"] == "2019" and "model" not in record
-    tok = data.Tokenizer.load(os.path.join(run, "tokenizer.json"))
-    row = evaluate.evaluate_step(model, evaluate.tasks_of(root, [["2018"], ["2019"]]), tok, torch.device("cpu"))
+    tok = Tokenizer.load(os.path.join(run, "tokenizer.json"))
+    row = evaluate.evaluate_step(model, tasks_of(root, [["2018"], ["2019"]]), tok, torch.device("cpu"))
     assert row["2018"]["mean_R@1"] == pytest.approx(result["results"]["2019"]["2018"]["mean_R@1"])
     # a finished run rerun does nothing but report
     mtime = os.path.getmtime(os.path.join(run, "step02.pt"))
@@ -108,13 +110,13 @@ def test_a_finished_run_grows_by_a_year_without_retraining(tmp_path, three_years
     assert len(grown["matrix"]) == 3 and all(len(row) == 3 and None not in row for row in grown["matrix"])
     assert [row[:2] for row in grown["matrix"][:2]] == first["matrix"]  # the old cells stay as they were
     # the new column of an old row is that old model on the new year's task
-    tok = data.Tokenizer.load(os.path.join(run, "tokenizer.json"))
+    tok = Tokenizer.load(os.path.join(run, "tokenizer.json"))
     model, _ = load_checkpoint(os.path.join(run, "step01.pt"))
-    new_cell = evaluate.evaluate_step(model, evaluate.tasks_of(three_years, [["2020"]]), tok, torch.device("cpu"))
+    new_cell = evaluate.evaluate_step(model, tasks_of(three_years, [["2020"]]), tok, torch.device("cpu"))
     assert grown["matrix"][0][2] == pytest.approx(new_cell["2020"]["mean_R@1"])
     # evaluate.py --run gives the same matrix for the grown run, and draws it
     os.remove(os.path.join(run, "eval_matrix.png"))
-    evaluate.main([f"--run={run}", "--device=cpu"])
+    score.main([f"--run={run}", "--device=cpu"])
     assert json.load(open(os.path.join(run, "eval_matrix.json")))["matrix"] == grown["matrix"]
     assert Image.open(os.path.join(run, "eval_matrix.png")).format == "PNG"
     # steps that do not begin with the run's steps cannot be matched to its checkpoints by position
@@ -138,8 +140,8 @@ def test_precision_setting_reaches_training_and_evaluation(tmp_path, two_years):
         weights[precision] = ckpt["model"]
     assert any(not torch.equal(weights["fp32"][k], weights["bf16"][k]) for k in weights["fp32"])
     model, _ = load_checkpoint(os.path.join(tmp_path, "fp32", "step01.pt"))
-    tok = data.Tokenizer.load(os.path.join(tmp_path, "fp32", "tokenizer.json"))
-    shards = evaluate.tasks_of(two_years, [["2018"]])["2018"].retrieval
+    tok = Tokenizer.load(os.path.join(tmp_path, "fp32", "tokenizer.json"))
+    shards = tasks_of(two_years, [["2018"]])["2018"].retrieval
     cpu = torch.device("cpu")
     img32, _ = evaluate.embed_pairs(model, shards, tok, cpu, precision="fp32")
     img16, _ = evaluate.embed_pairs(model, shards, tok, cpu, precision="bf16")
@@ -155,7 +157,7 @@ def test_a_run_on_streamed_shards_equals_one_on_local_shards(tmp_path, two_years
     assert all(torch.equal(local["model"][k], streamed["model"][k]) for k in local["model"])
     matrices = [json.load(open(tmp_path / name / "eval_matrix.json"))["results"] for name in ("local", "streamed")]
     assert matrices[0] == matrices[1]
-    with pytest.raises(SystemExit, match="has no {path}"):
+    with pytest.raises(SystemExit, match="--shard_cmd=cat x.tar is not valid; use a command with {path} in it"):
         train.check_config(train.parse_config(["--shard_cmd=cat x.tar"]))
 
 

@@ -40,10 +40,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
 import data  # noqa: E402
+import files  # noqa: E402
 import shards  # noqa: E402
 import synthetic  # noqa: E402
 from settings import parse_flags  # noqa: E402
 from model import CLIP, clip_loss, make_config  # noqa: E402
+from text import Tokenizer
 
 # dense bf16 peaks from NVIDIA's datasheets; the first key in the device's name wins (PCIe first)
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -392,7 +394,7 @@ def bench_loader(args, device) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             shards, captions = write_jpeg_shards(folder, args.loader_samples, width, height)
             kb = sum(os.path.getsize(p) for p, _ in shards) / args.loader_samples / 1e3
-            tok = data.Tokenizer.train(captions, vocab_size=1024)
+            tok = Tokenizer.train(captions, vocab_size=1024)
             best = {name: 0.0 for name in LOADERS}
             for _ in range(args.repeats):  # interleaved, best of: other load only slows a run
                 for name, make_loader in LOADERS.items():
@@ -420,7 +422,7 @@ def end_to_end(args, device) -> dict:
     width, height = (int(v) for v in args.source_px.split(",")[0].split("x"))
     with tempfile.TemporaryDirectory() as folder:
         shards, captions = write_jpeg_shards(folder, args.e2e_images, width, height)
-        tok = data.Tokenizer.train(captions, vocab_size=1024)
+        tok = Tokenizer.train(captions, vocab_size=1024)
         cfg = make_config(name, eot_token_id=tok.eot_id)  # our ids fit the preset's vocabulary
         in_memory = train_step(cfg, "ours", args, device)
         warmup = max(args.warmup, 2 * args.workers)  # also drain the 2 batches a worker prefetches
@@ -458,7 +460,7 @@ def write_jpeg_benchmark(root: str, years, train_samples: int, eval_samples: int
             folder = os.path.join(root, *shards.SPLITS[split], str(year))
             os.makedirs(folder)
             written, _ = write_jpeg_shards(folder, n, px, px, seed=2 * i + j)
-            shards.write_json(os.path.join(folder, "sizes.json"),
+            files.write_json(os.path.join(folder, "sizes.json"),
                               {os.path.basename(p): k for p, k in written})
 
 
@@ -592,7 +594,7 @@ def main(argv: list[str]) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     results = BENCHMARKS[args.benchmark](args, device)
     if args.json:
-        shards.write_json(args.json, {"benchmark": args.benchmark, "args": vars(args),
+        files.write_json(args.json, {"benchmark": args.benchmark, "args": vars(args),
                                       "device": device_name(device), "results": results})
     torch.set_num_threads(threads)
     return results

@@ -46,10 +46,11 @@ import pictures  # noqa: E402
 import schedules  # noqa: E402
 import strategies  # noqa: E402
 from checkpoints import refuse_damaged  # noqa: E402
-from evaluate import (SUMMARIES, read_matrix, step_checkpoint, step_checkpoints,  # noqa: E402
-                      summarize, summary_name)
+from checkpoints import step_checkpoint, step_checkpoints  # noqa: E402
+from evaluate import SUMMARIES, summarize  # noqa: E402
+from report import read_matrix, summary_name  # noqa: E402
 from settings import MAX_SEED, import_files, parse_flags  # noqa: E402
-from shards import write_json  # noqa: E402
+from files import write_json  # noqa: E402
 
 OPTIONS = {  # compare.py's own keys; the rest go to train.py
     "strategies": "", "schedules": "", "sweep": "", "rows": "", "seeds": "0", "out": "runs/compare",
@@ -111,7 +112,7 @@ def first_step(row: str, train_args: list[str]) -> tuple:
     """What a row's first step is made of; rows with equal ones share one step01.pt: the strategy's
     data and budget at step 1 (replay asked with a step of t = 0 holding no data, the strategy
     settings' defaults and the row's), and its hooks where --init gives a model before step 1; the
-    schedule's (Schedule.first_step_as); the row's settings, except new_data_fraction where the
+    schedule's rates (schedule_first_step); the row's settings, except new_data_fraction where the
     first step replays nothing."""
     args = dict(arg[2:].partition("=")[::2]
                 for arg in train_args + row_args(row))  # the last value of a key wins
@@ -125,7 +126,20 @@ def first_step(row: str, train_args: list[str]) -> tuple:
     settings = [part for part in row.split("+")[1:] if "=" in part
                 and not (part.startswith("new_data_fraction=") and set(replay) == {0})]
     return ((tuple(sorted(replay.items())), strategy.budget_units(0), *hooks),
-            schedules.get_schedule(schedule).first_step_as or schedule, tuple(sorted(settings)))
+            schedule_first_step(schedule, args), tuple(sorted(settings)))
+
+
+def schedule_first_step(name: str, args: dict) -> tuple:
+    """A schedule's first step as its rates show it, at the row's settings: whether it carries its
+    optimizer, its cooled branch, and its rate at each iteration of a step of 100 (warmup 10, peak
+    1). Rows whose first steps train alike give the same (cosine-ar's is cosine's)."""
+    config = {k: s.default for k, s in schedules.SETTINGS.items()}
+    config.update({k: type(config[k])(v) for k, v in args.items() if k in config})
+    cfg = SimpleNamespace(**config, lr=1.0, warmup_iters=10, budget_samples=100, batch_size=1,
+                          lr_schedule=name)
+    step = schedules.step_schedule(cfg, 0, 2, 100, None)
+    return (step.row.carries_optimizer, step.cooldown,
+            tuple(round(step.lr(i), 12) for i in range(100)))
 
 
 def launch(program: list[str], train_args: list[str], nproc: int) -> bool:

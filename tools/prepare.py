@@ -11,7 +11,7 @@ split files each sample, unchanged, by the time in its json (where img2dataset p
 extra columns) into DST/train/YEAR/ or the held-out DST/eval/retrieval/YEAR/; split() says how.
 
 clip-tokenizer writes CLIP's tokenizer (OpenAI's vocabulary, as open_clip's SimpleTokenizer) for
-the `tokenizers` package; data.Tokenizer adds CLIP's text cleaning (clean_text). --bpe defaults to
+the `tokenizers` package; Tokenizer adds CLIP's text cleaning (clean_text). --bpe defaults to
 the merges file inside the open-clip-torch package, where it is installed.
 """
 import glob
@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 import shards  # noqa: E402
 from settings import parse_flags  # noqa: E402
+from text import Tokenizer  # noqa: E402
 
 TIME_FIELDS = ("year", "timestamp", "created_utc", "date_uploaded", "date_taken")  # in this order
 
@@ -172,7 +173,7 @@ def split(src: str, dst: str, eval_fraction: float = 0.01, seed: int = 0, time_f
     try:
         for path, key, sample in samples_of(paths, broken):
             samples_in += 1
-            folder = time_folder(data.sample_json(sample), time_field, by)
+            folder = time_folder(shards.sample_json(sample), time_field, by)
             if folder is None and on_missing_time == "error":
                 raise SystemExit(f"{path}: sample {key} has no {by} in its json (looked for "
                                  f"{time_field or ', '.join(TIME_FIELDS)}); "
@@ -305,7 +306,7 @@ def main(argv: list[str]) -> None:
             raise SystemExit("pass --bpe=PATH to CLIP's bpe_simple_vocab_16e6.txt.gz (it ships "
                              "in the open-clip-torch package and in github.com/openai/CLIP, "
                              "folder clip/)")
-        data.Tokenizer(clip_tokenizer(bpe)).save(opts["out"])
+        Tokenizer(clip_tokenizer(bpe)).save(opts["out"])
         print(f"wrote CLIP's tokenizer (49408 ids, from {bpe}) to {opts['out']}; "
               f"train or evaluate with --tokenizer={opts['out']}")
 

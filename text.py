@@ -1,7 +1,11 @@
 """
-CLIP's caption cleaning, as open_clip's tokenizer runs it on every caption before BPE
-(ftfy.fix_text, HTML entities decoded twice, lower case), written out so that the trainer needs no
-ftfy. data.Tokenizer calls clean_text; data.caption mends surrogates with fix_surrogates.
+Captions to tokens: CLIP's caption cleaning, then a byte-level BPE (Tokenizer). A run's tokenizer
+is trained on its first step's captions, or it is CLIP's (python tools/prepare.py clip-tokenizer),
+and it is fixed for the whole run as CLIP's vocabulary is.
+
+The cleaning is open_clip's, as its tokenizer runs it on every caption before BPE (ftfy.fix_text,
+HTML entities decoded twice, lower case), written out so that the trainer needs no ftfy.
+Tokenizer calls clean_text; shards.caption mends surrogates with fix_surrogates.
 
 ftfy repairs text that went wrong on its way to us: HTML entities (escaped several times),
 mojibake (UTF-8 decoded with a one-byte codec: "cafÃ©" for "café", "â€™" for "’"),
@@ -13,8 +17,18 @@ docs/data.md#captions-cleaned-as-clip-cleans-them.
 """
 import html
 import html.entities
+import os
 import re
 import unicodedata
+from typing import Iterable
+
+import torch
+
+import files
+
+# tokenizers' thread pool warns at every DataLoader fork; one caption batch gains nothing from it
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import tokenizers  # noqa: E402
 
 
 def _windows_1252(byte: int) -> str:
@@ -182,3 +196,74 @@ def _is_mojibake(raw: bytes) -> bool:
 def _restore_a0(match: re.Match) -> bytes:
     spelled = match.group(0)
     return spelled.replace(b" ", b"\xa0") + b" " * (spelled == b"\xc3 ")  # "Ã la": "à la"
+
+
+class Tokenizer:
+    """Byte-level BPE from the `tokenizers` package, trained on the captions, or a loaded
+    tokenizer.json (such as CLIP's, made by `python tools/prepare.py clip-tokenizer`). Captions are
+    cleaned first, as CLIP does (clean_text). Rows are [sot] + tokens + [eot] + padding,
+    so a text model can pool at the eot position."""
+
+    def __init__(self, tok: tokenizers.Tokenizer):
+        self.tok = tok
+        vocab = tok.get_vocab()
+        self.sot_id = vocab.get("<start_of_text>", vocab.get("<|startoftext|>"))
+        self.eot_id = vocab.get("<end_of_text>", vocab.get("<|endoftext|>"))
+        if self.sot_id is None or self.eot_id is None:
+            raise SystemExit("tokenizer has no <start_of_text>/<end_of_text> (or CLIP's "
+                             "<|startoftext|>/<|endoftext|>) tokens; train one with "
+                             "Tokenizer.train")
+        self.pad_id = 0
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def train(cls, captions: Iterable[str], vocab_size: int = 1024) -> "Tokenizer":
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tok.normalizer = tokenizers.normalizers.Lowercase()
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size, show_progress=False,
+            special_tokens=["<pad>", "<start_of_text>", "<end_of_text>"],  # ids 0, 1, 2
+            # all 256 bytes, so any text encodes
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(captions, trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str) -> "Tokenizer":
+        try:
+            return cls(tokenizers.Tokenizer.from_file(path))
+        except Exception as e:  # tokenizers raises a bare Exception, missing file or malformed
+            raise SystemExit(f"{path}: not a readable tokenizer.json ({e}); "
+                             f"point at the run's tokenizer.json")
+
+    def save(self, path: str) -> None:
+        files.write_atomic(path, lambda f: f.write(self.tok.to_str(pretty=True).encode()))
+
+    def __getstate__(self):  # pickle as JSON text, so DataLoader workers get a copy
+        return self.tok.to_str()
+
+    def __setstate__(self, state):
+        self.__init__(tokenizers.Tokenizer.from_str(state))
+
+    def __call__(self, texts: list[str], context_tokens: int) -> torch.Tensor:
+        """LongTensor [len(texts), context_tokens]; over-long text is cut so the row still ends
+        with eot. Any str encodes with a byte-level BPE (clean_text mends surrogates); a
+        tokenizer.json that refuses a text (a word-level one without an unknown token) raises
+        ValueError naming it."""
+        rows = torch.full((len(texts), context_tokens), self.pad_id, dtype=torch.long)
+        texts = [clean_text(t) for t in texts]
+        try:
+            encoded = self.tok.encode_batch(texts, add_special_tokens=False)
+        except Exception:  # tokenizers raises a bare Exception: find the text it refuses
+            for text in texts:
+                try:
+                    self.tok.encode(text, add_special_tokens=False)
+                except Exception as e:
+                    raise ValueError(f"the tokenizer cannot encode {text[:80]!r} ({e})") from None
+            raise
+        for row, enc in zip(rows, encoded):
+            ids = [self.sot_id] + enc.ids[:context_tokens - 2] + [self.eot_id]
+            row[:len(ids)] = torch.tensor(ids)
+        return rows

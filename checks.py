@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import torch
 
+import benchmark
 import schedules
 import settings
-import benchmark
 from checkpoints import is_checkpoint_file, parse_heads
 from model import LOSSES, PRECISIONS, PRESETS, make_config
 from text import Tokenizer

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import shards
-from faults import EvalReading, FaultLog, read_shard, too_much_bad
+from faults import EvalReading, FaultLog, WorkerCounts, read_shard
 from text import Tokenizer
 from world import loader_worker_init
 
@@ -53,7 +53,7 @@ def sample_hash(key: str, seed: int | str) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Images and text
+# Images
 
 class ImageTransform:
     """PIL image -> uint8 tensor [3, px, px], as OpenCLIP: train = random resized crop
@@ -267,10 +267,7 @@ class TrainStream(IterableDataset):
         # this role's batches trained on before
         done = (self.start_batch - role + num_workers - 1) // num_workers
         per_chunk = max(1, self.chunk_samples // self.local_batch)
-        faults, bad, read = Counter(), 0, 0  # faults since the last batch; bad, read: before it
-        too_bad = lambda: too_much_bad(bad + faults["bad_samples"],  # noqa: E731
-                                       read + faults["samples"],
-                                       self.max_bad_fraction, self.min_read)
+        counts = WorkerCounts(self.max_bad_fraction, self.min_read)  # this worker's bad data
         for chunk in range(done // per_chunk, -(-n // per_chunk) if done < n else 0):
             # chunk 0's seed has no index: a step of one chunk draws one plain stream per worker;
             # a strategy's own stream (stream > 0) has six numbers, training's at most five
@@ -278,15 +275,14 @@ class TrainStream(IterableDataset):
                                         + ([chunk, self.stream] if self.stream else
                                            [chunk] * (chunk > 0)))
             first = chunk * per_chunk
-            for i, batch in enumerate(self.chunk(rng, min(per_chunk, n - first), faults, too_bad),
-                                      first):
-                if batch is None:
-                    yield None, None, dict(faults)
+            chunk_batches = self.chunk(rng, min(per_chunk, n - first), counts.new, counts.too_bad)
+            for i, batch in enumerate(chunk_batches, first):
+                if batch is None:  # too much bad data: the main process stops the run
+                    yield None, None, counts.sent()
                     return
+                sent = counts.sent()  # the counts since the batch before go with this one
                 if i >= done:  # the batches before start_batch are remade, not yielded
-                    yield *batch, dict(faults)
-                bad, read = bad + faults["bad_samples"], read + faults["samples"]
-                faults.clear()
+                    yield *batch, sent
 
 
 def smallest_hashes(stream: TrainStream, k: int) -> tuple[list[float], Counter]:

@@ -20,10 +20,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from benchmark import StaticTask, Task
 from data import eval_batches, normalize_images
 from faults import NotScored, unscored_noted
 from model import autocast
-from benchmark import StaticTask, Task
 
 METRIC = "mean_R@1"  # the number that goes into the evaluation matrix
 RETRIEVAL_METRICS = tuple(f"{d}_R@{k}" for d in ("mean", "i2t", "t2i") for k in (1, 5, 10))

@@ -108,6 +108,26 @@ def too_much_bad(bad: int, read: int, max_bad_fraction: float, min_read: int) ->
     return read >= min_read and bad > max_bad_fraction * read
 
 
+class WorkerCounts:
+    """A loader worker's counts of bad data: new, since the last batch it sent (with which they
+    go), and in all, to stop once too_bad."""
+
+    def __init__(self, max_bad_fraction: float, min_read: int):
+        self.new, self.bad, self.read = Counter(), 0, 0
+        self.max_bad_fraction, self.min_read = max_bad_fraction, min_read
+
+    def too_bad(self) -> bool:
+        return too_much_bad(self.bad + self.new["bad_samples"], self.read + self.new["samples"],
+                            self.max_bad_fraction, self.min_read)
+
+    def sent(self) -> dict:
+        """The new counts, as sent with a batch; from now on they count in all."""
+        sent = dict(self.new)
+        self.bad, self.read = self.bad + self.new["bad_samples"], self.read + self.new["samples"]
+        self.new.clear()
+        return sent
+
+
 def check_bad(faults: Counter, gave_up: bool, min_read: int, max_bad_fraction: float,
               where: str) -> None:
     """SystemExit where a step's bad samples pass max_bad_fraction of those read (too_much_bad), or

@@ -70,10 +70,10 @@ def train_stopped(args: list[str], run_dir: str, once_saved: str) -> None:
     """train_in_process, stopped as SIGTERM would stop it: at the first check after the resume
     checkpoint RUN/resume/once_saved exists (the check comes at the next log interval)."""
     import pytest
-    import survive
+    import world
     with pytest.MonkeyPatch.context() as patch:
         saved = os.path.join(run_dir, "resume", once_saved)
-        patch.setattr(survive, "stop_requested", lambda world: os.path.exists(saved))
+        patch.setattr(world.World, "stop_requested", lambda self: os.path.exists(saved))
         train_in_process([f"--out_dir={run_dir}", *args])
 
 

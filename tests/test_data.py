@@ -20,11 +20,10 @@ import evaluate
 import files
 import shards
 import synthetic
+from benchmark import tasks_of
 from conftest import all_files, png_bytes, train_in_process, write_tar
 from model import CLIP, make_config
-from benchmark import tasks_of
-from text import Tokenizer
-from text import clean_text
+from text import clean_text, Tokenizer
 
 CAPTIONS = ["a red circle at top left and a blue star at bottom right", "green square in the top right",
             "a white moon next to a pink heart", "yellow cross, cyan bar, purple dots"] * 8

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import shards
-from conftest import ENV, REPO, train_command, train_refused
 from benchmark import static_tasks, tasks_of
+from conftest import ENV, REPO, train_command, train_refused
 from text import Tokenizer
 
 TINY = ["--budget_samples=64", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=100",

@@ -17,10 +17,10 @@ import report
 import score
 import shards
 import synthetic
+from benchmark import tasks_of
 from conftest import train_in_process
 from evaluate import recall_any_at_k, recall_at_k, summarize
 from model import CLIP, make_config
-from benchmark import tasks_of
 from text import Tokenizer
 
 

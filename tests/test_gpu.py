@@ -15,9 +15,10 @@ import evaluate
 import shards
 import survive
 import synthetic
+import world
+from benchmark import tasks_of
 from conftest import train_in_process
 from model import CLIP, clip_loss, make_config
-from benchmark import tasks_of
 from text import Tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -168,7 +169,7 @@ def test_const_cooldown_carries_fused_adamw_and_resumes_bitwise_on_the_gpu(
     assert int(second["continue_point"]["optimizer"]["state"][0]["step"]) == 16
     # as SIGTERM would: the check at iteration 12 asks to stop, once iteration 10 is saved
     ten = os.path.join(stopped, "resume", "step01-0000010.pt")
-    monkeypatch.setattr(survive, "stop_requested", lambda world: os.path.exists(ten))
+    monkeypatch.setattr(world.World, "stop_requested", lambda self: os.path.exists(ten))
     train_in_process([f"--out_dir={stopped}", *args])
     assert not os.path.exists(os.path.join(stopped, "step01.pt"))
     resume = torch.load(os.path.join(stopped, "resume", "step01-0000012.pt"), weights_only=True)

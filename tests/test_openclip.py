@@ -25,18 +25,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import text
 import data
 import evaluate
 import pictures
 import prepare
+import score
 import shards
 import synthetic
-from conftest import REPO, train_in_process
+import text
 from checkpoints import load_checkpoint, load_openclip_state_dict, openclip_config, read_torchscript
+from conftest import REPO, train_in_process
 from model import make_config
 from text import Tokenizer
-import score
 
 
 def openclip_model(name: str, seed: int = 0):

@@ -20,17 +20,13 @@ from PIL import Image
 import data
 import evaluate
 import prepare
+import report
 import shards
 import synthetic
+from benchmark import read_lines, static_task, static_tasks, step_tasks, tasks_of
 from conftest import REPO, all_files, write_tar
 from model import CLIP, make_config
-from benchmark import read_lines
-from benchmark import static_task
-from benchmark import static_tasks
-from benchmark import step_tasks
-from benchmark import tasks_of
 from text import Tokenizer
-import report
 
 
 def image_bytes(fmt: str, value: int = 100, px: int = 8) -> bytes:

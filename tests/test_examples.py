@@ -209,21 +209,8 @@ def test_wsd_stopped_mid_cooldown_resumes_bitwise(example, two_years, tmp_path):
     assert load(reference, 1)["continue_point"]["iterations"] == 4
 
 
-# ----------------------------------------------------------------------------- both in a comparison
-@pytest.mark.slow
-def test_compare_gives_a_strategy_from_a_file_its_row(example, two_years, tmp_path):
-    import compare
-    out = str(tmp_path / "compare")
-    compare.main([f"--module={EXAMPLES}/ewc.py", "--strategies=sequential,ewc", f"--out={out}",
-                  f"--data_root={two_years}", *EWC])
-    table = open(os.path.join(out, "table.md")).read()
-    assert "| ewc | 1 |" in table and "| sequential | 1 |" in table
-    ewc, sequential = (load(os.path.join(out, "seed0", name), 2) for name in ("ewc", "sequential"))
-    assert ewc["strategy"] == "ewc" and ewc["start_of_step"]["flops"] > 0 and ewc["flops"] > sequential["flops"]
-    assert same(load(os.path.join(out, "seed0", "ewc"), 1)["model"], load(os.path.join(out, "seed0", "sequential"),
-                                                                          1)["model"])  # the shared first step
-
-
+# ----------------------------------------------------------------------------- in a comparison
+# (a comparison of rows from several files, ewc's among them: tests/test_extending.py)
 def test_a_row_that_names_no_schedule_runs_the_default_even_under_a_file_with_its_own(example, tmp_path,
                                                                                        monkeypatch):
     import compare

@@ -289,11 +289,16 @@ def test_siglip_trains_exports_and_loads_back(references, tmp_path):
 def test_compare_gives_rows_from_several_files(two_years, tmp_path):
     import compare
     out = str(tmp_path / "compare")
-    compare.main([f"--module={EXAMPLES}/agem.py", f"--module={EXAMPLES}/memory.py", "--strategies=agem,memory",
-                  f"--out={out}", f"--data_root={two_years}", *TINY, "--budget_samples=64", "--memory_samples=50"])
+    compare.main([f"--module={EXAMPLES}/ewc.py", f"--module={EXAMPLES}/memory.py", "--strategies=sequential,ewc,memory",
+                  f"--out={out}", f"--data_root={two_years}", *TINY, "--budget_samples=64", "--memory_samples=50",
+                  "--ewc_batches=2"])
     table = open(os.path.join(out, "table.md")).read()
-    assert "| agem | 1 |" in table and "| memory | 1 |" in table and "| forgetting |" in table
-    assert load(os.path.join(out, "seed0", "memory"), 2)["start_of_step"]["samples_read"] == 256
+    assert all(f"| {row} | 1 |" in table for row in ("sequential", "ewc", "memory")) and "| forgetting |" in table
+    runs = {row: os.path.join(out, "seed0", row) for row in ("sequential", "ewc", "memory")}
+    ewc, sequential = load(runs["ewc"], 2), load(runs["sequential"], 2)
+    assert ewc["strategy"] == "ewc" and ewc["start_of_step"]["flops"] > 0 and ewc["flops"] > sequential["flops"]
+    assert load(runs["memory"], 2)["start_of_step"]["samples_read"] == 256  # 2018's shards, read once
+    assert same(load(runs["ewc"], 1)["model"], load(runs["memory"], 1)["model"])  # the shared first step
 
 
 FORGETTING_AT_LAST = """

@@ -141,10 +141,12 @@ def write_matrix(path: str, result: dict) -> None:
 def read_results(path: str, step_names: list[str]) -> tuple[dict, dict | None]:
     """(rows, initial row) of an eval_matrix.json, if there is one: the rows of these steps, in
     their order. A run grows by steps added at its end and never shrinks: a matrix of more steps
-    than step_names, which begin them, is a one-line error, so that it is not rewritten smaller."""
+    than step_names, which begin them, is a one-line error, so that it is not rewritten smaller; so
+    is one with a summary number no loaded file computes (check_summaries)."""
     result = read_matrix(path)
     if result is None:
         return {}, None
+    check_summaries(path, result)
     if len(result["tasks"]) > len(step_names) and result["tasks"][:len(step_names)] == step_names:
         raise SystemExit(f"error: {path} is the matrix of the steps {', '.join(result['tasks'])}, "
                          f"and only its first {len(step_names)} are named; a run grows by steps "
@@ -193,14 +195,17 @@ def is_matrix(result) -> bool:
             and isinstance(result.get("matrix"), list) and all(map(numbers, result["matrix"])))
 
 
-def check_summaries(path: str) -> None:
-    """Refuse to rewrite an eval_matrix.json whose summary numbers include one that no row of
-    SUMMARIES computes (a file of the run added it), rather than drop it."""
-    lost = [k for k in (read_matrix(path) or {}).get("summary", {}) if k not in SUMMARIES]
+def check_summaries(path: str, result: dict | None = None) -> None:
+    """Refuse to rewrite an eval_matrix.json (result, read from path if None) whose summary numbers
+    include one that no row of SUMMARIES computes (a file of the run added it), rather than drop
+    it."""
+    result = read_matrix(path) if result is None else result
+    lost = [k for k in (result or {}).get("summary", {}) if k not in SUMMARIES]
     if lost:
         raise SystemExit(f"error: {path} has the summary number(s) {', '.join(lost)}, which no "
-                         f"loaded file computes; pass --module=FILE, the file that adds them, "
-                         f"so that they are computed again")
+                         f"loaded file computes; load the file that adds them, so that they are "
+                         f"computed again: rerun through it (python FILE ...), or pass "
+                         f"--module=FILE to tools/score.py")
 
 
 def format_matrix(result: dict) -> str:

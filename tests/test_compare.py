@@ -146,3 +146,14 @@ def test_a_grid_of_strategies_schedules_and_settings_names_its_rows_and_shares_e
         assert os.path.getsize(os.path.join(out, f"heatmap_{row}.png")) > 0
     with pytest.raises(SystemExit, match="unknown lr_schedule 'cosin'"):  # checked before anything runs
         compare.main(["--strategies=sequential", "--schedules=cosin", f"--out={out}"])
+
+
+def test_a_module_that_trains_nothing_is_one_line_not_a_traceback(two_years, tmp_path):
+    registers_only = tmp_path / "rows.py"  # registers a row, but runs no train.run under __main__
+    registers_only.write_text(f"import sys\nsys.path.insert(0, {REPO!r})\nimport strategies\n"
+                              "strategies.STRATEGIES['mine'] = strategies.Strategy('mine', True, strategies.new_only)\n")
+    out = subprocess.run([sys.executable, "tools/compare.py", f"--module={registers_only}", "--strategies=mine",
+                          f"--out={tmp_path}/cmp", f"--data_root={two_years}"], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert "does rows.py run train.py's main (train.run) under __main__?" in out.stderr.strip().splitlines()[-1]

@@ -307,7 +307,7 @@ evaluate.SUMMARIES["last_row_mean"] = lambda matrix: sum(matrix[-1]) / len(matri
 """
 
 
-def test_a_summary_number_a_file_adds_is_kept_when_a_run_is_scored_again(references, tmp_path, capsys):
+def test_a_summary_number_a_file_adds_is_kept_when_a_run_is_scored_again(references, two_years, tmp_path, capsys):
     import score
     module = tmp_path / "last_row_mean.py"
     module.write_text(FORGETTING_AT_LAST)
@@ -317,9 +317,11 @@ def test_a_summary_number_a_file_adds_is_kept_when_a_run_is_scored_again(referen
     assert result["summary"]["last_row_mean"] == pytest.approx(sum(result["matrix"][-1]) / 2)
     assert "last row mean" in capsys.readouterr().out  # printed with the others
     evaluate.SUMMARIES.pop("last_row_mean")
-    with pytest.raises(SystemExit, match="has the summary number.s. last_row_mean, which no loaded file computes; "
-                                         "pass --module=FILE"):
+    lost = "has the summary number.s. last_row_mean, which no loaded file computes; load the file"
+    with pytest.raises(SystemExit, match=lost):
         score.main([f"--run={run}", "--device=cpu"])  # rather than drop it from the file
+    with pytest.raises(SystemExit, match=lost):  # a rerun of the run's command without the file, too
+        train_in_process([f"--data_root={two_years}", f"--out_dir={run}", *TINY, *ROWS["wiseft"]])
 
 
 def test_a_field_added_to_the_model_config_refuses_no_earlier_run_and_a_changed_one_is_named(references):

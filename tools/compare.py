@@ -169,6 +169,10 @@ def run_row(row: str, seed: int, run_dir: str, shared_first: str | None, nproc: 
                             *settings], nproc):
         raise SystemExit(f"error: the {row} run (seed {seed}) failed; see its output above, fix it "
                          f"and rerun this command: finished runs are kept")
+    if not finished(run_dir):  # a --module file that registers rows but trains nothing
+        raise SystemExit(f"error: the {row} run (seed {seed}) ended without scoring every step "
+                         f"({run_dir}/eval_matrix.json); does {os.path.basename(program[-1])} run "
+                         f"train.py's main (train.run) under __main__?")
 
 
 def finished(run_dir: str) -> bool:

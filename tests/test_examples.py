@@ -217,6 +217,7 @@ def test_a_row_that_names_no_schedule_runs_the_default_even_under_a_file_with_it
     example("wsd")  # its file starts train.py with --lr_schedule=wsd
     launched = []
     monkeypatch.setattr(compare, "launch", lambda program, args, nproc: launched.append(args) or True)
+    monkeypatch.setattr(compare, "finished", lambda run_dir: True)  # nothing trains here
     program = [os.path.join(EXAMPLES, "wsd.py")]
     compare.run_row("sequential", 0, str(tmp_path / "a"), None, 1, [], program)
     compare.run_row("sequential+wsd", 0, str(tmp_path / "b"), None, 1, [], program)

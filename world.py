@@ -31,6 +31,7 @@ class World:
     size: int
     distributed: bool     # started by torchrun (DDP, collectives), even with one process
     device: torch.device  # this process's device
+    own_group: bool = True  # False: the process group was started before the run, and outlives it
 
     @property
     def master(self) -> bool:  # rank 0: the one that prints, evaluates and writes
@@ -88,7 +89,7 @@ class World:
         return any(self.gather(sigterm))
 
     def finish(self) -> None:
-        if self.distributed:
+        if self.distributed and self.own_group:
             dist.destroy_process_group()
 
 
@@ -104,15 +105,15 @@ def start_world(cfg: SimpleNamespace) -> World:
         raise SystemExit(f"error: the {cfg.batch_size // world_size} pairs of each process's batch "
                          f"do not split into --accum_steps={cfg.accum_steps} micro-batches; use a "
                          f"batch_size that is a multiple of {world_size * cfg.accum_steps}")
-    distributed = "RANK" in os.environ
-    if distributed:  # rank 0 alone evaluates while the others wait: longer than the 10 min default
+    distributed, own_group = "RANK" in os.environ, not dist.is_initialized()  # (a caller's: kept)
+    if distributed and own_group:  # rank 0 alone evaluates while the others wait: > 10 min
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
                                 timeout=timedelta(hours=2))
     rank, local_rank = (dist.get_rank(), int(os.environ["LOCAL_RANK"])) if distributed else (0, 0)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun, then this process's parent
         watch_launcher(local_rank)
     device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
-    world = World(rank, world_size, distributed, device)
+    world = World(rank, world_size, distributed, device, own_group)
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -91,18 +91,20 @@ def train_refused(args: list[str], env: dict | None = None) -> str:
 @pytest.fixture(scope="session")
 def two_years(tmp_path_factory) -> str:
     """A synthetic benchmark of 2018 and 2019: 256 training and 64 held-out pairs a year and 32 labelled images,
-    shards of 64."""
+    shards of 64; 64 images in each static task (500 would make evaluation most of a test's time)."""
     root = str(tmp_path_factory.mktemp("two_years") / "data")
     synthetic.make_synthetic_benchmark(root, years=(2018, 2019), train_samples_per_year=256, eval_samples_per_year=64,
-                                       samples_per_shard=64, classification_samples_per_year=32)
+                                       samples_per_shard=64, classification_samples_per_year=32,
+                                       static_samples=64)
     return root
 
 
 @pytest.fixture(scope="session")
 def three_years(tmp_path_factory) -> str:
-    """A synthetic benchmark of 2018, 2019 and 2020: 128 training and 32 held-out pairs a year, shards of 64."""
+    """A synthetic benchmark of 2018, 2019 and 2020: 128 training and 32 held-out pairs a year, shards of 64;
+    32 images in each static task."""
     root = str(tmp_path_factory.mktemp("three_years") / "data")
     synthetic.make_synthetic_benchmark(root, years=(2018, 2019, 2020), train_samples_per_year=128,
                                        eval_samples_per_year=32, samples_per_shard=64,
-                                       classification_samples_per_year=0)
+                                       classification_samples_per_year=0, static_samples=32)
     return root

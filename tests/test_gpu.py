@@ -97,7 +97,7 @@ def test_fused_adamw_skips_a_nonfinite_step_exactly_and_counts_it():
 def test_evaluation_on_the_gpu_agrees_with_the_cpu(tmp_path):
     root = str(tmp_path / "bench")
     synthetic.make_synthetic_benchmark(root, years=(2018,), train_samples_per_year=64, eval_samples_per_year=64,
-                                       classification_samples_per_year=64, samples_per_shard=64)
+                                       classification_samples_per_year=64, samples_per_shard=64, static_samples=64)
     tok = Tokenizer.train(shards.first_captions(root, ["2018"], 64), vocab_size=300)
     torch.manual_seed(0)
     model = CLIP(make_config("tiny", vocab_size=tok.vocab_size, eot_token_id=tok.eot_id))

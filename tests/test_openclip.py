@@ -315,7 +315,7 @@ def test_an_archive_made_to_write_a_file_writes_nothing_and_is_refused_in_a_line
     root = str(tmp_path / "bench")
     synthetic.make_synthetic_benchmark(root, years=(2020,), train_samples_per_year=4,
                                        eval_samples_per_year=4, classification_samples_per_year=0,
-                                       samples_per_shard=4)
+                                       samples_per_shard=4, static_samples=4)
     with pytest.raises(SystemExit) as evaluated:
         score.main([f"--checkpoint={tmp_path}/evil.pt", f"--tokenizer={tmp_path}/tok.json",
                        f"--data_root={root}", "--device=cpu"])
@@ -546,7 +546,7 @@ def test_clip_tokenizer_command_writes_a_loadable_file(tmp_path, clip_tokenizer)
 def test_evaluate_checkpoint_scores_as_open_clip(tmp_path, clip_tokenizer, capsys):
     root = str(tmp_path / "bench")
     synthetic.make_synthetic_benchmark(root, years=(2020, 2021), train_samples_per_year=4, eval_samples_per_year=24,
-                                  classification_samples_per_year=40, samples_per_shard=16)
+                                  classification_samples_per_year=40, samples_per_shard=16, static_samples=24)
     theirs = tiny_openclip()
     torch.save(theirs.state_dict(), tmp_path / "model.pt")
     clip_tokenizer.save(str(tmp_path / "tok.json"))
@@ -594,7 +594,7 @@ def test_an_unstated_activation_is_assumed_gelu_with_a_note_and_a_config_beside_
 def test_a_run_from_an_openclip_model_with_lr_0_keeps_it_and_scores_it_first(tmp_path, clip_tokenizer):
     root = str(tmp_path / "bench")
     synthetic.make_synthetic_benchmark(root, years=(2020, 2021), train_samples_per_year=64, eval_samples_per_year=24,
-                                       classification_samples_per_year=0, samples_per_shard=32)
+                                       classification_samples_per_year=0, samples_per_shard=32, static_samples=24)
     init = tmp_path / "init" / "model.pt"  # QuickGELU, as OpenAI's models, said by the config beside it
     init.parent.mkdir()
     torch.save(tiny_openclip(quick_gelu=True).state_dict(), init)

@@ -242,7 +242,7 @@ def bad_bench(tmp_path_factory):
     """A one-year benchmark whose training folder also holds one shard of each fault."""
     root = str(tmp_path_factory.mktemp("bad") / "data")
     synthetic.make_synthetic_benchmark(root, years=(2018,), train_samples_per_year=128, eval_samples_per_year=32,
-                                  samples_per_shard=32, classification_samples_per_year=0)
+                                  samples_per_shard=32, classification_samples_per_year=0, static_samples=32)
     folder = os.path.join(root, "train", "2018")
     sizes = json.load(open(os.path.join(folder, "sizes.json")))
     sizes.update({os.path.basename(path): n for path, n in bad_shards(folder)})

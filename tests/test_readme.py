@@ -420,7 +420,7 @@ def test_every_test_a_page_cites_is_in_the_tests(page):
 
 
 def test_the_reading_guide_gives_the_first_four_files_length():
-    """The README's "about N lines" of the first four files to read is their length, to the hundred."""
+    """The README's "about N lines" of the four files to read first: theirs, to the hundred."""
     readme = " ".join(open(os.path.join(REPO, "README.md")).read().split())
     said = re.search(r"read the first four whole \(about ([\d,]+) lines", readme)[1]
     first = re.findall(r" [1-4]\. `(\w+\.py)`", readme)

@@ -1,5 +1,8 @@
 """Shared by the test files: the project's modules and tools/ on the import path, the helpers that write tiny
-shards and run train.py, and the two-year synthetic benchmark that most end-to-end tests train on."""
+shards and run train.py, the two-year synthetic benchmark that most end-to-end tests train on,
+and the tiny model of a run on the built-in benchmark, whose counts the pages give."""
+import functools
+import inspect
 import io
 import os
 import signal
@@ -108,3 +111,31 @@ def three_years(tmp_path_factory) -> str:
                                        eval_samples_per_year=32, samples_per_shard=64,
                                        classification_samples_per_year=0, static_samples=32)
     return root
+
+
+@functools.cache
+def builtin_tiny_model():
+    """The tiny CLIP of a run on the built-in benchmark at the defaults, on the meta device (shapes
+    only, for the pages' counts of weights and FLOPs). Its vocabulary is the tokenizer's that
+    train.py trains on the first year's captions: 2018's, drawn here as make_synthetic_benchmark
+    draws them, a shard at a time."""
+    import numpy as np
+    import torch
+    import train
+    from model import CLIP, make_config
+    from text import Tokenizer
+    made = {k: v.default for k, v in
+            inspect.signature(synthetic.make_synthetic_benchmark).parameters.items()}
+    years, n, per_shard = made["years"], made["train_samples_per_year"], made["samples_per_shard"]
+    p = np.array([synthetic.shape_weight(s, 0, len(years)) for s in synthetic.SHAPES])
+    rng = np.random.default_rng([made["seed"], years[0], 0])  # the first year's training pairs
+    captions = []
+    for start in range(0, n, per_shard):
+        shard = synthetic._render_samples(rng, min(per_shard, n - start), p / p.sum(),
+                                          made["image_px"])
+        captions += shard[1]
+    tokenizer = Tokenizer.train(captions[:train.SETTINGS["tokenizer_samples"].default],
+                                train.SETTINGS["vocab_size"].default)
+    with torch.device("meta"):
+        return CLIP(make_config("tiny", vocab_size=tokenizer.vocab_size,
+                                eot_token_id=tokenizer.eot_id))

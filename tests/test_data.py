@@ -220,6 +220,8 @@ def test_benchmark_drift_schedule(bench):
     assert set(synthetic.FADING) <= seen[2018] and not set(synthetic.FADING) & (seen[2020] | seen[2021] | seen[2022])
     fading = [meta["shape_weights"][str(y)]["ring"] for y in range(2018, 2023)]
     assert fading == [3, 0.75, 0, 0, 0]  # fades out, then stays gone for three years
+    assert all(meta["shape_weights"][str(year)][shape] == (3 if year >= debut[shape] else 0)
+               for shape in synthetic.EMERGING for year in SMALL["years"])  # absent, then 3x
     assert set(synthetic.STABLE) <= seen[2018] and set(synthetic.STABLE) <= seen[2022]
     assert set(synthetic.EMERGING) <= seen[2022]
 

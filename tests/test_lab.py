@@ -17,7 +17,7 @@ import torch
 import model as model_module
 import strategies
 import train
-from conftest import ENV, REPO, train_in_process
+from conftest import ENV, REPO, builtin_tiny_model, train_in_process
 from test_train import loss_and_grads, random_pairs, tiny_clip
 from world import World
 
@@ -111,6 +111,40 @@ def test_two_processes_end_with_the_same_weights(tmp_path, two_years):
     out = subprocess.run([*torchrun, L2, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and os.path.exists(run / "step02.pt"), out.stderr[-3000:]
+
+
+def lab_page() -> str:
+    """docs/lab.md, its whitespace made single spaces (a sentence whatever its line breaks)."""
+    return " ".join(open(os.path.join(REPO, "docs", "lab.md")).read().split())
+
+
+def test_the_labs_hand_counts_are_the_lessons_tiny_model():
+    """Q3, Q9 and Q12 count the lesson's compute by hand: 12,000 samples a step in whole batches of
+    64, 3 forward passes a sample trained by the tiny model of the built-in benchmark; l2 adds 6
+    FLOPs a weight once a batch at steps 2 and 3, A-GEM a reference batch of the same size."""
+    model, batch = builtin_tiny_model(), 64
+    weights, f = model.num_params(), model.flops_per_pair()
+    step = 12_000 // batch * batch
+    sequential, l2_adds = 3 * step * 3 * f, 2 * step // batch * 6 * weights
+
+    def e(x, digits=2):  # 5.44e+12, 2.9e+9
+        return re.sub(r"e\+0", "e+", f"{x:.{digits}e}")
+    said = [f"12,000 // 64 = {step // batch} iterations of 64, {step:,} samples; 3 steps make "
+            f"{3 * step:,}",
+            f"Both runs see {3 * step:,} samples and spend {e(sequential)} FLOPs",
+            f"l2's FLOPs are {e(sequential + l2_adds)} against sequential's {e(sequential)}",
+            f"for the tiny model's {weights:,} parameters, about "
+            f"{round(6 * weights / batch, -3):,.0f} a sample, against 3 forward passes of about "
+            f"{3 * f / 1e6:.0f} million. Two steps of {step:,} samples add {e(l2_adds, 1)}.",
+            f"Why is the compute {e(5 * step * 3 * f)}, and the same for both?",
+            f"Step 1 costs {e(step * 3 * f)}, as sequential's",
+            f"3 more forward passes a sample, {e(step * 6 * f)} a step"]
+    page = lab_page()
+    assert [s for s in said if s not in page] == []
+
+
+def test_l2_py_is_as_long_as_the_lab_says():
+    assert f"`examples/l2.py` does it in {len(open(L2).read().splitlines())} lines" in lab_page()
 
 
 # ----------------------------------------------------------------------------- the lab's solutions

@@ -155,6 +155,8 @@ def test_preset_sizes():
     assert models["ViT-B-32"].num_params() == pytest.approx(151.28e6, rel=0.01)
     assert models["ViT-B-16"].flops_per_pair() == pytest.approx(41.09e9, rel=0.02)
     assert models["ViT-B-32"].flops_per_pair() == pytest.approx(14.78e9, rel=0.02)
+    b16 = models["ViT-B-16"]  # as the README gives them: 149.6M parameters, 41.1 GFLOPs per pair
+    assert (round(b16.num_params() / 1e6, 1), round(b16.flops_per_pair() / 1e9, 1)) == (149.6, 41.1)
     assert 40e6 < models["ViT-S-16"].num_params() < models["ViT-B-16"].num_params()
     assert models["tiny"].num_params() < 3e6
 

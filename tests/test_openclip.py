@@ -358,11 +358,16 @@ def test_eval_preprocessing_is_open_clips_for_every_image_mode():
     pixel and premultiplies alpha. (Pillow drops a PA image's palette as it resizes: black, for both.)"""
     px = 224
     ours, theirs = data.ImageTransform(px, train=False), open_clip.image_transform(px, is_train=False)
+    converted_first = {}  # the largest difference, where RGB came first (as before)
     for W, H in [(97, 61), (61, 97), (px, px)]:
         for mode, img in images_of_every_mode(W, H).items():
             assert img.mode == mode
             diff = (data.normalize_images(ours(img)) - theirs(img)).abs().max().item()
             assert diff < 1e-5, (mode, W, H, diff)
+            before = (data.normalize_images(ours(img.convert("RGB"))) - theirs(img)).abs().max()
+            converted_first[mode] = max(converted_first.get(mode, 0.0), before.item())
+    said = {"P": 2.8, "RGBA": 3.7, "LA": 3.5, "I;16": 3.8}  # docs/data.md's "Before, ..."
+    assert {mode: round(converted_first[mode], 1) for mode in said} == said
 
 
 def test_eval_resize_rounds_the_long_side_as_torchvision():
@@ -370,6 +375,13 @@ def test_eval_resize_rounds_the_long_side_as_torchvision():
     sizes = [(W, H) for W in sides for H in sides]
     # the grid holds sizes where int(long * (px / short)) is one less than torchvision's int(px * long / short)
     assert sum(int(max(s) * (px / min(s))) != int(px * max(s) / min(s)) for s in sizes) == 4
+    assert int(554 * (px / 277)) == int(px * 554 / 277) - 1  # docs/data.md's example, 277x554
+    # and the share of the sizes up to 1024x2048 it made a pixel short, at 32 and 224 px (%)
+    W, H = np.meshgrid(np.arange(1.0, 1025), np.arange(1.0, 2049), indexing="ij")
+    short, long = np.minimum(W, H), np.maximum(W, H)
+    shares = {p: 100 * (np.floor(long * (p / short)) != np.floor(p * long / short)).mean()
+              for p in (32, 224)}
+    assert {p: round(share, 2) for p, share in shares.items()} == {32: 0.02, 224: 0.07}
     ours, theirs = data.ImageTransform(px, train=False), open_clip.image_transform(px, is_train=False)
     rng = np.random.default_rng(0)
     for W, H in sizes:

@@ -391,3 +391,39 @@ def test_every_file_and_name_a_page_gives_is_in_the_code(page):
         elif not exists(module, name) and name not in ("main",):
             missing.append(f"{page}:{number}: {module}.{name}")
     assert not missing, "names the code does not have:\n" + "\n".join(missing)
+
+
+# ----------------------------------------------------------------------------- cited tests, counts
+def defined_in_tests() -> dict[str, set[str]]:
+    """{tests/FILE.py: the functions and classes it defines, at any depth}."""
+    found = {}
+    for path in python_files("tests"):
+        tree = ast.parse(open(os.path.join(REPO, path)).read())
+        found[path] = {node.name for node in ast.walk(tree)
+                       if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_test_a_page_cites_is_in_the_tests(page):
+    """A number a page says a test makes or checks (`tests/test_x.py::test_name`, or a bare
+    `test_name`) loses its source when the test is renamed: the page says so at once."""
+    defined, missing = defined_in_tests(), []
+    for number, line in enumerate(open(os.path.join(REPO, page)).read().splitlines(), 1):
+        for path, name in re.findall(r"`(tests/\w+\.py)::(\w+)`", line):
+            if name not in defined.get(path, set()):
+                missing.append(f"{page}:{number}: {path}::{name}")
+        for name in re.findall(r"`(test_\w+)`", line):
+            if not any(name in names for names in defined.values()):
+                missing.append(f"{page}:{number}: {name}")
+    assert not missing, "tests the pages cite that tests/ does not have:\n" + "\n".join(missing)
+
+
+def test_the_reading_guide_gives_the_first_four_files_length():
+    """The README's "about N lines" of the four files to read first: theirs, to the hundred."""
+    readme = " ".join(open(os.path.join(REPO, "README.md")).read().split())
+    said = re.search(r"read the first four whole \(about ([\d,]+) lines", readme)[1]
+    first = re.findall(r" [1-4]\. `(\w+\.py)`", readme)
+    assert first == ["strategies.py", "train.py", "model.py", "data.py"]
+    lines = sum(len(open(os.path.join(REPO, f)).read().splitlines()) for f in first)
+    assert round(lines, -2) == int(said.replace(",", "")), f"{lines} lines"

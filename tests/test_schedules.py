@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import report
 import schedules
 import strategies
 import train
@@ -162,6 +163,9 @@ def test_const_cooldown_deploys_the_cooled_branch_and_goes_on_from_the_trunk(two
     steps_done = {"trunk": (8, 16), "cooled": (16, 32)}[continue_from]
     assert (trunk["iterations"], second["continue_point"]["iterations"]) == steps_done
     assert int(second["continue_point"]["optimizer"]["state"][0]["step"]) == steps_done[1]
+    if continue_from == "trunk":  # docs/schedules.md: about 4x the deployed weights (with the
+        weights = report.tensor_bytes(first["model"])  # trunk's weights and two AdamW moments)
+        assert round(os.path.getsize(os.path.join(run, "step01.pt")) / weights, 1) == 4.0
 
 
 def test_cosine_keeps_no_trunk_and_goes_on_from_the_deployed_model(two_years, tmp_path, monkeypatch):
@@ -222,6 +226,9 @@ def test_ema_deploys_the_merge_of_the_unmerged_models(three_years, tmp_path, mon
     # ema goes on training from the unmerged model; ema-from-merge from the merge
     assert same(starts[2], ckpts[1]["continue_point"]["model"])
     assert same(starts[2], ckpts[1]["model"]) == (name == "ema-from-merge")
+    if name == "ema":  # docs/schedules.md: the unmerged model beside the deployed one, 2x the size
+        size = os.path.getsize(os.path.join(run, "step02.pt"))
+        assert round(size / report.tensor_bytes(ckpts[1]["model"]), 1) == 2.0
     n_params = sum(p.numel() for p in load_checkpoint(os.path.join(run, "step01.pt"))[0].parameters())
     assert ckpts[2]["end_of_step"] == {"ema_weight": w, "flops": 2 * n_params}  # a multiply-add per parameter
 

@@ -1,5 +1,6 @@
 """Replay buffers: sizes and nesting at every step; the table of strategies; LwF's and patching's parts; and two
 strategies added from this file alone (as a forker would), trained through train.main."""
+import inspect
 import json
 import os
 import re
@@ -10,10 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import train_in_process
+import data
+import synthetic
+import train
+from conftest import REPO, builtin_tiny_model, train_in_process
 from data import Part, keep_sample
 from model import CLIP, make_config
-from settings import Setting
+from settings import Setting, numbers
 from strategies import (SETTINGS, STRATEGIES, Strategy, TimeStep, distillation_loss, equal_buffer, exp_buffer,
                         get_strategy, interpolate, new_only, step_parts)
 
@@ -84,6 +88,36 @@ def test_interpolate_endpoints_and_midpoint():
     assert all(torch.equal(at0[k], prev[k]) for k in prev)
     assert all(torch.equal(at1[k], ft[k]) for k in ft)
     assert all(torch.allclose(half[k], (prev[k] + ft[k]) / 2) for k in ft)
+
+
+def test_patchings_search_and_a_merge_cost_what_the_pages_say():
+    """docs/results.md and docs/schedules.md count, on the built-in benchmark at the defaults (its
+    tiny model), patching's search: each year's validation pairs (data.is_validation of its 8,000
+    keys), those of the steps so far embedded once per coefficient at steps 2 to 5; and a merge: a
+    multiply-add per weight."""
+    model, cfg = builtin_tiny_model(), train.parse_config([])
+    made = {k: v.default for k, v in
+            inspect.signature(synthetic.make_synthetic_benchmark).parameters.items()}
+    validation = [min(cfg.validation_samples, sum(data.is_validation(f"{year}_{i:07d}")
+                                                  for i in range(made["train_samples_per_year"])))
+                  for year in made["years"]]
+    alphas = len(numbers(cfg.patch_alphas))
+    pairs = alphas * sum(sum(validation[:t + 1]) for t in range(1, len(validation)))
+    f = model.flops_per_pair()
+    step = cfg.budget_samples // cfg.batch_size * cfg.batch_size * 3 * f
+    trained, patching = len(validation) * step, len(validation) * step + pairs * f
+
+    def e(x):  # 2.6e6
+        return re.sub(r"e\+0*", "e", f"{x:.1e}")
+    results, schedules = (" ".join(open(os.path.join(REPO, "docs", page)).read().split())
+                          for page in ("results.md", "schedules.md"))
+    more, oracle = 100 * (patching / trained - 1), 3 * trained  # oracle: 1 + 2 + ... + 5 steps
+    assert (f"patching's FLOPs are {patching:.2e} at these settings (+{more:.1f}%: the four "
+            f"searches embed {pairs:,} validation pairs in all, {alphas} coefficients each time), "
+            f"{patching / oracle:.2f}x oracle") in results
+    merge = 2 * model.num_params()
+    assert f"Every row costs the same {trained:.2e} FLOPs (the merges' {e(merge)} a step" in results
+    assert f"({e(merge)} against {e(step)} for a step of the tiny model" in schedules
 
 
 # ----------------------------------------------------------------------------- a strategy added from outside

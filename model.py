@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from timm.models.vision_transformer import VisionTransformer
 
 from world import gather_with_grad
 
@@ -153,7 +152,9 @@ class CLIP(nn.Module):
         self.cfg = cfg
         act = QuickGELU if cfg.quick_gelu else nn.GELU
         # image tower: timm's ViT as CLIP's: pre_norm is ln_pre (no patch bias), final_norm ln_post
-        # nn.LayerNorm for OpenCLIP's eps 1e-5 (timm's is 1e-6); num_classes=0: no head
+        # nn.LayerNorm for OpenCLIP's eps 1e-5 (timm's is 1e-6); num_classes=0: no head. Imported
+        # here: timm takes 2 s to import, which a refused command line need not wait for
+        from timm.models.vision_transformer import VisionTransformer
         self.visual = VisionTransformer(
             img_size=cfg.image_px, patch_size=cfg.patch_px, embed_dim=cfg.vision_width,
             depth=cfg.vision_layers, num_heads=cfg.vision_heads, mlp_ratio=cfg.mlp_ratio,

@@ -35,7 +35,8 @@ def test_table_relative_compute_and_means():
 def test_compare_runs_lwf_patching_oracle_and_reuses(tmp_path):
     root, out = str(tmp_path / "bench"), str(tmp_path / "cmp")
     synthetic.make_synthetic_benchmark(root, years=(2018, 2019, 2020), train_samples_per_year=512,
-                                  eval_samples_per_year=64, samples_per_shard=128, static_samples=32)
+                                  eval_samples_per_year=64, samples_per_shard=128, static_samples=32,
+                                  classification_samples_per_year=32)
     cmd = [sys.executable, "tools/compare.py", "--strategies=sequential,lwf,patching,oracle", f"--out={out}",
            f"--data_root={root}", "--budget_samples=128", "--batch_size=32", "--vocab_size=300", "--workers=0",
            "--warmup_iters=1", "--warmup_iters_later=1", "--log_interval=100", "--eval_batch=64",

@@ -1,7 +1,7 @@
 """
-EWC (Kirkpatrick et al. 2017) as a strategy of its own, added from this file alone: the worked exercise
-of the recipe at the top of strategies.py. From the second step on, it pulls the weights that
-mattered for earlier steps back towards the previous model, training on the new data with the
+EWC (Kirkpatrick et al. 2017) as a strategy of its own, added from this file alone: the worked
+exercise of the recipe at the top of strategies.py. From the second step on, it pulls the weights
+that mattered for earlier steps back towards the previous model, training on the new data with the
 contrastive loss plus
 
     ewc_weight / 2 * sum_i F_i (w_i - w_previous_i)^2

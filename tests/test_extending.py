@@ -305,12 +305,14 @@ def test_siglip_trains_exports_and_loads_back(references, tmp_path):
 def test_compare_gives_rows_from_several_files(two_years, tmp_path):
     import compare
     out = str(tmp_path / "compare")
-    compare.main([f"--module={EXAMPLES}/ewc.py", f"--module={EXAMPLES}/memory.py", "--strategies=sequential,ewc,memory",
-                  f"--out={out}", f"--data_root={two_years}", *TINY, "--budget_samples=64", "--memory_samples=50",
-                  "--ewc_batches=2"])
+    rows = ("sequential", "ewc", "agem", "memory")
+    compare.main([*(f"--module={EXAMPLES}/{name}.py" for name in ("ewc", "agem", "memory")),
+                  f"--strategies={','.join(rows)}", f"--out={out}", f"--data_root={two_years}", *TINY,
+                  "--budget_samples=64", "--memory_samples=50", "--ewc_batches=2"])
     table = open(os.path.join(out, "table.md")).read()
-    assert all(f"| {row} | 1 |" in table for row in ("sequential", "ewc", "memory")) and "| forgetting |" in table
-    runs = {row: os.path.join(out, "seed0", row) for row in ("sequential", "ewc", "memory")}
+    assert all(f"| {row} | 1 |" in table for row in rows) and "| forgetting |" in table
+    runs = {row: os.path.join(out, "seed0", row) for row in rows}
+    assert load(runs["agem"], 2)["flops"] == 2 * load(runs["sequential"], 2)["flops"]  # each batch's twin
     ewc, sequential = load(runs["ewc"], 2), load(runs["sequential"], 2)
     assert ewc["strategy"] == "ewc" and ewc["start_of_step"]["flops"] > 0 and ewc["flops"] > sequential["flops"]
     assert load(runs["memory"], 2)["start_of_step"]["samples_read"] == 256  # 2018's shards, read once

@@ -44,7 +44,7 @@ def test_the_picture_is_a_png_grown_by_the_initial_row_static_tasks_and_classifi
         pictures.write_eval_matrix(str(run), a_result(**kw))
         sizes[name] = read_png(run / "eval_matrix.png").size
         assert sorted(p.name for p in run.iterdir()) == ["eval_matrix.png"]  # no temporary left
-    (plain_w, plain_h), legend_line = sizes["plain"], 18
+    plain_h, legend_line = sizes["plain"][1], 18
     assert sizes["initial"][1] > plain_h + legend_line + pictures.CELL_H  # a row, not just a line
     assert sizes["static"][0] > 9 * pictures.CELL_W  # 3 + 6 columns
     assert sizes["both"][0] == sizes["static"][0]

@@ -9,7 +9,6 @@ import glob
 import itertools
 import json
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -514,7 +513,7 @@ def test_damaged_resume_checkpoints_are_passed_over_and_the_run_ends_bitwise(two
     capsys.readouterr()
     train_in_process([f"--out_dir={run}", *args])
     out, err = capsys.readouterr()
-    assert f"step02-0000006.pt does not load (a folder, not a file); set aside as step02-0000006.pt.damaged" in err
+    assert "step02-0000006.pt does not load (a folder, not a file); set aside as step02-0000006.pt.damaged" in err
     assert f"step02-0000004.pt does not load (its record {record} fails its CRC-32 check); set aside" in err
     assert f"resuming at sample 64 of 256 from {resume}/step02-0000002.pt" in out
     assert_same_weights(run, reference)

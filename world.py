@@ -94,8 +94,9 @@ class World:
 
 
 def start_world(cfg: SimpleNamespace) -> World:
-    """This process's view of the run's processes, their process group started; from now on
-    SIGTERM asks the run to save and stop (World.stop_requested)."""
+    """This process's view of the run's processes, their process group started (or the one its
+    caller started, kept at the run's end); from now on SIGTERM asks the run to save and stop
+    (World.stop_requested)."""
     signal.signal(signal.SIGTERM, on_sigterm)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % world_size:  # checked before any process waits for the others
@@ -105,7 +106,8 @@ def start_world(cfg: SimpleNamespace) -> World:
         raise SystemExit(f"error: the {cfg.batch_size // world_size} pairs of each process's batch "
                          f"do not split into --accum_steps={cfg.accum_steps} micro-batches; use a "
                          f"batch_size that is a multiple of {world_size * cfg.accum_steps}")
-    distributed, own_group = "RANK" in os.environ, not dist.is_initialized()  # (a caller's: kept)
+    distributed = "RANK" in os.environ
+    own_group = not (distributed and dist.is_initialized())  # else the caller's, used as it is
     if distributed and own_group:  # rank 0 alone evaluates while the others wait: > 10 min
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
                                 timeout=timedelta(hours=2))

@@ -184,6 +184,7 @@ for name, args in {rows!r}.items():  # every example's row, one run after anothe
     spec = importlib.util.spec_from_file_location("example_" + name, {examples!r} + "/" + name + ".py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
     train.run([*sys.argv[1:-1], "--out_dir=" + sys.argv[-1] + "/" + name, *args])  # argv[-1]: the folder
+dist.destroy_process_group()
 """
 
 

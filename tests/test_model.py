@@ -2,6 +2,8 @@
 independent references, the 2-process loss against the 1-process loss, and a checkpoint round trip."""
 import io
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import ENV, REPO
 from model import CLIP, PRESETS, CLIPConfig, clip_loss, make_config
 
 # a model small enough to be instant; the eot id is deliberately not the largest id (OpenCLIP's argmax would fail)
@@ -204,3 +207,13 @@ def test_state_dict_round_trip():
     with torch.no_grad():
         a, b = model(images, tokens), restored(images, tokens)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_timm_is_imported_only_when_a_model_is_built():
+    """A refused command line answers without waiting the 2 s timm takes to import (it brings
+    torchvision and dynamo): model.py imports it in CLIP's constructor."""
+    code = ("import sys, train; before = 'timm' in sys.modules; train.CLIP(train.make_config('tiny')); "
+            "print(before, 'timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]

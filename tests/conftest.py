@@ -1,7 +1,9 @@
 """Shared by the test files: the project's modules and tools/ on the import path, the helpers that write tiny
 shards and run train.py, the two-year synthetic benchmark that most end-to-end tests train on,
 and the tiny model of a run on the built-in benchmark, whose counts the pages give."""
+import contextlib
 import functools
+import importlib.util
 import inspect
 import io
 import os
@@ -40,6 +42,37 @@ def png_bytes(value: int, px: int = 8) -> bytes:
 def all_files(root) -> dict[str, bytes]:
     return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
             for d, _, files in os.walk(root) for f in files}
+
+
+def import_file(path: str):
+    """A Python file run as a module, not as __main__: an example registers its rows and trains
+    nothing."""
+    spec = importlib.util.spec_from_file_location("example_" + os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def tables_kept(*tables: dict):
+    """Each table as it was before the block, once it ends: the rows a test's files registered go."""
+    saved = [dict(table) for table in tables]
+    yield
+    for table, before in zip(tables, saved):
+        table.clear()
+        table.update(before)
+
+
+def load(run_dir, step) -> dict:
+    """RUN/stepNN.pt, as saved."""
+    import torch
+    return torch.load(os.path.join(run_dir, f"step{step:02d}.pt"), weights_only=True)
+
+
+def same(a: dict, b: dict) -> bool:
+    """Two state dicts equal bit for bit."""
+    import torch
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def train_command(args: list[str], nproc: int | None = None) -> list[str]:

@@ -2,7 +2,6 @@
 its own, touching no project file. Each trains, keeps what it claims, resumes bitwise after a stop or a kill,
 and gets a row of a comparison."""
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import schedules
 import strategies
 import survive
 import train
-from conftest import ENV, REPO, train_in_process, train_stopped
+from conftest import ENV, REPO, import_file, load, same, tables_kept, train_in_process, train_stopped
 from test_resilience import kill_mid_step
 from test_train import loss_and_grads, random_pairs, tiny_clip
 
@@ -31,26 +30,8 @@ EWC = [*TINY, "--ewc_batches=2"]
 def example():
     """load(name): run examples/NAME.py as a module (it registers its rows, trains nothing); the tables it
     changed are put back afterwards."""
-    tables = [strategies.STRATEGIES, strategies.SETTINGS, schedules.SCHEDULES, schedules.SETTINGS]
-    saved = [dict(table) for table in tables]
-
-    def load(name):
-        spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    yield load
-    for table, before in zip(tables, saved):
-        table.clear()
-        table.update(before)
-
-
-def load(run_dir, step):
-    return torch.load(os.path.join(run_dir, f"step{step:02d}.pt"), weights_only=True)
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with tables_kept(strategies.STRATEGIES, strategies.SETTINGS, schedules.SCHEDULES, schedules.SETTINGS):
+        yield lambda name: import_file(os.path.join(EXAMPLES, f"{name}.py"))
 
 
 def recording(monkeypatch, name, hook):

@@ -5,7 +5,6 @@ bitwise, accum_steps 1 and 2 agree to rounding, the FLOPs ledger is a hand count
 same weights. And the examples touch no project module but its documented tables."""
 import ast
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import strategies
 import synthetic
 import train
 from checkpoints import load_checkpoint, to_openclip
-from conftest import ENV, REPO, train_in_process
+from conftest import ENV, REPO, import_file, load, same, tables_kept, train_in_process
 from test_resilience import kill_mid_step
 
 EXAMPLES = os.path.join(REPO, "examples")
@@ -42,31 +41,11 @@ TABLES = [strategies.STRATEGIES, strategies.SETTINGS, schedules.SCHEDULES, sched
           evaluate.SUMMARIES]
 
 
-def load_example(name):
-    """Run examples/NAME.py as a module: it registers its rows and trains nothing."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module", autouse=True)
 def examples():
     """Every example's rows registered for this file's tests; the tables as they were afterwards."""
-    saved = [dict(table) for table in TABLES]
-    modules = {name: load_example(name) for name in ROWS}
-    yield modules
-    for table, before in zip(TABLES, saved):
-        table.clear()
-        table.update(before)
-
-
-def load(run_dir, step):
-    return torch.load(os.path.join(run_dir, f"step{step:02d}.pt"), weights_only=True)
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with tables_kept(*TABLES):
+        yield {name: import_file(os.path.join(EXAMPLES, f"{name}.py")) for name in ROWS}
 
 
 @pytest.fixture(scope="module")

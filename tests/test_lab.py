@@ -4,7 +4,6 @@ one batch's gradient at any accum_steps; a run's FLOPs are a hand count; it hold
 the previous one; two processes end with the same weights. And the solutions of the lab's other
 exercises, read from docs/lab.md, keep to the documented tables and do what the lab says."""
 import ast
-import importlib.util
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import torch
 import model as model_module
 import strategies
 import train
-from conftest import ENV, REPO, builtin_tiny_model, train_in_process
+from conftest import ENV, REPO, builtin_tiny_model, import_file, load, tables_kept, train_in_process
 from test_train import loss_and_grads, random_pairs, tiny_clip
 from world import World
 
@@ -30,19 +29,8 @@ ONE = World(0, 1, False, torch.device("cpu"))
 @pytest.fixture(scope="module")
 def l2():
     """examples/l2.py run as a module (its rows registered); the tables as they were afterwards."""
-    tables = [strategies.STRATEGIES, strategies.SETTINGS]
-    saved = [dict(table) for table in tables]
-    spec = importlib.util.spec_from_file_location("example_l2", L2)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    for table, before in zip(tables, saved):
-        table.clear()
-        table.update(before)
-
-
-def load(run_dir, step):
-    return torch.load(os.path.join(run_dir, f"step{step:02d}.pt"), weights_only=True)
+    with tables_kept(strategies.STRATEGIES, strategies.SETTINGS):
+        yield import_file(L2)
 
 
 def test_the_pull_is_the_formula_zero_at_the_previous_weights_and_one_batchs_gradient(l2):
@@ -166,16 +154,8 @@ def solutions(folder) -> dict[str, str]:
 @pytest.fixture
 def registered():
     """load(path): run a file as a module (its rows registered); the tables put back afterwards."""
-    tables = [strategies.STRATEGIES, strategies.SETTINGS]
-    saved = [dict(table) for table in tables]
-
-    def load(path):
-        spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    yield load
-    for table, before in zip(tables, saved):
-        table.clear()
-        table.update(before)
+    with tables_kept(strategies.STRATEGIES, strategies.SETTINGS):
+        yield import_file
 
 
 def test_the_labs_solutions_touch_only_the_documented_tables(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import report
 import schedules
 import strategies
 import train
-from conftest import train_in_process, train_stopped
+from conftest import load, same, train_in_process, train_stopped
 from checkpoints import load_checkpoint
 from test_data import make_stream, tokenizer, write_shard  # noqa: F401 (tokenizer is a fixture)
 
@@ -124,14 +124,6 @@ def test_a_grown_cosine_ar_run_says_its_horizon_moved(three_years, tmp_path, cap
 TINY = ["--budget_samples=512", "--batch_size=32", "--vocab_size=300", "--workers=0", "--log_interval=4",
         "--eval_batch=64", "--warmup_iters=2", "--warmup_iters_later=2", "--cooldown_fraction=0.5",
         "--ckpt_interval_samples=64"]
-
-
-def load(run_dir, step):
-    return torch.load(os.path.join(run_dir, f"step{step:02d}.pt"), weights_only=True)
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def starts_of(monkeypatch):
